@@ -1,0 +1,111 @@
+"""Appending to the hash-chained audit log, inside the caller's transaction.
+
+Each record's ``hash`` is SHA-256 over the previous record's hash and the record's
+canonical JSON (``canonical``), so an offline verifier can re-hash the chain. The chain
+tip lives in ``audit_head``, read once per transaction with a row lock, which keeps the
+chain linear when several workers or processes append at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import event
+from sqlmodel import Session
+
+from careloop.clock import utc
+from careloop.tables import AuditHead, AuditRecord
+
+GENESIS = "0" * 64
+_HEAD_KEY = "careloop.audit_head"
+
+
+def canonical(
+    seq: int,
+    at: datetime,
+    actor: str,
+    action: str,
+    outcome: str,
+    person_id: int | None,
+    entity: str | None,
+    purpose: str | None,
+    detail: dict[str, Any],
+) -> bytes:
+    """The bytes a record's hash covers (besides the previous hash)."""
+    doc = {
+        "seq": seq,
+        "at": utc(at).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "actor": actor,
+        "action": action,
+        "outcome": outcome,
+        "person": person_id,
+        "entity": entity,
+        "purpose": purpose,
+        "detail": detail,
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def chain_hash(prev_hash: str, body: bytes) -> str:
+    return hashlib.sha256(prev_hash.encode("ascii") + b"\n" + body).hexdigest()
+
+
+def record_hash(r: AuditRecord) -> str:
+    body = canonical(r.seq, r.at, r.actor, r.action, r.outcome, r.person_id, r.entity, r.purpose, r.detail)
+    return chain_hash(r.prev_hash, body)
+
+
+def _head(session: Session) -> AuditHead:
+    head: AuditHead | None = session.info.get(_HEAD_KEY)
+    if head is None:
+        head = session.get(AuditHead, 1, with_for_update=True, populate_existing=True)
+        if head is None:
+            head = AuditHead(id=1, seq=0, hash=GENESIS)
+            session.add(head)
+        session.info[_HEAD_KEY] = head
+    return head
+
+
+def head(session: Session) -> AuditHead:
+    """The chain tip, row-locked for the rest of ``session``'s transaction (the same row
+    ``append`` uses, so a checkpoint taken in this transaction sees a stable tree)."""
+    return _head(session)
+
+
+@event.listens_for(Session, "after_commit")
+@event.listens_for(Session, "after_rollback")
+@event.listens_for(Session, "after_soft_rollback")
+def _forget_head(session: Any, *_: Any) -> None:
+    session.info.pop(_HEAD_KEY, None)
+
+
+def append(
+    session: Session,
+    *,
+    at: datetime,
+    actor: str,
+    action: str,
+    outcome: str = "success",
+    person_id: int | None = None,
+    entity: str | None = None,
+    purpose: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> AuditRecord:
+    """Add one audit record to ``session``'s transaction. ``detail`` must hold no PHI
+    beyond identifiers (ids, codes, channel names, reason codes)."""
+    head = _head(session)
+    detail = detail or {}
+    at = utc(at)
+    seq = head.seq + 1
+    body = canonical(seq, at, actor, action, outcome, person_id, entity, purpose, detail)
+    h = chain_hash(head.hash, body)
+    rec = AuditRecord(
+        seq=seq, at=at, actor=actor, action=action, outcome=outcome, person_id=person_id,
+        entity=entity, purpose=purpose, detail=detail, prev_hash=head.hash, hash=h,
+    )
+    session.add(rec)
+    head.seq, head.hash = seq, h
+    return rec

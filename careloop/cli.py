@@ -1,0 +1,213 @@
+"""The ``careloop`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from careloop import config as cfgmod
+from careloop.errors import ConfigError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="careloop: a system of action for patient engagement.")
+config_app = typer.Typer(no_args_is_help=True, help="Configuration files.")
+db_app = typer.Typer(no_args_is_help=True, help="The database.")
+dead_app = typer.Typer(no_args_is_help=True, help="Items a stage gave up on.")
+mapping_app = typer.Typer(no_args_is_help=True, help="Mapping of raw messages to journey events.")
+app.add_typer(config_app, name="config")
+app.add_typer(db_app, name="db")
+app.add_typer(dead_app, name="deadletters")
+app.add_typer(mapping_app, name="mapping")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="careloop YAML config")]
+
+
+def _fail(problems: list[str], code: int = 2) -> None:
+    for p in problems:
+        err.print(f"[red]error[/red] {p}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _load(path: Path | None) -> cfgmod.AppConfig:
+    if path is None:
+        return cfgmod.AppConfig()
+    try:
+        return cfgmod.load(path)
+    except ConfigError as exc:
+        _fail(exc.problems)
+        raise AssertionError from None
+
+
+def _engine(config: Path | None) -> Any:
+    from careloop.db import database_url, make_engine, upgrade
+
+    cfg = _load(config)
+    engine = make_engine(database_url(cfg.database.url))
+    upgrade(engine)
+    return engine
+
+
+@config_app.command("check")
+def config_check(file: Path) -> None:
+    """Validate FILE: print every problem with its path and exit 2, or print OK."""
+    from careloop.wiring import check
+
+    try:
+        check(cfgmod.load(file))
+    except ConfigError as exc:
+        _fail(exc.problems)
+    out.print(f"{file}: OK")
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOpt = None) -> None:
+    """Apply migrations to the configured database (CARELOOP_DATABASE_URL wins)."""
+    _engine(config)
+    out.print("database is up to date")
+
+
+@app.command()
+def run(config: Annotated[Path, typer.Option("--config", "-c")]) -> None:
+    """Run the hub: HTTP, MLLP listeners, stage workers and scheduled jobs."""
+    from careloop import logs
+    from careloop.runtime import serve
+
+    cfg = _load(config)
+    logs.setup()
+    try:
+        asyncio.run(serve(cfg))
+    except ConfigError as exc:
+        _fail(exc.problems)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def replay(
+    feed: Path,
+    config: Annotated[Path, typer.Option("--config", "-c")],
+    report: Annotated[Path, typer.Option("--report", "-r")],
+    horizon_days: Annotated[int, typer.Option(help="keep firing timers this long after the last line")] = 30,
+    database: Annotated[str | None, typer.Option(help="database URL (default: a temporary SQLite)")] = None,
+) -> None:
+    """Replay FEED through the pipeline on a virtual clock; write the report as JSON."""
+    from careloop.replay import Replayer, build_report, read_feed
+
+    cfg = _load(config)
+    try:
+        lines = read_feed(feed)
+        rp = Replayer(cfg, database_url=database, start=lines[0].at if lines else None)
+    except ConfigError as exc:
+        _fail(exc.problems)
+        return
+    try:
+        asyncio.run(rp.feed(lines, horizon=timedelta(days=horizon_days)))
+        doc = build_report(rp.store)
+    except ConfigError as exc:
+        _fail(exc.problems)
+        return
+    finally:
+        rp.close()
+    report.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    out.print(f"{len(lines)} signals: {len(doc['deliveries'])} deliveries, {len(doc['suppressed'])} suppressed, "
+              f"{len(doc['escalations'])} escalations -> {report}")
+
+
+@app.command()
+def demo() -> None:
+    """Three synthetic patients through the real pipeline, as a timeline, audit verified."""
+    from careloop.demo import main as demo_main
+
+    raise typer.Exit(demo_main(out))
+
+
+@app.command()
+def explain(person: int, config: ConfigOpt = None) -> None:
+    """One person's timeline: events, and each decision with why it was sent or suppressed."""
+    from careloop.explain import render_timeline
+
+    engine = _engine(config)
+    if not render_timeline(engine, person, out):
+        _fail([f"person {person}: not found"], code=1)
+
+
+@dead_app.command("list")
+def dead_list(config: ConfigOpt = None, all_: Annotated[bool, typer.Option("--all")] = False) -> None:
+    """Dead letters not yet retried (``--all`` for every one)."""
+    from careloop.deadletters import list_rows
+
+    list_rows(_engine(config), out, include_retried=all_)
+
+
+@dead_app.command("show")
+def dead_show(id: int, config: ConfigOpt = None) -> None:
+    from careloop.deadletters import show
+
+    if not show(_engine(config), id, out):
+        _fail([f"dead letter {id}: not found"], code=1)
+
+
+@dead_app.command("retry")
+def dead_retry(id: int, config: ConfigOpt = None) -> None:
+    """Put the item back in its stage's queue."""
+    from careloop.deadletters import retry
+
+    problem = retry(_engine(config), id)
+    if problem:
+        _fail([problem], code=1)
+    out.print(f"dead letter {id}: re-queued")
+
+
+@mapping_app.command("test")
+def mapping_test(
+    config: Annotated[Path, typer.Option("--config", "-c")],
+    connector: Annotated[str, typer.Option()],
+    sample: Annotated[Path, typer.Option()],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Map one sample offline (no store): what events and FHIR resources it yields."""
+    from careloop.mapping_test import map_sample
+
+    try:
+        doc = map_sample(_load(config), connector, sample.read_bytes())
+    except ConfigError as exc:
+        _fail(exc.problems)
+        return
+    if as_json:
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return
+    for ev in doc["events"]:
+        out.print(f"{ev['occurred_at']}  {ev['type']:<32} subject={ev['subject']}  ids={len(ev['identifiers'])}")
+    for note in doc.get("skipped", []):
+        out.print(f"skipped: {note}")
+
+
+# Sub-apps that live in the plugin packages (module path, attribute, command name).
+_SUBAPPS = [
+    ("connectors.hl7_cli", "app", "hl7"),
+    ("connectors.messages_cli", "app", "messages"),
+    ("audit.cli", "app", "audit"),
+    ("audit.cli", "token_app", "token"),
+    ("connectors.fhir_cli", "app", "fhir"),
+    ("orchestrator.escalation_cli", "app", "escalations"),
+]
+for _mod, _attr, _name in _SUBAPPS:
+    try:
+        app.add_typer(getattr(importlib.import_module(_mod), _attr), name=_name)
+    except ModuleNotFoundError as exc:  # that capability is not part of this build
+        if exc.name != _mod:
+            raise
+
+
+def main() -> None:
+    app()

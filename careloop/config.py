@@ -1,0 +1,178 @@
+"""The configuration file: YAML, ``${ENV}`` substitution, validated by pydantic.
+
+The kernel validates its own sections here; plugin sections (connectors, channels) and
+the orchestrator's (playbooks, templates) are validated by their owners' models, composed
+in ``careloop.wiring.check``. Every error carries its dotted path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from careloop.errors import ConfigError
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _port(v: int) -> int:
+    if not 1 <= v <= 65535:
+        raise ValueError("must be between 1 and 65535")
+    return v
+
+
+def _tz(v: str) -> str:
+    try:
+        ZoneInfo(v)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError("is not a known IANA time zone") from None
+    return v
+
+
+def _hours(v: str) -> str:
+    if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-4]):[0-5]\d", v):
+        raise ValueError("must look like 08:00-21:00")
+    return v
+
+
+Port = Annotated[int, AfterValidator(_port)]
+TimeZoneName = Annotated[str, AfterValidator(_tz)]
+QuietHours = Annotated[str, AfterValidator(_hours)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SiteConfig(Strict):
+    timezone: TimeZoneName = "UTC"
+    quiet_hours: QuietHours = Field("08:00-21:00", description="allowed sending window, local time")
+    language: str = "en"
+    channels: list[str] = Field(default_factory=lambda: ["sms", "email"], description="default preference")
+
+
+class ServerConfig(Strict):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+
+
+class DatabaseConfig(Strict):
+    url: str | None = None
+
+
+class AuditConfig(Strict):
+    signing_key: str | None = Field(None, description="Ed25519 private key (PEM) file for checkpoints")
+    checkpoint_every: int = Field(1000, ge=1)
+    retention_days: int = Field(6 * 366, ge=2190, description="never below six years")
+
+
+class CapConfig(Strict):
+    per_day: int = Field(ge=0)
+    per_week: int = Field(ge=0)
+
+
+def _default_caps() -> dict[str, CapConfig]:
+    # The FCC healthcare exemption's limits for calls and texts.
+    return {"sms": CapConfig(per_day=1, per_week=3), "voice": CapConfig(per_day=1, per_week=3)}
+
+
+class ComplianceConfig(Strict):
+    frequency_caps: dict[str, CapConfig] = Field(default_factory=_default_caps)
+
+
+class AppConfig(Strict):
+    """The whole file. Plugin and playbook sections stay dicts here; see careloop.wiring."""
+
+    site: SiteConfig = Field(default_factory=SiteConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    compliance: ComplianceConfig = Field(default_factory=ComplianceConfig)
+    connectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    channels: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    templates: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    playbooks: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    base_dir: Path = Field(Path("."), exclude=True, description="folder of the file; set by load()")
+
+
+def format_errors(err: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[str]:
+    """pydantic errors as ``dotted.path: message`` lines."""
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (*prefix, *e["loc"]))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        out.append(f"{loc}: {msg}" if loc else msg)
+    return out
+
+
+def substitute_env(value: Any, path: str = "", problems: list[str] | None = None) -> Any:
+    """Replace ``${NAME}`` and ``${NAME:-default}`` in every string, recursively."""
+    problems = problems if problems is not None else []
+
+    def repl(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        problems.append(f"{path}: environment variable {name} is not set")
+        return ""
+
+    if isinstance(value, str):
+        return _ENV.sub(repl, value)
+    if isinstance(value, dict):
+        return {k: substitute_env(v, f"{path}.{k}" if path else str(k), problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute_env(v, f"{path}.{i}", problems) for i, v in enumerate(value)]
+    return value
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. (YAML 1.1 reads ``on:``, ``no`` and ``off`` as
+    booleans, which would turn a playbook's ``on:`` key into True.)"""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in rs if tag != "tag:yaml.org,2002:bool"]
+    for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_raw(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 (safe loader)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError([f"{path}: not valid YAML{where}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping"])
+    return data
+
+
+def load(path: str | Path) -> AppConfig:
+    """Parse and validate the kernel sections of a config file (ConfigError lists every problem)."""
+    path = Path(path)
+    problems: list[str] = []
+    data = substitute_env(load_raw(path), problems=problems)
+    try:
+        cfg = AppConfig.model_validate({**data, "base_dir": path.parent.resolve()})
+    except ValidationError as err:
+        problems.extend(format_errors(err))
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return cfg

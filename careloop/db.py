@@ -1,0 +1,75 @@
+"""Engine creation and migrations.
+
+SQLite (WAL, synchronous=FULL so that a committed message survives power loss) is the
+default at ./var/careloop.db; ``CARELOOP_DATABASE_URL`` selects PostgreSQL or another file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import event
+from sqlalchemy.engine import Engine, make_url
+from sqlmodel import create_engine
+
+DEFAULT_URL = "sqlite:///var/careloop.db"
+_MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def database_url(configured: str | None = None) -> str:
+    """The environment wins over the config file, which wins over the default."""
+    return os.environ.get("CARELOOP_DATABASE_URL") or configured or DEFAULT_URL
+
+
+def make_engine(url: str, *, schema: str | None = None) -> Engine:
+    """An engine for ``url``. ``schema`` (PostgreSQL only) pins the search_path, which the
+    tests use to give each test a clean schema."""
+    u = make_url(url)
+    kwargs: dict[str, Any] = {}
+    if u.get_backend_name() == "sqlite":
+        if u.database and u.database != ":memory:":
+            Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    elif schema:
+        kwargs["connect_args"] = {"options": f"-csearch_path={schema}"}
+    engine = create_engine(url, **kwargs)
+    if u.get_backend_name() == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin_immediate)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # Take transaction control from the driver so BEGIN IMMEDIATE below is honoured.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def _sqlite_begin_immediate(conn: Any) -> None:
+    # Writers take the write lock up front: no deadlock-prone read-to-write upgrades.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def alembic_config(engine: Engine) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    cfg.attributes["engine"] = engine
+    return cfg
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema up to ``revision`` (idempotent)."""
+    command.upgrade(alembic_config(engine), revision)
+
+
+def is_postgres(engine: Engine) -> bool:
+    return engine.dialect.name == "postgresql"

@@ -1,0 +1,31 @@
+"""The one error tree of careloop.
+
+Every message here must be free of PHI: name fields, ids and codes, never values
+taken from a patient's record.
+"""
+
+from __future__ import annotations
+
+
+class CareloopError(Exception):
+    """Base of every error careloop raises on purpose."""
+
+
+class ConfigError(CareloopError):
+    """The configuration is invalid. ``problems`` holds one ``path: message`` per error."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+class TransientError(CareloopError):
+    """Worth retrying with backoff (timeouts, 429, 5xx, a locked database)."""
+
+
+class PermanentError(CareloopError):
+    """Retrying will not help: the item goes to the dead-letter table."""
+
+
+class SkipMessage(CareloopError):
+    """The input is valid but nothing is mapped from it (an unmapped message type)."""

@@ -1,0 +1,96 @@
+"""The hub: one process's worth of connectors, stages and channels over one store."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import httpx
+from sqlalchemy import text
+
+from careloop.clock import Clock, SystemClock
+from careloop.config import AppConfig
+from careloop.db import database_url, make_engine, upgrade
+from careloop.pipeline import IngestSink, MapStage, Stage, drain, run_stage
+from careloop.store import Store
+from careloop.wiring import MapperRegistry, build_channels, build_connectors, channel_facts, check
+from channels.base import Channel
+from channels.outbox import DeliverStage
+from orchestrator.engine import Orchestrator
+
+log = logging.getLogger("careloop.hub")
+
+
+class Hub:
+    """Everything a config enables, wired over one store.
+
+    ``capture=True`` (replay, demo) swaps every channel for a capture channel with the
+    same capabilities and starts no network listeners.
+    """
+
+    def __init__(self, config: AppConfig, *, store: Store | None = None, clock: Clock | None = None,
+                 capture: bool = False, migrate: bool = True) -> None:
+        self.config = config
+        self.checked = check(config)
+        if store is None:
+            engine = make_engine(database_url(config.database.url))
+            store = Store(engine, clock or SystemClock())
+        self.store = store
+        if migrate:
+            upgrade(store.engine)
+        self.capture = capture
+        self.http = httpx.AsyncClient(timeout=10.0)
+        deps: dict[str, Any] = {"store": store, "clock": store.clock, "http": self.http, "app_config": config}
+        self.sink = IngestSink(store)
+        self.connectors = build_connectors(self.checked, **deps)
+        self.channels: dict[str, Channel] = build_channels(self.checked, capture=capture, **deps)
+        self.mappers = MapperRegistry(self.connectors)
+        self.orchestrator = Orchestrator(store, config, self.checked.playbooks, self.checked.templates,
+                                         channel_facts(self.channels))
+        self.deliver = DeliverStage(store, self.channels)
+        self.stages: list[Stage] = [MapStage(store, self.mappers), self.orchestrator, self.deliver]
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.started = False
+
+    async def drain(self) -> None:
+        await drain(self.stages)
+
+    async def start(self) -> None:
+        """Start the connectors (listeners) and the stage workers."""
+        recover = getattr(self.deliver, "recover", None)
+        if recover is not None:
+            await recover()
+        for cid, conn in self.connectors.items():
+            await conn.start(self.sink)
+            log.info("connector %s started", cid)
+        self._tasks = [asyncio.create_task(run_stage(st, self._stop), name=f"stage:{st.name}")
+                       for st in self.stages]
+        self.started = True
+
+    async def stop(self) -> None:
+        """Stop taking input, let the workers finish the batch in hand, then close."""
+        for conn in self.connectors.values():
+            await conn.stop()
+        self._stop.set()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for ch in self.channels.values():
+            await ch.aclose()
+        await self.http.aclose()
+        self.started = False
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        detail: dict[str, Any] = {}
+        try:
+            with self.store.engine.connect() as c:
+                c.execute(text("SELECT 1"))
+            detail["database"] = "ok"
+        except Exception as exc:  # readiness reports, it does not raise
+            detail["database"] = type(exc).__name__
+        for cid, conn in self.connectors.items():
+            h = conn.health()
+            detail[f"connector:{cid}"] = "ok" if h.ok else (h.detail or "down")
+        ok = self.started and all(v == "ok" for v in detail.values())
+        return ok, detail

@@ -1,0 +1,124 @@
+"""Identity linking: who the person is across systems.
+
+Rules (no guessing):
+- the same strong identifier (MRN with its assigning authority, FHIR Patient reference,
+  CRM contact id) is the same person;
+- contact points (phone, email) match a person only when exactly one person holds them;
+  a phone or email shared by several people is ambiguous and the event is held for staff;
+- strong identifiers that point at two different people are a conflict, also held;
+- a merge (HL7 A40, FHIR Patient.link replaced-by) links the old person into the survivor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlmodel import Session, col, select
+
+from careloop.model import Identifier
+from careloop.tables import Person, PersonIdentifier, Resource
+
+CONTACT_KINDS = frozenset({"phone", "email"})
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    person_id: int | None
+    created: bool = False
+    held_reason: str | None = None  # "ambiguous-identity" | "identity-conflict"
+
+
+def survivor(session: Session, person_id: int) -> int:
+    """Follow ``merged_into`` links to the surviving person."""
+    seen = set()
+    while person_id not in seen:
+        seen.add(person_id)
+        p = session.get(Person, person_id)
+        if p is None or p.merged_into is None:
+            return person_id
+        person_id = p.merged_into
+    return person_id
+
+
+def _holders(session: Session, ident: Identifier) -> set[int]:
+    rows = session.exec(
+        select(PersonIdentifier.person_id).where(
+            PersonIdentifier.system == ident.system, PersonIdentifier.value == ident.value
+        )
+    ).all()
+    return {survivor(session, pid) for pid in rows}
+
+
+def link(session: Session, person_id: int, idents: list[Identifier]) -> None:
+    """Attach identifiers to a person (idempotent)."""
+    for ident in idents:
+        exists = session.exec(
+            select(PersonIdentifier.id).where(
+                PersonIdentifier.system == ident.system,
+                PersonIdentifier.value == ident.value,
+                PersonIdentifier.person_id == person_id,
+            )
+        ).first()
+        if exists is None:
+            session.add(
+                PersonIdentifier(person_id=person_id, kind=ident.kind, system=ident.system, value=ident.value)
+            )
+
+
+def resolve(session: Session, idents: list[Identifier], now: datetime, *, create: bool = True) -> Resolution:
+    """Find (or create) the one person these identifiers name."""
+    strong = [i for i in idents if i.kind not in CONTACT_KINDS]
+    contact = [i for i in idents if i.kind in CONTACT_KINDS]
+    found: set[int] = set()
+    for ident in strong:
+        found |= _holders(session, ident)
+    if len(found) > 1:
+        return Resolution(None, held_reason="identity-conflict")
+    if not found and not strong:
+        for ident in contact:
+            holders = _holders(session, ident)
+            if len(holders) > 1:
+                return Resolution(None, held_reason="ambiguous-identity")
+            found |= holders
+        if len(found) > 1:
+            return Resolution(None, held_reason="ambiguous-identity")
+    if found:
+        pid = found.pop()
+        link(session, pid, idents)
+        return Resolution(pid)
+    if not create or not idents:
+        return Resolution(None, held_reason="unknown-person")
+    person = Person(created_at=now)
+    session.add(person)
+    session.flush()
+    assert person.id is not None
+    link(session, person.id, idents)
+    return Resolution(person.id, created=True)
+
+
+def merge(session: Session, survivor_id: int, old: list[Identifier]) -> list[int]:
+    """Link the people holding ``old`` identifiers into ``survivor_id``; returns their ids."""
+    merged = []
+    for ident in old:
+        for pid in _holders(session, ident):
+            if pid == survivor_id:
+                continue
+            p = session.get(Person, pid)
+            assert p is not None
+            p.merged_into = survivor_id
+            kept = {
+                (pi.system, pi.value)
+                for pi in session.exec(
+                    select(PersonIdentifier).where(PersonIdentifier.person_id == survivor_id)
+                ).all()
+            }
+            for pi in session.exec(select(PersonIdentifier).where(PersonIdentifier.person_id == pid)).all():
+                if (pi.system, pi.value) in kept:
+                    session.delete(pi)
+                else:
+                    pi.person_id = survivor_id
+            for res in session.exec(select(Resource).where(col(Resource.person_id) == pid)).all():
+                res.person_id = survivor_id
+            merged.append(pid)
+    return merged

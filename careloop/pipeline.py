@@ -1,0 +1,297 @@
+"""The stage machinery: the raw sink, the mapping stage and the worker loop.
+
+raw -> mapping -> orchestrator -> outbox -> channel. Each stage claims a small batch of
+work from its table, does it and writes its results and their audit records in one
+transaction. A failing item is isolated in a savepoint and dead-lettered with a PHI-free
+error, so the rest of the batch and the pipeline keep flowing; a transient failure of the
+store rolls the batch back and the worker retries with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlmodel import Session, col, select
+
+from careloop import audit_log, identity
+from careloop.clock import utc
+from careloop.errors import CareloopError, SkipMessage, TransientError
+from careloop.model import MappedEvent, PutResult, RawIn
+from careloop.store import Store
+from careloop.tables import DeadLetter, JourneyEvent, Person, RawMessage, Resource
+
+log = logging.getLogger("careloop.pipeline")
+
+
+def describe_error(exc: BaseException) -> str:
+    """A PHI-free description: our own errors speak for themselves; foreign ones give only
+    their type and where they were raised, since their text may quote patient data."""
+    if isinstance(exc, CareloopError):
+        return f"{type(exc).__name__}: {exc}"[:1000]
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f" at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else ""
+    return f"{type(exc).__name__}{where}"
+
+
+class Stage(Protocol):
+    name: str
+
+    async def run_once(self) -> int:
+        """Process one batch; return how many items were handled (0: nothing to do)."""
+        ...
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+class IngestSink:
+    """The RawSink: stores raw messages and their audit records in one commit."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def put(self, items: Sequence[RawIn]) -> list[PutResult]:
+        return await asyncio.to_thread(self.put_sync, items)
+
+    def put_sync(self, items: Sequence[RawIn]) -> list[PutResult]:
+        for attempt in range(5):
+            try:
+                with self.store.session() as s:
+                    return self._put(s, items)
+            except DBAPIError as exc:
+                # A concurrent insert of the same dedup key, or a busy database: retry.
+                if attempt == 4:
+                    raise TransientError("the store did not accept the message") from exc
+        raise AssertionError("unreachable")
+
+    def _put(self, s: Session, items: Sequence[RawIn]) -> list[PutResult]:
+        now = self.store.clock.now()
+        out: list[PutResult] = []
+        seen: dict[tuple[str, str], PutResult] = {}
+        for item in items:
+            reply = item.reply
+            key = (item.connector, item.dedup_key) if item.dedup_key else None
+            if key is not None:
+                prior = seen.get(key)
+                if prior is None:
+                    row = s.exec(
+                        select(RawMessage.id, RawMessage.ack).where(
+                            RawMessage.connector == item.connector, RawMessage.dedup_key == item.dedup_key
+                        )
+                    ).first()
+                    if row is not None:
+                        assert row[0] is not None
+                        prior = PutResult(row[0], True, row[1])
+                if prior is not None:
+                    dup = PutResult(prior.raw_id, True, prior.reply)
+                    out.append(dup)
+                    audit_log.append(
+                        s, at=now, actor=f"connector:{item.connector}", action="message.duplicate",
+                        entity=f"raw_message/{prior.raw_id}", detail={"kind": item.kind},
+                    )
+                    continue
+            raw = RawMessage(
+                connector=item.connector, kind=item.kind, content_type=item.content_type,
+                dedup_key=item.dedup_key, received_at=now, body=item.body, headers=dict(item.headers),
+                ack=reply,
+            )
+            s.add(raw)
+            s.flush()
+            assert raw.id is not None
+            res = PutResult(raw.id, False, reply)
+            if key is not None:
+                seen[key] = res
+            out.append(res)
+            audit_log.append(
+                s, at=now, actor=f"connector:{item.connector}", action="message.receive",
+                entity=f"raw_message/{raw.id}",
+                detail={"kind": item.kind, "control_id": _control_id(item.dedup_key), "bytes": len(item.body)},
+            )
+        return out
+
+
+def _control_id(dedup_key: str | None) -> str | None:
+    # dedup keys end with the sender's control id / delivery id (no PHI).
+    return dedup_key.rsplit("|", 1)[-1] if dedup_key else None
+
+
+# --------------------------------------------------------------------------- mapping
+
+
+class MapperLike(Protocol):
+    name: str
+
+    def map(self, raw: RawMessage) -> Sequence[MappedEvent]: ...
+
+
+MapperLookup = Callable[[RawMessage], MapperLike | None]
+
+
+class MapStage:
+    """raw_message(pending) -> journey_event rows, people and subjects."""
+
+    name = "map"
+
+    def __init__(self, store: Store, mappers: MapperLookup, batch: int = 200) -> None:
+        self.store, self.mappers, self.batch = store, mappers, batch
+
+    async def run_once(self) -> int:
+        return await asyncio.to_thread(self.run_once_sync)
+
+    def run_once_sync(self) -> int:
+        with self.store.session() as s:
+            raws = s.exec(
+                select(RawMessage)
+                .where(RawMessage.status == "pending")
+                .order_by(col(RawMessage.id))
+                .limit(self.batch)
+                .with_for_update(skip_locked=True)
+            ).all()
+            for raw in raws:
+                try:
+                    with s.begin_nested():
+                        self._map_one(s, raw)
+                except (OperationalError, TransientError):
+                    raise
+                except Exception as exc:  # one bad message never stops the pipeline
+                    dead_letter(s, "map", raw, exc, self.store.clock.now())
+            return len(raws)
+
+    def _map_one(self, s: Session, raw: RawMessage) -> None:
+        now = self.store.clock.now()
+        actor = f"connector:{raw.connector}"
+        mapper = self.mappers(raw)
+        if mapper is None:
+            raw.status, raw.status_reason = "skipped", f"no mapper for {raw.kind}"
+            audit_log.append(s, at=now, actor="mapping", action="message.skip", entity=f"raw_message/{raw.id}",
+                             detail={"reason": raw.status_reason})
+            return
+        try:
+            events = mapper.map(raw)
+        except SkipMessage as skip:
+            raw.status, raw.status_reason = "skipped", str(skip)[:500]
+            audit_log.append(s, at=now, actor=f"mapper:{mapper.name}", action="message.skip",
+                             entity=f"raw_message/{raw.id}", detail={"reason": raw.status_reason})
+            return
+        ids = [apply_event(s, raw, i, ev, now) for i, ev in enumerate(events)]
+        raw.status, raw.status_reason = "mapped", None
+        audit_log.append(
+            s, at=now, actor=f"mapper:{mapper.name}", action="message.map", entity=f"raw_message/{raw.id}",
+            detail={"events": [e.type for e in events], "event_ids": ids, "source": actor},
+        )
+
+
+def apply_event(s: Session, raw: RawMessage, index: int, ev: MappedEvent, now: datetime) -> int:
+    """Resolve the person, update person and subject, and store one journey event."""
+    res = identity.resolve(s, ev.identifiers, now)
+    pid = res.person_id
+    if pid is not None:
+        person = s.get(Person, pid)
+        assert person is not None
+        if ev.patient:
+            person.patient = {**person.patient, **ev.patient, "resourceType": "Patient"}
+            if ev.patient.get("deceasedBoolean") or ev.patient.get("deceasedDateTime"):
+                person.deceased = True
+            lang = _language(ev.patient)
+            if lang:
+                person.language = lang
+        if ev.merge_from:
+            merged = identity.merge(s, pid, ev.merge_from)
+            ev.attributes.setdefault("merged_people", merged)
+        if ev.subject and ev.subject_ref:
+            ref = ev.subject_ref
+            row = s.get(Resource, ref)
+            if row is None:
+                s.add(Resource(ref=ref, resource_type=ev.subject["resourceType"], person_id=pid,
+                               updated_at=now, body=ev.subject))
+            else:
+                row.body, row.updated_at, row.person_id = ev.subject, now, pid
+    row_ev = JourneyEvent(
+        event_key=f"raw:{raw.id}:{index}", person_id=pid, type=ev.type, occurred_at=utc(ev.occurred_at),
+        recorded_at=now, subject_ref=ev.subject_ref, attributes=_jsonable(ev.attributes),
+        raw_message_id=raw.id, status="pending" if pid is not None else "held",
+        status_reason=res.held_reason,
+    )
+    s.add(row_ev)
+    s.flush()
+    assert row_ev.id is not None
+    if res.held_reason:
+        audit_log.append(s, at=now, actor="identity", action="identity.hold", entity=f"journey_event/{row_ev.id}",
+                         outcome="held", detail={"reason": res.held_reason})
+    elif res.created:
+        audit_log.append(s, at=now, actor="identity", action="person.create", person_id=pid,
+                         detail={"identifiers": len(ev.identifiers)})
+    return row_ev.id
+
+
+def _language(patient: dict[str, Any]) -> str | None:
+    for comm in patient.get("communication", []):
+        for coding in comm.get("language", {}).get("coding", []):
+            code = coding.get("code")
+            if isinstance(code, str):
+                return code.split("-")[0].lower()
+    return None
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, datetime):
+        return utc(v).isoformat()
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def dead_letter(s: Session, stage: str, item: Any, exc: BaseException, now: datetime) -> None:
+    """Mark ``item`` dead and record why, in the caller's transaction."""
+    err = describe_error(exc)
+    item.status = "dead"
+    if "status_reason" in type(item).model_fields:
+        item.status_reason = err[:500]
+    else:
+        item.last_error = err[:500]
+    s.add(DeadLetter(stage=stage, item_id=item.id, created_at=now, error=err))
+    audit_log.append(s, at=now, actor=stage, action="item.dead_letter", outcome="failure",
+                     entity=f"{type(item).__tablename__}/{item.id}", detail={"error": err})
+    log.warning("stage %s dead-lettered item %s: %s", stage, item.id, err)
+
+
+# --------------------------------------------------------------------------- workers
+
+
+async def run_stage(stage: Stage, stop: asyncio.Event, idle: float = 0.2, max_backoff: float = 30.0) -> None:
+    """Run ``stage`` until ``stop`` is set; finish the batch in hand before leaving."""
+    backoff = idle
+    while not stop.is_set():
+        try:
+            n = await stage.run_once()
+            backoff = idle
+        except (OperationalError, TransientError) as exc:
+            log.warning("stage %s: transient failure, retrying: %s", stage.name, describe_error(exc))
+            n = 0
+            backoff = min(max_backoff, backoff * 2) * (0.5 + random.random() / 2)
+        if n == 0:
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=backoff)
+            except TimeoutError:
+                pass
+
+
+async def drain(stages: Sequence[Stage], max_rounds: int = 10_000) -> None:
+    """Run the stages in order until none has work (replay, demo and tests)."""
+    for _ in range(max_rounds):
+        total = 0
+        for st in stages:
+            while (n := await st.run_once()) > 0:
+                total += n
+        if total == 0:
+            return
+    raise RuntimeError("pipeline did not settle")

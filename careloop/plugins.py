@@ -1,0 +1,76 @@
+"""Plugin discovery through entry-point groups; built-ins register the same way.
+
+Entry points are listed without importing them; a plugin module is imported only when
+a config enables it (no registration as a side effect of import).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+GROUPS = {
+    "connector": "careloop.connectors",
+    "mapper": "careloop.mappers",
+    "channel": "careloop.channels",
+}
+
+
+class PluginConfig(BaseModel):
+    """Base of every plugin's Config: unknown keys are errors; ``plugin`` names the plugin."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    plugin: str
+
+
+class Plugin:
+    """What every plugin class declares: its registered name and its Config model."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[PluginConfig]] = PluginConfig
+
+
+@cache
+def _entry_points(kind: str) -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=GROUPS[kind])}
+
+
+def names(kind: str) -> list[str]:
+    """The registered plugin names of ``kind``, sorted."""
+    return sorted(set(_entry_points(kind)) | {n for k, n in _added if k == kind})
+
+
+# Explicitly added plugins (tests, embedding applications): checked before entry points.
+_added: dict[tuple[str, str], Any] = {}
+
+
+def add(kind: str, name: str, cls: Any) -> None:
+    """Register ``cls`` as plugin ``name`` of ``kind`` for this process."""
+    _added[(kind, name)] = cls
+
+
+def load(kind: str, name: str) -> Any:
+    """The plugin class registered as ``name``; KeyError if there is none."""
+    if (kind, name) in _added:
+        return _added[(kind, name)]
+    return _load_entry_point(kind, name)
+
+
+@cache
+def _load_entry_point(kind: str, name: str) -> Any:
+    eps = _entry_points(kind)
+    if name not in eps:
+        raise KeyError(name)
+    return eps[name].load()
+
+
+def build(cls: Any, id: str, config: PluginConfig, **deps: Any) -> Any:
+    """Instantiate a plugin: ``cls(id, config, **wanted)`` where ``wanted`` are the
+    dependencies (store, clock, http, app_config, ...) its constructor names."""
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    return cls(id, config, **{k: v for k, v in deps.items() if k in params})

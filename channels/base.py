@@ -1,0 +1,89 @@
+"""The Channel contract: delivery of one outbox item.
+
+A channel declares what it can carry as data (``ChannelCaps``), is built from its
+validated Config, and sends one ``OutboxItem`` at a time, idempotently per ``item.key``:
+sending the same key twice must not reach the recipient twice (pass the key to providers
+that accept one; remember it otherwise). Errors cross the boundary as careloop errors:
+``TransientError`` (timeouts, 429, 5xx: retried with backoff) or ``PermanentError``
+(other 4xx, bad address: dead-lettered). Messages hold no PHI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol
+
+from careloop.errors import TransientError
+from careloop.plugins import PluginConfig
+from careloop.tables import OutboxItem
+
+PhiClass = Literal["none", "limited", "full"]
+PHI_ORDER: dict[str, int] = {"none": 0, "limited": 1, "full": 2}
+
+# What a template must provide for a channel: "sms" (short text), "email" (subject, text,
+# html), "text" (any text: console, capture), "fhir" or "json" (structured, no template body).
+TemplateKind = Literal["sms", "email", "text", "fhir", "json"]
+# Which of a person's contact points the channel delivers to.
+AddressKind = Literal["phone", "email", "fhir", "none"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelCaps:
+    template_kind: TemplateKind
+    address_kind: AddressKind
+    max_phi: PhiClass
+    max_length: int | None = None
+    receipts: bool = False  # the provider reports delivery later (status callbacks)
+    can_query_status: bool = False  # ``status()`` can ask the provider about a key
+
+
+class DeliveryUncertain(TransientError):
+    """The request may have reached the provider (a read timeout, a dropped connection
+    after sending). Retrying blindly could deliver twice, so the outbox keeps the item in
+    ``sending`` and settles it through ``Channel.status`` like an interrupted send."""
+
+
+# ``Channel.status`` answer: the provider confirms it never got the message.
+ABSENT = "absent"
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What a send returned: ``status`` is queued|sent|delivered|captured."""
+
+    status: str
+    provider_id: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class ChannelConfig(PluginConfig):
+    phi_class: PhiClass | None = None  # the most this deployment lets the channel carry
+    rate_per_second: float | None = None
+
+
+class Channel(Protocol):
+    name: ClassVar[str]
+    Config: ClassVar[type[ChannelConfig]]
+    capabilities: ClassVar[ChannelCaps]
+    id: str
+
+    async def send(self, item: OutboxItem) -> Receipt:
+        """Deliver ``item`` once (idempotent per ``item.key``)."""
+        ...
+
+    async def status(self, item: OutboxItem) -> Receipt | None:
+        """Ask the provider what became of ``item`` (after a crash mid-send); None if it
+        cannot be asked or cannot tell. ``Receipt(ABSENT)`` means the provider confirms
+        it never accepted the message, so sending it again is safe."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def max_phi(channel: Channel) -> str:
+    """The effective PHI ceiling: the lower of the plugin's and the deployment's."""
+    caps = channel.capabilities.max_phi
+    cfg = getattr(getattr(channel, "config", None), "phi_class", None)
+    if cfg is None:
+        return caps
+    return cfg if PHI_ORDER[cfg] < PHI_ORDER[caps] else caps

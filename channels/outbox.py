@@ -1,0 +1,383 @@
+"""The deliver stage: outbox(pending, due) -> channel.send -> receipt, audited as a disclosure.
+
+Exactly-once in effect, and the choice made where it cannot be guaranteed:
+
+1. Claim: each item is moved ``pending -> sending`` by a conditional UPDATE (``WHERE
+   status = 'pending'``) that is committed *before* the provider call. Only one worker
+   wins an item, on SQLite and PostgreSQL alike, without holding a lock across the send;
+   and at most one item per worker is in flight, so a crash leaves at most that one
+   in doubt. While an item is ``sending``, ``next_attempt_at`` holds the time the attempt
+   started (the lease start) and ``attempts`` counts it.
+2. Send, then commit the outcome in one transaction with its ``delivery_receipt`` row and
+   a ``disclosure`` audit record (channel, template, PHI class, recipient kind, purpose,
+   outcome; never the address or the text).
+3. Crash or doubt (the process died between 1 and 2, the commit in 2 failed, or the
+   channel raised ``DeliveryUncertain`` because a request may have reached the provider):
+   the item stays ``sending``. ``recover()`` picks up items whose lease is older than
+   ``sending_lease`` (longer than any send may take, so a live worker's item is never
+   touched) and settles each one:
+   - the channel can ask its provider (``capabilities.can_query_status``) and the answer
+     is a receipt: the receipt is adopted, nothing is resent;
+   - the provider confirms it never got the message (``Receipt(ABSENT)``): the item goes
+     back to ``pending`` and is sent again, which is safe;
+   - otherwise (no status API, or the provider cannot tell): the item becomes ``unknown``
+     for staff review. We never resend blindly: a duplicate reminder is a visible harm, an
+     unknown item is a visible, reviewable state.
+   ``run_once`` calls ``recover()`` every ``recover_every`` seconds, so a runtime needs no
+   separate job; call it directly at start to settle a crash at once.
+
+Transient errors are retried with exponential backoff and jitter (half fixed, half random,
+so a fleet of workers does not retry in lock-step) up to ``max_attempts``, then dead-
+lettered; permanent errors dead-letter at once. Each channel may be rate limited
+(``ChannelConfig.rate_per_second``), a token bucket per channel. Items past ``not_after``
+are cancelled with reason ``expired`` instead of being sent late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import update
+from sqlmodel import Session, col, or_, select
+
+from careloop import audit_log
+from careloop.clock import utc
+from careloop.errors import PermanentError, TransientError
+from careloop.pipeline import dead_letter, describe_error
+from careloop.store import Store
+from careloop.tables import DeliveryReceipt, OutboxItem
+from channels.base import ABSENT, Channel, DeliveryUncertain, Receipt
+
+log = logging.getLogger("careloop.outbox")
+
+# Receipt status -> outbox row status.
+ROW_STATUS = {
+    "queued": "sent",
+    "accepted": "sent",
+    "sent": "sent",
+    "delivered": "delivered",
+    "read": "delivered",
+    "failed": "failed",
+    "undelivered": "failed",
+    "captured": "captured",
+}
+
+
+@dataclass
+class Recovery:
+    """What one ``recover()`` pass did, by outcome."""
+
+    adopted: int = 0  # the provider had it: receipt recorded, not resent
+    resend: int = 0  # the provider confirmed it never got it: back to pending
+    unknown: int = 0  # nobody can tell: left for staff review
+    deferred: int = 0  # the provider could not be asked now: try again next pass
+    keys: dict[str, list[str]] = field(default_factory=dict)
+
+    def note(self, outcome: str, key: str) -> None:
+        setattr(self, outcome, getattr(self, outcome) + 1)
+        self.keys.setdefault(outcome, []).append(key)
+
+
+class TokenBucket:
+    """``rate`` messages per second, bursts of up to ``max(1, rate)``; wall-clock time."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.capacity = max(1.0, rate)
+        self.tokens = self.capacity
+        self.at = time.monotonic()
+
+    async def acquire(self) -> None:
+        while True:
+            now = time.monotonic()
+            self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
+            self.at = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return
+            await asyncio.sleep((1 - self.tokens) / self.rate)
+
+
+def backoff(attempt: int, base: float, cap: float, rng: random.Random) -> timedelta:
+    """Delay before retry number ``attempt`` (1-based): exponential, capped, with jitter
+    drawn from the upper half (never zero, never more than the cap)."""
+    ceiling = min(cap, base * math.pow(2, max(0, attempt - 1)))
+    return timedelta(seconds=ceiling / 2 + rng.uniform(0, ceiling / 2))
+
+
+class DeliverStage:
+    """Delivers due outbox items through their channels (see the module docstring)."""
+
+    name = "deliver"
+
+    def __init__(
+        self,
+        store: Store,
+        channels: dict[str, Channel],
+        batch: int = 50,
+        max_attempts: int = 6,
+        *,
+        backoff_base: float = 2.0,
+        backoff_cap: float = 3600.0,
+        sending_lease: timedelta = timedelta(minutes=5),
+        recover_every: float = 60.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store, self.channels, self.batch, self.max_attempts = store, channels, batch, max_attempts
+        self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
+        self.sending_lease, self.recover_every = sending_lease, recover_every
+        self.rng = rng or random.Random()
+        self._buckets: dict[str, TokenBucket] = {}
+        self._last_recover = -math.inf
+
+    # ------------------------------------------------------------------ the loop
+
+    async def run_once(self) -> int:
+        """Recover stale ``sending`` items when due, then deliver one batch of due items;
+        returns how many items were handled."""
+        handled = 0
+        if time.monotonic() - self._last_recover >= self.recover_every:
+            r = await self.recover()
+            handled += r.adopted + r.resend + r.unknown
+        ids = await asyncio.to_thread(self._due_ids)
+        for item_id in ids:
+            item = await asyncio.to_thread(self._claim, item_id)
+            if item is None:
+                continue  # another worker took it, or it was cancelled meanwhile
+            handled += 1
+            if item.status == "sending":
+                await self._deliver(item)
+        return handled
+
+    async def _deliver(self, item: OutboxItem) -> None:
+        channel = self.channels.get(item.channel)
+        try:
+            if channel is None:
+                raise PermanentError(f"channel {item.channel!r} is not configured")
+            await self._bucket(channel).acquire()
+            receipt = await channel.send(item)
+        except DeliveryUncertain as exc:
+            await asyncio.to_thread(self._uncertain, item, exc)
+        except TransientError as exc:
+            await asyncio.to_thread(self._retry, item, exc)
+        except Exception as exc:  # PermanentError, or a foreign error: dead letter, no resend
+            await asyncio.to_thread(self._dead, item, exc)
+        else:
+            await asyncio.to_thread(self._done, item, receipt, False)
+
+    def _bucket(self, channel: Channel) -> TokenBucket | _NoLimit:
+        rate = getattr(getattr(channel, "config", None), "rate_per_second", None)
+        if not rate:
+            return _NO_LIMIT
+        bucket = self._buckets.get(channel.id)
+        if bucket is None or bucket.rate != rate:
+            bucket = self._buckets[channel.id] = TokenBucket(float(rate))
+        return bucket
+
+    # ------------------------------------------------------------------ transactions
+
+    def _due_ids(self) -> list[int]:
+        now = self.store.clock.now()
+        with self.store.session() as s:
+            rows = s.exec(
+                select(OutboxItem.id)
+                .where(OutboxItem.status == "pending")
+                .where(or_(col(OutboxItem.next_attempt_at).is_(None), col(OutboxItem.next_attempt_at) <= now))
+                .order_by(col(OutboxItem.id))
+                .limit(self.batch)
+            ).all()
+        return [i for i in rows if i is not None]
+
+    def _claim(self, item_id: int) -> OutboxItem | None:
+        """Move one item to ``sending`` (committed on return), or cancel it if expired."""
+        now = self.store.clock.now()
+        with self.store.session() as s:
+            res = s.execute(
+                update(OutboxItem)
+                .where(col(OutboxItem.id) == item_id, col(OutboxItem.status) == "pending")
+                .values(status="sending", attempts=OutboxItem.attempts + 1, next_attempt_at=now)
+            )
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+            row = s.get(OutboxItem, item_id, populate_existing=True)
+            assert row is not None
+            if row.not_after is not None and utc(row.not_after) < now:
+                row.status, row.last_error = "cancelled", "expired: not_after has passed"
+                row.attempts -= 1  # not an attempt: nothing was sent
+                audit_log.append(
+                    s, at=now, actor="deliver", action="outbox.expire", person_id=row.person_id,
+                    entity=f"outbox/{row.id}", purpose=row.purpose,
+                    detail={"channel": row.channel, "template": row.template, "reason": "expired"},
+                )
+            s.expunge(row)
+            return row
+
+    def _row(self, s: Session, item: OutboxItem) -> OutboxItem:
+        row = s.get(OutboxItem, item.id, populate_existing=True)
+        assert row is not None and row.id is not None
+        return row
+
+    def _disclose(self, s: Session, row: OutboxItem, outcome: str, now: datetime, ok: bool) -> None:
+        audit_log.append(
+            s, at=now, actor=f"channel:{row.channel}", action="disclosure",
+            outcome="success" if ok else "failure", person_id=row.person_id, entity=f"outbox/{row.id}",
+            purpose=row.purpose,
+            detail={"channel": row.channel, "template": row.template, "phi_class": row.phi_class,
+                    "recipient_kind": recipient_kind(row.recipient), "purpose": row.purpose,
+                    "outcome": outcome, "attempt": row.attempts},
+        )
+
+    def _done(self, item: OutboxItem, receipt: Receipt, recovered: bool) -> None:
+        now = self.store.clock.now()
+        with self.store.session() as s:
+            row = self._row(s, item)
+            if row.status != "sending":  # settled elsewhere meanwhile (recovery by another worker)
+                return
+            row.status = ROW_STATUS.get(receipt.status, "sent")
+            row.provider_id, row.last_error = receipt.provider_id, None
+            detail = dict(receipt.detail)
+            if recovered:
+                detail["recovered"] = True
+            s.add(DeliveryReceipt(outbox_id=row.id, at=now, status=receipt.status,  # type: ignore[arg-type]
+                                  provider_id=receipt.provider_id, detail=detail))
+            self._disclose(s, row, receipt.status, now, ok=row.status != "failed")
+
+    def _retry(self, item: OutboxItem, exc: BaseException) -> None:
+        now = self.store.clock.now()
+        with self.store.session() as s:
+            row = self._row(s, item)
+            if row.status != "sending":
+                return
+            self._disclose(s, row, "transient-error", now, ok=False)
+            if row.attempts >= self.max_attempts:
+                dead_letter(s, "deliver", row, exc, now)
+                return
+            row.status, row.last_error = "pending", describe_error(exc)[:500]
+            row.next_attempt_at = now + backoff(row.attempts, self.backoff_base, self.backoff_cap, self.rng)
+
+    def _uncertain(self, item: OutboxItem, exc: BaseException) -> None:
+        # Stay in ``sending``: recovery settles it once the lease has passed.
+        now = self.store.clock.now()
+        with self.store.session() as s:
+            row = self._row(s, item)
+            if row.status != "sending":
+                return
+            row.last_error = describe_error(exc)[:500]
+            self._disclose(s, row, "uncertain", now, ok=False)
+
+    def _dead(self, item: OutboxItem, exc: BaseException) -> None:
+        now = self.store.clock.now()
+        with self.store.session() as s:
+            row = self._row(s, item)
+            if row.status != "sending":
+                return
+            self._disclose(s, row, "permanent-error", now, ok=False)
+            dead_letter(s, "deliver", row, exc, now)
+
+    # ------------------------------------------------------------------ recovery
+
+    async def recover(self, stale_after: timedelta | None = None) -> Recovery:
+        """Settle items left in ``sending`` for longer than ``stale_after`` (default: the
+        lease): adopt the provider's receipt, resend what the provider never got, or mark
+        ``unknown`` for staff review."""
+        self._last_recover = time.monotonic()
+        lease = self.sending_lease if stale_after is None else stale_after
+        report = Recovery()
+        for item in await asyncio.to_thread(self._stale, lease):
+            channel = self.channels.get(item.channel)
+            answer: Receipt | None = None
+            if channel is not None and channel.capabilities.can_query_status:
+                try:
+                    answer = await channel.status(item)
+                except TransientError as exc:
+                    log.warning("outbox %s: status lookup failed, retrying later: %s",
+                                item.id, describe_error(exc))
+                    report.note("deferred", item.key)
+                    continue
+                except Exception as exc:
+                    log.warning("outbox %s: status lookup failed: %s", item.id, describe_error(exc))
+            if answer is not None and answer.status == ABSENT:
+                await asyncio.to_thread(self._absent, item)
+                report.note("resend", item.key)
+            elif answer is not None:
+                await asyncio.to_thread(self._done, item, answer, True)
+                report.note("adopted", item.key)
+            else:
+                await asyncio.to_thread(self._unknown, item)
+                report.note("unknown", item.key)
+        if report.adopted or report.resend or report.unknown:
+            log.info("outbox recovery: %s adopted, %s resend, %s unknown, %s deferred",
+                     report.adopted, report.resend, report.unknown, report.deferred)
+        return report
+
+    def _stale(self, lease: timedelta) -> list[OutboxItem]:
+        cutoff = self.store.clock.now() - lease
+        with self.store.session() as s:
+            rows = list(s.exec(
+                select(OutboxItem)
+                .where(OutboxItem.status == "sending")
+                .where(or_(col(OutboxItem.next_attempt_at).is_(None),
+                           col(OutboxItem.next_attempt_at) <= cutoff))
+                .order_by(col(OutboxItem.id))
+            ).all())
+            for r in rows:
+                s.expunge(r)
+        return rows
+
+    def _absent(self, item: OutboxItem) -> None:
+        now = self.store.clock.now()
+        with self.store.session() as s:
+            row = self._row(s, item)
+            if row.status != "sending":
+                return
+            row.status, row.next_attempt_at = "pending", now
+            row.last_error = "interrupted send; provider confirmed it never got it"
+            audit_log.append(s, at=now, actor="deliver", action="outbox.recover", person_id=row.person_id,
+                             entity=f"outbox/{row.id}", purpose=row.purpose,
+                             detail={"channel": row.channel, "outcome": "resend"})
+
+    def _unknown(self, item: OutboxItem) -> None:
+        now = self.store.clock.now()
+        with self.store.session() as s:
+            row = self._row(s, item)
+            if row.status != "sending":
+                return
+            row.status = "unknown"
+            row.last_error = "interrupted send; provider cannot say whether it was delivered: staff review"
+            audit_log.append(s, at=now, actor="deliver", action="outbox.recover", outcome="failure",
+                             person_id=row.person_id, entity=f"outbox/{row.id}", purpose=row.purpose,
+                             detail={"channel": row.channel, "outcome": "unknown"})
+            # It may have been disclosed: record the disclosure as of uncertain outcome.
+            self._disclose(s, row, "unknown", now, ok=False)
+
+
+class _NoLimit:
+    async def acquire(self) -> None:
+        return None
+
+
+_NO_LIMIT = _NoLimit()
+
+
+def recipient_kind(recipient: str) -> str:
+    """The kind of address, for audit records that must not hold the address itself."""
+    if recipient.startswith("+"):
+        return "phone"
+    if "@" in recipient:
+        return "email"
+    if "/" in recipient:
+        return "fhir"
+    return "other"
+
+
+_recipient_kind = recipient_kind  # the earlier private name
+
+
+def due(item: OutboxItem, now: datetime) -> bool:
+    return item.next_attempt_at is None or utc(item.next_attempt_at) <= now

@@ -1,0 +1,276 @@
+"""HL7 v2 data types -> FHIR R4 data types, per the HL7 V2-to-FHIR IG's data type maps.
+
+Pure helpers used by ``mapping.hl7v2``: DTM -> dateTime/instant, CX -> Identifier,
+XPN -> HumanName, XAD -> Address, XTN -> ContactPoint, CWE -> CodeableConcept,
+PL -> a location display, XCN -> a practitioner reference. Each takes a raw repetition
+(delimiters intact) and the message's ``Encoding``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime, timedelta, timezone, tzinfo
+from typing import Any, Final
+
+import phonenumbers
+
+from mapping.hl7v2_parse import Encoding, leaf, unescape
+
+_DTM: Final = re.compile(
+    r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,4}))?\s*([+-]\d{4})?$"
+)
+
+V2_0203: Final = "http://terminology.hl7.org/CodeSystem/v2-0203"
+
+# Well-known HL7 table ids (component 3 of CWE) -> FHIR code system URLs.
+_SYSTEMS: Final[dict[str, str]] = {
+    "LN": "http://loinc.org",
+    "SCT": "http://snomed.info/sct",
+    "SNM": "http://snomed.info/sct",
+    "C4": "http://www.ama-assn.org/go/cpt",
+    "CPT": "http://www.ama-assn.org/go/cpt",
+    "I10": "http://hl7.org/fhir/sid/icd-10",
+    "I10C": "http://hl7.org/fhir/sid/icd-10-cm",
+    "ISO639": "urn:ietf:bcp:47",
+    "ISO+": "urn:iso:std:iso:2955",
+    "UCUM": "http://unitsofmeasure.org",
+}
+
+
+def code_system(name: str) -> str | None:
+    name = name.strip()
+    if not name:
+        return None
+    if name in _SYSTEMS:
+        return _SYSTEMS[name]
+    m = re.fullmatch(r"HL7(\d{4})", name)
+    if m:
+        return f"http://terminology.hl7.org/CodeSystem/v2-{m.group(1)}"
+    if re.fullmatch(r"\d+(\.\d+)+", name):
+        return f"urn:oid:{name}"
+    return None
+
+
+def parse_dtm(value: str, tz: tzinfo) -> datetime | None:
+    """An HL7 DTM as an aware datetime; a value without offset is taken in ``tz``.
+    Returns None for an empty or unreadable value (never raises on sender data)."""
+    m = _DTM.match(value.strip())
+    if not m:
+        return None
+    y, mo, d, h, mi, s, frac, off = m.groups()
+    try:
+        dt = datetime(
+            int(y), int(mo or 1), int(d or 1), int(h or 0), int(mi or 0), int(s or 0),
+            int((frac or "0").ljust(6, "0")[:6]),
+        )
+    except ValueError:
+        return None
+    if off:
+        sign = -1 if off[0] == "-" else 1
+        hours, minutes = int(off[1:3]), int(off[3:5])
+        if hours > 14 or minutes > 59:
+            return None
+        return dt.replace(tzinfo=timezone(sign * timedelta(hours=hours, minutes=minutes)))
+    return dt.replace(tzinfo=tz)
+
+
+def fhir_datetime(dt: datetime) -> str:
+    return dt.isoformat(timespec="seconds") if dt.microsecond == 0 else dt.isoformat()
+
+
+def fhir_date(value: str) -> str | None:
+    """DTM/DT -> FHIR date (YYYY, YYYY-MM or YYYY-MM-DD)."""
+    v = value.strip()
+    if not re.match(r"^\d{4}", v):
+        return None
+    if len(v) >= 8 and v[:8].isdigit():
+        try:
+            datetime(int(v[:4]), int(v[4:6]), int(v[6:8]))
+        except ValueError:
+            return None
+        return f"{v[:4]}-{v[4:6]}-{v[6:8]}"
+    if len(v) >= 6 and v[:6].isdigit() and 1 <= int(v[4:6]) <= 12:
+        return f"{v[:4]}-{v[4:6]}"
+    return v[:4]
+
+
+def short_id(*parts: str) -> str:
+    """A URL-safe, deterministic FHIR id from identifying parts (no PHI in ids)."""
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def comps(rep: str, enc: Encoding, charset: str, n: int) -> list[str]:
+    """Components 1..n of a raw repetition (first subcomponent each), unescaped."""
+    return [leaf(rep, i, 1, enc, charset) for i in range(1, n + 1)]
+
+
+def authority(hd_namespace: str, hd_universal: str) -> str:
+    """The assigning authority as a system string: namespace id, else universal id."""
+    return hd_namespace.strip() or hd_universal.strip()
+
+
+def cx_authority(rep: str, enc: Encoding, charset: str) -> str:
+    """CX.4 (HD): namespace id, else universal id (subcomponents of component 4)."""
+    return authority(leaf(rep, 4, 1, enc, charset), leaf(rep, 4, 2, enc, charset))
+
+
+def ei_authority(rep: str, enc: Encoding, charset: str) -> str:
+    """EI.2 namespace id, else EI.3 universal id."""
+    return authority(leaf(rep, 2, 1, enc, charset), leaf(rep, 3, 1, enc, charset))
+
+
+def codeable(rep: str, enc: Encoding, charset: str) -> dict[str, Any] | None:
+    """CWE/CE -> CodeableConcept (first triplet, alternate triplet as a second coding)."""
+    if not rep:
+        return None
+    c = comps(rep, enc, charset, 9)
+    codings = []
+    for code, display, system in ((c[0], c[1], c[2]), (c[3], c[4], c[5])):
+        if code.strip():
+            coding: dict[str, Any] = {"code": code.strip()}
+            if display.strip():
+                coding["display"] = display.strip()
+            sys_url = code_system(system)
+            if sys_url:
+                coding["system"] = sys_url
+            codings.append(coding)
+    text = c[8].strip() or c[1].strip() or c[4].strip()
+    if not codings and not text:
+        return None
+    out: dict[str, Any] = {}
+    if codings:
+        out["coding"] = codings
+    if text:
+        out["text"] = text
+    return out
+
+
+_NAME_USE: Final = {"L": "official", "D": "usual", "M": "maiden", "N": "nickname", "S": "anonymous",
+                    "B": "old", "TEMP": "temp"}
+
+
+def human_name(rep: str, enc: Encoding, charset: str) -> dict[str, Any] | None:
+    """XPN -> HumanName."""
+    family = leaf(rep, 1, 1, enc, charset).strip()
+    c = comps(rep, enc, charset, 7)
+    given = [g.strip() for g in (c[1], c[2]) if g.strip()]
+    out: dict[str, Any] = {}
+    if family:
+        out["family"] = family
+    if given:
+        out["given"] = given
+    if c[3].strip():
+        out["suffix"] = [c[3].strip()]
+    if c[4].strip():
+        out["prefix"] = [c[4].strip()]
+    use = _NAME_USE.get(c[6].strip().upper())
+    if not out:
+        return None
+    if use:
+        out["use"] = use
+    return out
+
+
+_ADDR_USE: Final = {"H": ("home", None), "B": ("work", None), "O": ("work", None), "C": ("temp", None),
+                    "M": (None, "postal"), "BA": ("billing", None), "BI": ("billing", None),
+                    "P": ("home", "physical"), "BDL": (None, None)}
+
+
+def address(rep: str, enc: Encoding, charset: str) -> dict[str, Any] | None:
+    """XAD -> Address (XAD.1 is SAD: its subcomponents form the street line)."""
+    c = comps(rep, enc, charset, 7)
+    first = c[0]
+    if enc.subcomponent in (rep.split(enc.component, 1)[0]):
+        subs = rep.split(enc.component, 1)[0].split(enc.subcomponent)
+        first = " ".join(unescape(s, enc, charset).strip() for s in subs if s.strip())
+    lines = [x.strip() for x in (first, c[1]) if x.strip()]
+    out: dict[str, Any] = {}
+    if lines:
+        out["line"] = lines
+    for key, val in (("city", c[2]), ("state", c[3]), ("postalCode", c[4]), ("country", c[5])):
+        if val.strip():
+            out[key] = val.strip()
+    if not out:
+        return None
+    use, typ = _ADDR_USE.get(c[6].strip().upper(), (None, None))
+    if use:
+        out["use"] = use
+    if typ:
+        out["type"] = typ
+    return out
+
+
+_TEL_USE: Final = {"PRN": "home", "ORN": "home", "WPN": "work", "VHN": "temp", "ASN": "temp",
+                   "EMR": "temp"}
+
+
+def normalize_phone(text: str, region: str = "US") -> str | None:
+    """A phone number in E.164 (+15555550101), or None when it is not a possible number."""
+    digits = text.strip()
+    if not digits or not any(ch.isdigit() for ch in digits):
+        return None
+    try:
+        num = phonenumbers.parse(digits, region)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_possible_number(num):
+        return None
+    return phonenumbers.format_number(num, phonenumbers.PhoneNumberFormat.E164)
+
+
+def contact_point(rep: str, enc: Encoding, charset: str, business: bool) -> dict[str, Any] | None:
+    """XTN -> ContactPoint, with phones normalized to E.164 and emails lower-cased."""
+    c = comps(rep, enc, charset, 12)
+    use_code, equip = c[1].strip().upper(), c[2].strip().upper()
+    email = c[3].strip()
+    out: dict[str, Any]
+    if email and "@" in email and (equip in ("INTERNET", "X.400", "") or use_code == "NET"):
+        out = {"system": "email", "value": email.lower()}
+    else:
+        if c[11].strip():
+            raw = c[11]
+        elif c[5].strip() or c[6].strip():
+            cc = c[4].strip().lstrip("+")
+            raw = (f"+{cc}" if cc else "") + c[5] + c[6]
+        else:
+            raw = c[0]
+        e164 = normalize_phone(raw)
+        if e164 is None:
+            return None
+        system = {"FX": "fax", "BP": "pager"}.get(equip, "phone")
+        out = {"system": system, "value": e164}
+    if equip == "CP":
+        out["use"] = "mobile"
+    elif business or use_code == "WPN":
+        out["use"] = "work"
+    elif use_code in _TEL_USE:
+        out["use"] = _TEL_USE[use_code]
+    return out
+
+
+def location_display(rep: str, enc: Encoding, charset: str) -> str | None:
+    """PL -> a display string: point of care, room, bed, facility, building, floor."""
+    c = comps(rep, enc, charset, 9)
+    parts = [c[0], c[1], c[2], leaf(rep, 4, 1, enc, charset), c[6], c[7]]
+    text = " ".join(p.strip() for p in parts if p.strip())
+    return text or (c[8].strip() or None)
+
+
+def practitioner(rep: str, enc: Encoding, charset: str) -> dict[str, Any] | None:
+    """XCN -> a Reference to a Practitioner, by identifier and display."""
+    c = comps(rep, enc, charset, 9)
+    ident, family = c[0].strip(), leaf(rep, 2, 1, enc, charset).strip()
+    name = " ".join(p.strip() for p in (c[5], c[2], family) if p.strip())
+    if not ident and not name:
+        return None
+    ref: dict[str, Any] = {"type": "Practitioner"}
+    if ident:
+        ident_ref: dict[str, Any] = {"value": ident}
+        auth = leaf(rep, 9, 1, enc, charset).strip() or leaf(rep, 9, 2, enc, charset).strip()
+        if auth:
+            ident_ref["system"] = auth
+        ref["identifier"] = ident_ref
+    if name:
+        ref["display"] = name
+    return ref

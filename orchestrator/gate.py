@@ -1,0 +1,145 @@
+"""The compliance gate: the one place every outbound item passes; no playbook bypasses it.
+
+Pure: it sees a snapshot of the person, the template, the candidate channels and the
+recent sends, and answers send (on which channel, to which address), defer (quiet hours:
+to the next allowed local time) or suppress, always with a reason code. Rules, in order:
+
+1. ``deceased``: nothing is sent to a deceased patient.
+2. ``escalation-open``: an open escalation pauses automated outreach to that person.
+3. ``identity-unresolved``: an ambiguous identity is held for staff.
+Per candidate channel, in preference order (the first that passes is used):
+4. ``no-template-for-channel``; 5. ``phi-exceeds-channel`` (minimum necessary);
+6. ``no-address``; 7. ``opted-out`` (channel and purpose, or everything);
+8. ``frequency-cap`` (per person and channel, per day and per week).
+Then for the chosen channel:
+9. quiet hours in the recipient's local time: ``defer`` to the window's next opening, or
+   ``quiet-hours-past-useful-life`` when that opening is after the message's useful life.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+PHI_ORDER = {"none": 0, "limited": 1, "full": 2}
+PERSON_FACING = frozenset({"phone", "email"})
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelFacts:
+    id: str
+    address_kind: str  # phone|email|fhir|none
+    template_kind: str  # sms|email|text|fhir|json
+    max_phi: str
+
+
+@dataclass(frozen=True, slots=True)
+class PersonFacts:
+    deceased: bool
+    timezone: str
+    addresses: dict[str, list[str]]  # address kind -> addresses, best first
+    opted_out: frozenset[tuple[str, str]]  # (channel or "*", purpose or "*")
+    open_escalations: int = 0
+    identity_held: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Cap:
+    per_day: int
+    per_week: int
+
+
+@dataclass(frozen=True, slots=True)
+class GateInput:
+    now: datetime
+    person: PersonFacts
+    template_kinds: frozenset[str]
+    phi_class: str
+    purpose: str
+    channels: list[ChannelFacts]
+    sent_day: dict[str, int] = field(default_factory=dict)  # channel -> sends in the last 24 h
+    sent_week: dict[str, int] = field(default_factory=dict)
+    caps: dict[str, Cap] = field(default_factory=dict)  # keyed by channel id or template kind
+    quiet_hours: tuple[time, time] = (time(8), time(21))
+    not_after: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    outcome: str  # send|defer|suppress
+    reason: str
+    channel: str | None = None
+    recipient: str | None = None
+    deliver_at: datetime | None = None
+    tried: tuple[tuple[str, str], ...] = ()  # (channel, why not) for channels passed over
+
+
+def parse_quiet_hours(text: str) -> tuple[time, time]:
+    start, end = text.split("-")
+    h, m = (int(x) for x in start.split(":"))
+    eh, em = (int(x) for x in end.split(":"))
+    return time(h, m), (time(23, 59, 59) if eh == 24 else time(eh, em))
+
+
+def next_allowed(now: datetime, tz: str, window: tuple[time, time]) -> datetime:
+    """``now`` if it is inside the local window, else the window's next opening."""
+    local = now.astimezone(ZoneInfo(tz))
+    start, end = window
+    if start <= local.time() < end:
+        return now
+    day = local.date() if local.time() < start else local.date() + timedelta(days=1)
+    opening = datetime.combine(day, start, tzinfo=ZoneInfo(tz))
+    return opening.astimezone(now.tzinfo)
+
+
+def _opted_out(p: PersonFacts, channel: str, purpose: str) -> bool:
+    return any(k in p.opted_out for k in ((channel, purpose), (channel, "*"), ("*", purpose), ("*", "*")))
+
+
+def _cap_for(inp: GateInput, ch: ChannelFacts) -> Cap | None:
+    return inp.caps.get(ch.id) or inp.caps.get(ch.template_kind)
+
+
+def evaluate(inp: GateInput) -> Verdict:
+    p = inp.person
+    if p.deceased:
+        return Verdict("suppress", "deceased")
+    if p.open_escalations > 0:
+        return Verdict("suppress", "escalation-open")
+    if p.identity_held:
+        return Verdict("suppress", "identity-unresolved")
+    tried: list[tuple[str, str]] = []
+    for ch in inp.channels:
+        why = _channel_refusal(inp, ch)
+        if why is not None:
+            tried.append((ch.id, why))
+            continue
+        recipient = p.addresses[ch.address_kind][0] if ch.address_kind in PERSON_FACING else ch.address_kind
+        if ch.address_kind not in PERSON_FACING:
+            return Verdict("send", "allowed", ch.id, recipient, inp.now, tuple(tried))
+        at = next_allowed(inp.now, p.timezone, inp.quiet_hours)
+        if at == inp.now:
+            return Verdict("send", "allowed", ch.id, recipient, at, tuple(tried))
+        if inp.not_after is not None and at >= inp.not_after:
+            return Verdict("suppress", "quiet-hours-past-useful-life", ch.id, None, None, tuple(tried))
+        return Verdict("defer", "quiet-hours", ch.id, recipient, at, tuple(tried))
+    reason = tried[0][1] if tried else "no-channel"
+    return Verdict("suppress", reason, None, None, None, tuple(tried))
+
+
+def _channel_refusal(inp: GateInput, ch: ChannelFacts) -> str | None:
+    if ch.template_kind not in inp.template_kinds:
+        return "no-template-for-channel"
+    if PHI_ORDER[inp.phi_class] > PHI_ORDER[ch.max_phi]:
+        return "phi-exceeds-channel"
+    if ch.address_kind in PERSON_FACING and not inp.person.addresses.get(ch.address_kind):
+        return "no-address"
+    if _opted_out(inp.person, ch.id, inp.purpose):
+        return "opted-out"
+    cap = _cap_for(inp, ch)
+    if cap is not None and (
+        inp.sent_day.get(ch.id, 0) >= cap.per_day or inp.sent_week.get(ch.id, 0) >= cap.per_week
+    ):
+        return "frequency-cap"
+    return None

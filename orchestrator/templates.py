@@ -1,0 +1,130 @@
+"""Message templates: sandboxed Jinja2 per channel kind and language.
+
+Variables are checked at config time: a template may use only the names in
+``VARIABLES``; an unknown one is a config error, not a failure at send time.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from jinja2 import StrictUndefined, TemplateSyntaxError, meta
+from jinja2.sandbox import SandboxedEnvironment
+from pydantic import BaseModel, ConfigDict, Field
+
+VARIABLES = frozenset({"person", "appointment", "encounter", "product", "site", "event"})
+PHI_CLASSES = ("none", "limited", "full")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EmailBody(_Strict):
+    subject: str
+    text: str
+    html: str | None = None
+
+
+class TemplateConfig(_Strict):
+    """``phi_class``: the most sensitive information the rendered message may hold:
+    none (no clinical detail), limited (dates, locations), full (clinical content)."""
+
+    phi_class: str = Field("none", pattern="^(none|limited|full)$")
+    purpose: str | None = None
+    sms: dict[str, str] = Field(default_factory=dict)
+    email: dict[str, EmailBody] = Field(default_factory=dict)
+    text: dict[str, str] = Field(default_factory=dict)
+
+    def kinds(self) -> set[str]:
+        out = {k for k in ("sms", "email", "text") if getattr(self, k)}
+        if out:
+            out |= {"text", "fhir", "json"}
+        return out
+
+
+
+
+def _as_dt(v: Any) -> datetime:
+    return v if isinstance(v, datetime) else datetime.fromisoformat(str(v))
+
+
+def _local(v: Any, tz: str | None) -> datetime:
+    # The engine hands templates datetimes already in the recipient's zone.
+    dt = _as_dt(v)
+    return dt.astimezone(ZoneInfo(tz)) if tz else dt
+
+
+def _local_date(v: Any, tz: str | None = None) -> str:
+    return _local(v, tz).strftime("%a %b %-d")
+
+
+def _local_time(v: Any, tz: str | None = None) -> str:
+    return _local(v, tz).strftime("%-I:%M %p")
+
+
+def _env(autoescape: bool = False) -> SandboxedEnvironment:
+    env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=autoescape)
+    env.filters["local_date"] = _local_date
+    env.filters["local_time"] = _local_time
+    return env
+
+
+_TEXT = _env()
+_HTML = _env(autoescape=True)
+
+
+def check(name: str, tpl: TemplateConfig) -> list[str]:
+    """Config-time problems: syntax errors and unknown variables, with their paths."""
+    problems: list[str] = []
+    bodies: list[tuple[str, str, bool]] = []
+    for lang, text in tpl.sms.items():
+        bodies.append((f"templates.{name}.sms.{lang}", text, False))
+    for lang, text in tpl.text.items():
+        bodies.append((f"templates.{name}.text.{lang}", text, False))
+    for lang, body in tpl.email.items():
+        bodies.append((f"templates.{name}.email.{lang}.subject", body.subject, False))
+        bodies.append((f"templates.{name}.email.{lang}.text", body.text, False))
+        if body.html:
+            bodies.append((f"templates.{name}.email.{lang}.html", body.html, True))
+    if not bodies:
+        problems.append(f"templates.{name}: needs at least one body (sms, email or text)")
+    for path, text, html in bodies:
+        env = _HTML if html else _TEXT
+        try:
+            ast = env.parse(text)
+        except TemplateSyntaxError as exc:
+            problems.append(f"{path}: template syntax error at line {exc.lineno}: {exc.message}")
+            continue
+        for var in sorted(meta.find_undeclared_variables(ast) - VARIABLES):
+            problems.append(f"{path}: unknown variable {var!r} (allowed: {', '.join(sorted(VARIABLES))})")
+    return problems
+
+
+def render(tpl: TemplateConfig, kind: str, language: str | None, context: dict[str, Any]) -> dict[str, str] | None:
+    """The channel content for ``kind`` ({"text": ...} or email parts), or None if the
+    template has no body for that kind. Falls back to English, then to any language."""
+    def pick(d: dict[str, Any]) -> Any:
+        if not d:
+            return None
+        return d.get(language or "en") or d.get("en") or next(iter(d.values()))
+
+    if kind == "email":
+        body = pick(tpl.email)
+        if body is None:
+            return None
+        out = {"subject": _TEXT.from_string(body.subject).render(context),
+               "text": _TEXT.from_string(body.text).render(context)}
+        if body.html:
+            out["html"] = _HTML.from_string(body.html).render(context)
+        return out
+    if kind == "sms":
+        text = pick(tpl.sms)
+        return {"text": _TEXT.from_string(text).render(context)} if text is not None else None
+    # text, fhir, json: any short text the template has
+    text = pick(tpl.text) or pick(tpl.sms)
+    if text is None and (body := pick(tpl.email)) is not None:
+        text = body.text
+    return {"text": _TEXT.from_string(text).render(context)} if text is not None else None

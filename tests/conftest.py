@@ -1,0 +1,59 @@
+"""Shared fixtures. ``store`` runs each test on SQLite, and on PostgreSQL too when
+CARELOOP_TEST_DATABASE_URL is set; every test gets a clean, migrated schema."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from careloop.clock import VirtualClock
+from careloop.db import make_engine, upgrade
+from careloop.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+CORPUS = ROOT.parent / "shared" / "corpus"
+PG_URL = os.environ.get("CARELOOP_TEST_DATABASE_URL")
+
+ENGINES = ["sqlite"] + (["postgresql"] if PG_URL else [])
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    if request.param == "sqlite":
+        eng = make_engine(f"sqlite:///{tmp_path}/test.db")
+        upgrade(eng)
+        yield eng
+        eng.dispose()
+        return
+    assert PG_URL
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = make_engine(PG_URL)
+    with admin.begin() as c:
+        c.execute(text(f'CREATE SCHEMA "{schema}"'))
+    eng = make_engine(PG_URL, schema=schema)
+    upgrade(eng)
+    try:
+        yield eng
+    finally:
+        eng.dispose()
+        with admin.begin() as c:
+            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture
+def clock() -> VirtualClock:
+    return VirtualClock(datetime(2026, 3, 2, 14, 0, tzinfo=UTC))
+
+
+@pytest.fixture
+def store(engine: Engine, clock: VirtualClock) -> Store:
+    return Store(engine, clock)
