@@ -65,10 +65,17 @@ class Disclosure:
     audit_seq: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"date": format_time(self.date), "recipient": self.recipient, "description": self.description,
-                "purpose": self.purpose, "channel": self.channel, "outcome": self.outcome,
-                "accounting_required": self.accounting_required, "exemption": self.exemption,
-                "audit_seq": self.audit_seq}
+        return {
+            "date": format_time(self.date),
+            "recipient": self.recipient,
+            "description": self.description,
+            "purpose": self.purpose,
+            "channel": self.channel,
+            "outcome": self.outcome,
+            "accounting_required": self.accounting_required,
+            "exemption": self.exemption,
+            "audit_seq": self.audit_seq,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +86,13 @@ class DisclosureReport:
     entries: list[Disclosure]
 
     def to_json(self) -> dict[str, Any]:
-        return {"person": self.person_id, "since": format_time(self.since), "until": format_time(self.until),
-                "regulation": "45 CFR 164.528", "entries": [e.to_json() for e in self.entries]}
+        return {
+            "person": self.person_id,
+            "since": format_time(self.since),
+            "until": format_time(self.until),
+            "regulation": "45 CFR 164.528",
+            "entries": [e.to_json() for e in self.entries],
+        }
 
 
 def entry(rec: Rec) -> Disclosure:
@@ -100,13 +112,23 @@ def entry(rec: Rec) -> Disclosure:
         date=rec.at,
         recipient=f"{'the patient' if kind in _SELF else kind} via {channel}",
         description=PHI_DESCRIPTIONS.get(phi, f"PHI class {phi}"),
-        purpose=statement, channel=channel, outcome=str(d.get("outcome") or rec.outcome),
-        accounting_required=exemption is None, exemption=exemption, audit_seq=rec.seq,
+        purpose=statement,
+        channel=channel,
+        outcome=str(d.get("outcome") or rec.outcome),
+        accounting_required=exemption is None,
+        exemption=exemption,
+        audit_seq=rec.seq,
     )
 
 
-def accounting(session: Session, person_id: int, *, since: datetime | None = None,
-               until: datetime | None = None, now: datetime) -> DisclosureReport:
+def accounting(
+    session: Session,
+    person_id: int,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    now: datetime,
+) -> DisclosureReport:
     """Every disclosure about ``person_id`` (and people merged into them) in [since, until)."""
     until = utc(until or now)
     since = utc(since or until - LOOKBACK)
@@ -115,8 +137,17 @@ def accounting(session: Session, person_id: int, *, since: datetime | None = Non
 
 
 def write_csv(report: DisclosureReport, fp: IO[str]) -> None:
-    fields = ("date", "recipient", "description", "purpose", "channel", "outcome", "accounting_required",
-              "exemption", "audit_seq")
+    fields = (
+        "date",
+        "recipient",
+        "description",
+        "purpose",
+        "channel",
+        "outcome",
+        "accounting_required",
+        "exemption",
+        "audit_seq",
+    )
     w = csv.DictWriter(fp, fieldnames=fields, lineterminator="\n")
     w.writeheader()
     for e in report.entries:

@@ -48,7 +48,16 @@ _TYPES: dict[str, tuple[str, str, str]] = {
 _DEFAULT_TYPE = ("110100", "Application Activity", "E")
 _ACT_REASON = {"treatment": "TREAT", "payment": "HPAYMT", "operations": "HOPERAT", "marketing": "HMARKT"}
 # Detail keys that are codes or ids by the audit contract; everything else stays out.
-_DETAIL_KEYS = ("kind", "control_id", "channel", "recipient_kind", "phi_class", "reason", "playbook", "template")
+_DETAIL_KEYS = (
+    "kind",
+    "control_id",
+    "channel",
+    "recipient_kind",
+    "phi_class",
+    "reason",
+    "playbook",
+    "template",
+)
 
 
 def _outcome(outcome: str) -> str:
@@ -70,26 +79,37 @@ def audit_event(rec: Rec) -> dict[str, Any]:
     """One audit record as a minimal AuditEvent (a plain dict, JSON-ready)."""
     code, display, action = _TYPES.get(rec.action, _DEFAULT_TYPE)
     human = rec.action == "audit.query"
-    agents: list[dict[str, Any]] = [{
-        "type": {"coding": [_coding(ROLE_TYPE, "humanuser", "human user") if human
-                            else _coding(DCM, "110150", "Application")]},
-        "who": {"identifier": {"system": ACTOR_SYSTEM, "value": rec.actor}},
-        "requestor": True,
-    }]
+    agents: list[dict[str, Any]] = [
+        {
+            "type": {
+                "coding": [
+                    _coding(ROLE_TYPE, "humanuser", "human user")
+                    if human
+                    else _coding(DCM, "110150", "Application")
+                ]
+            },
+            "who": {"identifier": {"system": ACTOR_SYSTEM, "value": rec.actor}},
+            "requestor": True,
+        }
+    ]
     entities: list[dict[str, Any]] = []
     if rec.person_id is not None:
-        entities.append({
-            "what": {"identifier": {"system": PERSON_SYSTEM, "value": str(rec.person_id)}},
-            "type": _coding(ENTITY_TYPE, "1", "Person"),
-            "role": _coding(OBJECT_ROLE, "1", "Patient"),
-        })
+        entities.append(
+            {
+                "what": {"identifier": {"system": PERSON_SYSTEM, "value": str(rec.person_id)}},
+                "type": _coding(ENTITY_TYPE, "1", "Person"),
+                "role": _coding(OBJECT_ROLE, "1", "Patient"),
+            }
+        )
     if rec.action == "disclosure":
         kind = str(rec.detail.get("recipient_kind") or "unknown")
-        agents.append({
-            "type": {"coding": [_coding(DCM, "110152", "Destination Role ID")]},
-            "who": {"identifier": {"system": RECIPIENT_SYSTEM, "value": kind}},
-            "requestor": False,
-        })
+        agents.append(
+            {
+                "type": {"coding": [_coding(DCM, "110152", "Destination Role ID")]},
+                "who": {"identifier": {"system": RECIPIENT_SYSTEM, "value": kind}},
+                "requestor": False,
+            }
+        )
     if rec.entity:
         obj: dict[str, Any] = {
             "what": {"identifier": {"system": ENTITY_SYSTEM, "value": rec.entity}},
@@ -99,16 +119,24 @@ def audit_event(rec: Rec) -> dict[str, Any]:
         if rec.action == "disclosure":
             obj["lifecycle"] = _coding(LIFECYCLE, "11", "Disclosure")
         entities.append(obj)
-    details = [{"type": k, "valueString": str(rec.detail[k])} for k in _DETAIL_KEYS
-               if rec.detail.get(k) not in (None, "", [], {})]
-    details += [{"type": "seq", "valueString": str(rec.seq)}, {"type": "hash", "valueString": rec.hash},
-                {"type": "prev_hash", "valueString": rec.prev_hash}]
-    entities.append({
-        "what": {"identifier": {"system": RECORD_SYSTEM, "value": str(rec.seq)}},
-        "type": _coding(ENTITY_TYPE, "2", "System Object"),
-        "role": _coding(OBJECT_ROLE, "13", "Security Resource"),
-        "detail": details,
-    })
+    details = [
+        {"type": k, "valueString": str(rec.detail[k])}
+        for k in _DETAIL_KEYS
+        if rec.detail.get(k) not in (None, "", [], {})
+    ]
+    details += [
+        {"type": "seq", "valueString": str(rec.seq)},
+        {"type": "hash", "valueString": rec.hash},
+        {"type": "prev_hash", "valueString": rec.prev_hash},
+    ]
+    entities.append(
+        {
+            "what": {"identifier": {"system": RECORD_SYSTEM, "value": str(rec.seq)}},
+            "type": _coding(ENTITY_TYPE, "2", "System Object"),
+            "role": _coding(OBJECT_ROLE, "13", "Security Resource"),
+            "detail": details,
+        }
+    )
     ev: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "id": f"careloop-{rec.seq}",

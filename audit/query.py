@@ -73,7 +73,11 @@ def merged_people(session: Session, person_id: int) -> set[int]:
     """``person_id`` and everyone merged into them, transitively."""
     ids, frontier = {person_id}, {person_id}
     while frontier:
-        rows = session.exec(select(col(Person.id)).where(col(Person.merged_into).in_(frontier))).all()
+        rows = (
+            session.execute(select(col(Person.id)).where(col(Person.merged_into).in_(frontier)))
+            .scalars()
+            .all()
+        )
         frontier = {r for r in rows if r is not None} - ids
         ids |= frontier
     return ids
@@ -82,17 +86,21 @@ def merged_people(session: Session, person_id: int) -> set[int]:
 def person_entities(session: Session, people: set[int]) -> set[str]:
     """The entity references (``table/id``, ``Type/id``) that belong to these people."""
     refs: set[str] = set()
-    ev = session.exec(
-        select(col(JourneyEvent.id), col(JourneyEvent.raw_message_id)).where(col(JourneyEvent.person_id).in_(people))
+    ev = session.execute(
+        select(col(JourneyEvent.id), col(JourneyEvent.raw_message_id)).where(
+            col(JourneyEvent.person_id).in_(people)
+        )
     ).all()
     for ev_id, raw_id in ev:
         refs.add(f"journey_event/{ev_id}")
         if raw_id is not None:
             refs.add(f"raw_message/{raw_id}")
     for table, name in ((OutboxItem, "outbox"), (Decision, "decision"), (Escalation, "escalation")):
-        ids = session.exec(select(col(table.id)).where(col(table.person_id).in_(people))).all()
+        ids = session.execute(select(col(table.id)).where(col(table.person_id).in_(people))).scalars().all()
         refs.update(f"{name}/{i}" for i in ids)
-    refs.update(session.exec(select(col(Resource.ref)).where(col(Resource.person_id).in_(people))).all())
+    refs.update(
+        session.execute(select(col(Resource.ref)).where(col(Resource.person_id).in_(people))).scalars()
+    )
     return refs
 
 
@@ -125,28 +133,56 @@ def _where(session: Session, q: AuditQuery) -> list[ColumnElement[bool]]:
 def search(session: Session, q: AuditQuery) -> Page:
     """One page of matching records in seq order (no self-audit; see ``run_query``)."""
     limit = max(1, min(q.limit, MAX_LIMIT))
-    rows = session.connection().execute(
-        select(_T).where(and_(*_where(session, q))).order_by(_T.c.seq).limit(limit + 1)
-    ).all()
+    rows = (
+        session.connection()
+        .execute(select(_T).where(and_(*_where(session, q))).order_by(_T.c.seq).limit(limit + 1))
+        .all()
+    )
     recs = [from_row(r) for r in rows[:limit]]
     return Page(recs, recs[-1].seq if len(rows) > limit else None)
 
 
-def run_query(session: Session, q: AuditQuery, *, actor: str, at: datetime, via: str,
-              kind: str = "records") -> Page:
+def run_query(
+    session: Session, q: AuditQuery, *, actor: str, at: datetime, via: str, kind: str = "records"
+) -> Page:
     """``search`` plus its own ``audit.query`` record, in the caller's transaction."""
     page = search(session, q)
-    record_query(session, actor=actor, at=at, via=via, kind=kind, person_id=q.person_id,
-                 filters=q.filters(), returned=len(page.records))
+    record_query(
+        session,
+        actor=actor,
+        at=at,
+        via=via,
+        kind=kind,
+        person_id=q.person_id,
+        filters=q.filters(),
+        returned=len(page.records),
+    )
     return page
 
 
-def record_query(session: Session, *, actor: str, at: datetime, via: str, kind: str, person_id: int | None,
-                 filters: dict[str, Any], returned: int) -> None:
+def record_query(
+    session: Session,
+    *,
+    actor: str,
+    at: datetime,
+    via: str,
+    kind: str,
+    person_id: int | None,
+    filters: dict[str, Any],
+    returned: int,
+) -> None:
     """The ``audit.query`` record for one auditor read (the person read about goes into
     ``person_id``, so it shows in that patient's own access history)."""
-    audit_log.append(session, at=at, actor=actor, action="audit.query", person_id=person_id, purpose="audit",
-                     entity=f"audit/{kind}", detail={"via": via, "filters": filters, "returned": returned})
+    audit_log.append(
+        session,
+        at=at,
+        actor=actor,
+        action="audit.query",
+        person_id=person_id,
+        purpose="audit",
+        entity=f"audit/{kind}",
+        detail={"via": via, "filters": filters, "returned": returned},
+    )
 
 
 # --------------------------------------------------------------------------- output
@@ -161,9 +197,20 @@ def write_csv(recs: Iterable[Rec], fp: IO[str]) -> None:
     w.writerow(CSV_FIELDS)
     for r in recs:
         d = r.to_json()
-        w.writerow([d["seq"], d["at"], d["actor"], d["action"], d["outcome"],
-                    "" if d["person"] is None else d["person"], d["entity"] or "", d["purpose"] or "",
-                    json.dumps(d["detail"], sort_keys=True, separators=(",", ":")), d["hash"]])
+        w.writerow(
+            [
+                d["seq"],
+                d["at"],
+                d["actor"],
+                d["action"],
+                d["outcome"],
+                "" if d["person"] is None else d["person"],
+                d["entity"] or "",
+                d["purpose"] or "",
+                json.dumps(d["detail"], sort_keys=True, separators=(",", ":")),
+                d["hash"],
+            ]
+        )
 
 
 def iter_all(session: Session, q: AuditQuery) -> Iterable[Rec]:

@@ -44,6 +44,7 @@ class Fault:
     kind: str
     seq: int | None  # the first bad record, when the fault is about records
     message: str  # ids and hashes only
+    last: int | None = None  # set when the fault only bounds the bad record to seq..last
 
     def __str__(self) -> str:
         where = f"record {self.seq}: " if self.seq is not None else ""
@@ -66,9 +67,18 @@ class Report:
 
     @property
     def first_bad(self) -> Fault | None:
-        """The record fault with the smallest seq (ties: the one found first)."""
-        rec = [f for f in self.faults if f.seq is not None]
-        return min(rec, key=lambda f: f.seq or 0) if rec else None
+        """The earliest bad record. A precise fault (one record) wins over a checkpoint's range
+        that contains it, since it explains the range's mismatch and says exactly where."""
+        precise = [f for f in self.faults if f.seq is not None and f.last is None]
+        ranges = [
+            f
+            for f in self.faults
+            if f.seq is not None
+            and f.last is not None
+            and not any(f.seq <= (p.seq or 0) <= f.last for p in precise)
+        ]
+        cands = precise + ranges
+        return min(cands, key=lambda f: f.seq or 0) if cands else None
 
     def to_json(self) -> dict[str, Any]:
         fb = self.first_bad
@@ -80,7 +90,9 @@ class Report:
             "signatures_checked": self.signatures_checked,
             "consistency_proofs": self.consistency_proofs,
             "first_bad": None if fb is None else {"seq": fb.seq, "kind": fb.kind, "message": fb.message},
-            "faults": [{"kind": f.kind, "seq": f.seq, "message": f.message} for f in self.faults],
+            "faults": [
+                {"kind": f.kind, "seq": f.seq, "last": f.last, "message": f.message} for f in self.faults
+            ],
             "warnings": self.warnings,
         }
 
@@ -114,6 +126,8 @@ def verify_records(
     forged = _check_signatures(rep, all_cps, public_keys)
     # A checkpoint whose signature fails is reported as forged; its root says nothing about the records.
     all_cps = [c for c in all_cps if id(c) not in forged]
+    checkpoints = [c for c in checkpoints if id(c) not in forged]
+    saved = [c for c in saved if id(c) not in forged]
     anchor = _Anchor(0, GENESIS, ())
     if start is not None:
         if not start.frontier_ok():
@@ -138,7 +152,7 @@ def verify_records(
     leaves: list[bytes] | None = [] if saved and anchor.size == 0 else None
     verified_upto = anchor.size  # the end of the last range a checkpoint vouched for
     prev_hash, expected = anchor.head_hash, anchor.size + 1
-    seen: dict[str, int] = {}
+    seen: dict[str, int] = {anchor.head_hash: anchor.size}  # a link back to the start counts too
     order: deque[str] = deque()
     chain_ok = True
     for item in items:
@@ -165,7 +179,8 @@ def verify_records(
                     Fault(
                         "root_mismatch",
                         verified_upto + 1,
-                        f"records {verified_upto + 1}..{cp.tree_size} do not match the signed "
+                        last=cp.tree_size,
+                        message=f"records {verified_upto + 1}..{cp.tree_size} do not match the signed "
                         f"checkpoint at size {cp.tree_size} (rewritten history)",
                     )
                 )
@@ -307,7 +322,12 @@ def verify_database(
         with bind.connect() as conn:
             return verify_database(conn, saved=saved, public_keys=public_keys)
     conn = bind
-    head_row = conn.execute(select(col(AuditHead.seq), col(AuditHead.hash)).where(col(AuditHead.id) == 1)).first()
+    # Read the newest seq before the head: an honest append commits both together, so any
+    # record beyond the head seen here is an insertion, not a race with a writer.
+    newest = conn.execute(select(func.max(col(AuditRecord.seq)))).scalar() or 0
+    head_row = conn.execute(
+        select(col(AuditHead.seq), col(AuditHead.hash)).where(col(AuditHead.id) == 1)
+    ).first()
     head = (head_row[0], head_row[1]) if head_row else (0, GENESIS)
     cp_t = AuditCheckpoint.__table__  # type: ignore[attr-defined]
     rows = conn.execute(select(cp_t).where(cp_t.c.tree_size <= head[0]).order_by(cp_t.c.tree_size)).all()
@@ -327,7 +347,7 @@ def verify_database(
                 ]
             )
     rep = verify_records(
-        iter_db(conn, after_seq=(first or 1) - 1, upto_seq=head[0]),
+        iter_db(conn, after_seq=(first or 1) - 1, upto_seq=max(head[0], newest)),
         checkpoints=cps,
         saved=saved,
         public_keys=public_keys,

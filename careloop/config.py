@@ -70,6 +70,12 @@ class AuditConfig(Strict):
     signing_key: str | None = Field(None, description="Ed25519 private key (PEM) file for checkpoints")
     checkpoint_every: int = Field(1000, ge=1)
     retention_days: int = Field(6 * 366, ge=2190, description="never below six years")
+    token_key: str | None = Field(
+        None, description="HS256 secret file for auditor API tokens (careloop token keygen)"
+    )
+    raw_retention_days: int | None = Field(
+        None, ge=1, description="blank finished raw message bodies after this many days (None: keep)"
+    )
 
 
 class CapConfig(Strict):
@@ -98,6 +104,7 @@ class AppConfig(Strict):
     channels: dict[str, dict[str, Any]] = Field(default_factory=dict)
     templates: dict[str, dict[str, Any]] = Field(default_factory=dict)
     playbooks: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    triage: dict[str, Any] = Field(default_factory=dict)  # orchestrator.triage.TriageConfig
     base_dir: Path = Field(Path("."), exclude=True, description="folder of the file; set by load()")
 
 

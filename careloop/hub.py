@@ -50,6 +50,11 @@ class Hub:
                                          channel_facts(self.channels))
         self.deliver = DeliverStage(store, self.channels)
         self.stages: list[Stage] = [MapStage(store, self.mappers), self.orchestrator, self.deliver]
+        # Periodic work the plugins ask for (pollers, heartbeat watchdogs): APScheduler
+        # add_job keyword arguments, e.g. {"func": ..., "trigger": "interval", "seconds": 30, "id": ...}.
+        self.scheduled_jobs: list[dict[str, Any]] = [
+            job for conn in self.connectors.values() for job in (conn.jobs() if hasattr(conn, "jobs") else [])
+        ]
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.started = False

@@ -6,6 +6,11 @@ Rules (no guessing):
 - contact points (phone, email) match a person only when exactly one person holds them;
   a phone or email shared by several people is ambiguous and the event is held for staff;
 - strong identifiers that point at two different people are a conflict, also held;
+- a CRM contact id not seen before (and no MRN/FHIR id with it) links to an existing
+  person only through a *verified* phone or email (``Identifier.verified``) held by
+  exactly one person; several holders: held "ambiguous-identity"; unverified contact
+  points never link it (a typed-in email must not bind a CRM contact to a patient), so
+  the contact then becomes a person of its own until an MRN links it;
 - a merge (HL7 A40, FHIR Patient.link replaced-by) links the old person into the survivor.
 """
 
@@ -20,6 +25,8 @@ from careloop.model import Identifier
 from careloop.tables import Person, PersonIdentifier, Resource
 
 CONTACT_KINDS = frozenset({"phone", "email"})
+# Strong ids that a contact point may link to an existing person when verified.
+LINKABLE_KINDS = frozenset({"crm"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +61,7 @@ def link(session: Session, person_id: int, idents: list[Identifier]) -> None:
     """Attach identifiers to a person (idempotent)."""
     for ident in idents:
         exists = session.exec(
-            select(PersonIdentifier.id).where(
+            select(PersonIdentifier).where(
                 PersonIdentifier.system == ident.system,
                 PersonIdentifier.value == ident.value,
                 PersonIdentifier.person_id == person_id,
@@ -62,8 +69,11 @@ def link(session: Session, person_id: int, idents: list[Identifier]) -> None:
         ).first()
         if exists is None:
             session.add(
-                PersonIdentifier(person_id=person_id, kind=ident.kind, system=ident.system, value=ident.value)
+                PersonIdentifier(person_id=person_id, kind=ident.kind, system=ident.system, value=ident.value,
+                                 verified=ident.verified)
             )
+        elif ident.verified and not exists.verified:
+            exists.verified = True
 
 
 def resolve(session: Session, idents: list[Identifier], now: datetime, *, create: bool = True) -> Resolution:
@@ -75,6 +85,12 @@ def resolve(session: Session, idents: list[Identifier], now: datetime, *, create
         found |= _holders(session, ident)
     if len(found) > 1:
         return Resolution(None, held_reason="identity-conflict")
+    if not found and strong and all(i.kind in LINKABLE_KINDS for i in strong):
+        verified = [i for i in contact if i.verified]
+        for ident in verified:
+            found |= _holders(session, ident)
+        if len(found) > 1:
+            return Resolution(None, held_reason="ambiguous-identity")
     if not found and not strong:
         for ident in contact:
             holders = _holders(session, ident)

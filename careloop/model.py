@@ -51,11 +51,15 @@ def is_known_event_type(name: str) -> bool:
 @dataclass(frozen=True, slots=True)
 class Identifier:
     """A person identifier. ``kind`` drives linking: mrn/fhir/crm identify a person;
-    phone/email are contact points that may be shared and so can be ambiguous."""
+    phone/email are contact points that may be shared and so can be ambiguous.
+    ``verified``: the sender vouches that this contact point belongs to the person (a
+    CRM's confirmed email, say); only verified contact points may link a new CRM contact
+    id to an existing person. Not part of equality."""
 
     system: str
     value: str
     kind: str = "mrn"
+    verified: bool = field(default=False, compare=False)
 
     def token(self) -> str:
         return f"{self.system}|{self.value}"

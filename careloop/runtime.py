@@ -38,7 +38,7 @@ async def serve(config: AppConfig) -> None:
     await hub.start()
     scheduler = AsyncIOScheduler(timezone="UTC")
     scheduler.add_job(lambda: log.info("backlog", extra=backlog(hub)), "interval", seconds=60, id="backlog")
-    for job in getattr(hub, "scheduled_jobs", []):
+    for job in hub.scheduled_jobs:
         scheduler.add_job(**job)
     scheduler.start()
     server = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,

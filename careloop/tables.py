@@ -214,6 +214,14 @@ class Escalation(SQLModel, table=True):
     status: str = Field(default="open", max_length=16)  # open|acknowledged|resolved
     due_at: datetime | None = _ts(nullable=True)
     resolved_at: datetime | None = _ts(nullable=True)
+    # Work queue (orchestrator/escalation.py): who took it, the SLA level reached, and the
+    # staff's verdict (needed|not_needed) that the per-rule precision report is built from.
+    rule: str | None = Field(default=None, max_length=64)  # the deciding rule id (triage), if any
+    level: int = 0  # 0 = first notice; +1 per re-escalation after an unacknowledged SLA
+    acknowledged_at: datetime | None = _ts(nullable=True)
+    acknowledged_by: str | None = Field(default=None, max_length=128)
+    resolved_by: str | None = Field(default=None, max_length=128)
+    feedback: str | None = Field(default=None, max_length=16)  # needed|not_needed
 
 
 class DeadLetter(SQLModel, table=True):
@@ -269,3 +277,30 @@ class AuditCheckpoint(SQLModel, table=True):
     key_id: str = Field(max_length=64)
     signature: str = Field(max_length=128)  # base64 Ed25519 signature over audit.checkpoint.message()
     frontier: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+
+
+class FhirSubscriptionState(SQLModel, table=True):
+    """What the hub knows about one FHIR Subscription of a connector: the event numbers it has
+    stored (every number <= ``contiguous``, plus ``seen_above``), the server's own counter, the
+    silence/heartbeat clock and the server-side status. Gap recovery and the heartbeat watchdog
+    work from this row; ``name`` is set for subscriptions the hub manages from its config."""
+
+    __tablename__ = "fhir_subscription_state"
+    __table_args__ = (UniqueConstraint("connector", "subscription", name="uq_fhir_sub"),)
+    id: int | None = Field(default=None, primary_key=True)
+    connector: str = Field(max_length=64)
+    subscription: str = Field(max_length=255)  # server id ("abc"), or "config:<name>" before creation
+    name: str | None = Field(default=None, max_length=64)
+    topic: str | None = Field(default=None, max_length=255)
+    resource_types: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    status: str = Field(default="unknown", max_length=16)  # requested|active|error|off|unknown
+    heartbeat_s: int | None = None
+    events_since_start: int = 0  # the largest counter the server reported
+    contiguous: int = 0  # every event number <= this is stored
+    seen_above: list[int] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    last_event_at: datetime | None = _ts(nullable=True)  # timestamp of the last event we hold
+    last_seen_at: datetime | None = _ts(nullable=True)  # last notification of any type
+    gap_since: datetime | None = _ts(nullable=True)
+    pending_fetch: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    error: str | None = Field(default=None, max_length=255)
+    updated_at: datetime = _ts(nullable=False)

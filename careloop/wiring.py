@@ -64,6 +64,11 @@ def check(app: AppConfig) -> Checked:
     problems: list[str] = []
     checked = Checked(app)
     checked.connectors = _plugin_section("connector", "connectors", app.connectors, problems)
+    for cid, (cls, cfg) in checked.connectors.items():
+        # Checks a model cannot make alone (files a connector names, e.g. a mapping file).
+        extra = getattr(cls, "check_config", None)
+        if extra is not None:
+            problems.extend(extra(cid, cfg, app))
     checked.channels = _plugin_section("channel", "channels", app.channels, problems)
     for name, raw in app.templates.items():
         try:
@@ -93,6 +98,10 @@ def check(app: AppConfig) -> Checked:
     for i, ch in enumerate(app.site.channels):
         if ch not in app.channels:
             problems.append(f"site.channels.{i}: unknown channel {ch!r}")
+    if app.triage:  # issue 9: inbound triage and the escalation queue
+        from orchestrator.triage import check_config as check_triage
+
+        problems.extend(check_triage(app.triage, app.base_dir, set(app.templates), set(app.channels)))
     if problems:
         raise ConfigError(problems)
     return checked

@@ -225,9 +225,9 @@ class TwilioSmsChannel:
         """Messages to ``to`` with body ``text`` created at or after ``since``; None if the
         lookup could not cover the whole window."""
         what = self._what("lookup")
-        params: dict[str, str] = {"To": to, "PageSize": "50"}
+        params: dict[str, str] | None = {"To": to, "PageSize": "50"}
         if self.config.from_number:
-            params["From"] = self.config.from_number
+            params["From"] = self.config.from_number  # type: ignore[index]
         url: str | None = f"{self._messages}.json"
         found: list[dict[str, Any]] = []
         origin = urlsplit(self.config.base_url)
@@ -250,7 +250,8 @@ class TwilioSmsChannel:
             nxt = page.get("next_page_uri")
             if reached_older or not nxt:
                 return found
-            url, params = f"{origin.scheme}://{origin.netloc}{nxt}", {}
+            # next_page_uri carries the query; httpx would replace it with any params given
+            url, params = f"{origin.scheme}://{origin.netloc}{nxt}", None
         return None
 
     def _ours(self, m: dict[str, Any]) -> bool:

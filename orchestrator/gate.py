@@ -14,6 +14,16 @@ Per candidate channel, in preference order (the first that passes is used):
 Then for the chosen channel:
 9. quiet hours in the recipient's local time: ``defer`` to the window's next opening, or
    ``quiet-hours-past-useful-life`` when that opening is after the message's useful life.
+
+Replies (``GateInput.mode``; orchestrator/triage.py decides them, issue 9) are answers to a
+message the person has just sent, not automated outreach:
+- ``reply`` (the HELP answer): skips rule 2 (escalation-open), rule 8 (frequency caps) and
+  rule 9 (quiet hours: the person wrote to us this minute); every other rule holds.
+- ``safety`` (the emergency safety reply, "call 911"): as ``reply``, and also skips rule 3
+  (identity-unresolved), because the reply carries no PHI and must reach whoever wrote; it
+  is refused unless the template's ``phi_class`` is ``none`` (``safety-reply-not-phi-free``).
+  It never skips rule 1 (deceased), opt-outs (rule 7: the provider would refuse anyway, and
+  the escalation still reaches a human), address or PHI rules.
 """
 
 from __future__ import annotations
@@ -63,6 +73,7 @@ class GateInput:
     caps: dict[str, Cap] = field(default_factory=dict)  # keyed by channel id or template kind
     quiet_hours: tuple[time, time] = (time(8), time(21))
     not_after: datetime | None = None
+    mode: str = "outreach"  # outreach|reply|safety (see the module docstring)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +84,7 @@ class Verdict:
     recipient: str | None = None
     deliver_at: datetime | None = None
     tried: tuple[tuple[str, str], ...] = ()  # (channel, why not) for channels passed over
+    allowed: tuple[str, ...] = ()  # every channel that passed, in preference order
 
 
 def parse_quiet_hours(text: str) -> tuple[time, time]:
@@ -105,11 +117,15 @@ def evaluate(inp: GateInput) -> Verdict:
     p = inp.person
     if p.deceased:
         return Verdict("suppress", "deceased")
-    if p.open_escalations > 0:
+    reply = inp.mode in ("reply", "safety")
+    if inp.mode == "safety" and inp.phi_class != "none":
+        return Verdict("suppress", "safety-reply-not-phi-free")
+    if p.open_escalations > 0 and not reply:
         return Verdict("suppress", "escalation-open")
-    if p.identity_held:
+    if p.identity_held and inp.mode != "safety":
         return Verdict("suppress", "identity-unresolved")
     tried: list[tuple[str, str]] = []
+    allowed = tuple(ch.id for ch in inp.channels if _channel_refusal(inp, ch) is None)
     for ch in inp.channels:
         why = _channel_refusal(inp, ch)
         if why is not None:
@@ -117,13 +133,13 @@ def evaluate(inp: GateInput) -> Verdict:
             continue
         recipient = p.addresses[ch.address_kind][0] if ch.address_kind in PERSON_FACING else ch.address_kind
         if ch.address_kind not in PERSON_FACING:
-            return Verdict("send", "allowed", ch.id, recipient, inp.now, tuple(tried))
-        at = next_allowed(inp.now, p.timezone, inp.quiet_hours)
+            return Verdict("send", "allowed", ch.id, recipient, inp.now, tuple(tried), allowed)
+        at = inp.now if reply else next_allowed(inp.now, p.timezone, inp.quiet_hours)
         if at == inp.now:
-            return Verdict("send", "allowed", ch.id, recipient, at, tuple(tried))
+            return Verdict("send", "allowed", ch.id, recipient, at, tuple(tried), allowed)
         if inp.not_after is not None and at >= inp.not_after:
             return Verdict("suppress", "quiet-hours-past-useful-life", ch.id, None, None, tuple(tried))
-        return Verdict("defer", "quiet-hours", ch.id, recipient, at, tuple(tried))
+        return Verdict("defer", "quiet-hours", ch.id, recipient, at, tuple(tried), allowed)
     reason = tried[0][1] if tried else "no-channel"
     return Verdict("suppress", reason, None, None, None, tuple(tried))
 
@@ -138,7 +154,7 @@ def _channel_refusal(inp: GateInput, ch: ChannelFacts) -> str | None:
     if _opted_out(inp.person, ch.id, inp.purpose):
         return "opted-out"
     cap = _cap_for(inp, ch)
-    if cap is not None and (
+    if cap is not None and inp.mode == "outreach" and (
         inp.sent_day.get(ch.id, 0) >= cap.per_day or inp.sent_week.get(ch.id, 0) >= cap.per_week
     ):
         return "frequency-cap"

@@ -322,7 +322,10 @@ def run_from(pid: str, pb: PlaybookConfig, index: int, ctx: Ctx) -> list[Action]
             continue
         bad = failing_condition(st.when, ctx)
         not_after = anchor_time(st.not_after, ctx) if st.not_after else _default_not_after(ctx)
-        if bad is not None:
+        ended = _subject_refusal(pb, ctx)
+        if ended is not None:
+            out.append(Suppress(pid, pb.version, i, st.send, ended, ctx.subject_ref))
+        elif bad is not None:
             out.append(Suppress(pid, pb.version, i, st.send, bad.code(), ctx.subject_ref))
         elif not_after is not None and ctx.now >= not_after:
             out.append(Suppress(pid, pb.version, i, st.send, "past-useful-life", ctx.subject_ref))
@@ -375,16 +378,24 @@ def on_event(pid: str, pb: PlaybookConfig, ctx: Ctx) -> list[Action]:
     return out
 
 
+def _subject_refusal(pb: PlaybookConfig, ctx: Ctx) -> str | None:
+    """The appointment is in a state this playbook is cancelled by (confirmed, cancelled, ...)."""
+    appt = ctx.state.appointment(ctx.subject_ref)
+    if appt is not None:
+        for etype, status in _TERMINAL.items():
+            if etype in pb.cancel_on and appt.status == status:
+                return f"appointment-{status}"
+    return None
+
+
 def on_step_timer(pid: str, pb: PlaybookConfig, step: int, due_at: datetime, ctx: Ctx) -> list[Action]:
     """A step timer fired: decide the step again against the state of this moment."""
     st = pb.steps[step] if step < len(pb.steps) else None
     if st is None or st.send is None:
         return []
-    appt = ctx.state.appointment(ctx.subject_ref)
-    if appt is not None:
-        for etype, status in _TERMINAL.items():
-            if etype in pb.cancel_on and appt.status == status:
-                return [Suppress(pid, pb.version, step, st.send, f"appointment-{status}", ctx.subject_ref)]
+    ended = _subject_refusal(pb, ctx)
+    if ended is not None:
+        return [Suppress(pid, pb.version, step, st.send, ended, ctx.subject_ref)]
     bad = failing_condition(pb.when, ctx)
     if bad is not None:
         return [Suppress(pid, pb.version, step, st.send, bad.code(), ctx.subject_ref)]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import socket
 import threading
 from collections import Counter
 from datetime import UTC, datetime
@@ -60,7 +61,7 @@ class FakeTwilio:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
         return self.base_url
 
     @property
@@ -184,6 +185,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
         return None
+
+    def setup(self) -> None:
+        super().setup()
+        # headers and body are separate writes: without this, Nagle + delayed ACK add 40 ms
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _send(self, status: int, doc: dict[str, Any]) -> None:
         body = json.dumps(doc).encode()

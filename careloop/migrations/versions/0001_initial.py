@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-22 11:22:13.356685
+Create Date: 2026-11-22 11:32:36.501673
 """
 
 from __future__ import annotations
@@ -66,6 +66,28 @@ def upgrade() -> None:
         sa.Column("error", sqlmodel.sql.sqltypes.AutoString(length=1000), nullable=False),
         sa.Column("retried_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id"),
+    )
+    op.create_table(
+        "fhir_subscription_state",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("connector", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+        sa.Column("subscription", sqlmodel.sql.sqltypes.AutoString(length=255), nullable=False),
+        sa.Column("name", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
+        sa.Column("topic", sqlmodel.sql.sqltypes.AutoString(length=255), nullable=True),
+        sa.Column("resource_types", sa.JSON(), nullable=False),
+        sa.Column("status", sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
+        sa.Column("heartbeat_s", sa.Integer(), nullable=True),
+        sa.Column("events_since_start", sa.Integer(), nullable=False),
+        sa.Column("contiguous", sa.Integer(), nullable=False),
+        sa.Column("seen_above", sa.JSON(), nullable=False),
+        sa.Column("last_event_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("last_seen_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("gap_since", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("pending_fetch", sa.JSON(), nullable=False),
+        sa.Column("error", sqlmodel.sql.sqltypes.AutoString(length=255), nullable=True),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("connector", "subscription", name="uq_fhir_sub"),
     )
     op.create_table(
         "person",
@@ -133,6 +155,12 @@ def upgrade() -> None:
         sa.Column("status", sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
         sa.Column("due_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("resolved_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("rule", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
+        sa.Column("level", sa.Integer(), nullable=False),
+        sa.Column("acknowledged_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("acknowledged_by", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=True),
+        sa.Column("resolved_by", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=True),
+        sa.Column("feedback", sqlmodel.sql.sqltypes.AutoString(length=16), nullable=True),
         sa.ForeignKeyConstraint(
             ["person_id"],
             ["person.id"],
@@ -374,6 +402,7 @@ def downgrade() -> None:
 
     op.drop_table("raw_message")
     op.drop_table("person")
+    op.drop_table("fhir_subscription_state")
     op.drop_table("dead_letter")
     with op.batch_alter_table("audit_record", schema=None) as batch_op:
         batch_op.drop_index("ix_audit_person")

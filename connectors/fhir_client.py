@@ -1,0 +1,290 @@
+"""A FHIR R4 REST client on an injected ``httpx.AsyncClient``, with SMART Backend Services auth.
+
+SMART Backend Services (client_credentials grant, ``private_key_jwt`` client authentication):
+the client signs a short-lived assertion (RS384 or ES384, ``exp`` at most five minutes ahead,
+a fresh ``jti`` each time) with authlib's RFC 7523 helper and trades it for an access token,
+which is cached until shortly before it expires. A 401 from the FHIR server drops the cached
+token and retries once with a new one; a second 401 is a ``PermanentError`` asking the operator
+for credentials, because retrying forever with a rejected key helps no one.
+
+Errors are converted here, at the boundary: 429, 5xx and transport failures are
+``TransientError``; other 4xx are ``PermanentError``. Messages name the connector, the
+interaction and the status, never a resource's content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urljoin
+
+import httpx
+from authlib.oauth2.rfc7523 import private_key_jwt_sign
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from careloop.errors import PermanentError, TransientError
+
+FHIR_JSON = "application/fhir+json"
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+MAX_ASSERTION_S = 300  # SMART Backend Services: the assertion expires within five minutes
+
+
+class SmartAuthConfig(BaseModel):
+    """SMART Backend Services credentials (``private_key`` is a PEM file or inline PEM text)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    token_url: str
+    client_id: str
+    private_key: SecretStr | None = Field(None, description="inline PEM private key")
+    private_key_file: Path | None = Field(None, description="PEM private key file")
+    alg: Literal["RS384", "ES384"] = "RS384"
+    kid: str | None = None
+    scope: str = "system/*.read system/Subscription.write"
+    assertion_ttl_s: int = Field(MAX_ASSERTION_S, ge=10, le=MAX_ASSERTION_S)
+
+    def key_pem(self) -> bytes:
+        if self.private_key is not None:
+            return self.private_key.get_secret_value().encode()
+        if self.private_key_file is not None:
+            return self.private_key_file.read_bytes()
+        raise PermanentError("SMART auth: private_key or private_key_file is required")
+
+
+class SmartBackendAuth:
+    """Fetches and caches SMART Backend Services access tokens."""
+
+    def __init__(self, config: SmartAuthConfig, http: httpx.AsyncClient, connector: str) -> None:
+        self.config, self.http, self.connector = config, http, connector
+        self._token: str | None = None
+        self._expires = 0.0
+        self._lock = asyncio.Lock()
+        self.fetches = 0  # tokens obtained (tests and status pages)
+
+    def assertion(self) -> str:
+        """A fresh client assertion: iss = sub = client_id, aud = token URL, unique jti."""
+        c = self.config
+        now = int(time.time())
+        header = {"kid": c.kid, "typ": "JWT"} if c.kid else {"typ": "JWT"}
+        jwt = private_key_jwt_sign(
+            c.key_pem(),
+            c.client_id,
+            c.token_url,
+            alg=c.alg,
+            header=header,
+            claims={"jti": secrets.token_urlsafe(24)},
+            issued_at=now,
+            expires_at=now + c.assertion_ttl_s,
+        )
+        return jwt.decode() if isinstance(jwt, bytes) else str(jwt)
+
+    def invalidate(self) -> None:
+        self._token, self._expires = None, 0.0
+
+    async def token(self) -> str:
+        async with self._lock:
+            if self._token is not None and time.monotonic() < self._expires:
+                return self._token
+            data = {
+                "grant_type": "client_credentials",
+                "scope": self.config.scope,
+                "client_assertion_type": ASSERTION_TYPE,
+                "client_assertion": self.assertion(),
+            }
+            try:
+                r = await self.http.post(
+                    self.config.token_url, data=data, headers={"Accept": "application/json"}
+                )
+            except httpx.HTTPError as exc:
+                raise TransientError(
+                    f"connector {self.connector}: token endpoint unreachable ({type(exc).__name__})"
+                ) from None
+            if r.status_code == 429 or r.status_code >= 500:
+                raise TransientError(f"connector {self.connector}: token endpoint answered {r.status_code}")
+            if r.status_code >= 400:
+                raise PermanentError(
+                    f"connector {self.connector}: the authorization server rejected the client credentials "
+                    f"(HTTP {r.status_code}); check client_id, key and registration, then restart"
+                )
+            doc = r.json()
+            token = doc.get("access_token")
+            if not isinstance(token, str):
+                raise PermanentError(f"connector {self.connector}: token response has no access_token")
+            expires_in = float(doc.get("expires_in") or 300)
+            # Refresh a little early so a request never leaves with a token about to lapse.
+            self._token, self._expires = (
+                token,
+                time.monotonic() + max(1.0, expires_in - min(30.0, expires_in / 10)),
+            )
+            self.fetches += 1
+            return token
+
+
+class FhirClient:
+    """The FHIR interactions the connectors need: read, paged search, create/update,
+    ``Subscription/$status`` and ``Subscription/$events``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        http: httpx.AsyncClient,
+        *,
+        connector: str,
+        auth: SmartBackendAuth | None = None,
+        timeout_s: float = 15.0,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.base = base_url.rstrip("/")
+        self.http, self.connector, self.auth, self.timeout = http, connector, auth, timeout_s
+        self.headers = dict(headers or {})
+
+    # ------------------------------------------------------------------ plumbing
+
+    def url(self, path_or_url: str) -> str:
+        if path_or_url.startswith(("http://", "https://")):
+            return path_or_url
+        return f"{self.base}/{path_or_url.lstrip('/')}"
+
+    async def request(
+        self,
+        method: str,
+        path_or_url: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        what: str = "request",
+    ) -> httpx.Response:
+        """One interaction; a 401 refreshes the token once. Returns 2xx and 404/400/405/501
+        responses (callers decide what "not there" means); raises for the rest."""
+        url = self.url(path_or_url)
+        for attempt in (1, 2):
+            headers = {"Accept": FHIR_JSON, **self.headers}
+            if json is not None:
+                headers["Content-Type"] = FHIR_JSON
+            if self.auth is not None:
+                headers["Authorization"] = f"Bearer {await self.auth.token()}"
+            try:
+                r = await self.http.request(
+                    method, url, params=params, json=json, headers=headers, timeout=self.timeout
+                )
+            except httpx.TimeoutException:
+                raise TransientError(f"connector {self.connector}: {what} timed out") from None
+            except httpx.HTTPError as exc:
+                raise TransientError(
+                    f"connector {self.connector}: {what} failed ({type(exc).__name__})"
+                ) from None
+            if r.status_code == 401:
+                if self.auth is not None and attempt == 1:
+                    self.auth.invalidate()
+                    continue
+                raise PermanentError(
+                    f"connector {self.connector}: the FHIR server refused our credentials for {what} "
+                    f"(HTTP 401); please provide valid credentials for this connector"
+                )
+            if r.status_code == 429 or (r.status_code >= 500 and r.status_code != 501):
+                raise TransientError(f"connector {self.connector}: {what} answered {r.status_code}")
+            if r.status_code >= 400 and r.status_code not in (400, 404, 405, 410, 501):
+                raise PermanentError(f"connector {self.connector}: {what} answered {r.status_code}")
+            return r
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _json(r: httpx.Response, connector: str, what: str) -> dict[str, Any]:
+        try:
+            doc = r.json()
+        except ValueError:
+            raise PermanentError(f"connector {connector}: {what} did not answer JSON") from None
+        if not isinstance(doc, dict):
+            raise PermanentError(f"connector {connector}: {what} did not answer a JSON object")
+        return doc
+
+    def _ok(self, r: httpx.Response, what: str) -> dict[str, Any]:
+        if r.status_code >= 400:
+            raise PermanentError(f"connector {self.connector}: {what} answered {r.status_code}")
+        return self._json(r, self.connector, what)
+
+    # ------------------------------------------------------------------ interactions
+
+    async def read(self, reference: str) -> dict[str, Any] | None:
+        """Read ``Type/id`` (or an absolute URL on this server); None when it is gone."""
+        ref = reference
+        if ref.startswith(("http://", "https://")) and not ref.startswith(self.base + "/"):
+            raise PermanentError(f"connector {self.connector}: reference is not on this server's base URL")
+        parts = ref.removeprefix(self.base + "/").split("/")
+        if len(parts) >= 4 and parts[2] == "_history":
+            parts = parts[:2]  # read the current version: events are about the latest state
+        if len(parts) != 2:
+            raise PermanentError(f"connector {self.connector}: cannot read a reference of that shape")
+        what = f"read {parts[0]}"
+        r = await self.request("GET", "/".join(parts), what=what)
+        if r.status_code in (404, 410):
+            return None
+        return self._ok(r, what)
+
+    async def search(self, resource_type: str, params: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Every matching resource across pages (follows ``Bundle.link[next]``)."""
+        what = f"search {resource_type}"
+        url: str | None = resource_type
+        query: Mapping[str, Any] | None = params
+        pages = 0
+        while url is not None:
+            bundle = self._ok(await self.request("GET", url, params=query, what=what), what)
+            pages += 1
+            for entry in bundle.get("entry") or []:
+                res = entry.get("resource")
+                if isinstance(res, dict) and (entry.get("search") or {}).get("mode", "match") == "match":
+                    yield res
+            nxt = next(
+                (link.get("url") for link in bundle.get("link") or [] if link.get("relation") == "next"), None
+            )
+            # A next link is an opaque URL from the server; resolve relative ones against the base.
+            url, query = (urljoin(self.base + "/", nxt) if nxt else None), None
+            if pages > 10_000:
+                raise PermanentError(f"connector {self.connector}: {what} does not end (paging loop)")
+
+    async def create(self, resource: dict[str, Any]) -> dict[str, Any]:
+        what = f"create {resource.get('resourceType')}"
+        r = await self.request("POST", str(resource["resourceType"]), json=resource, what=what)
+        doc = self._ok(r, what)
+        if doc.get("resourceType") != resource["resourceType"]:  # return=minimal: read it back
+            loc = r.headers.get("Location") or r.headers.get("Content-Location") or ""
+            parts = loc.removeprefix(self.base + "/").split("/")
+            if len(parts) >= 2:
+                got = await self.read("/".join(parts[:2]))
+                if got is not None:
+                    return got
+            raise PermanentError(f"connector {self.connector}: {what} returned no resource")
+        return doc
+
+    async def update(self, resource: dict[str, Any]) -> dict[str, Any]:
+        what = f"update {resource.get('resourceType')}"
+        r = await self.request(
+            "PUT", f"{resource['resourceType']}/{resource['id']}", json=resource, what=what
+        )
+        doc = self._ok(r, what)
+        return doc if doc.get("resourceType") == resource["resourceType"] else resource
+
+    async def status(self, subscription_id: str) -> dict[str, Any] | None:
+        """``Subscription/<id>/$status``; None when the server does not support it."""
+        r = await self.request("GET", f"Subscription/{subscription_id}/$status", what="Subscription $status")
+        if r.status_code in (400, 404, 405, 501):
+            return None
+        return self._json(r, self.connector, "Subscription $status")
+
+    async def events(
+        self, subscription_id: str, since: int, until: int | None = None, content: str = "full-resource"
+    ) -> dict[str, Any] | None:
+        """``Subscription/<id>/$events`` for event numbers ``since..until``; None when the server
+        has no ``$events`` (most do not), so the caller falls back to searching."""
+        params: dict[str, Any] = {"eventsSinceNumber": since, "content": content}
+        if until is not None:
+            params["eventsUntilNumber"] = until
+        r = await self.request(
+            "GET", f"Subscription/{subscription_id}/$events", params=params, what="Subscription $events"
+        )
+        if r.status_code in (400, 404, 405, 501):
+            return None
+        return self._json(r, self.connector, "Subscription $events")
