@@ -25,6 +25,7 @@ import base64
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -39,11 +40,13 @@ from audit import merkle
 from audit.records import format_time, iter_db, parse_time
 from careloop import audit_log
 from careloop.clock import SystemClock, utc
+from careloop.config import AppConfig
 from careloop.errors import ConfigError, PermanentError
 from careloop.store import Store
 from careloop.tables import AuditCheckpoint, AuditHead
 
 EXPORT_FORMAT = "careloop-audit-checkpoints/1"
+DEFAULT_SIGNING_KEY = Path("var/keys/audit-signing.pem")
 _MAGIC = "careloop-audit-checkpoint/v1"
 
 
@@ -268,6 +271,16 @@ def run_checkpoint_job(
             return None
     with store.session() as s:
         return make_checkpoint(s, key, at=now)
+
+
+def job_from_config(store: Store, cfg: AppConfig) -> Callable[[], AuditCheckpoint | None]:
+    """The scheduler's checkpoint job for this deployment: key from ``audit.signing_key``
+    (default var/keys/audit-signing.pem), every ``audit.checkpoint_every`` records or
+    ``audit.checkpoint_minutes``. The key is loaded now, so a missing key fails at start."""
+    path = Path(cfg.audit.signing_key) if cfg.audit.signing_key else DEFAULT_SIGNING_KEY
+    key = load_private_key(path)
+    every, max_age = cfg.audit.checkpoint_every, timedelta(minutes=cfg.audit.checkpoint_minutes)
+    return lambda: run_checkpoint_job(store, key, every=every, max_age=max_age)
 
 
 # --------------------------------------------------------------------------- export

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -166,3 +169,49 @@ def seed(store: Store, start: datetime) -> Seeded:
     rec(None, False, actor="api", action="auth.failure", outcome="denied", detail={"reason": "missing"})
     rec(sd.bob, False, actor="orchestrator", action="decision.suppress", detail={"reason": "quiet-hours"})
     return sd
+
+
+class CapturedLogs(logging.Handler):
+    """Every log record emitted anywhere, formatted with its arguments and tracebacks."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))  # includes exc_info and stack_info text
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def assert_free_of(self, *needles: str) -> None:
+        """Fail naming which needle (not the log line, which would itself leak it) appeared."""
+        for i, n in enumerate(needles):
+            assert n not in self.text, f"PHI needle #{i} appeared in log output"
+
+
+@contextmanager
+def capture_all_logs() -> Iterator[CapturedLogs]:
+    """Capture all log output at DEBUG, from every logger (propagating or not) and from
+    ``warnings``; use it around a whole pipeline run, then ``assert_free_of(name, phone)``."""
+    handler = CapturedLogs()
+    root = logging.getLogger()
+    loggers = [root] + [
+        lg
+        for lg in logging.Logger.manager.loggerDict.values()
+        if isinstance(lg, logging.Logger) and not lg.propagate
+    ]
+    saved = [(lg, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    logging.captureWarnings(True)
+    try:
+        yield handler
+    finally:
+        logging.captureWarnings(False)
+        for lg, level in saved:
+            lg.removeHandler(handler)
+            lg.setLevel(level)

@@ -23,6 +23,7 @@ from joserfc.errors import ExpiredTokenError, JoseError
 from joserfc.jwk import OctKey
 from joserfc.jwt import JWTClaimsRegistry
 
+from audit.checkpoint import DEFAULT_SIGNING_KEY
 from careloop.config import AppConfig
 from careloop.errors import ConfigError
 
@@ -30,7 +31,6 @@ ISSUER = "careloop"
 AUDIENCE = "careloop-audit"
 ALGORITHM = "HS256"
 DEFAULT_TOKEN_KEY = Path("var/keys/audit-token.key")
-DEFAULT_SIGNING_KEY = Path("var/keys/audit-signing.pem")
 
 
 class AuthFailure(Exception):

@@ -130,6 +130,8 @@ def verify_records(
     saved = [c for c in saved if id(c) not in forged]
     anchor = _Anchor(0, GENESIS, ())
     if start is not None:
+        if id(start) in forged:
+            return rep  # its signature fault is reported; nothing after it can be anchored
         if not start.frontier_ok():
             rep.faults.append(
                 Fault(

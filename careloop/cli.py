@@ -26,8 +26,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(dead_app, name="deadletters")
 app.add_typer(mapping_app, name="mapping")
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="careloop YAML config")]
 

@@ -69,6 +69,9 @@ class DatabaseConfig(Strict):
 class AuditConfig(Strict):
     signing_key: str | None = Field(None, description="Ed25519 private key (PEM) file for checkpoints")
     checkpoint_every: int = Field(1000, ge=1)
+    checkpoint_minutes: int = Field(
+        60, ge=1, description="also checkpoint after this many minutes if records were added"
+    )
     retention_days: int = Field(6 * 366, ge=2190, description="never below six years")
     token_key: str | None = Field(
         None, description="HS256 secret file for auditor API tokens (careloop token keygen)"

@@ -22,9 +22,11 @@ from datetime import datetime
 from sqlmodel import Session, col, select
 
 from careloop.model import Identifier
-from careloop.tables import Person, PersonIdentifier, Resource
+from careloop.tables import OutboxItem, Person, PersonIdentifier, Resource
 
 CONTACT_KINDS = frozenset({"phone", "email"})
+# An outbox key (``urn:careloop:outbox``): resolves to the person the message went to.
+OUTBOX_KIND = "outbox"
 # Strong ids that a contact point may link to an existing person when verified.
 LINKABLE_KINDS = frozenset({"crm"})
 
@@ -78,6 +80,12 @@ def link(session: Session, person_id: int, idents: list[Identifier]) -> None:
 
 def resolve(session: Session, idents: list[Identifier], now: datetime, *, create: bool = True) -> Resolution:
     """Find (or create) the one person these identifiers name."""
+    outbox = [i for i in idents if i.kind == OUTBOX_KIND]
+    if outbox:  # a delivery report names the message we sent, hence its person; never linked
+        pid = session.exec(select(OutboxItem.person_id).where(OutboxItem.key == outbox[0].value)).first()
+        if pid is None:
+            return Resolution(None, held_reason="unknown-person")
+        return Resolution(survivor(session, pid))
     strong = [i for i in idents if i.kind not in CONTACT_KINDS]
     contact = [i for i in idents if i.kind in CONTACT_KINDS]
     found: set[int] = set()

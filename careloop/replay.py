@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
 
 from careloop.clock import VirtualClock, utc
@@ -76,13 +77,19 @@ def read_feed(path: Path) -> list[FeedLine]:
 
 
 class Replayer:
-    def __init__(self, config: AppConfig, database_url: str | None = None, start: datetime | None = None) -> None:
+    def __init__(self, config: AppConfig, database_url: str | None = None, start: datetime | None = None,
+                 engine: Engine | None = None) -> None:
+        """A replay over a fresh temporary SQLite store, unless a database URL or an
+        engine (tests: a clean schema) is given."""
         self._tmp = None
-        if database_url is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="careloop-replay-")
-            database_url = f"sqlite:///{self._tmp.name}/replay.db"
+        if engine is None:
+            if database_url is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="careloop-replay-")
+                database_url = f"sqlite:///{self._tmp.name}/replay.db"
+            engine = make_engine(database_url)
+        self._own_engine = self._tmp is not None or database_url is not None
         self.clock = VirtualClock(start or datetime(2000, 1, 1).astimezone())
-        self.hub = Hub(config, store=Store(make_engine(database_url), self.clock), capture=True)
+        self.hub = Hub(config, store=Store(engine, self.clock), capture=True)
 
     @property
     def store(self) -> Store:
@@ -120,7 +127,8 @@ class Replayer:
         await self.hub.drain()
 
     def close(self) -> None:
-        self.hub.store.engine.dispose()
+        if self._own_engine:
+            self.hub.store.engine.dispose()
         if self._tmp is not None:
             self._tmp.cleanup()
 

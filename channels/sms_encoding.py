@@ -15,6 +15,7 @@ rule "no message text in errors" is kept everywhere).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -90,3 +91,17 @@ def check_sms_length(text: str, max_segments: int = DEFAULT_MAX_SEGMENTS, reserv
         problem += f"; characters forcing UCS-2: {', '.join(forcing[:8])}"
     return [problem]
 
+
+
+# What one ``{{ ... }}`` placeholder is assumed to expand to at most (a date like
+# "Thu Mar 12", a time, a clinic's short name); the check is an estimate, the send-time
+# check in the channel is exact.
+PLACEHOLDER_WIDTH = 20
+_EXPR = re.compile(r"\{\{.*?\}\}", re.S)
+_STMT = re.compile(r"\{%.*?%\}|\{#.*?#\}", re.S)
+
+
+def template_estimate(source: str) -> str:
+    """A stand-in for a Jinja template's longest likely rendering: each expression becomes
+    ``PLACEHOLDER_WIDTH`` GSM-7 characters, statements and comments vanish."""
+    return _EXPR.sub("x" * PLACEHOLDER_WIDTH, _STMT.sub("", source))

@@ -42,7 +42,7 @@ from careloop.errors import PermanentError
 from careloop.tables import OutboxItem
 from channels import _http
 from channels.base import ABSENT, ChannelCaps, ChannelConfig, Receipt
-from channels.sms_encoding import DEFAULT_MAX_SEGMENTS, check_sms_length, measure
+from channels.sms_encoding import DEFAULT_MAX_SEGMENTS, check_sms_length, measure, template_estimate
 
 log = logging.getLogger("careloop.channels.twilio_sms")
 
@@ -134,7 +134,7 @@ class TwilioSmsChannel:
     def __init__(self, id: str, config: TwilioSmsConfig, http: httpx.AsyncClient | None = None) -> None:
         self.id, self.config = id, config
         self._own_http = http is None
-        self._http = http or httpx.AsyncClient()
+        self._http = http or _http.new_client()
         self._auth = httpx.BasicAuth(config.account_sid, config.auth_token.get_secret_value())
         self._sent: dict[str, Receipt] = {}
         self._messages = f"{config.base_url}/2010-04-01/Accounts/{config.account_sid}/Messages"
@@ -142,9 +142,22 @@ class TwilioSmsChannel:
     def __repr__(self) -> str:
         return f"TwilioSmsChannel(id={self.id!r}, account_sid={self.config.account_sid!r})"
 
-    def check_template(self, text: str, reserve: int = 0) -> list[str]:
-        """Config-check hook: problems with ``text`` as an SMS template for this channel."""
-        return check_sms_length(text, self.config.max_segments, reserve)
+    @classmethod
+    def check_template(cls, template: Any, config: TwilioSmsConfig | None = None) -> list[str]:
+        """Config-check hook (``careloop.wiring.check`` calls it for every template): an SMS
+        body that would exceed ``max_segments`` is a problem. ``template`` is a template
+        config (its ``sms`` bodies per language are checked) or one body as a string;
+        placeholders are counted at ``PLACEHOLDER_WIDTH`` characters each."""
+        limit = config.max_segments if config is not None else DEFAULT_MAX_SEGMENTS
+        if isinstance(template, str):
+            bodies = {"": template}
+        else:
+            bodies = {str(k): v for k, v in (getattr(template, "sms", None) or {}).items() if isinstance(v, str)}
+        problems = []
+        for lang, text in bodies.items():
+            for p in check_sms_length(template_estimate(text), limit):
+                problems.append(f"sms.{lang} {p}" if lang else p)
+        return problems
 
     def _what(self, op: str) -> str:
         return f"channel {self.id}: twilio {op}"

@@ -24,6 +24,7 @@ from urllib.parse import urljoin
 
 import httpx
 from authlib.oauth2.rfc7523 import private_key_jwt_sign
+from joserfc.jwk import ECKey, RSAKey
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from careloop.errors import PermanentError, TransientError
@@ -63,6 +64,7 @@ class SmartBackendAuth:
         self._expires = 0.0
         self._lock = asyncio.Lock()
         self.fetches = 0  # tokens obtained (tests and status pages)
+        self._signing_key: Any = None
 
     def assertion(self) -> str:
         """A fresh client assertion: iss = sub = client_id, aud = token URL, unique jti."""
@@ -70,7 +72,7 @@ class SmartBackendAuth:
         now = int(time.time())
         header = {"kid": c.kid, "typ": "JWT"} if c.kid else {"typ": "JWT"}
         jwt = private_key_jwt_sign(
-            c.key_pem(),
+            self._key(),
             c.client_id,
             c.token_url,
             alg=c.alg,
@@ -80,6 +82,16 @@ class SmartBackendAuth:
             expires_at=now + c.assertion_ttl_s,
         )
         return jwt.decode() if isinstance(jwt, bytes) else str(jwt)
+
+    def _key(self) -> Any:
+        if self._signing_key is None:
+            pem = self.config.key_pem()
+            try:
+                self._signing_key = (RSAKey if self.config.alg.startswith("RS") else ECKey).import_key(pem)
+            except (ValueError, TypeError):
+                raise PermanentError(f"connector {self.connector}: the SMART private key is not a "
+                                     f"{self.config.alg[:2]} PEM key") from None
+        return self._signing_key
 
     def invalidate(self) -> None:
         self._token, self._expires = None, 0.0

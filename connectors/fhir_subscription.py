@@ -362,6 +362,7 @@ class FhirSubscriptionConnector:
             row = await asyncio.to_thread(self._record, sid, note)
         except Exception as exc:  # the message is stored; the next notification or check catches up
             log.warning("connector %s: subscription state not updated: %s", self.id, type(exc).__name__)
+            log.debug("state update failure", exc_info=True)
             return
         if self.config.fetch_id_only and note.type in EVENT_TYPES:
             carried = {f"{r['resourceType']}/{r['id']}" for r in note.resources}
@@ -882,4 +883,5 @@ def _same(current: dict[str, Any], want: dict[str, Any]) -> bool:
 
 
 def _detached(row: FhirSubscriptionState) -> FhirSubscriptionState:
-    return FhirSubscriptionState.model_validate(row.model_dump())
+    # A copy that outlives its session; timestamp columns never set are None.
+    return FhirSubscriptionState.model_validate({k: getattr(row, k, None) for k in FhirSubscriptionState.model_fields})

@@ -72,14 +72,19 @@ class WebhookConfig(PluginConfig):
     path: str = Field(pattern=r"^/[A-Za-z0-9/_\-.]*$", description="URL path, e.g. /webhooks/crm")
     signature: SchemeName
     secret: SecretStr | None = Field(None, description="signing secret (standard-webhooks: whsec_<base64>)")
-    header: str | None = Field(None, description="hmac-sha256: header holding the signature; stripe: "
-                               "override of Stripe-Signature")
+    header: str | None = Field(
+        None, description="hmac-sha256: header holding the signature; stripe: override of Stripe-Signature"
+    )
     encoding: Literal["hex", "base64"] = Field("hex", description="hmac-sha256: signature encoding")
     prefix: str = Field("", description="hmac-sha256: text before the signature, e.g. 'sha256='")
     id_header: str | None = Field(None, description="hmac-sha256: header holding the delivery id")
     tolerance_s: int = Field(300, ge=1, le=3600, description="accepted clock difference of timestamps")
-    public_url: str | None = Field(None, pattern=r"^https?://", description="hubspot-v3: the endpoint's URL "
-                                   "as the CRM calls it (behind a proxy); default: the URL the app sees")
+    public_url: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="hubspot-v3: the endpoint's URL "
+        "as the CRM calls it (behind a proxy); default: the URL the app sees",
+    )
     allow_ips: list[Network] = Field(default_factory=list, description="caller networks (CIDR); empty: any")
     organization_id: str | None = Field(None, description="salesforce-outbound: the org id (15 or 18 chars)")
     event_id: str = Field("id", description="JMESPath to the event id in a JSON body (dedup key)")
@@ -100,8 +105,9 @@ class WebhookConfig(PluginConfig):
     def _scheme_needs(self) -> WebhookConfig:
         secret = self.secret.get_secret_value() if self.secret else ""
         if self.signature == "salesforce-outbound":
-            if not self.organization_id or not re.fullmatch(r"[A-Za-z0-9]{15}([A-Za-z0-9]{3})?",
-                                                            self.organization_id):
+            if not self.organization_id or not re.fullmatch(
+                r"[A-Za-z0-9]{15}([A-Za-z0-9]{3})?", self.organization_id
+            ):
                 raise ValueError("organization_id: salesforce-outbound needs the 15- or 18-character org id")
             if not self.allow_ips:
                 raise ValueError("allow_ips: salesforce-outbound is unsigned; list Salesforce's networks")
@@ -154,8 +160,9 @@ class WebhookConnector:
     name: ClassVar[str] = "webhook"
     Config: ClassVar[type[PluginConfig]] = WebhookConfig
 
-    def __init__(self, id: str, config: WebhookConfig, clock: Clock | None = None,
-                 app_config: AppConfig | None = None) -> None:
+    def __init__(
+        self, id: str, config: WebhookConfig, clock: Clock | None = None, app_config: AppConfig | None = None
+    ) -> None:
         self.id, self.config = id, config
         self.clock: Clock = clock or SystemClock()
         self._scheme = _scheme(config)
@@ -193,21 +200,35 @@ class WebhookConnector:
         kept = {k: hdrs[k] for k in _KEEP_HEADERS if k in hdrs}
         if self.config.signature == "salesforce-outbound":
             return self._accept_soap(body, kept)
-        delivery = hdrs.get("webhook-id") or hdrs.get("svix-id") or (
-            hdrs.get(self.config.id_header.lower()) if self.config.id_header else None)
+        delivery = (
+            hdrs.get("webhook-id")
+            or hdrs.get("svix-id")
+            or (hdrs.get(self.config.id_header.lower()) if self.config.id_header else None)
+        )
         try:
             doc = json.loads(body)
         except (ValueError, UnicodeDecodeError):
-            return [RawIn(self.id, UNPARSEABLE, body, hdrs.get("content-type", "application/octet-stream"),
-                          "sha256:" + hashlib.sha256(body).hexdigest(), kept)]
+            return [
+                RawIn(
+                    self.id,
+                    UNPARSEABLE,
+                    body,
+                    hdrs.get("content-type", "application/octet-stream"),
+                    "sha256:" + hashlib.sha256(body).hexdigest(),
+                    kept,
+                )
+            ]
         if isinstance(doc, list):  # a batch (HubSpot sends up to 100 events per request)
             items = [(json.dumps(d, separators=(",", ":"), sort_keys=True).encode(), d) for d in doc]
         else:
             items = [(body, doc)]
         out: list[RawIn] = []
         for i, (raw, d) in enumerate(items):
-            out.append(RawIn(self.id, self._kind(d), raw, JSON_TYPE, self._dedup(d, raw, delivery, i, len(items)),
-                             kept))
+            out.append(
+                RawIn(
+                    self.id, self._kind(d), raw, JSON_TYPE, self._dedup(d, raw, delivery, i, len(items)), kept
+                )
+            )
         return out
 
     def _kind(self, doc: Any) -> str:
@@ -228,16 +249,31 @@ class WebhookConnector:
         try:
             msg = sf.parse(body)
         except sf.NotOutboundMessage:
-            return [RawIn(self.id, UNPARSEABLE, body, "text/xml", "sha256:" + hashlib.sha256(body).hexdigest(),
-                          kept)]
+            return [
+                RawIn(
+                    self.id, UNPARSEABLE, body, "text/xml", "sha256:" + hashlib.sha256(body).hexdigest(), kept
+                )
+            ]
         out = []
         for n in msg.notifications:
             # Each notification is stored as JSON, so the same declarative mapping applies.
-            doc = {"organization_id": msg.organization_id, "action_id": msg.action_id,
-                   "notification_id": n.id, "object_type": n.object_type, "sobject": n.fields}
-            out.append(RawIn(self.id, "webhook:salesforce:" + _KIND_CHARS.sub("-", n.object_type)[:60],
-                             json.dumps(doc, separators=(",", ":"), sort_keys=True).encode(), JSON_TYPE,
-                             f"notification|{n.id[:200]}", kept))
+            doc = {
+                "organization_id": msg.organization_id,
+                "action_id": msg.action_id,
+                "notification_id": n.id,
+                "object_type": n.object_type,
+                "sobject": n.fields,
+            }
+            out.append(
+                RawIn(
+                    self.id,
+                    "webhook:salesforce:" + _KIND_CHARS.sub("-", n.object_type)[:60],
+                    json.dumps(doc, separators=(",", ":"), sort_keys=True).encode(),
+                    JSON_TYPE,
+                    f"notification|{n.id[:200]}",
+                    kept,
+                )
+            )
         return out
 
     async def start(self, sink: RawSink) -> None:
@@ -299,7 +335,9 @@ class WebhookConnector:
             results = await sink.put(items)
         except Exception as exc:  # nothing is acknowledged unless it is committed
             self.stats.store_failures += 1
-            log.error("connector %s: the store failed (%s); the sender will retry", self.id, type(exc).__name__)
+            log.error(
+                "connector %s: the store failed (%s); the sender will retry", self.id, type(exc).__name__
+            )
             return _outcome(503, "transient", "the message could not be stored; retry later")
         dups = sum(1 for r in results if r.duplicate)
         self.stats.stored += len(results) - dups
@@ -309,8 +347,9 @@ class WebhookConnector:
             return _outcome(400, "invalid", f"body is not {what}; it was kept for inspection")
         if cfg.signature == "salesforce-outbound":
             return Response(sf.ACK, media_type="text/xml; charset=utf-8")
-        return JSONResponse({"received": len(items), "duplicates": dups,
-                             "raw_ids": [r.raw_id for r in results]})
+        return JSONResponse(
+            {"received": len(items), "duplicates": dups, "raw_ids": [r.raw_id for r in results]}
+        )
 
     def _check_salesforce(self, raw: bytes) -> None:
         assert self.config.organization_id is not None

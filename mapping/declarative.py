@@ -32,7 +32,15 @@ import jmespath
 import phonenumbers
 from jmespath.exceptions import JMESPathError
 from jmespath.parser import ParsedResult
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from careloop.config import format_errors, load_raw
 from careloop.errors import ConfigError, PermanentError, SkipMessage
@@ -79,7 +87,8 @@ class IdentifierRule(_Strict):
     value: Expr
     system: str | None = Field(None, description="required for mrn/fhir/crm/other (e.g. the MRN's authority)")
     verified: bool | Expr = Field(
-        False, description="phone/email: true, or an expression, when the sender vouches the contact "
+        False,
+        description="phone/email: true, or an expression, when the sender vouches the contact "
         "point belongs to the person (lets a CRM contact id link through it)",
     )
 
@@ -97,7 +106,7 @@ class SubjectRule(_Strict):
     """The FHIR resource the event is about: a type, an id expression and, optionally, an
     expression giving the rest of the resource as an object."""
 
-    resourceType: str = Field(pattern=r"^[A-Z][A-Za-z]{1,63}$")  # noqa: N815 (FHIR's own name)
+    resourceType: str = Field(pattern=r"^[A-Z][A-Za-z]{1,63}$")
     id: Expr
     body: Expr | None = None
 
@@ -204,8 +213,9 @@ class DeclarativeMapper:
         try:
             return parsed.search(doc)
         except JMESPathError as exc:  # e.g. join() over a number: the payload is not as mapped
-            raise PermanentError(f"mapping expression {expr!r} failed on this payload "
-                                 f"({type(exc).__name__})") from None
+            raise PermanentError(
+                f"mapping expression {expr!r} failed on this payload ({type(exc).__name__})"
+            ) from None
 
     def map(self, raw: RawMessage) -> list[MappedEvent]:
         try:
@@ -225,7 +235,9 @@ class DeclarativeMapper:
             raise SkipMessage(f"event type {shown!r} is not mapped")
         at = parse_time(self._search(spec.occurred_at, doc))
         if at is None:
-            raise PermanentError(f"occurred_at: no ISO-8601 time with offset or epoch at {spec.occurred_at!r}")
+            raise PermanentError(
+                f"occurred_at: no ISO-8601 time with offset or epoch at {spec.occurred_at!r}"
+            )
         idents, invalid = self._identifiers(doc)
         attributes: dict[str, Any] = {}
         for key, expr in spec.attributes.items():
@@ -234,8 +246,9 @@ class DeclarativeMapper:
                 attributes[key] = value
         if invalid:
             attributes["invalid_identifiers"] = invalid  # field kinds only, never the values
-        return MappedEvent(type=etype, occurred_at=at, identifiers=idents, attributes=attributes,
-                           subject=self._subject(doc))
+        return MappedEvent(
+            type=etype, occurred_at=at, identifiers=idents, attributes=attributes, subject=self._subject(doc)
+        )
 
     def _identifiers(self, doc: Any) -> tuple[list[Identifier], list[str]]:
         out: list[Identifier] = []
@@ -251,12 +264,14 @@ class DeclarativeMapper:
             if value is None:
                 invalid.append(rule.kind)
                 continue
-            verified = rule.verified if isinstance(rule.verified, bool) else \
-                self._search(rule.verified, doc) is True
+            verified = (
+                rule.verified if isinstance(rule.verified, bool) else self._search(rule.verified, doc) is True
+            )
             system = CONTACT_SYSTEMS.get(rule.kind) or rule.system
             assert system is not None
-            ident = Identifier(system, value, kind=rule.kind,
-                               verified=verified and rule.kind in CONTACT_SYSTEMS)
+            ident = Identifier(
+                system, value, kind=rule.kind, verified=verified and rule.kind in CONTACT_SYSTEMS
+            )
             if all(i.token() != ident.token() for i in out):
                 out.append(ident)
         return out, invalid

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -53,6 +54,7 @@ from orchestrator.templates import TemplateConfig
 from orchestrator.timeexpr import parse_duration
 
 OPEN_ESCALATION = ("open", "acknowledged")
+log = logging.getLogger("careloop.orchestrator")
 SILENCE_KIND = "triage-silence"  # issue 9: a concern that did not escalate, then silence
 LIVE_OUTBOX = ("pending", "sending", "sent", "delivered", "captured", "queued", "unknown")
 
@@ -464,13 +466,34 @@ class Orchestrator:
         cfg = self._triage_config()
         if not cfg.enabled:
             return
+        try:
+            with s.begin_nested():
+                self._triage_message(s, person, state, ev, cfg, origin, now)
+        except (OperationalError, TransientError):
+            raise
+        except Exception as exc:
+            # Fail safe: a message we could not triage goes to a person, never nowhere.
+            assert person.id is not None
+            log.error("triage failed for journey_event %s: %s", ev.id, type(exc).__name__)
+            esc, opened = escalation.open_or_join(
+                s, person_id=person.id, now=now, severity="urgent", reason="triage-failed",
+                evidence={"event": ev.id, "channel": ev.attributes.get("channel"),
+                          "message": str(ev.attributes.get("body") or ""), "error": type(exc).__name__},
+                rule=None, cfg=cfg)
+            state.open_escalations += int(opened)
+            self._decide(s, person, origin, now, "triage", 1, "escalate", "triage-failed",
+                         detail={"severity": "urgent", "escalation": esc.id, "error": type(exc).__name__})
+
+    def _triage_message(self, s: Session, person: Person, state: JourneyState, ev: JourneyEvent,
+                        cfg: triage.TriageConfig, origin: Origin, now: datetime) -> None:
         assert person.id is not None and ev.id is not None
         text = str(ev.attributes.get("body") or "")
         keyword = ev.attributes.get("keyword")
         keyword = str(keyword).lower() if keyword else None
         lex = triage.load_lexicon(cfg.lexicon_path(self.config.base_dir))
-        a = triage.assess(text, keyword=keyword, now=now, history=self._triage_history(s, person.id, ev, now, cfg),
-                          lex=lex, burst_count=cfg.burst_count, burst_within=parse_duration(cfg.burst_within))
+        history = self._triage_history(s, person.id, ev, now, cfg)
+        a = triage.assess(text, keyword=keyword, now=now, history=history, lex=lex,
+                          burst_count=cfg.burst_count, burst_within=parse_duration(cfg.burst_within))
         p = triage.plan(a, cfg, keyword)
         summary = a.to_json()  # codes and rule ids only: fit for the audit log
         self._decide(s, person, origin, now, "triage", 1, "triage", a.intent, detail=summary)
@@ -482,8 +505,9 @@ class Orchestrator:
             self._triage_writeback(s, person, state, cfg.writeback, p.derive, origin, now)
         if a.intent == "opt_out" and keyword != "stop":
             # "please stop texting me" revokes consent as surely as STOP does (any reasonable means).
-            s.add(JourneyEvent(event_key=f"derived:{ev.id}:optout", person_id=person.id, type="consent.revoked",
-                               occurred_at=ev.occurred_at, recorded_at=now, raw_message_id=ev.raw_message_id,
+            s.add(JourneyEvent(event_key=f"derived:{ev.id}:optout", person_id=person.id,
+                               type="consent.revoked", occurred_at=ev.occurred_at, recorded_at=now,
+                               raw_message_id=ev.raw_message_id,
                                attributes={"channel": str(ev.attributes.get("channel", "*")), "purpose": "*",
                                            "source": "reply-text", "reply_event": ev.id}))
         lang = person.language or a.language
@@ -494,10 +518,11 @@ class Orchestrator:
             severity, reason = p.escalate
             evidence = {"event": ev.id, "channel": ev.attributes.get("channel"), "message": text,
                         "assessment": summary, "matched": a.evidence, "safety_reply": reply}
-            esc = escalation.open_escalation(s, person_id=person.id, now=now, severity=severity, reason=reason,
-                                             evidence=evidence, rule=a.rules[0] if a.rules else None, cfg=cfg)
-            state.open_escalations += 1
-            self._decide(s, person, origin, now, "triage", 1, "escalate", reason,
+            esc, opened = escalation.open_or_join(s, person_id=person.id, now=now, severity=severity,
+                                                  reason=reason, evidence=evidence,
+                                                  rule=a.rules[0] if a.rules else None, cfg=cfg)
+            state.open_escalations += int(opened)
+            self._decide(s, person, origin, now, "triage", 1, "escalate" if opened else "join", reason,
                          detail={"severity": severity, "escalation": esc.id, "rules": list(a.rules)})
         elif p.watch_silence and cfg.silence_after_concern:
             s.add(Timer(person_id=person.id, due_at=now + parse_duration(cfg.silence_after_concern),
@@ -512,7 +537,8 @@ class Orchestrator:
         rows = s.exec(select(JourneyEvent).where(
             JourneyEvent.person_id == person_id, JourneyEvent.type == "message.inbound",
             col(JourneyEvent.id) != ev.id, col(JourneyEvent.occurred_at) >= since,
-            col(JourneyEvent.occurred_at) <= utc(ev.occurred_at)).order_by(col(JourneyEvent.occurred_at))).all()
+            col(JourneyEvent.occurred_at) <= utc(ev.occurred_at),
+        ).order_by(col(JourneyEvent.occurred_at))).all()
         inbound = [triage.Inbound(utc(r.occurred_at), str(r.attributes.get("body") or "")) for r in rows]
         last_out = s.exec(select(func.max(OutboxItem.created_at)).where(
             OutboxItem.person_id == person_id, col(OutboxItem.status).in_(LIVE_OUTBOX),
@@ -549,7 +575,8 @@ class Orchestrator:
             for part in parts:
                 if str((part.get("actor") or {}).get("reference", "")).startswith("Patient/"):
                     part["status"] = status
-            if not any(str((p.get("actor") or {}).get("reference", "")).startswith("Patient/") for p in parts):
+            if not any(str((x.get("actor") or {}).get("reference", "")).startswith("Patient/")
+                       for x in parts):
                 parts.append({"actor": {"reference": patient} if patient else {"display": "patient"},
                               "status": status})
             body["participant"] = parts
@@ -558,13 +585,13 @@ class Orchestrator:
             task: dict[str, Any] = {
                 "resourceType": "Task", "status": "requested", "intent": "order", "priority": "routine",
                 "code": {"text": f"Patient replied: {answer} appointment"},
-                "description": f"The patient replied {answer.upper()} by message; please update the schedule.",
+                "description": f"The patient replied {answer.upper()} by message; please update the "
+                               "schedule.",
                 "focus": {"reference": ref}, "authoredOn": utc(now).isoformat(),
             }
             if patient:
                 task["for"] = {"reference": patient}
-            content = {"resource": escalation.Task.model_validate(task).model_dump(mode="json", exclude_none=True),
-                       "interaction": "create"}
+            content = {"resource": escalation.validated_task(task), "interaction": "create"}
         key = hashlib.sha256(f"{person.id}|writeback|{ref}|{answer}|{origin.tag()}".encode()).hexdigest()[:32]
         dec = self._decide(s, person, origin, now, "triage", 1, "send", f"writeback-{answer}",
                            template=f"writeback-{wb.mode}", channel=wb.channel, detail={"subject": ref})
@@ -582,7 +609,8 @@ class Orchestrator:
         assert person.id is not None
         tpl = self.templates.get(template)
         if tpl is None:
-            self._decide(s, person, origin, now, "triage", 1, "suppress", "no-such-template", template=template)
+            self._decide(s, person, origin, now, "triage", 1, "suppress", "no-such-template",
+                         template=template)
             return "no-such-template"
         inbound = str(ev.attributes.get("channel") or "")
         order = ([inbound] if inbound in self.channels else []) + [c for c in self.config.site.channels
@@ -591,10 +619,12 @@ class Orchestrator:
         pfacts = self._person_facts(s, person, state)
         day, week = self._recent_counts(s, person.id, now)
         verdict = gate.evaluate(gate.GateInput(
-            now=now, person=pfacts, template_kinds=frozenset(tpl.kinds()), phi_class=tpl.phi_class, purpose=purpose,
-            channels=[self.channels[c] for c in order if c in self.channels], sent_day=day, sent_week=week,
+            now=now, person=pfacts, template_kinds=frozenset(tpl.kinds()), phi_class=tpl.phi_class,
+            purpose=purpose, channels=[self.channels[c] for c in order if c in self.channels], sent_day=day,
+            sent_week=week,
             caps=self.caps, quiet_hours=self.quiet, mode=mode))
-        detail: dict[str, Any] = {"mode": mode, "reply_to": ev.id, "passed_over": [list(t) for t in verdict.tried]}
+        detail: dict[str, Any] = {"mode": mode, "reply_to": ev.id,
+                                  "passed_over": [list(t) for t in verdict.tried]}
         if verdict.outcome != "send" or verdict.channel is None or verdict.recipient is None:
             self._decide(s, person, origin, now, "triage", 1, "suppress", verdict.reason, template=template,
                          channel=verdict.channel, detail=detail)

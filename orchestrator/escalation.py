@@ -46,30 +46,128 @@ class EscalationError(ValueError):
 # ----------------------------------------------------------------------------- opening and routing
 
 
-def open_escalation(s: Session, *, person_id: int, now: datetime, severity: str, reason: str,
-                    evidence: dict[str, Any], rule: str | None, cfg: TriageConfig,
-                    actor: str = "orchestrator") -> Escalation:
+def open_escalation(
+    s: Session,
+    *,
+    person_id: int,
+    now: datetime,
+    severity: str,
+    reason: str,
+    evidence: dict[str, Any],
+    rule: str | None,
+    cfg: TriageConfig,
+    actor: str = "orchestrator",
+) -> Escalation:
     """Open an escalation, start its SLA timer and announce it on the level-0 routes."""
-    esc = Escalation(person_id=person_id, created_at=now, severity=severity, reason=reason[:64],
-                     evidence=evidence, rule=rule, level=0, due_at=now + cfg.sla_for(severity))
+    esc = Escalation(
+        person_id=person_id,
+        created_at=now,
+        severity=severity,
+        reason=reason[:64],
+        evidence=evidence,
+        rule=rule,
+        level=0,
+        due_at=now + cfg.sla_for(severity),
+    )
     s.add(esc)
     s.flush()
     assert esc.id is not None
-    audit_log.append(s, at=now, actor=actor, action="escalation.open", person_id=person_id,
-                     entity=f"escalation/{esc.id}",
-                     detail={"severity": severity, "reason": esc.reason, "rule": rule, "level": 0})
+    audit_log.append(
+        s,
+        at=now,
+        actor=actor,
+        action="escalation.open",
+        person_id=person_id,
+        entity=f"escalation/{esc.id}",
+        detail={"severity": severity, "reason": esc.reason, "rule": rule, "level": 0},
+    )
     _schedule_sla(s, esc, now)
     route(s, esc, cfg, now)
     return esc
 
 
+_RANK = {"emergency": 3, "urgent": 2, "routine": 1}
+
+
+def open_or_join(
+    s: Session,
+    *,
+    person_id: int,
+    now: datetime,
+    severity: str,
+    reason: str,
+    evidence: dict[str, Any],
+    rule: str | None,
+    cfg: TriageConfig,
+) -> tuple[Escalation, bool]:
+    """One work item per person at a time: a new concern while one is open joins it (its
+    evidence is appended); a more severe one raises the item's severity, restarts its SLA
+    and announces it again. Returns (escalation, opened)."""
+    cur = s.exec(
+        select(Escalation)
+        .where(Escalation.person_id == person_id, col(Escalation.status).in_(OPEN))
+        .order_by(col(Escalation.id).desc())
+    ).first()
+    if cur is None:
+        return open_escalation(
+            s,
+            person_id=person_id,
+            now=now,
+            severity=severity,
+            reason=reason,
+            evidence=evidence,
+            rule=rule,
+            cfg=cfg,
+        ), True
+    assert cur.id is not None
+    followups = [
+        *cur.evidence.get("followups", []),
+        {"at": utc(now).isoformat(), "severity": severity, "reason": reason, **evidence},
+    ]
+    cur.evidence = {**cur.evidence, "followups": followups}
+    raised = _RANK.get(severity, 0) > _RANK.get(cur.severity, 0)
+    audit_log.append(
+        s,
+        at=now,
+        actor="orchestrator",
+        action="escalation.join",
+        person_id=person_id,
+        entity=f"escalation/{cur.id}",
+        detail={"severity": severity, "reason": reason[:64], "rule": rule, "raised": raised},
+    )
+    if raised:
+        old = cur.severity
+        cur.severity, cur.reason, cur.rule = severity, reason[:64], rule
+        cur.status, cur.level, cur.due_at = "open", 0, now + cfg.sla_for(severity)
+        _cancel_timers(s, cur, "severity-raised")
+        audit_log.append(
+            s,
+            at=now,
+            actor="orchestrator",
+            action="escalation.raise",
+            person_id=person_id,
+            entity=f"escalation/{cur.id}",
+            detail={"from": old, "to": severity},
+        )
+        _schedule_sla(s, cur, now)
+        route(s, cur, cfg, now, tag="raise")
+    return cur, False
+
+
 def _schedule_sla(s: Session, esc: Escalation, now: datetime) -> None:
     assert esc.id is not None and esc.due_at is not None
-    s.add(Timer(person_id=esc.person_id, due_at=esc.due_at, playbook=PSEUDO_PLAYBOOK, step=esc.level,
-                payload={"kind": SLA_KIND, "escalation": esc.id, "level": esc.level}))
+    s.add(
+        Timer(
+            person_id=esc.person_id,
+            due_at=esc.due_at,
+            playbook=PSEUDO_PLAYBOOK,
+            step=esc.level,
+            payload={"kind": SLA_KIND, "escalation": esc.id, "level": esc.level},
+        )
+    )
 
 
-def route(s: Session, esc: Escalation, cfg: TriageConfig, now: datetime) -> list[OutboxItem]:
+def route(s: Session, esc: Escalation, cfg: TriageConfig, now: datetime, tag: str = "") -> list[OutboxItem]:
     """One outbox row per configured route for this level and severity."""
     assert esc.id is not None
     out: list[OutboxItem] = []
@@ -77,23 +175,43 @@ def route(s: Session, esc: Escalation, cfg: TriageConfig, now: datetime) -> list
         if esc.level not in r.levels or esc.severity not in r.severities:
             continue
         content, phi = _notice(s, esc, r, now)
-        key = hashlib.sha256(f"escalation|{esc.id}|{esc.level}|{i}|{r.channel}".encode()).hexdigest()[:32]
-        item = OutboxItem(key=key, person_id=esc.person_id, channel=r.channel, template=f"escalation-{r.kind}",
-                          playbook=PSEUDO_PLAYBOOK, subject_ref=f"Escalation/{esc.id}", purpose="escalation",
-                          phi_class=phi, recipient=r.to or r.kind, content=content, created_at=now,
-                          next_attempt_at=now)
+        key = hashlib.sha256(
+            f"escalation|{esc.id}|{esc.level}|{i}|{r.channel}|{tag}|{esc.severity}".encode()
+        ).hexdigest()[:32]
+        item = OutboxItem(
+            key=key,
+            person_id=esc.person_id,
+            channel=r.channel,
+            template=f"escalation-{r.kind}",
+            playbook=PSEUDO_PLAYBOOK,
+            subject_ref=f"Escalation/{esc.id}",
+            purpose="escalation",
+            phi_class=phi,
+            recipient=r.to or r.kind,
+            content=content,
+            created_at=now,
+            next_attempt_at=now,
+        )
         s.add(item)
         out.append(item)
-        audit_log.append(s, at=now, actor="orchestrator", action="escalation.route", person_id=esc.person_id,
-                         entity=f"escalation/{esc.id}",
-                         detail={"channel": r.channel, "kind": r.kind, "level": esc.level})
+        audit_log.append(
+            s,
+            at=now,
+            actor="orchestrator",
+            action="escalation.route",
+            person_id=esc.person_id,
+            entity=f"escalation/{esc.id}",
+            detail={"channel": r.channel, "kind": r.kind, "level": esc.level},
+        )
     return out
 
 
 def summary(esc: Escalation) -> str:
     """A staff notice that holds no PHI: ids and codes only; the evidence is in the queue."""
-    return (f"careloop escalation #{esc.id}: {esc.severity} ({esc.reason}), level {esc.level}. "
-            f"Review it in the escalation queue: careloop escalations show {esc.id}")
+    return (
+        f"careloop escalation #{esc.id}: {esc.severity} ({esc.reason}), level {esc.level}. "
+        f"Review it in the escalation queue: careloop escalations show {esc.id}"
+    )
 
 
 def _notice(s: Session, esc: Escalation, r: RouteConfig, now: datetime) -> tuple[dict[str, Any], str]:
@@ -103,15 +221,31 @@ def _notice(s: Session, esc: Escalation, r: RouteConfig, now: datetime) -> tuple
     if r.kind == "email":
         return {"subject": f"[careloop] {esc.severity} escalation #{esc.id}", "text": text}, "none"
     if r.kind == "webhook":
-        return {"json": {"type": "escalation", "id": esc.id, "severity": esc.severity, "reason": esc.reason,
-                         "level": esc.level, "due_at": _iso(esc.due_at)}, "text": text}, "none"
+        return {
+            "json": {
+                "type": "escalation",
+                "id": esc.id,
+                "severity": esc.severity,
+                "reason": esc.reason,
+                "level": esc.level,
+                "due_at": _iso(esc.due_at),
+            },
+            "text": text,
+        }, "none"
     return {"text": text}, "none"
 
 
+def validated_task(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` checked as a FHIR R4 Task (fhir.resources R4B), as JSON."""
+    return Task.model_validate(doc).model_dump(mode="json", exclude_none=True)
+
+
 def patient_reference(s: Session, person_id: int) -> str | None:
-    ident = s.exec(select(PersonIdentifier).where(PersonIdentifier.person_id == person_id,
-                                                  PersonIdentifier.kind == "fhir")
-                   .order_by(col(PersonIdentifier.id))).first()
+    ident = s.exec(
+        select(PersonIdentifier)
+        .where(PersonIdentifier.person_id == person_id, PersonIdentifier.kind == "fhir")
+        .order_by(col(PersonIdentifier.id))
+    ).first()
     if ident is None:
         return None
     value = ident.value
@@ -135,7 +269,7 @@ def task_resource(s: Session, esc: Escalation, now: datetime) -> dict[str, Any]:
         doc["for"] = {"reference": ref}
     if esc.due_at is not None:
         doc["restriction"] = {"period": {"end": utc(esc.due_at).isoformat()}}
-    return Task.model_validate(doc).model_dump(mode="json", exclude_none=True)
+    return validated_task(doc)
 
 
 # ----------------------------------------------------------------------------- SLA
@@ -153,22 +287,38 @@ def sla_fired(s: Session, t: Timer, cfg: TriageConfig, now: datetime) -> str:
         return "stale"
     if esc.level >= cfg.max_level:
         # The last level has had its SLA too: it stays at the top of the queue, breached.
-        audit_log.append(s, at=now, actor="orchestrator", action="escalation.sla_breach",
-                         person_id=esc.person_id, entity=f"escalation/{esc.id}",
-                         detail={"severity": esc.severity, "level": esc.level})
+        audit_log.append(
+            s,
+            at=now,
+            actor="orchestrator",
+            action="escalation.sla_breach",
+            person_id=esc.person_id,
+            entity=f"escalation/{esc.id}",
+            detail={"severity": esc.severity, "level": esc.level},
+        )
         return "max-level"
     esc.level += 1
     esc.due_at = now + cfg.sla_for(esc.severity)
-    audit_log.append(s, at=now, actor="orchestrator", action="escalation.reescalate", person_id=esc.person_id,
-                     entity=f"escalation/{esc.id}", detail={"severity": esc.severity, "level": esc.level})
+    audit_log.append(
+        s,
+        at=now,
+        actor="orchestrator",
+        action="escalation.reescalate",
+        person_id=esc.person_id,
+        entity=f"escalation/{esc.id}",
+        detail={"severity": esc.severity, "level": esc.level},
+    )
     _schedule_sla(s, esc, now)
     route(s, esc, cfg, now)
     return "reescalated"
 
 
 def _cancel_timers(s: Session, esc: Escalation, reason: str) -> None:
-    for t in s.exec(select(Timer).where(Timer.person_id == esc.person_id, Timer.status == "pending",
-                                        Timer.playbook == PSEUDO_PLAYBOOK)).all():
+    for t in s.exec(
+        select(Timer).where(
+            Timer.person_id == esc.person_id, Timer.status == "pending", Timer.playbook == PSEUDO_PLAYBOOK
+        )
+    ).all():
         if t.payload.get("escalation") == esc.id:
             t.status, t.status_reason = "cancelled", reason
 
@@ -183,8 +333,14 @@ def get(s: Session, esc_id: int) -> Escalation:
     return esc
 
 
-def list_escalations(s: Session, *, status: Sequence[str] | None = None, severity: str | None = None,
-                     person_id: int | None = None, limit: int = 100) -> list[Escalation]:
+def list_escalations(
+    s: Session,
+    *,
+    status: Sequence[str] | None = None,
+    severity: str | None = None,
+    person_id: int | None = None,
+    limit: int = 100,
+) -> list[Escalation]:
     """The queue, most severe first, then oldest first."""
     q = select(Escalation)
     if status:
@@ -206,8 +362,15 @@ def acknowledge(s: Session, esc_id: int, *, actor: str, now: datetime) -> Escala
         raise EscalationError(f"escalation {esc_id} is {esc.status}, not open")
     esc.status, esc.acknowledged_at, esc.acknowledged_by = "acknowledged", now, actor[:128]
     _cancel_timers(s, esc, "acknowledged")
-    audit_log.append(s, at=now, actor=actor, action="escalation.acknowledge", person_id=esc.person_id,
-                     entity=f"escalation/{esc.id}", detail={"severity": esc.severity, "level": esc.level})
+    audit_log.append(
+        s,
+        at=now,
+        actor=actor,
+        action="escalation.acknowledge",
+        person_id=esc.person_id,
+        entity=f"escalation/{esc.id}",
+        detail={"severity": esc.severity, "level": esc.level},
+    )
     return esc
 
 
@@ -223,9 +386,15 @@ def resolve(s: Session, esc_id: int, *, actor: str, now: datetime, feedback: str
     esc.status, esc.resolved_at, esc.resolved_by, esc.feedback = "resolved", now, actor[:128], feedback
     _cancel_timers(s, esc, "resolved")
     _recount(s, esc.person_id)
-    audit_log.append(s, at=now, actor=actor, action="escalation.resolve", person_id=esc.person_id,
-                     entity=f"escalation/{esc.id}",
-                     detail={"severity": esc.severity, "feedback": feedback, "rule": esc.rule})
+    audit_log.append(
+        s,
+        at=now,
+        actor=actor,
+        action="escalation.resolve",
+        person_id=esc.person_id,
+        entity=f"escalation/{esc.id}",
+        detail={"severity": esc.severity, "feedback": feedback, "rule": esc.rule},
+    )
     return esc
 
 
@@ -237,8 +406,15 @@ def set_feedback(s: Session, esc_id: int, *, actor: str, now: datetime, feedback
     if esc.status != "resolved":
         raise EscalationError(f"escalation {esc_id} is {esc.status}: resolve it with feedback")
     old, esc.feedback = esc.feedback, feedback
-    audit_log.append(s, at=now, actor=actor, action="escalation.feedback", person_id=esc.person_id,
-                     entity=f"escalation/{esc.id}", detail={"feedback": feedback, "previous": old})
+    audit_log.append(
+        s,
+        at=now,
+        actor=actor,
+        action="escalation.feedback",
+        person_id=esc.person_id,
+        entity=f"escalation/{esc.id}",
+        detail={"feedback": feedback, "previous": old},
+    )
     return esc
 
 
@@ -247,8 +423,11 @@ def _recount(s: Session, person_id: int) -> None:
     row = s.get(JourneyStateRow, person_id)
     if row is None:
         return
-    n = s.exec(select(func.count()).select_from(Escalation).where(
-        Escalation.person_id == person_id, col(Escalation.status).in_(OPEN))).one()
+    n = s.exec(
+        select(func.count())
+        .select_from(Escalation)
+        .where(Escalation.person_id == person_id, col(Escalation.status).in_(OPEN))
+    ).one()
     row.state = {**row.state, "open_escalations": int(n)}
 
 
@@ -257,11 +436,20 @@ def _recount(s: Session, person_id: int) -> None:
 
 def to_json(esc: Escalation, *, evidence: bool = True) -> dict[str, Any]:
     doc: dict[str, Any] = {
-        "id": esc.id, "person": esc.person_id, "created_at": _iso(esc.created_at), "severity": esc.severity,
-        "reason": esc.reason, "rule": esc.rule, "status": esc.status, "level": esc.level,
-        "due_at": _iso(esc.due_at), "acknowledged_at": _iso(esc.acknowledged_at),
-        "acknowledged_by": esc.acknowledged_by, "resolved_at": _iso(esc.resolved_at),
-        "resolved_by": esc.resolved_by, "feedback": esc.feedback,
+        "id": esc.id,
+        "person": esc.person_id,
+        "created_at": _iso(esc.created_at),
+        "severity": esc.severity,
+        "reason": esc.reason,
+        "rule": esc.rule,
+        "status": esc.status,
+        "level": esc.level,
+        "due_at": _iso(esc.due_at),
+        "acknowledged_at": _iso(esc.acknowledged_at),
+        "acknowledged_by": esc.acknowledged_by,
+        "resolved_at": _iso(esc.resolved_at),
+        "resolved_by": esc.resolved_by,
+        "feedback": esc.feedback,
     }
     if evidence:
         doc["evidence"] = esc.evidence

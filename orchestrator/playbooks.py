@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from careloop.model import is_known_event_type
 from orchestrator.state import JourneyState
@@ -140,11 +140,14 @@ class Step(_Strict):
         return self
 
 
+EventType = Annotated[str, AfterValidator(_event_type)]
+
+
 class PlaybookConfig(_Strict):
     version: int = Field(1, ge=1)
     description: str | None = None
-    on: list[str]
-    cancel_on: list[str] = Field(default_factory=list)
+    on: list[EventType]
+    cancel_on: list[EventType] = Field(default_factory=list)
     when: list[Condition] = Field(default_factory=list)
     steps: list[Step] = Field(min_length=1)
     purpose: str = "care-coordination"
@@ -152,11 +155,6 @@ class PlaybookConfig(_Strict):
     timeout_escalation: EscalateSpec | None = None  # what a wait_for timeout escalates with
 
     _l = field_validator("on", "cancel_on", mode="before")(_listify)
-
-    @field_validator("on", "cancel_on")
-    @classmethod
-    def _types(cls, v: list[str]) -> list[str]:
-        return [_event_type(x) for x in v]
 
 
 # ----------------------------------------------------------------------------- actions

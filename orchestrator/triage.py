@@ -60,7 +60,7 @@ _EMOJI = {
     "🙄": " angryface ",
 }
 _TOKEN = re.compile(r"[a-z0-9]+|[.,;:!?\n]")
-_SQUASH = re.compile(r"([a-z])\1+")
+_ELONGATED = re.compile(r"([a-z])\1{2,}")
 _POST_NEGATION = frozenset({"free", "gone", "resolved", "fine"})
 _SHORT_REPLY = 3  # single-word intent terms (C, yes, stop, help) only count in a reply this short
 _ES_WORDS = frozenset(
@@ -178,7 +178,32 @@ class Lexicon:
 
 
 def _squash(word: str) -> str:
-    return _SQUASH.sub(r"\1", word)
+    """Runs of three or more of one letter ("paaain", "nooo") to one letter."""
+    return _ELONGATED.sub(r"\1", word)
+
+
+def _variants(word: str) -> frozenset[str]:
+    """An elongated word ("paaain", "bleeeding") could stand for the one- or two-letter
+    spelling; a plain word stands for itself (so "feel" never meets "fell")."""
+    if not _ELONGATED.search(word):
+        return frozenset({word})
+    return frozenset({word, _ELONGATED.sub(r"\1", word), _ELONGATED.sub(r"\1\1", word)})
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """Damerau-Levenshtein distance of at most one (a typo: "chets", "brething")."""
+    if a == b:
+        return True
+    la, lb = len(a), len(b)
+    if abs(la - lb) > 1:
+        return False
+    if la == lb:
+        diff = [i for i in range(la) if a[i] != b[i]]
+        if len(diff) == 1:
+            return True
+        return len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]]
+    short, long_ = (a, b) if la < lb else (b, a)
+    return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
 
 
 def compile_term(text: str) -> Term:
@@ -187,11 +212,11 @@ def compile_term(text: str) -> Term:
         if w == "gapmark":
             parts.append(("gap", None))
         elif "altmark" in w:
-            parts.append(("alt", frozenset(_squash(x) for x in w.split("altmark") if x)))
+            parts.append(("alt", frozenset(x for x in w.split("altmark") if x)))
         elif w.endswith("starmark"):
-            parts.append(("prefix", _squash(w.removesuffix("starmark"))))
+            parts.append(("prefix", w.removesuffix("starmark")))
         else:
-            parts.append(("word", _squash(w)))
+            parts.append(("word", w))
     if not parts or parts[0][0] == "gap" or parts[-1][0] == "gap":
         raise ValueError(f"bad lexicon term {text!r}")
     return Term(text, tuple(parts))
@@ -254,10 +279,10 @@ def load_lexicon(path: Path = DEFAULT_LEXICON) -> Lexicon:
         spec.version,
         rules,
         intents,
-        frozenset(_squash(c) for c in neg.cues),
+        frozenset(neg.cues),
         neg.window,
         tuple(compile_term(t) for t in neg.not_after),
-        frozenset(_squash(c) for c in neg.clause_breaks),
+        frozenset(neg.clause_breaks),
         tuple(compile_term(t) for t in spec.idioms),
     )
 
@@ -277,8 +302,10 @@ def normalize_words(text: str) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class Tokens:
-    words: tuple[str, ...]
-    clause: tuple[int, ...]
+    words: tuple[str, ...]  # lowercase, accents and apostrophes dropped, elongations squashed
+    clause: tuple[int, ...]  # clause number of each word
+    variants: tuple[frozenset[str], ...] = ()  # spellings each word may stand for
+    fuzzy: bool = False  # also accept one typo in words of five letters or more
 
 
 def tokenize(text: str, lex: Lexicon) -> Tokens:
@@ -293,17 +320,20 @@ def tokenize(text: str, lex: Lexicon) -> Tokens:
         if w in lex.clause_breaks:
             c += 1
             continue
-        words.append(w)
+        words.append(tok)
         clause.append(c)
-    return Tokens(tuple(words), tuple(clause))
+    return Tokens(tuple(_squash(w) for w in words), tuple(clause), tuple(_variants(w) for w in words))
 
 
-def _part_ok(kind: str, val: Any, word: str) -> bool:
+def _part_ok(kind: str, val: Any, toks: Tokens, j: int) -> bool:
+    forms = toks.variants[j] if toks.variants else frozenset({toks.words[j]})
     if kind == "word":
-        return bool(word == val)
+        if val in forms:
+            return True
+        return toks.fuzzy and len(val) >= 5 and _one_edit(val, toks.words[j])
     if kind == "prefix":
-        return word.startswith(val)
-    return word in val  # alt
+        return any(f.startswith(val) for f in forms)
+    return bool(forms & val)  # alt
 
 
 def _match_at(parts: tuple[tuple[str, Any], ...], toks: Tokens, i: int) -> int | None:
@@ -321,7 +351,7 @@ def _match_at(parts: tuple[tuple[str, Any], ...], toks: Tokens, i: int) -> int |
                     if end is not None:
                         return end
             return None
-        if j < len(toks.words) and toks.clause[j] == toks.clause[i] and _part_ok(kind, val, toks.words[j]):
+        if j < len(toks.words) and toks.clause[j] == toks.clause[i] and _part_ok(kind, val, toks, j):
             return go(p + 1, j + 1)
         return None
 
@@ -532,11 +562,14 @@ def assess(
 
 
 def _without_idioms(toks: Tokens, lex: Lexicon) -> Tokens:
+    """The tokens the red-flag rules see: idioms blanked, one typo tolerated."""
     words = list(toks.words)
+    variants = list(toks.variants)
     for idiom in lex.idioms:
         for start, end in find(idiom, toks):
             words[start:end] = ["_"] * (end - start)
-    return Tokens(tuple(words), toks.clause)
+            variants[start:end] = [frozenset({"_"})] * (end - start)
+    return Tokens(tuple(words), toks.clause, tuple(variants), fuzzy=True)
 
 
 def _intent(
@@ -571,6 +604,22 @@ def _duration(v: str) -> str:
     return v
 
 
+def _all_severities() -> list[Severity]:
+    return ["emergency", "urgent", "routine"]
+
+
+def _tier_severity() -> dict[Tier, Severity | None]:
+    return {"emergency": "emergency", "urgent": "urgent", "routine": "routine"}
+
+
+def _intent_severity() -> dict[str, Severity | None]:
+    return {"complaint": "routine", "reschedule": "routine", "question": "routine"}
+
+
+def _slas() -> dict[Severity, str]:
+    return {"emergency": "15m", "urgent": "2h", "routine": "1d"}
+
+
 class RouteConfig(_Strict):
     """Where an escalation is announced: an outbox row on ``channel``.
 
@@ -582,7 +631,7 @@ class RouteConfig(_Strict):
     kind: Literal["task", "email", "webhook", "sms"]
     to: str | None = None
     levels: list[int] = Field(default_factory=lambda: [0])
-    severities: list[Severity] = Field(default_factory=lambda: ["emergency", "urgent", "routine"])
+    severities: list[Severity] = Field(default_factory=_all_severities)
 
     @model_validator(mode="after")
     def _to(self) -> RouteConfig:
@@ -607,22 +656,16 @@ class TriageConfig(_Strict):
         None, description="lexicon file; default: the bundled fixtures/triage/lexicon.yaml"
     )
     # tier -> escalation severity, or null for "do not escalate". Emergency cannot be switched off.
-    severity: dict[Tier, Severity | None] = Field(
-        default_factory=lambda: {"emergency": "emergency", "urgent": "urgent", "routine": "routine"}
-    )
+    severity: dict[Tier, Severity | None] = Field(default_factory=_tier_severity)
     frustration_threshold: int = Field(
         2, ge=1, description="signals (patterns, sentiment) that make a complaint"
     )
     frustration_severity: Severity | None = "routine"
     # Non-clinical intents that still need a person: a routine work item by default.
-    intent_severity: dict[str, Severity | None] = Field(
-        default_factory=lambda: {"complaint": "routine", "reschedule": "routine", "question": "routine"}
-    )
+    intent_severity: dict[str, Severity | None] = Field(default_factory=_intent_severity)
     safety_reply: str = "safety-reply"
     help_reply: str = "help-reply"
-    sla: dict[Severity, str] = Field(
-        default_factory=lambda: {"emergency": "15m", "urgent": "2h", "routine": "1d"}
-    )
+    sla: dict[Severity, str] = Field(default_factory=_slas)
     max_level: int = Field(2, ge=0, le=10)
     routes: list[RouteConfig] = Field(default_factory=list)
     writeback: WritebackConfig | None = None

@@ -18,7 +18,9 @@ from connectors.webhook import WebhookConfig, WebhookConnector
 
 # Synthetic contact: invented name-free data, +1555 number, example.org mail.
 EVENT: dict[str, Any] = {
-    "id": "evt_1001", "type": "refund.initiated", "occurred_at": "2026-03-02T09:15:00-05:00",
+    "id": "evt_1001",
+    "type": "refund.initiated",
+    "occurred_at": "2026-03-02T09:15:00-05:00",
     "contact": {"email": "pat.sample@example.org", "phone": "+15555550199", "mrn": "NW900001"},
     "data": {"product": "dental-plan"},
 }
@@ -29,13 +31,18 @@ def body(**changes: Any) -> bytes:
 
 
 async def connector(store: Store, **cfg: Any) -> WebhookConnector:
-    conn = WebhookConnector("crm", WebhookConfig.model_validate({"plugin": "webhook", "path": "/webhooks/crm",
-                                                                 **cfg}), clock=store.clock)
+    conn = WebhookConnector(
+        "crm",
+        WebhookConfig.model_validate({"plugin": "webhook", "path": "/webhooks/crm", **cfg}),
+        clock=store.clock,
+    )
     await conn.start(IngestSink(store))
     return conn
 
 
-def client(conn: WebhookConnector, ip: str = "127.0.0.1", base: str = "http://127.0.0.1:8080") -> httpx.AsyncClient:
+def client(
+    conn: WebhookConnector, ip: str = "127.0.0.1", base: str = "http://127.0.0.1:8080"
+) -> httpx.AsyncClient:
     app = FastAPI()
     app.include_router(conn.router())
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(ip, 40000)), base_url=base)

@@ -14,13 +14,17 @@ from tests.kernel_plugins import register as register_kernel
 class FhirCapture(CaptureChannel):
     name: ClassVar[str] = "test_fhir"
     Config: ClassVar[type[ChannelConfig]] = ChannelConfig
-    capabilities: ClassVar[ChannelCaps] = ChannelCaps(template_kind="fhir", address_kind="none", max_phi="full")
+    capabilities: ClassVar[ChannelCaps] = ChannelCaps(
+        template_kind="fhir", address_kind="none", max_phi="full"
+    )
 
 
 class WebhookCapture(CaptureChannel):
     name: ClassVar[str] = "test_webhook"
     Config: ClassVar[type[ChannelConfig]] = ChannelConfig
-    capabilities: ClassVar[ChannelCaps] = ChannelCaps(template_kind="json", address_kind="none", max_phi="none")
+    capabilities: ClassVar[ChannelCaps] = ChannelCaps(
+        template_kind="json", address_kind="none", max_phi="none"
+    )
 
 
 def register() -> None:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-
-from fastapi import FastAPI
-import asyncio
 from typing import Any
 
 import httpx
+from fastapi import FastAPI
 from joserfc.jwk import OctKey
 
 from audit import query, tokens

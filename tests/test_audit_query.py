@@ -39,8 +39,13 @@ def test_queries_page_and_filter_and_are_themselves_audited(store: Store) -> Non
     after = 0
     with store.session() as s:
         while True:
-            page = query.run_query(s, query.AuditQuery(action="message.*", after=after, limit=2),
-                                   actor="jane-auditor", at=START + timedelta(days=1), via="test")
+            page = query.run_query(
+                s,
+                query.AuditQuery(action="message.*", after=after, limit=2),
+                actor="jane-auditor",
+                at=START + timedelta(days=1),
+                via="test",
+            )
             seen += [r.seq for r in page.records]
             assert all(r.action.startswith("message.") for r in page.records)
             if page.next_after is None:
@@ -72,8 +77,9 @@ def test_accounting_of_disclosures_has_the_164_528_elements(store: Store) -> Non
     assert to_patient and all(not e.accounting_required for e in to_patient)  # (a)(1)(ii)
     assert to_caregiver and all(e.accounting_required for e in to_caregiver)  # marketing: not exempt
     with store.session() as s:
-        none = disclosures.accounting(s, sd.alice, since=START - timedelta(days=30), until=START,
-                                      now=START + timedelta(days=1))
+        none = disclosures.accounting(
+            s, sd.alice, since=START - timedelta(days=30), until=START, now=START + timedelta(days=1)
+        )
     assert none.entries == []
 
 
@@ -88,8 +94,14 @@ def test_fhir_export_validates_and_holds_no_names_or_phones(store: Store) -> Non
     assert SYNTHETIC_NAME not in text_ and SYNTHETIC_PHONE not in text_
     assert len(doc["entry"]) == sd.total
     patients = [en for e in doc["entry"] for en in e["resource"]["entity"] if en["role"]["code"] == "1"]
-    assert {p["what"]["identifier"]["value"] for p in patients} == {str(sd.alice), str(sd.bob), str(sd.merged)}
-    disclosure = next(e["resource"] for e in doc["entry"] if e["resource"]["subtype"][0]["code"] == "disclosure")
+    assert {p["what"]["identifier"]["value"] for p in patients} == {
+        str(sd.alice),
+        str(sd.bob),
+        str(sd.merged),
+    }
+    disclosure = next(
+        e["resource"] for e in doc["entry"] if e["resource"]["subtype"][0]["code"] == "disclosure"
+    )
     assert disclosure["type"]["code"] == "110106"
     assert any(a["type"]["coding"][0]["code"] == "110152" for a in disclosure["agent"])
 
@@ -148,3 +160,68 @@ def test_pruning_raw_bodies_and_expired_audit_records_leaves_the_chain_verifiabl
     rep = verify_database(store.engine, public_keys=[key.public_key()])
     assert rep.ok, rep.faults
     assert rep.first_seq == sd.total + 1 and rep.records == 2
+
+
+def test_log_capture_sees_every_logger_and_names_no_phi_in_its_failure() -> None:
+    import logging
+
+    from audit.testing import capture_all_logs
+
+    with capture_all_logs() as logs:
+        logging.getLogger("careloop.somewhere.deep").debug("sent outbox item %s", 7)
+    assert "sent outbox item 7" in logs.text
+    logs.assert_free_of(SYNTHETIC_NAME, SYNTHETIC_PHONE)
+    with capture_all_logs() as logs:
+        logging.getLogger("x").warning("to %s", SYNTHETIC_PHONE)
+    with pytest.raises(AssertionError) as err:
+        logs.assert_free_of(SYNTHETIC_NAME, SYNTHETIC_PHONE)
+    assert SYNTHETIC_PHONE not in str(err.value)
+
+
+def test_the_scheduled_job_checkpoints_after_n_records_or_after_the_interval(
+    store: Store, tmp_path: Path
+) -> None:
+    from careloop.config import AppConfig
+
+    checkpoint.generate_key(tmp_path / "sign.pem")
+    cfg = AppConfig.model_validate(
+        {
+            "audit": {
+                "signing_key": str(tmp_path / "sign.pem"),
+                "checkpoint_every": 100,
+                "checkpoint_minutes": 30,
+            }
+        }
+    )
+    job = checkpoint.job_from_config(store, cfg)
+    sd = seed(store, START)
+    cp = job()  # first checkpoint: nothing signed yet, fewer than 100 records -> not due
+    assert cp is None
+    with store.session() as s:
+        first = checkpoint.make_checkpoint(
+            s, checkpoint.load_private_key(tmp_path / "sign.pem"), at=store.clock.now()
+        )
+        assert first is not None and first.tree_size == sd.total
+    from careloop import audit_log
+
+    with store.session() as s:
+        audit_log.append(s, at=START, actor="t", action="t")
+    assert job() is None  # one new record, interval not over
+    store.clock.set(store.clock.now() + timedelta(minutes=31))  # type: ignore[attr-defined]
+    cp = job()
+    assert cp is not None and cp.tree_size == sd.total + 1
+
+
+def test_after_pruning_a_forged_anchor_checkpoint_is_refused(store: Store) -> None:
+    key = Ed25519PrivateKey.generate()
+    seed(store, START)
+    with store.session() as s:
+        checkpoint.make_checkpoint(s, key, at=START)
+    with store.session() as s:
+        retention.prune_audit_records(s, retention_days=2190, now=START + timedelta(days=2200))
+    from sqlalchemy import text
+
+    with store.engine.begin() as c:
+        c.execute(text("UPDATE audit_checkpoint SET head_hash=:h"), {"h": "ab" * 32})
+    rep = verify_database(store.engine, public_keys=[key.public_key()])
+    assert not rep.ok and [f.kind for f in rep.faults] == ["bad_signature"]

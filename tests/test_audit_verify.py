@@ -108,7 +108,7 @@ def _forged(prev: Rec | None, seq: int, at: datetime) -> Rec:
 
 
 def _tamper_db(conn: Connection, n: int, op: tuple[Any, ...]) -> int:
-    """Apply ``op`` with plain SQL, as someone with database access would; return the expected first bad seq."""
+    """Apply ``op`` with plain SQL, as someone with database access would; return the first bad seq."""
     t = "audit_record"
     rows = {r.seq: r._asdict() for r in conn.execute(text(f"SELECT * FROM {t}")).all()}
     from careloop.tables import AuditRecord
@@ -169,7 +169,7 @@ def test_an_untouched_log_verifies_with_signatures(log: tuple[Store, int, Signed
     assert rep.consistency_proofs == 1
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(op=TAMPER)
 def test_any_tampering_in_the_database_is_caught_and_the_first_bad_record_named(
     log: tuple[Store, int, SignedCheckpoint], op: tuple[Any, ...]
@@ -187,7 +187,7 @@ def test_any_tampering_in_the_database_is_caught_and_the_first_bad_record_named(
     assert rep.first_bad.seq == expected, (op, rep.faults)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(op=TAMPER)
 def test_any_tampering_in_an_export_is_caught_and_the_first_bad_record_named(
     log: tuple[Store, int, SignedCheckpoint], op: tuple[Any, ...], tmp_path: Path

@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,11 +48,11 @@ def _seed(url: str) -> None:
     engine.dispose()
 
 
-def _worker(url: str, base_url: str, mode: str, resend: bool) -> subprocess.Popen[str]:
+def _worker(url: str, base_url: str, mode: str, resend: bool, log: Path) -> subprocess.Popen[bytes]:
     args = [sys.executable, str(WORKER), url, base_url, mode] + (["resend"] if resend else [])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def _wait_until(cond: object, timeout: float) -> None:
@@ -60,9 +63,24 @@ def _wait_until(cond: object, timeout: float) -> None:
         time.sleep(0.005)
 
 
+@pytest.fixture
+def db_dir(tmp_path: Path) -> Iterator[Path]:
+    # SIGKILL loses nothing the OS already has, so the database can live on tmpfs: fsync
+    # durability (power loss) is not what this test is about, and it keeps it fast.
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        yield tmp_path
+        return
+    d = Path(tempfile.mkdtemp(prefix="careloop-crash-", dir=shm))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.mark.parametrize("kill", ["mid-request", "random"])
-def test_sigkill_during_a_burst_delivers_every_key_once(tmp_path: Path, kill: str) -> None:
-    url = f"sqlite:///{tmp_path}/crash.db"
+def test_sigkill_during_a_burst_delivers_every_key_once(db_dir: Path, kill: str) -> None:
+    url = f"sqlite:///{db_dir}/crash.db"
     _seed(url)
     fake = FakeTwilio()
     base_url = fake.start()
@@ -75,7 +93,7 @@ def test_sigkill_during_a_burst_delivers_every_key_once(tmp_path: Path, kill: st
     resend = kill == "random"
     if kill == "mid-request":
         fake.hang_at = at
-    proc = _worker(url, base_url, "run", resend)
+    proc = _worker(url, base_url, "run", resend, db_dir / "run.log")
     try:
         if kill == "mid-request":
             _wait_until(fake.hung.is_set, 45)
@@ -95,9 +113,10 @@ def test_sigkill_during_a_burst_delivers_every_key_once(tmp_path: Path, kill: st
         fake.hang_at = None
         fake.release()
 
-        restart = _worker(url, base_url, "recover", resend)
-        out, err = restart.communicate(timeout=45)
-        assert restart.returncode == 0, err[-2000:]
+        restart = _worker(url, base_url, "recover", resend, db_dir / "recover.log")
+        restart.wait(45)
+        out = (db_dir / "recover.log").read_text()
+        assert restart.returncode == 0, out[-2000:]
         report = json.loads(out.splitlines()[0])
         assert report["adopted"] + report["resend"] + report["unknown"] == len(in_flight)
 

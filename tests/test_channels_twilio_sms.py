@@ -240,7 +240,17 @@ def test_template_too_long_is_reported_with_sizes_and_forcing_characters_only() 
 
 
 def test_channel_check_template_uses_its_max_segments() -> None:
-    ch = TwilioSmsChannel("sms", TwilioSmsConfig.model_validate(config(max_segments=1)))
-    assert ch.check_template("x" * 160) == []
-    assert ch.check_template("x" * 161)
-    asyncio.run(ch.aclose())
+    cfg = TwilioSmsConfig.model_validate(config(max_segments=1))
+    assert TwilioSmsChannel.check_template("x" * 160, cfg) == []
+    assert TwilioSmsChannel.check_template("x" * 161, cfg)
+
+
+def test_check_template_reads_each_language_and_counts_placeholders_generously() -> None:
+    from orchestrator.templates import TemplateConfig
+
+    ok = "Reminder: you have a visit on {{ start | local_date }}. Reply C to confirm, STOP to opt out."
+    long_es = "Recordatorio: " + "ñ" * 100 + " {{ start | local_date }} " + "ú" * 80
+    tpl = TemplateConfig.model_validate({"sms": {"en": ok, "es": long_es}})
+    problems = TwilioSmsChannel.check_template(tpl)
+    assert len(problems) == 1 and problems[0].startswith("sms.es is 4 SMS segments (UCS-2")
+    assert TwilioSmsChannel.check_template("{{ a }}" * 23) != []  # 23 placeholders x 20 > 459

@@ -20,8 +20,12 @@ from careloop.store import Store
 from tests.crm_support import body, client, connector, is_outcome, raws
 
 ORG = "00D5g000004XyZaEAK"
-SF_CFG: dict[str, Any] = {"signature": "salesforce-outbound", "organization_id": ORG,
-                          "allow_ips": ["13.108.0.0/14", "127.0.0.1/32"], "event_type": "object_type"}
+SF_CFG: dict[str, Any] = {
+    "signature": "salesforce-outbound",
+    "organization_id": ORG,
+    "allow_ips": ["13.108.0.0/14", "127.0.0.1/32"],
+    "event_type": "object_type",
+}
 
 
 @pytest.fixture
@@ -30,7 +34,8 @@ def anyio_backend() -> str:
 
 
 def soap(org: str = ORG, notifications: int = 1, first_id: int = 1) -> bytes:
-    notes = "".join(f"""
+    notes = "".join(
+        f"""
    <Notification>
     <Id>04l5g00000AbCd{first_id + i:04d}</Id>
     <sObject xsi:type="sf:Contact" xmlns:sf="urn:sobject.enterprise.soap.sforce.com">
@@ -41,7 +46,9 @@ def soap(org: str = ORG, notifications: int = 1, first_id: int = 1) -> bytes:
      <sf:HasOptedOutOfEmail>false</sf:HasOptedOutOfEmail>
      <sf:Description xsi:nil="true"/>
     </sObject>
-   </Notification>""" for i in range(notifications))
+   </Notification>"""
+        for i in range(notifications)
+    )
     return f"""<?xml version="1.0" encoding="UTF-8"?>
 <soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/"
  xmlns:xsd="http://www.w3.org/2001/XMLSchema" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
@@ -68,15 +75,19 @@ BILLION_LAUGHS = b"""<?xml version="1.0"?>
 async def test_salesforce_notifications_are_stored_then_acknowledged_in_soap(store: Store) -> None:
     conn = await connector(store, **SF_CFG)
     async with client(conn, ip="13.110.54.9") as c:
-        resp = await c.post("/webhooks/crm", content=soap(notifications=2),
-                            headers={"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '""'})
+        resp = await c.post(
+            "/webhooks/crm",
+            content=soap(notifications=2),
+            headers={"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '""'},
+        )
     assert resp.status_code == 200
     assert resp.headers["content-type"].startswith("text/xml")
     assert b"<Ack>true</Ack>" in resp.content and b"notificationsResponse" in resp.content
     rows = raws(store)
     assert [(r.kind, r.dedup_key) for r in rows] == [
         ("webhook:salesforce:Contact", "notification|04l5g00000AbCd0001"),
-        ("webhook:salesforce:Contact", "notification|04l5g00000AbCd0002")]
+        ("webhook:salesforce:Contact", "notification|04l5g00000AbCd0002"),
+    ]
     doc = json.loads(rows[0].body)
     assert doc["organization_id"] == ORG and doc["object_type"] == "Contact"
     assert doc["sobject"]["MRN__c"] == "NW900001" and doc["sobject"]["Description"] is None
@@ -122,7 +133,9 @@ async def test_salesforce_15_character_org_id_matches_18_character_one(store: St
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("payload", [BILLION_LAUGHS, b"<not-xml", b'{"json": true}'])
-async def test_salesforce_entity_expansion_and_garbage_are_refused_unstored(store: Store, payload: bytes) -> None:
+async def test_salesforce_entity_expansion_and_garbage_are_refused_unstored(
+    store: Store, payload: bytes
+) -> None:
     conn = await connector(store, **SF_CFG)
     async with client(conn) as c:
         resp = await c.post("/webhooks/crm", content=payload)
@@ -135,11 +148,15 @@ def test_salesforce_config_requires_org_and_allowlist() -> None:
 
     from connectors.webhook import WebhookConfig
 
-    for cfg in ({"organization_id": ORG}, {"allow_ips": ["10.0.0.0/8"]}, {"organization_id": "short",
-                                                                          "allow_ips": ["10.0.0.0/8"]}):
+    for cfg in (
+        {"organization_id": ORG},
+        {"allow_ips": ["10.0.0.0/8"]},
+        {"organization_id": "short", "allow_ips": ["10.0.0.0/8"]},
+    ):
         with pytest.raises(ValidationError):
-            WebhookConfig.model_validate({"plugin": "webhook", "path": "/x", "signature": "salesforce-outbound",
-                                          **cfg})
+            WebhookConfig.model_validate(
+                {"plugin": "webhook", "path": "/x", "signature": "salesforce-outbound", **cfg}
+            )
 
 
 # --------------------------------------------------------------------------- commit, limits
@@ -149,8 +166,11 @@ WHSEC = "whsec_" + base64.b64encode(b"test-only-standard-webhooks-key!").decode(
 
 def signed(data: bytes, clock: VirtualClock, msg_id: str = "msg_1") -> dict[str, str]:
     at = clock.now()
-    return {"webhook-id": msg_id, "webhook-timestamp": str(int(at.timestamp())),
-            "webhook-signature": Webhook(WHSEC).sign(msg_id, at, data.decode())}
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(at.timestamp())),
+        "webhook-signature": Webhook(WHSEC).sign(msg_id, at, data.decode()),
+    }
 
 
 @pytest.mark.anyio
@@ -161,8 +181,12 @@ async def test_failing_store_gets_503_and_nothing_is_acknowledged(tmp_path: Any,
     engine: Engine = make_engine(f"sqlite:///{tmp_path}/failing.db")
     upgrade(engine)
     with engine.begin() as c:
-        c.execute(text("CREATE TRIGGER refuse BEFORE INSERT ON raw_message BEGIN "
-                       "SELECT RAISE(ABORT, 'simulated storage failure'); END"))
+        c.execute(
+            text(
+                "CREATE TRIGGER refuse BEFORE INSERT ON raw_message BEGIN "
+                "SELECT RAISE(ABORT, 'simulated storage failure'); END"
+            )
+        )
     store = Store(engine, clock)
     conn = await connector(store, signature="standard-webhooks", secret=WHSEC)
     data = body()
@@ -262,7 +286,9 @@ async def test_route_is_mounted_by_the_careloop_app(tmp_path: Any) -> None:
     from tests.kernel_plugins import register
 
     register()
-    cfg = cfgmod.load(FIXTURES / "config" / "crm-test.yaml")
+    full = cfgmod.load(FIXTURES / "config" / "crm-test.yaml")
+    # Without the MLLP listener: this test starts the hub and must bind no TCP port.
+    cfg = full.model_copy(update={"connectors": {k: v for k, v in full.connectors.items() if k != "adt"}})
     clock = VirtualClock(datetime.now(UTC))
     hub = Hub(cfg, store=Store(make_engine(f"sqlite:///{tmp_path}/app.db"), clock))
     await hub.start()
@@ -270,10 +296,15 @@ async def test_route_is_mounted_by_the_careloop_app(tmp_path: Any) -> None:
         secret = cfg.connectors["crm"]["secret"]
         data = body()
         at = clock.now()
-        headers = {"webhook-id": "msg_app", "webhook-timestamp": str(int(at.timestamp())),
-                   "webhook-signature": Webhook(secret).sign("msg_app", at, data.decode())}
+        headers = {
+            "webhook-id": "msg_app",
+            "webhook-timestamp": str(int(at.timestamp())),
+            "webhook-signature": Webhook(secret).sign("msg_app", at, data.decode()),
+        }
         app = create_app(hub)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1"
+        ) as c:
             ok = await c.post("/webhooks/crm", content=data, headers=headers)
             bad = await c.post("/webhooks/crm", content=data + b" ", headers=headers)
         assert ok.status_code == 200 and is_outcome(bad, 401)

@@ -20,8 +20,12 @@ from tests.escalation_plugins import register
 
 register()
 CONFIG = FIXTURES / "config" / "escalation-test.yaml"
-APPT = {"id": "a1", "start": "2026-03-10T15:00:00+00:00", "end": "2026-03-10T15:30:00+00:00",
-        "participant": [{"actor": {"reference": "Patient/p1"}, "status": "needs-action"}]}
+APPT = {
+    "id": "a1",
+    "start": "2026-03-10T15:00:00+00:00",
+    "end": "2026-03-10T15:30:00+00:00",
+    "participant": [{"actor": {"reference": "Patient/p1"}, "status": "needs-action"}],
+}
 WHO = {"mrn": "MRN001", "phone": "+15555550101"}
 
 
@@ -34,7 +38,9 @@ def booked(at: str = "2026-03-01T14:00:00+00:00") -> str:
 
 
 def reply(at: str, mid: str, body: str, keyword: str | None = None) -> str:
-    return line(at, id=mid, type="message.inbound", attributes={"channel": "sms", "body": body, "keyword": keyword})
+    return line(
+        at, id=mid, type="message.inbound", attributes={"channel": "sms", "body": body, "keyword": keyword}
+    )
 
 
 class Run:
@@ -71,7 +77,8 @@ def test_c_reply_confirms_and_triggers_appointment_prep(tmp_path: Path) -> None:
         assert sms == ["appointment-reminder", "appointment-prep"]
         assert rep["escalations"] == []
         assert ("appointment-reminder", "appointment-confirmed") in {
-            (s["template"], s["reason"]) for s in rep["suppressed"]}
+            (s["template"], s["reason"]) for s in rep["suppressed"]
+        }
         # Written back to the EHR: the patient participant accepted the appointment.
         [wb] = run.outbox(channel="ehr-writeback")
         assert wb.template == "writeback-appointment" and wb.subject_ref == "Appointment/a1"
@@ -85,14 +92,18 @@ def test_free_text_yes_confirms_like_c(tmp_path: Path) -> None:
     try:
         rep = run.all()
         assert [d["template"] for d in rep["deliveries"] if d["channel"] == "sms"] == [
-            "appointment-reminder", "appointment-prep"]
+            "appointment-reminder",
+            "appointment-prep",
+        ]
         assert "appointment.confirmed" in [e["type"] for e in rep["events"]]
     finally:
         run.close()
 
 
 def test_cancel_reply_cancels_appointment_stops_reminders_and_writes_back(tmp_path: Path) -> None:
-    run = Run(tmp_path, [booked(), reply("2026-03-02T16:00:00+00:00", "r1", "I need to cancel, something came up")])
+    run = Run(
+        tmp_path, [booked(), reply("2026-03-02T16:00:00+00:00", "r1", "I need to cancel, something came up")]
+    )
     try:
         rep = run.all()
         assert rep["deliveries"] == [d for d in rep["deliveries"] if d["channel"] == "ehr-writeback"]
@@ -106,10 +117,14 @@ def test_cancel_reply_cancels_appointment_stops_reminders_and_writes_back(tmp_pa
 
 def test_chest_pain_escalates_emergency_sends_safety_reply_and_pauses_reminders(tmp_path: Path) -> None:
     # 02:00 in New York: quiet hours must not hold the safety reply back.
-    run = Run(tmp_path, [booked(), reply("2026-03-05T07:00:00+00:00", "r1", "No, I have chest pain right now")])
+    run = Run(
+        tmp_path, [booked(), reply("2026-03-05T07:00:00+00:00", "r1", "No, I have chest pain right now")]
+    )
     try:
         rep = run.all()
-        assert [(e["severity"], e["reason"]) for e in rep["escalations"]] == [("emergency", "red-flag-emergency")]
+        assert [(e["severity"], e["reason"]) for e in rep["escalations"]] == [
+            ("emergency", "red-flag-emergency")
+        ]
         safety = [d for d in rep["deliveries"] if d["template"] == "safety-reply"]
         assert [(d["channel"], d["at"]) for d in safety] == [("sms", "2026-03-05T07:00:00+00:00")]
         [item] = run.outbox(template="safety-reply")
@@ -132,7 +147,10 @@ def test_chest_pain_escalates_emergency_sends_safety_reply_and_pauses_reminders(
 
 
 def test_spanish_red_flag_gets_spanish_safety_reply(tmp_path: Path) -> None:
-    run = Run(tmp_path, [booked(), reply("2026-03-05T15:00:00+00:00", "r1", "tengo dolor de pecho y me falta el aire")])
+    run = Run(
+        tmp_path,
+        [booked(), reply("2026-03-05T15:00:00+00:00", "r1", "tengo dolor de pecho y me falta el aire")],
+    )
     try:
         run.all()
         [item] = run.outbox(template="safety-reply")
@@ -154,17 +172,22 @@ def test_negated_chest_pain_is_not_an_emergency(tmp_path: Path) -> None:
 
 def test_stop_is_an_opt_out_not_an_escalation(tmp_path: Path) -> None:
     at = "2026-03-02T16:00:00+00:00"
-    run = Run(tmp_path, [
-        booked(),
-        reply(at, "r1", "STOP", "stop"),
-        # The SMS mapper emits consent.revoked for STOP words alongside the inbound message.
-        line(at, id="r1c", type="consent.revoked", attributes={"channel": "sms", "source": "stop"}),
-    ])
+    run = Run(
+        tmp_path,
+        [
+            booked(),
+            reply(at, "r1", "STOP", "stop"),
+            # The SMS mapper emits consent.revoked for STOP words alongside the inbound message.
+            line(at, id="r1c", type="consent.revoked", attributes={"channel": "sms", "source": "stop"}),
+        ],
+    )
     try:
         rep = run.all()
         assert rep["escalations"] == []
         assert rep["deliveries"] == []
-        assert {s["reason"] for s in rep["suppressed"] if s["template"] == "appointment-reminder"} == {"opted-out"}
+        assert {s["reason"] for s in rep["suppressed"] if s["template"] == "appointment-reminder"} == {
+            "opted-out"
+        }
         assert not run.outbox(template="help-reply")
     finally:
         run.close()
@@ -203,10 +226,18 @@ def test_unacknowledged_escalation_reescalates_after_sla(tmp_path: Path) -> None
         assert esc.level == 2  # 2 h SLA, nobody acknowledged: level 1 at 17:00, level 2 at 19:00
         hooks = run.outbox(channel="team-hook")
         assert [(h.content["json"]["level"], h.created_at.isoformat()[:16]) for h in hooks] == [
-            (1, "2026-03-05T17:00"), (2, "2026-03-05T19:00")]
+            (1, "2026-03-05T17:00"),
+            (2, "2026-03-05T19:00"),
+        ]
         with Session(run.rp.store.engine) as s:
-            actions = [a.action for a in s.exec(select(AuditRecord).where(
-                col(AuditRecord.action).startswith("escalation.")).order_by(col(AuditRecord.seq))).all()]
+            actions = [
+                a.action
+                for a in s.exec(
+                    select(AuditRecord)
+                    .where(col(AuditRecord.action).startswith("escalation."))
+                    .order_by(col(AuditRecord.seq))
+                ).all()
+            ]
         assert actions.count("escalation.reescalate") == 2 and actions[-1] == "escalation.sla_breach"
     finally:
         run.close()
@@ -264,23 +295,110 @@ def test_resolving_escalation_resumes_outreach(tmp_path: Path) -> None:
 
 
 def test_burst_of_unanswered_questions_escalates_as_frustration(tmp_path: Path) -> None:
-    run = Run(tmp_path, [
-        booked(),
-        reply("2026-03-02T16:00:00+00:00", "r1", "is there parking at the clinic?"),
-        reply("2026-03-02T16:03:00+00:00", "r2", "hello?"),
-        reply("2026-03-02T16:05:00+00:00", "r3", "anyone there"),
-    ])
+    run = Run(
+        tmp_path,
+        [
+            booked(),
+            reply("2026-03-02T16:00:00+00:00", "r1", "is there parking at the clinic?"),
+            reply("2026-03-02T16:03:00+00:00", "r2", "hello?"),
+            reply("2026-03-02T16:05:00+00:00", "r3", "anyone there"),
+        ],
+    )
     try:
         rep = run.all()
-        reasons = [e["reason"] for e in rep["escalations"]]
-        # The first question is a routine work item; the third message in five minutes,
-        # after unanswered questions, is frustration (already covered by the open item).
-        assert reasons[0] == "question-request"
+        # One work item per person: the first question opened it, the rest joined it; the
+        # third message in five minutes, after unanswered questions, reads as frustration.
+        assert [e["reason"] for e in rep["escalations"]] == ["question-request"]
+        [esc] = run.escalations()
+        assert [f["reason"] for f in esc.evidence["followups"]] == ["question-request", "frustration"]
         with Session(run.rp.store.engine) as s:
             from careloop.tables import Decision
 
-            tri = [d.detail for d in s.exec(select(Decision).where(Decision.action == "triage")
-                                             .order_by(col(Decision.id))).all()]
+            tri = [
+                d.detail
+                for d in s.exec(
+                    select(Decision).where(Decision.action == "triage").order_by(col(Decision.id))
+                ).all()
+            ]
         assert "pattern.burst" in tri[-1]["patterns"] and "pattern.unanswered-question" in tri[-1]["patterns"]
+    finally:
+        run.close()
+
+
+def test_red_flag_while_routine_item_open_raises_it_to_emergency(tmp_path: Path) -> None:
+    run = Run(
+        tmp_path,
+        [
+            booked(),
+            reply("2026-03-05T15:00:00+00:00", "r1", "need a refill on my meds"),
+            reply("2026-03-05T18:00:00+00:00", "r2", "now my chest feels tight and heavy"),
+        ],
+    )
+    try:
+        rep = run.all()
+        assert [(e["severity"], e["reason"]) for e in rep["escalations"]] == [
+            ("emergency", "red-flag-emergency")
+        ]
+        safety = [d["at"] for d in rep["deliveries"] if d["template"] == "safety-reply"]
+        assert safety == ["2026-03-05T18:00:00+00:00"]  # the open item does not hold the safety reply
+        tasks = [o for o in run.outbox(channel="ehr-writeback") if o.template == "escalation-task"]
+        assert [t.content["resource"]["priority"] for t in tasks] == ["routine", "stat"]
+    finally:
+        run.close()
+
+
+def _config_with(tmp_path: Path, **triage: Any) -> Path:
+    from careloop.config import load_raw
+
+    raw = load_raw(CONFIG)
+    raw["triage"] = {**raw["triage"], **triage}
+    out = tmp_path / "escalation-variant.json"  # JSON is YAML: load() reads it
+    out.write_text(json.dumps(raw))
+    return out
+
+
+def test_concern_below_threshold_then_silence_escalates(tmp_path: Path) -> None:
+    cfg = _config_with(tmp_path, severity={"emergency": "emergency", "urgent": "urgent", "routine": None},
+                       silence_after_concern="24h")
+    feed = tmp_path / "feed.jsonl"
+    feed.write_text("\n".join([booked(), reply("2026-03-03T15:00:00+00:00", "r1", "bit of a rash on my arm")]))
+    lines = read_feed(feed)
+    rp = Replayer(cfgmod.load(cfg), start=lines[0].at)
+    try:
+        asyncio.run(rp.feed(lines))
+        rep = build_report(rp.store)
+        assert [(e["at"], e["severity"], e["reason"]) for e in rep["escalations"]] == [
+            ("2026-03-04T15:00:00+00:00", "routine", "silence-after-concern")]
+    finally:
+        rp.close()
+
+
+def test_concern_then_another_message_is_not_silence(tmp_path: Path) -> None:
+    cfg = _config_with(tmp_path, severity={"emergency": "emergency", "urgent": "urgent", "routine": None},
+                       intent_severity={})
+    feed = tmp_path / "feed.jsonl"
+    feed.write_text("\n".join([booked(), reply("2026-03-03T15:00:00+00:00", "r1", "bit of a rash on my arm"),
+                               reply("2026-03-03T18:00:00+00:00", "r2", "thanks, all good now")]))
+    lines = read_feed(feed)
+    rp = Replayer(cfgmod.load(cfg), start=lines[0].at)
+    try:
+        asyncio.run(rp.feed(lines))
+        assert build_report(rp.store)["escalations"] == []
+    finally:
+        rp.close()
+
+
+def test_message_that_cannot_be_triaged_goes_to_a_person(tmp_path: Path) -> None:
+    from orchestrator.triage import TriageConfig
+
+    run = Run(tmp_path, [booked(), reply("2026-03-05T15:00:00+00:00", "r1", "I have chest pain")])
+    # The lexicon file vanished after start-up: triage raises, the message must still reach staff.
+    run.rp.hub.orchestrator._triage_cfg = TriageConfig(lexicon=str(tmp_path / "gone.yaml"))
+    try:
+        rep = run.all()
+        assert [(e["severity"], e["reason"]) for e in rep["escalations"]] == [("urgent", "triage-failed")]
+        [esc] = run.escalations()
+        assert esc.evidence["message"] == "I have chest pain" and esc.evidence["error"] == "ValueError"
+        assert [e["status"] for e in rep["events"] if e["type"] == "message.inbound"] == ["processed"]
     finally:
         run.close()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import Engine
 
 from careloop import config as cfgmod
 from careloop.replay import Replayer, build_report, read_feed
@@ -23,11 +24,21 @@ def line(at: str, **body: Any) -> str:
     return json.dumps({"at": at, "connector": "feed", "body": {"at": at, **body}})
 
 
-def run_feed(tmp_path: Path, lines: list[str], config: Path = CONFIG) -> dict[str, Any]:
+@pytest.fixture(autouse=True)
+def _engine(engine: Engine) -> None:
+    global ENGINE
+    ENGINE = engine
+
+
+ENGINE: Engine | None = None
+
+
+def run_feed(tmp_path: Path, lines: list[str], config: Path = CONFIG, engine: Engine | None = None) -> dict[str, Any]:
+    """Replay ``lines`` on the test's engine (SQLite, and PostgreSQL when configured)."""
     feed = tmp_path / "feed.jsonl"
     feed.write_text("\n".join(lines) + "\n")
     parsed = read_feed(feed)
-    rp = Replayer(cfgmod.load(config), start=parsed[0].at)
+    rp = Replayer(cfgmod.load(config), start=parsed[0].at, engine=engine or ENGINE)
     try:
         asyncio.run(rp.feed(parsed))
         return build_report(rp.store)
@@ -96,7 +107,11 @@ def test_replaying_same_feed_twice_gives_same_report(tmp_path: Path) -> None:
     ]
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    assert run_feed(tmp_path / "a", lines) == run_feed(tmp_path / "b", lines)
+    from careloop.db import make_engine, upgrade
+
+    other = make_engine(f"sqlite:///{tmp_path}/b/other.db")
+    upgrade(other)
+    assert run_feed(tmp_path / "a", lines) == run_feed(tmp_path / "b", lines, engine=other)
 
 
 def test_refund_suppresses_offer_for_that_product_only(tmp_path: Path) -> None:

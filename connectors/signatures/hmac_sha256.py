@@ -23,8 +23,14 @@ def signature(secret: str, body: bytes, encoding: Literal["hex", "base64"], pref
 
 
 class HmacSha256:
-    def __init__(self, secret: str, header: str, encoding: Literal["hex", "base64"] = "hex",
-                 prefix: str = "", id_header: str | None = None) -> None:
+    def __init__(
+        self,
+        secret: str,
+        header: str,
+        encoding: Literal["hex", "base64"] = "hex",
+        prefix: str = "",
+        id_header: str | None = None,
+    ) -> None:
         self._secret, self._header, self._encoding, self._prefix = secret, header.lower(), encoding, prefix
         self._id_header = id_header.lower() if id_header else None
 
@@ -35,7 +41,7 @@ class HmacSha256:
         expected = signature(self._secret, req.body, self._encoding, self._prefix)
         candidate = given.strip()
         if self._encoding == "hex":
-            candidate = candidate[: len(self._prefix)] + candidate[len(self._prefix):].lower()
+            candidate = candidate[: len(self._prefix)] + candidate[len(self._prefix) :].lower()
         if not same(expected.encode(), candidate.encode()):
             raise Rejected("no matching signature")
         return req.headers.get(self._id_header) if self._id_header else None

@@ -19,8 +19,20 @@ from datetime import UTC, datetime, timedelta
 from connectors.signatures import Rejected, SignedRequest, check_window, same
 
 # HubSpot's table: these percent-encodings are decoded before signing.
-_DECODE = {"%3A": ":", "%2F": "/", "%3F": "?", "%40": "@", "%21": "!", "%24": "$", "%27": "'",
-           "%28": "(", "%29": ")", "%2A": "*", "%2C": ",", "%3B": ";"}
+_DECODE = {
+    "%3A": ":",
+    "%2F": "/",
+    "%3F": "?",
+    "%40": "@",
+    "%21": "!",
+    "%24": "$",
+    "%27": "'",
+    "%28": "(",
+    "%29": ")",
+    "%2A": "*",
+    "%2C": ",",
+    "%3B": ";",
+}
 
 
 def normalise_uri(uri: str) -> str:
