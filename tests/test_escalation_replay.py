@@ -9,6 +9,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from careloop import config as cfgmod
@@ -27,6 +29,16 @@ APPT = {
     "participant": [{"actor": {"reference": "Patient/p1"}, "status": "needs-action"}],
 }
 WHO = {"mrn": "MRN001", "phone": "+15555550101"}
+
+
+ENGINE: Engine | None = None
+
+
+@pytest.fixture(autouse=True)
+def _engine(engine: Engine) -> None:
+    """Every replay here runs on the test's engine: SQLite, and PostgreSQL when configured."""
+    global ENGINE
+    ENGINE = engine
 
 
 def line(at: str, **body: Any) -> str:
@@ -48,7 +60,7 @@ class Run:
         feed = tmp_path / "feed.jsonl"
         feed.write_text("\n".join(lines) + "\n")
         self.lines = read_feed(feed)
-        self.rp = Replayer(cfgmod.load(CONFIG), start=self.lines[0].at)
+        self.rp = Replayer(cfgmod.load(CONFIG), start=self.lines[0].at, engine=ENGINE)
 
     def all(self) -> dict[str, Any]:
         asyncio.run(self.rp.feed(self.lines))
@@ -358,29 +370,43 @@ def _config_with(tmp_path: Path, **triage: Any) -> Path:
 
 
 def test_concern_below_threshold_then_silence_escalates(tmp_path: Path) -> None:
-    cfg = _config_with(tmp_path, severity={"emergency": "emergency", "urgent": "urgent", "routine": None},
-                       silence_after_concern="24h")
+    cfg = _config_with(
+        tmp_path,
+        severity={"emergency": "emergency", "urgent": "urgent", "routine": None},
+        silence_after_concern="24h",
+    )
     feed = tmp_path / "feed.jsonl"
-    feed.write_text("\n".join([booked(), reply("2026-03-03T15:00:00+00:00", "r1", "bit of a rash on my arm")]))
+    feed.write_text(
+        "\n".join([booked(), reply("2026-03-03T15:00:00+00:00", "r1", "bit of a rash on my arm")])
+    )
     lines = read_feed(feed)
-    rp = Replayer(cfgmod.load(cfg), start=lines[0].at)
+    rp = Replayer(cfgmod.load(cfg), start=lines[0].at, engine=ENGINE)
     try:
         asyncio.run(rp.feed(lines))
         rep = build_report(rp.store)
         assert [(e["at"], e["severity"], e["reason"]) for e in rep["escalations"]] == [
-            ("2026-03-04T15:00:00+00:00", "routine", "silence-after-concern")]
+            ("2026-03-04T15:00:00+00:00", "routine", "silence-after-concern")
+        ]
     finally:
         rp.close()
 
 
 def test_concern_then_another_message_is_not_silence(tmp_path: Path) -> None:
-    cfg = _config_with(tmp_path, severity={"emergency": "emergency", "urgent": "urgent", "routine": None},
-                       intent_severity={})
+    cfg = _config_with(
+        tmp_path, severity={"emergency": "emergency", "urgent": "urgent", "routine": None}, intent_severity={}
+    )
     feed = tmp_path / "feed.jsonl"
-    feed.write_text("\n".join([booked(), reply("2026-03-03T15:00:00+00:00", "r1", "bit of a rash on my arm"),
-                               reply("2026-03-03T18:00:00+00:00", "r2", "thanks, all good now")]))
+    feed.write_text(
+        "\n".join(
+            [
+                booked(),
+                reply("2026-03-03T15:00:00+00:00", "r1", "bit of a rash on my arm"),
+                reply("2026-03-03T18:00:00+00:00", "r2", "thanks, all good now"),
+            ]
+        )
+    )
     lines = read_feed(feed)
-    rp = Replayer(cfgmod.load(cfg), start=lines[0].at)
+    rp = Replayer(cfgmod.load(cfg), start=lines[0].at, engine=ENGINE)
     try:
         asyncio.run(rp.feed(lines))
         assert build_report(rp.store)["escalations"] == []

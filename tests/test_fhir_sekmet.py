@@ -126,7 +126,13 @@ async def test_sekmet_subscriptions_deliver_appointment_journey_end_to_end(sekme
             await _until(lambda: _versions(store, aid) == {"1", "2"})
             appt3 = {**appt2, "status": "cancelled"}
             assert (await http.put(f"{sekmet}/Appointment/{aid}", json=appt3)).status_code == 200
-            await _until(lambda: _versions(store, aid) == {"1", "2", "3"})
+            try:
+                await _until(lambda: _versions(store, aid) == {"1", "2", "3"})
+            except AssertionError:
+                subs = (await http.get(f"{sekmet}/Subscription")).json()
+                print("DIAG", [(e["resource"]["id"], e["resource"].get("status"), e["resource"].get("error")) for e in subs["entry"]], _versions(store, aid))
+                print("DIAG appt", (await http.get(f"{sekmet}/Appointment/{aid}")).json().get("status"))
+                raise
             await conn.settle()
 
             stage = MapStage(store, MapperRegistry({}))
