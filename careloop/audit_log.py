@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -21,6 +22,8 @@ from careloop.tables import AuditHead, AuditRecord
 
 GENESIS = "0" * 64
 _HEAD_KEY = "careloop.audit_head"
+_BUF_KEY = "careloop.audit_buffer"
+_TABLE = AuditRecord.__table__  # type: ignore[attr-defined]
 
 
 def canonical(
@@ -79,7 +82,25 @@ def head(session: Session) -> AuditHead:
 @event.listens_for(Session, "after_rollback")
 @event.listens_for(Session, "after_soft_rollback")
 def _forget_head(session: Any, *_: Any) -> None:
+    # A rollback (of a savepoint too) discards what was appended since the last flush:
+    # a savepoint always starts with a flush, so those records belong to it.
     session.info.pop(_HEAD_KEY, None)
+    session.info.pop(_BUF_KEY, None)
+
+
+@event.listens_for(Session, "before_flush")
+def _write_buffered(session: Any, *_: Any) -> None:
+    # Records go to the database with the rest of the flush, as one executemany of plain
+    # rows: an ORM object per record would cost more than everything else it audits.
+    buf = session.info.pop(_BUF_KEY, None)
+    if buf:
+        session.connection().execute(_TABLE.insert(), buf)
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    seq: int
+    hash: str
 
 
 def append(
@@ -93,7 +114,7 @@ def append(
     entity: str | None = None,
     purpose: str | None = None,
     detail: dict[str, Any] | None = None,
-) -> AuditRecord:
+) -> Appended:
     """Add one audit record to ``session``'s transaction. ``detail`` must hold no PHI
     beyond identifiers (ids, codes, channel names, reason codes)."""
     head = _head(session)
@@ -102,10 +123,9 @@ def append(
     seq = head.seq + 1
     body = canonical(seq, at, actor, action, outcome, person_id, entity, purpose, detail)
     h = chain_hash(head.hash, body)
-    rec = AuditRecord(
-        seq=seq, at=at, actor=actor, action=action, outcome=outcome, person_id=person_id,
-        entity=entity, purpose=purpose, detail=detail, prev_hash=head.hash, hash=h,
-    )
-    session.add(rec)
-    head.seq, head.hash = seq, h
-    return rec
+    session.info.setdefault(_BUF_KEY, []).append({
+        "seq": seq, "at": at, "actor": actor, "action": action, "outcome": outcome, "person_id": person_id,
+        "entity": entity, "purpose": purpose, "detail": detail, "prev_hash": head.hash, "hash": h,
+    })
+    head.seq, head.hash = seq, h  # marks the session dirty, so the next flush writes the buffer
+    return Appended(seq, h)

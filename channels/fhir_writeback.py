@@ -72,23 +72,37 @@ def condition(system: str, value: str) -> str:
     return urlencode({"identifier": f"{system}|{_token_value(value)}"})
 
 
-def communication_content(delivered: OutboxItem, medium: str, sent: datetime, *,
-                          category: str = "reminder") -> dict[str, Any]:
+def communication_content(
+    delivered: OutboxItem, medium: str, sent: datetime, *, category: str = "reminder"
+) -> dict[str, Any]:
     """``content`` for a write-back outbox row recording that ``delivered`` went out."""
-    return {"kind": "communication", "medium": medium, "sent": utc(sent).isoformat(), "category": category,
-            "about": delivered.subject_ref, "outbox_key": delivered.key, "text": delivered.content.get("text")}
+    return {
+        "kind": "communication",
+        "medium": medium,
+        "sent": utc(sent).isoformat(),
+        "category": category,
+        "about": delivered.subject_ref,
+        "outbox_key": delivered.key,
+        "text": delivered.content.get("text"),
+    }
 
 
 def task_content(escalation: Escalation, description: str | None = None) -> dict[str, Any]:
     """``content`` for a write-back outbox row asking staff to act on ``escalation``."""
-    return {"kind": "task", "reason": escalation.reason, "severity": escalation.severity,
-            "escalation_id": escalation.id, "description": description,
-            "created": utc(escalation.created_at).isoformat(),
-            "due": utc(escalation.due_at).isoformat() if escalation.due_at else None}
+    return {
+        "kind": "task",
+        "reason": escalation.reason,
+        "severity": escalation.severity,
+        "escalation_id": escalation.id,
+        "description": description,
+        "created": utc(escalation.created_at).isoformat(),
+        "due": utc(escalation.due_at).isoformat() if escalation.due_at else None,
+    }
 
 
-def build_communication(item: OutboxItem, *, include_text: bool = False, sender: str | None = None,
-                        now: datetime | None = None) -> dict[str, Any]:
+def build_communication(
+    item: OutboxItem, *, include_text: bool = False, sender: str | None = None, now: datetime | None = None
+) -> dict[str, Any]:
     """The FHIR R4 Communication recording ``item`` (pure; PermanentError if invalid)."""
     c = item.content
     medium = MEDIUM.get(str(c.get("medium", "")))
@@ -101,10 +115,27 @@ def build_communication(item: OutboxItem, *, include_text: bool = False, sender:
         "resourceType": "Communication",
         "identifier": [{"system": OUTBOX_SYSTEM, "value": item.key}],
         "status": "completed",
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/communication-category",
-                                  "code": category}]}],
-        "medium": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationMode",
-                                "code": medium[0], "display": medium[1]}]}],
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/communication-category",
+                        "code": category,
+                    }
+                ]
+            }
+        ],
+        "medium": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationMode",
+                        "code": medium[0],
+                        "display": medium[1],
+                    }
+                ]
+            }
+        ],
         "subject": {"reference": item.recipient},
         "recipient": [{"reference": item.recipient}],
         "topic": {"text": item.template},
@@ -130,7 +161,9 @@ def build_task(item: OutboxItem, *, now: datetime | None = None) -> dict[str, An
     c = item.content
     severity = str(c.get("severity", ""))
     if severity not in PRIORITY or not c.get("reason"):
-        raise PermanentError("outbox content for a task needs 'reason' and 'severity' (emergency|urgent|routine)")
+        raise PermanentError(
+            "outbox content for a task needs 'reason' and 'severity' (emergency|urgent|routine)"
+        )
     res: dict[str, Any] = {
         "resourceType": "Task",
         "identifier": [{"system": OUTBOX_SYSTEM, "value": item.key}],
@@ -194,8 +227,13 @@ class FhirWritebackChannel:
         template_kind="fhir", address_kind="fhir", max_phi="full", receipts=False, can_query_status=True
     )
 
-    def __init__(self, id: str, config: FhirWritebackConfig, http: httpx.AsyncClient | None = None,
-                 clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        id: str,
+        config: FhirWritebackConfig,
+        http: httpx.AsyncClient | None = None,
+        clock: Clock | None = None,
+    ) -> None:
         self.id, self.config = id, config
         self.clock = clock or SystemClock()
         self._own_http = http is None
@@ -216,8 +254,9 @@ class FhirWritebackChannel:
             raise PermanentError(f"channel {self.id}: recipient must be a Patient reference")
         if item.content.get("kind") == "task":
             return build_task(item, now=self.clock.now())
-        return build_communication(item, include_text=self.config.include_text, sender=self.config.sender,
-                                   now=self.clock.now())
+        return build_communication(
+            item, include_text=self.config.include_text, sender=self.config.sender, now=self.clock.now()
+        )
 
     async def send(self, item: OutboxItem) -> Receipt:
         prior = self._sent.get(item.key)
@@ -226,16 +265,28 @@ class FhirWritebackChannel:
         res = self.resource(item)
         rtype, what = res["resourceType"], f"channel {self.id}: fhir create"
         headers = {**self._headers(), "If-None-Exist": condition(OUTBOX_SYSTEM, item.key)}
-        resp = await _http.call(self._http, what, "POST", f"{self.config.base_url}/{rtype}", json=res,
-                                headers=headers, timeout=self.config.timeout_seconds)
+        resp = await _http.call(
+            self._http,
+            what,
+            "POST",
+            f"{self.config.base_url}/{rtype}",
+            json=res,
+            headers=headers,
+            timeout=self.config.timeout_seconds,
+        )
         if resp.status_code == 412:
             raise PermanentError(f"{what}: several {rtype} resources carry this outbox identifier (412)")
         _http.check(resp, what)
         rid = _created_id(resp, rtype)
-        receipt = Receipt("delivered", provider_id=f"{rtype}/{rid}" if rid else None,
-                          detail={"created": resp.status_code == 201})
+        receipt = Receipt(
+            "delivered",
+            provider_id=f"{rtype}/{rid}" if rid else None,
+            detail={"created": resp.status_code == 201},
+        )
         self._sent[item.key] = receipt
-        log.debug("channel %s wrote %s for outbox key %s (HTTP %s)", self.id, rtype, item.key, resp.status_code)
+        log.debug(
+            "channel %s wrote %s for outbox key %s (HTTP %s)", self.id, rtype, item.key, resp.status_code
+        )
         return receipt
 
     async def status(self, item: OutboxItem) -> Receipt | None:
@@ -244,9 +295,15 @@ class FhirWritebackChannel:
             return prior
         rtype = "Task" if item.content.get("kind") == "task" else "Communication"
         what = f"channel {self.id}: fhir search"
-        resp = await _http.call(self._http, what, "GET", f"{self.config.base_url}/{rtype}",
-                                params={"identifier": f"{OUTBOX_SYSTEM}|{_token_value(item.key)}"},
-                                headers=self._headers(), timeout=self.config.timeout_seconds)
+        resp = await _http.call(
+            self._http,
+            what,
+            "GET",
+            f"{self.config.base_url}/{rtype}",
+            params={"identifier": f"{OUTBOX_SYSTEM}|{_token_value(item.key)}"},
+            headers=self._headers(),
+            timeout=self.config.timeout_seconds,
+        )
         _http.check(resp, what)
         bundle = _http.json_body(resp, what)
         entries = [e.get("resource", {}) for e in bundle.get("entry") or [] if isinstance(e, dict)]
@@ -256,9 +313,18 @@ class FhirWritebackChannel:
 
     async def record_escalation(self, escalation: Escalation, patient_ref: str) -> Receipt:
         """Write a Task for ``escalation`` now, outside the outbox (idempotent per escalation id)."""
-        item = OutboxItem(id=None, key=f"escalation:{escalation.id}", person_id=escalation.person_id,
-                          channel=self.id, template="escalation", purpose="treatment", phi_class="limited",
-                          recipient=patient_ref, content=task_content(escalation), created_at=self.clock.now())
+        item = OutboxItem(
+            id=None,
+            key=f"escalation:{escalation.id}",
+            person_id=escalation.person_id,
+            channel=self.id,
+            template="escalation",
+            purpose="treatment",
+            phi_class="limited",
+            recipient=patient_ref,
+            content=task_content(escalation),
+            created_at=self.clock.now(),
+        )
         return await self.send(item)
 
     async def aclose(self) -> None:

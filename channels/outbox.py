@@ -211,8 +211,13 @@ class DeliverStage:
                 row.status, row.last_error = "cancelled", "expired: not_after has passed"
                 row.attempts -= 1  # not an attempt: nothing was sent
                 audit_log.append(
-                    s, at=now, actor="deliver", action="outbox.expire", person_id=row.person_id,
-                    entity=f"outbox/{row.id}", purpose=row.purpose,
+                    s,
+                    at=now,
+                    actor="deliver",
+                    action="outbox.expire",
+                    person_id=row.person_id,
+                    entity=f"outbox/{row.id}",
+                    purpose=row.purpose,
                     detail={"channel": row.channel, "template": row.template, "reason": "expired"},
                 )
             s.expunge(row)
@@ -225,12 +230,23 @@ class DeliverStage:
 
     def _disclose(self, s: Session, row: OutboxItem, outcome: str, now: datetime, ok: bool) -> None:
         audit_log.append(
-            s, at=now, actor=f"channel:{row.channel}", action="disclosure",
-            outcome="success" if ok else "failure", person_id=row.person_id, entity=f"outbox/{row.id}",
+            s,
+            at=now,
+            actor=f"channel:{row.channel}",
+            action="disclosure",
+            outcome="success" if ok else "failure",
+            person_id=row.person_id,
+            entity=f"outbox/{row.id}",
             purpose=row.purpose,
-            detail={"channel": row.channel, "template": row.template, "phi_class": row.phi_class,
-                    "recipient_kind": recipient_kind(row.recipient), "purpose": row.purpose,
-                    "outcome": outcome, "attempt": row.attempts},
+            detail={
+                "channel": row.channel,
+                "template": row.template,
+                "phi_class": row.phi_class,
+                "recipient_kind": recipient_kind(row.recipient),
+                "purpose": row.purpose,
+                "outcome": outcome,
+                "attempt": row.attempts,
+            },
         )
 
     def _done(self, item: OutboxItem, receipt: Receipt, recovered: bool) -> None:
@@ -244,8 +260,16 @@ class DeliverStage:
             detail = dict(receipt.detail)
             if recovered:
                 detail["recovered"] = True
-            s.add(DeliveryReceipt(outbox_id=row.id, at=now, status=receipt.status,  # type: ignore[arg-type]
-                                  provider_id=receipt.provider_id, detail=detail))
+            assert row.id is not None
+            s.add(
+                DeliveryReceipt(
+                    outbox_id=row.id,
+                    at=now,
+                    status=receipt.status,
+                    provider_id=receipt.provider_id,
+                    detail=detail,
+                )
+            )
             self._disclose(s, row, receipt.status, now, ok=row.status != "failed")
 
     def _retry(self, item: OutboxItem, exc: BaseException) -> None:
@@ -296,8 +320,9 @@ class DeliverStage:
                 try:
                     answer = await channel.status(item)
                 except TransientError as exc:
-                    log.warning("outbox %s: status lookup failed, retrying later: %s",
-                                item.id, describe_error(exc))
+                    log.warning(
+                        "outbox %s: status lookup failed, retrying later: %s", item.id, describe_error(exc)
+                    )
                     report.note("deferred", item.key)
                     continue
                 except Exception as exc:
@@ -312,20 +337,31 @@ class DeliverStage:
                 await asyncio.to_thread(self._unknown, item)
                 report.note("unknown", item.key)
         if report.adopted or report.resend or report.unknown:
-            log.info("outbox recovery: %s adopted, %s resend, %s unknown, %s deferred",
-                     report.adopted, report.resend, report.unknown, report.deferred)
+            log.info(
+                "outbox recovery: %s adopted, %s resend, %s unknown, %s deferred",
+                report.adopted,
+                report.resend,
+                report.unknown,
+                report.deferred,
+            )
         return report
 
     def _stale(self, lease: timedelta) -> list[OutboxItem]:
         cutoff = self.store.clock.now() - lease
         with self.store.session() as s:
-            rows = list(s.exec(
-                select(OutboxItem)
-                .where(OutboxItem.status == "sending")
-                .where(or_(col(OutboxItem.next_attempt_at).is_(None),
-                           col(OutboxItem.next_attempt_at) <= cutoff))
-                .order_by(col(OutboxItem.id))
-            ).all())
+            rows = list(
+                s.exec(
+                    select(OutboxItem)
+                    .where(OutboxItem.status == "sending")
+                    .where(
+                        or_(
+                            col(OutboxItem.next_attempt_at).is_(None),
+                            col(OutboxItem.next_attempt_at) <= cutoff,
+                        )
+                    )
+                    .order_by(col(OutboxItem.id))
+                ).all()
+            )
             for r in rows:
                 s.expunge(r)
         return rows
@@ -338,9 +374,16 @@ class DeliverStage:
                 return
             row.status, row.next_attempt_at = "pending", now
             row.last_error = "interrupted send; provider confirmed it never got it"
-            audit_log.append(s, at=now, actor="deliver", action="outbox.recover", person_id=row.person_id,
-                             entity=f"outbox/{row.id}", purpose=row.purpose,
-                             detail={"channel": row.channel, "outcome": "resend"})
+            audit_log.append(
+                s,
+                at=now,
+                actor="deliver",
+                action="outbox.recover",
+                person_id=row.person_id,
+                entity=f"outbox/{row.id}",
+                purpose=row.purpose,
+                detail={"channel": row.channel, "outcome": "resend"},
+            )
 
     def _unknown(self, item: OutboxItem) -> None:
         now = self.store.clock.now()
@@ -350,9 +393,17 @@ class DeliverStage:
                 return
             row.status = "unknown"
             row.last_error = "interrupted send; provider cannot say whether it was delivered: staff review"
-            audit_log.append(s, at=now, actor="deliver", action="outbox.recover", outcome="failure",
-                             person_id=row.person_id, entity=f"outbox/{row.id}", purpose=row.purpose,
-                             detail={"channel": row.channel, "outcome": "unknown"})
+            audit_log.append(
+                s,
+                at=now,
+                actor="deliver",
+                action="outbox.recover",
+                outcome="failure",
+                person_id=row.person_id,
+                entity=f"outbox/{row.id}",
+                purpose=row.purpose,
+                detail={"channel": row.channel, "outcome": "unknown"},
+            )
             # It may have been disclosed: record the disclosure as of uncertain outcome.
             self._disclose(s, row, "unknown", now, ok=False)
 

@@ -92,7 +92,6 @@ def check_sms_length(text: str, max_segments: int = DEFAULT_MAX_SEGMENTS, reserv
     return [problem]
 
 
-
 # What one ``{{ ... }}`` placeholder is assumed to expand to at most (a date like
 # "Thu Mar 12", a time, a clinic's short name); the check is an estimate, the send-time
 # check in the channel is exact.

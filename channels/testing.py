@@ -73,8 +73,9 @@ class ScriptedHTTP:
     def _handle(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
         if self.behaviour == "throttled":
-            return httpx.Response(429, json={"code": 20429, "message": "Too Many Requests"},
-                                  headers={"Retry-After": "1"})
+            return httpx.Response(
+                429, json={"code": 20429, "message": "Too Many Requests"}, headers={"Retry-After": "1"}
+            )
         if self.behaviour == "server_error":
             return httpx.Response(503, json={"code": 20503, "message": "Service Unavailable"})
         if self.behaviour == "timeout":

@@ -127,8 +127,12 @@ class TwilioSmsChannel:
     name: ClassVar[str] = "twilio_sms"
     Config: ClassVar[type[TwilioSmsConfig]] = TwilioSmsConfig
     capabilities: ClassVar[ChannelCaps] = ChannelCaps(
-        template_kind="sms", address_kind="phone", max_phi="none", max_length=None,
-        receipts=True, can_query_status=True,
+        template_kind="sms",
+        address_kind="phone",
+        max_phi="none",
+        max_length=None,
+        receipts=True,
+        can_query_status=True,
     )
 
     def __init__(self, id: str, config: TwilioSmsConfig, http: httpx.AsyncClient | None = None) -> None:
@@ -152,7 +156,9 @@ class TwilioSmsChannel:
         if isinstance(template, str):
             bodies = {"": template}
         else:
-            bodies = {str(k): v for k, v in (getattr(template, "sms", None) or {}).items() if isinstance(v, str)}
+            bodies = {
+                str(k): v for k, v in (getattr(template, "sms", None) or {}).items() if isinstance(v, str)
+            }
         problems = []
         for lang, text in bodies.items():
             for p in check_sms_length(template_estimate(text), limit):
@@ -188,8 +194,14 @@ class TwilioSmsChannel:
             form["StatusCallback"] = str(callback)
         what = self._what("send")
         resp = await _http.call(
-            self._http, what, "POST", f"{self._messages}.json", data=form, auth=self._auth,
-            timeout=self.config.timeout_seconds, uncertain=True,
+            self._http,
+            what,
+            "POST",
+            f"{self._messages}.json",
+            data=form,
+            auth=self._auth,
+            timeout=self.config.timeout_seconds,
+            uncertain=True,
         )
         _http.check(resp, what)
         msg = _http.json_body(resp, what)
@@ -198,9 +210,13 @@ class TwilioSmsChannel:
             # Twilio accepted something; do not resend blindly: the outbox marks it unknown.
             raise PermanentError(f"{what}: provider answered {resp.status_code} without a message sid")
         receipt = Receipt(
-            STATUS_MAP.get(str(msg.get("status")), "queued"), provider_id=sid,
-            detail={"segments": size.segments, "encoding": size.encoding,
-                    "provider_status": msg.get("status")},
+            STATUS_MAP.get(str(msg.get("status")), "queued"),
+            provider_id=sid,
+            detail={
+                "segments": size.segments,
+                "encoding": size.encoding,
+                "provider_status": msg.get("status"),
+            },
         )
         self._sent[item.key] = receipt
         log.debug("channel %s sent outbox key %s as %s", self.id, item.key, sid)
@@ -227,8 +243,14 @@ class TwilioSmsChannel:
 
     async def _fetch(self, sid: str) -> Receipt | None:
         what = self._what("fetch")
-        resp = await _http.call(self._http, what, "GET", f"{self._messages}/{sid}.json", auth=self._auth,
-                                timeout=self.config.timeout_seconds)
+        resp = await _http.call(
+            self._http,
+            what,
+            "GET",
+            f"{self._messages}/{sid}.json",
+            auth=self._auth,
+            timeout=self.config.timeout_seconds,
+        )
         if resp.status_code == 404:
             return None
         _http.check(resp, what)
@@ -246,8 +268,15 @@ class TwilioSmsChannel:
         origin = urlsplit(self.config.base_url)
         for _ in range(self.config.lookup_pages):
             assert url is not None
-            resp = await _http.call(self._http, what, "GET", url, params=params, auth=self._auth,
-                                    timeout=self.config.timeout_seconds)
+            resp = await _http.call(
+                self._http,
+                what,
+                "GET",
+                url,
+                params=params,
+                auth=self._auth,
+                timeout=self.config.timeout_seconds,
+            )
             _http.check(resp, what)
             page = _http.json_body(resp, what)
             reached_older = False

@@ -94,9 +94,16 @@ class WebhookChannel:
             "type": self.config.event_type,
             "timestamp": datetime.now(UTC).isoformat(),
             "data": {
-                "key": item.key, "channel": self.id, "person_id": item.person_id, "template": item.template,
-                "playbook": item.playbook, "purpose": item.purpose, "subject_ref": item.subject_ref,
-                "phi_class": item.phi_class, "recipient": item.recipient, "content": item.content,
+                "key": item.key,
+                "channel": self.id,
+                "person_id": item.person_id,
+                "template": item.template,
+                "playbook": item.playbook,
+                "purpose": item.purpose,
+                "subject_ref": item.subject_ref,
+                "phi_class": item.phi_class,
+                "recipient": item.recipient,
+                "content": item.content,
             },
         }
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, default=str).encode()
@@ -116,8 +123,15 @@ class WebhookChannel:
             "webhook-timestamp": str(ts),
             "webhook-signature": sign(self.config.secret.get_secret_value(), item.key, ts, body),
         }
-        resp = await _http.call(self._http, what, "POST", self.config.url, content=body, headers=headers,
-                                timeout=self.config.timeout_seconds)
+        resp = await _http.call(
+            self._http,
+            what,
+            "POST",
+            self.config.url,
+            content=body,
+            headers=headers,
+            timeout=self.config.timeout_seconds,
+        )
         _http.check(resp, what)
         receipt = Receipt("delivered", provider_id=item.key, detail={"http_status": resp.status_code})
         self._sent[item.key] = receipt

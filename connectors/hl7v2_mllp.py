@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import ssl
 from collections.abc import Mapping, Sequence
@@ -36,22 +35,15 @@ from careloop.config import Port, TimeZoneName
 from careloop.model import PutResult, RawIn
 from careloop.plugins import PluginConfig
 from connectors.base import Health, RawSink
-from mapping.hl7v2_ack import AckError, AckStyle, Outcome, build_ack, should_send
-from mapping.hl7v2_parse import (
-    CharsetError,
-    Header,
-    HL7FormatError,
-    decode,
-    is_batch,
-    read_header,
-    split_messages,
-)
+from connectors.hl7v2_accept import Accepted, HL7Acceptor
+from mapping.hl7v2_ack import AckError, AckStyle, Outcome, build_ack
+from mapping.hl7v2_ack import should_send as should_send
+from mapping.hl7v2_parse import Header, HL7FormatError, read_header
 
 log = logging.getLogger("careloop.connectors.hl7v2_mllp")
 
 VT, FS, CR = b"\x0b", b"\x1c", b"\x0d"
 FS_CR = FS + CR
-CONTENT_TYPE = "x-application/hl7-v2+er7"
 _HEAD_KEEP = 4096  # bytes of an oversize frame kept to read its MSH for the NACK
 
 
@@ -233,16 +225,6 @@ class _Stats:
     store_failures: int = 0
 
 
-@dataclass
-class _Accepted:
-    """One frame's fate: raw messages to store, or a NACK to send right away."""
-
-    items: list[RawIn]
-    nack: bytes | None = None
-    batch: bool = False
-    headers: list[Header | None] = field(default_factory=list)
-
-
 class MLLPConnector:
     """HL7 v2 MLLP listener with commit ACKs, group commit, duplicates answered from the store."""
 
@@ -262,41 +244,18 @@ class MLLPConnector:
         self._committer: GroupCommitter | None = None
         self._conns: set[asyncio.Task[Any]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._acceptor = HL7Acceptor(id, self.clock, self.timezone, config.ack_style, config.strict,
+                                     config.receiving_application)
 
     # ------------------------------------------------------------------ pure part
 
     def accept(self, body: bytes, headers: Mapping[str, str]) -> list[RawIn]:
         """One payload (a message, several, or a batch) -> raw messages with their ACKs.
         Raises ``HL7FormatError`` when the payload holds no readable MSH."""
-        return self._accept(body, headers).items
+        return self._acceptor.accept(body, headers).items
 
-    def _accept(self, body: bytes, headers: Mapping[str, str]) -> _Accepted:
-        now = self.clock.now()
-        style = self.config.ack_style
-        messages = split_messages(body)
-        out = _Accepted([], batch=len(messages) > 1 or is_batch(body))
-        for msg in messages:
-            hdr = read_header(msg)
-            error: AckError | None = None
-            try:
-                decode(msg, hdr)
-            except CharsetError as exc:
-                error = AckError(exc.code, str(exc), exc.location)
-            if error is None and self.config.strict:
-                error = strict_check(msg)
-            outcome = Outcome.OK if error is None else Outcome.ERROR
-            reply = (
-                build_ack(hdr, outcome, now, error, style, self.config.receiving_application)
-                if should_send(hdr, outcome, style) else None
-            )
-            mtype, trigger = hdr.message_type
-            kind = f"hl7v2:{mtype or 'UNKNOWN'}^{trigger}" if trigger else f"hl7v2:{mtype or 'UNKNOWN'}"
-            hdrs = {"timezone": self.timezone, **dict(headers)}
-            if error is not None:
-                hdrs["hl7_error"] = str(error.code)
-            out.items.append(RawIn(self.id, kind[:64], msg, CONTENT_TYPE, dedup_key(hdr), hdrs, reply))
-            out.headers.append(hdr)
-        return out
+    def _accept(self, body: bytes, headers: Mapping[str, str]) -> Accepted:
+        return self._acceptor.accept(body, headers)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -391,7 +350,7 @@ class MLLPConnector:
     async def _handle(self, frames: list[Frame]) -> list[bytes]:
         """Frames of one read, in order -> their replies, in order (one commit for all)."""
         self.stats.frames += len(frames)
-        accepted: list[_Accepted] = []
+        accepted: list[Accepted] = []
         for fr in frames:
             accepted.append(self._accept_frame(fr))
         items = [i for a in accepted for i in a.items]
@@ -434,7 +393,7 @@ class MLLPConnector:
                 replies.append(_batch_ack(parts) if acc.batch else parts[0])
         return replies
 
-    def _accept_frame(self, fr: Frame) -> _Accepted:
+    def _accept_frame(self, fr: Frame) -> Accepted:
         now = self.clock.now()
         style = self.config.ack_style
         if fr.oversize:
@@ -442,7 +401,7 @@ class MLLPConnector:
             self.stats.nacks += 1
             hdr = _try_header(fr.content)
             err = AckError(207, f"the message is {fr.size} bytes; the limit is {self.config.max_message_bytes}")
-            return _Accepted([], nack=build_ack(hdr, Outcome.REJECT, now, err, style,
+            return Accepted([], nack=build_ack(hdr, Outcome.REJECT, now, err, style,
                                                self.config.receiving_application))
         try:
             return self._accept(fr.content, {})
@@ -450,20 +409,8 @@ class MLLPConnector:
             self.stats.nacks += 1
             hdr = _try_header(fr.content)
             err = AckError(exc.code, str(exc), exc.location)
-            return _Accepted([], nack=build_ack(hdr, Outcome.REJECT, now, err, style,
+            return Accepted([], nack=build_ack(hdr, Outcome.REJECT, now, err, style,
                                                self.config.receiving_application))
-
-
-def dedup_key(hdr: Header) -> str | None:
-    """``MSH-3|MSH-4|MSH-10``; None without a control id (nothing to deduplicate on)."""
-    ctrl = hdr.control_id.strip()
-    if not ctrl:
-        return None
-    key = f"{hdr.raw(3)}|{hdr.raw(4)}|{ctrl}"
-    if len(key) > 255:
-        # Keep the control id readable at the end (the audit log shows it).
-        key = "sha256:" + hashlib.sha256(key.encode()).hexdigest() + "|" + ctrl[:150]
-    return key
 
 
 def _try_header(data: bytes) -> Header | None:
@@ -483,23 +430,3 @@ def _batch_ack(acks: Sequence[bytes]) -> bytes:
     fs = first[3:4].decode("latin-1") or "|"
     enc = first[4:first.index(fs.encode(), 4)].decode("latin-1") if fs.encode() in first[4:] else "^~\\&"
     return (f"BHS{fs}{enc}\r".encode() + b"".join(acks) + f"BTS{fs}{len(acks)}\r".encode())
-
-
-def strict_check(message: bytes) -> AckError | None:
-    """Structure validation with hl7apy (opt-in: about 100 messages/s). PHI-free errors."""
-    from hl7apy.consts import VALIDATION_LEVEL
-    from hl7apy.exceptions import HL7apyException
-    from hl7apy.parser import parse_message
-
-    try:
-        text = message.decode("utf-8", errors="replace").replace("\n", "\r")
-        parsed = parse_message(text, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
-        parsed.validate()
-    except HL7apyException as exc:
-        name = type(exc).__name__
-        code = {"UnsupportedVersion": 203, "InvalidName": 200, "ChildNotFound": 100, "ChildNotValid": 100,
-                "MaxChildLimitReached": 100, "ValidationError": 101}.get(name, 102)
-        return AckError(code, f"structure validation failed ({name})")
-    except Exception as exc:  # hl7apy raises plain errors on some malformed input
-        return AckError(102, f"structure validation failed ({type(exc).__name__})")
-    return None

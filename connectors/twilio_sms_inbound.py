@@ -88,8 +88,12 @@ def valid_signature(auth_token: str, url: str, params: Sequence[tuple[str, str]]
 
 def _outcome(status: int, code: str, text: str) -> JSONResponse:
     return JSONResponse(
-        {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code, "diagnostics": text}]},
-        status_code=status, media_type="application/fhir+json",
+        {
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": "error", "code": code, "diagnostics": text}],
+        },
+        status_code=status,
+        media_type="application/fhir+json",
     )
 
 
@@ -116,7 +120,9 @@ class TwilioSmsInboundConfig(PluginConfig):
             return None
         parts = urlsplit(v)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-            raise ValueError("must be an absolute http(s) URL without query, like https://hub.example.org/channels/sms")
+            raise ValueError(
+                "must be an absolute http(s) URL without query, like https://hub.example.org/channels/sms"
+            )
         return v.rstrip("/")
 
 
@@ -154,8 +160,14 @@ class TwilioSmsInboundConnector:
             fields = None
         if not isinstance(fields, dict):
             digest = hashlib.sha256(body).hexdigest()[:32]
-            return [RawIn(self.id, "sms:unparseable", body, "application/octet-stream", dedup_key=f"hash|{digest}")]
-        fields = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in fields.items() if v is not None}
+            return [
+                RawIn(
+                    self.id, "sms:unparseable", body, "application/octet-stream", dedup_key=f"hash|{digest}"
+                )
+            ]
+        fields = {
+            str(k): v if isinstance(v, str) else json.dumps(v) for k, v in fields.items() if v is not None
+        }
         status = fields.get("MessageStatus") or fields.get("SmsStatus")
         is_status = bool(status) and "Body" not in fields
         sid = fields.get("MessageSid") or fields.get("SmsSid") or fields.get("SmsMessageSid")
@@ -186,7 +198,7 @@ class TwilioSmsInboundConnector:
         query = request.url.query
         if self.config.public_url is None:
             return str(request.url)
-        rest = request.url.path[len(self.config.path.rstrip("/")):]
+        rest = request.url.path[len(self.config.path.rstrip("/")) :]
         return self.config.public_url + rest + (f"?{query}" if query else "")
 
     def _reject(self, status: int, code: str, reason: str) -> JSONResponse:

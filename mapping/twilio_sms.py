@@ -106,15 +106,37 @@ class TwilioSmsMapper:
         who = [Identifier("phone", sender, kind="phone")]
         events: list[MappedEvent] = []
         if kw == "stop":
-            events.append(MappedEvent("consent.revoked", at, list(who),
-                                      attributes={"channel": "sms", "purpose": "*", "keyword": kw}))
+            events.append(
+                MappedEvent(
+                    "consent.revoked",
+                    at,
+                    list(who),
+                    attributes={"channel": "sms", "purpose": "*", "keyword": kw},
+                )
+            )
         elif kw == "start":
-            events.append(MappedEvent("consent.granted", at, list(who),
-                                      attributes={"channel": "sms", "purpose": "*", "keyword": kw}))
-        events.append(MappedEvent("message.inbound", at, list(who), attributes={
-            "channel": "sms", "body": body, "keyword": kw,
-            "message_sid": f.get("MessageSid") or f.get("SmsSid"), "to": f.get("To"),
-        }))
+            events.append(
+                MappedEvent(
+                    "consent.granted",
+                    at,
+                    list(who),
+                    attributes={"channel": "sms", "purpose": "*", "keyword": kw},
+                )
+            )
+        events.append(
+            MappedEvent(
+                "message.inbound",
+                at,
+                list(who),
+                attributes={
+                    "channel": "sms",
+                    "body": body,
+                    "keyword": kw,
+                    "message_sid": f.get("MessageSid") or f.get("SmsSid"),
+                    "to": f.get("To"),
+                },
+            )
+        )
         return events
 
     def _status(self, f: dict[str, Any], at: Any) -> list[MappedEvent]:
@@ -125,6 +147,11 @@ class TwilioSmsMapper:
         key = f.get("_key")
         if not isinstance(key, str) or not key:
             raise SkipMessage("status callback without an outbox key")
-        attrs = {"channel": "sms", "status": status, "message_sid": f.get("MessageSid") or f.get("SmsSid"),
-                 "outbox_key": key, "error_code": f.get("ErrorCode")}
+        attrs = {
+            "channel": "sms",
+            "status": status,
+            "message_sid": f.get("MessageSid") or f.get("SmsSid"),
+            "outbox_key": key,
+            "error_code": f.get("ErrorCode"),
+        }
         return [MappedEvent(etype, at, [Identifier(OUTBOX_SYSTEM, key, kind="outbox")], attributes=attrs)]

@@ -59,8 +59,11 @@ class FakeFhir:
     def search(self, rtype: str, token: str) -> list[dict[str, Any]]:
         system, value = _split_token(token)
         with self.lock:
-            return [r for r in self.resources.get(rtype, {}).values()
-                    if any(i.get("system") == system and i.get("value") == value for i in r.get("identifier", []))]
+            return [
+                r
+                for r in self.resources.get(rtype, {}).values()
+                if any(i.get("system") == system and i.get("value") == value for i in r.get("identifier", []))
+            ]
 
     def put(self, rtype: str, res: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
@@ -73,7 +76,10 @@ class FakeFhir:
 
 
 def outcome(code: str, text: str) -> dict[str, Any]:
-    return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code, "diagnostics": text}]}
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": code, "diagnostics": text}],
+    }
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -152,8 +158,15 @@ class _Handler(BaseHTTPRequestHandler):
         query = parse_qs(urlsplit(self.path).query)
         if len(parts) == 1:
             hits = self.owner.search(parts[0], query.get("identifier", [""])[0])
-            self._send(200, {"resourceType": "Bundle", "type": "searchset", "total": len(hits),
-                             "entry": [{"resource": r} for r in hits]})
+            self._send(
+                200,
+                {
+                    "resourceType": "Bundle",
+                    "type": "searchset",
+                    "total": len(hits),
+                    "entry": [{"resource": r} for r in hits],
+                },
+            )
         elif len(parts) == 2 and parts[1] in self.owner.resources.get(parts[0], {}):
             self._send(200, self.owner.resources[parts[0]][parts[1]])
         else:

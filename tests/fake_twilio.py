@@ -117,14 +117,25 @@ class FakeTwilio:
             now = self.now()
             sid = "SM" + secrets.token_hex(16)
             msg = {
-                "sid": sid, "account_sid": self.account_sid, "to": to, "from": form.get("From"),
-                "messaging_service_sid": form.get("MessagingServiceSid"), "body": body,
+                "sid": sid,
+                "account_sid": self.account_sid,
+                "to": to,
+                "from": form.get("From"),
+                "messaging_service_sid": form.get("MessagingServiceSid"),
+                "body": body,
                 "status": "accepted" if form.get("MessagingServiceSid") else "queued",
-                "num_segments": "1", "direction": "outbound-api", "api_version": "2010-04-01",
-                "date_created": format_datetime(now, usegmt=False), "date_updated": format_datetime(now),
-                "date_sent": None, "error_code": None, "error_message": None, "price": None,
+                "num_segments": "1",
+                "direction": "outbound-api",
+                "api_version": "2010-04-01",
+                "date_created": format_datetime(now, usegmt=False),
+                "date_updated": format_datetime(now),
+                "date_sent": None,
+                "error_code": None,
+                "error_message": None,
+                "price": None,
                 "uri": f"/2010-04-01/Accounts/{self.account_sid}/Messages/{sid}.json",
-                "_status_callback": form.get("StatusCallback"), "_seq": n,
+                "_status_callback": form.get("StatusCallback"),
+                "_seq": n,
             }
             self.messages.append(msg)
             self.by_sid[sid] = msg
@@ -139,23 +150,32 @@ class FakeTwilio:
         with self.lock:
             rows = [m for m in self.messages if _matches(m, query)]
         rows.sort(key=lambda m: m["_seq"], reverse=True)  # newest first
-        chunk = rows[page * size:(page + 1) * size]
+        chunk = rows[page * size : (page + 1) * size]
         base = f"/2010-04-01/Accounts/{self.account_sid}/Messages.json"
         keep = {k: v for k, v in query.items() if k not in ("Page", "PageToken")}
         nxt = None
         if (page + 1) * size < len(rows):
             nxt = f"{base}?{urlencode({**keep, 'Page': page + 1, 'PageToken': f'PA{page + 1}'})}"
         return {
-            "messages": [_public(m) for m in chunk], "page": page, "page_size": size,
-            "first_page_uri": f"{base}?{urlencode({**keep, 'Page': 0})}", "next_page_uri": nxt,
-            "previous_page_uri": None, "uri": f"{base}?{urlencode(query)}", "start": page * size,
+            "messages": [_public(m) for m in chunk],
+            "page": page,
+            "page_size": size,
+            "first_page_uri": f"{base}?{urlencode({**keep, 'Page': 0})}",
+            "next_page_uri": nxt,
+            "previous_page_uri": None,
+            "uri": f"{base}?{urlencode(query)}",
+            "start": page * size,
             "end": page * size + len(chunk) - 1,
         }
 
 
 def _error(code: int, message: str, status: int) -> dict[str, Any]:
-    return {"code": code, "message": message, "more_info": f"https://www.twilio.com/docs/errors/{code}",
-            "status": status}
+    return {
+        "code": code,
+        "message": message,
+        "more_info": f"https://www.twilio.com/docs/errors/{code}",
+        "status": status,
+    }
 
 
 def _public(m: dict[str, Any]) -> dict[str, Any]:
@@ -173,8 +193,10 @@ def _matches(m: dict[str, Any], q: dict[str, str]) -> bool:
                 return False
             day = parsedate_to_datetime(m["date_sent"]).date().isoformat()
             want = q[op][:10]
-            if (op == "DateSent" and day != want) or (op == "DateSent>" and day < want) or (
-                op == "DateSent<" and day > want
+            if (
+                (op == "DateSent" and day != want)
+                or (op == "DateSent>" and day < want)
+                or (op == "DateSent<" and day > want)
             ):
                 return False
     return True
@@ -213,7 +235,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == f"{prefix}.json":
             return ("collection", "")
         if path.startswith(prefix + "/") and path.endswith(".json"):
-            return ("instance", path[len(prefix) + 1:-5])
+            return ("instance", path[len(prefix) + 1 : -5])
         return None
 
     def do_POST(self) -> None:

@@ -22,16 +22,22 @@ from tests.fake_twilio import ACCOUNT_SID, AUTH_TOKEN
 async def main(db_url: str, base_url: str, mode: str, resend_if_absent: bool) -> None:
     store = Store(make_engine(db_url), SystemClock())
     cfg = TwilioSmsConfig(
-        plugin="twilio_sms", base_url=base_url, account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN,
-        from_number="+15550109999", status_callback_url="http://127.0.0.1:8080/channels/sms",
+        plugin="twilio_sms",
+        base_url=base_url,
+        account_sid=ACCOUNT_SID,
+        auth_token=AUTH_TOKEN,
+        from_number="+15550109999",
+        status_callback_url="http://127.0.0.1:8080/channels/sms",
         resend_if_absent=resend_if_absent,
     )
     channel = TwilioSmsChannel("sms", cfg)
     stage = DeliverStage(store, {"sms": channel}, batch=100, sending_lease=timedelta(minutes=5))
     if mode == "recover":
         report = await stage.recover(stale_after=timedelta(0))
-        print(json.dumps({k: v for k, v in vars(report).items() if k != "keys"} | {"keys": report.keys}),
-              flush=True)
+        print(
+            json.dumps({k: v for k, v in vars(report).items() if k != "keys"} | {"keys": report.keys}),
+            flush=True,
+        )
     while await stage.run_once():
         pass
     await channel.aclose()

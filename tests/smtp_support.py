@@ -33,18 +33,28 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
     now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = folder / "smtp-cert.pem", folder / "smtp-key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     return cert_path, key_path
 
 
@@ -65,8 +75,9 @@ class Handler:
     data_reply: str | None = None
     received: list[Received] = field(default_factory=list)
 
-    async def handle_RCPT(self, server: Any, session: Session, envelope: Envelope, address: str,
-                          rcpt_options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: Any, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
         if self.rcpt_reply:
             return self.rcpt_reply
         envelope.rcpt_tos.append(address)
@@ -78,13 +89,22 @@ class Handler:
         content = envelope.original_content or b""
         msg = message_from_bytes(content, policy=policy.default)
         assert isinstance(msg, EmailMessage)
-        self.received.append(Received(str(envelope.mail_from), list(envelope.rcpt_tos), msg,
-                                      session.ssl is not None, bool(session.authenticated)))
+        self.received.append(
+            Received(
+                str(envelope.mail_from),
+                list(envelope.rcpt_tos),
+                msg,
+                session.ssl is not None,
+                bool(session.authenticated),
+            )
+        )
         return "250 Message accepted for delivery"
 
 
 def _authenticate(server: Any, session: Session, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:
-    ok = isinstance(data, LoginPassword) and data.login == USER.encode() and data.password == PASSWORD.encode()
+    ok = (
+        isinstance(data, LoginPassword) and data.login == USER.encode() and data.password == PASSWORD.encode()
+    )
     return AuthResult(success=ok, handled=False)
 
 
@@ -95,8 +115,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def smtp_server(handler: Handler, *, starttls: Path | None = None, implicit_tls: Path | None = None,
-                auth: bool = False) -> Iterator[int]:
+def smtp_server(
+    handler: Handler, *, starttls: Path | None = None, implicit_tls: Path | None = None, auth: bool = False
+) -> Iterator[int]:
     """Run aiosmtpd; ``starttls``/``implicit_tls`` name the folder with the cert and key."""
     kw: dict[str, Any] = {}
     if starttls or implicit_tls:
@@ -109,7 +130,9 @@ def smtp_server(handler: Handler, *, starttls: Path | None = None, implicit_tls:
         else:
             kw.update(ssl_context=ctx)
     if auth:
-        kw.update(authenticator=_authenticate, auth_required=True, auth_require_tls=bool(starttls or implicit_tls))
+        kw.update(
+            authenticator=_authenticate, auth_required=True, auth_require_tls=bool(starttls or implicit_tls)
+        )
     port = free_port()
     controller = Controller(handler, hostname="127.0.0.1", port=port, **kw)
     controller.start()

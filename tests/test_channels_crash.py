@@ -39,11 +39,19 @@ def _seed(url: str) -> None:
         s.flush()
         assert person.id is not None
         for i in range(N):
-            s.add(OutboxItem(
-                key=f"crash-{i:04d}", person_id=person.id, channel="sms", template="appointment-reminder",
-                purpose="treatment", phi_class="none", recipient=f"+1555{i:07d}",
-                content={"text": "Reminder: your visit is tomorrow. Reply C to confirm."}, created_at=now,
-            ))
+            s.add(
+                OutboxItem(
+                    key=f"crash-{i:04d}",
+                    person_id=person.id,
+                    channel="sms",
+                    template="appointment-reminder",
+                    purpose="treatment",
+                    phi_class="none",
+                    recipient=f"+1555{i:07d}",
+                    content={"text": "Reminder: your visit is tomorrow. Reply C to confirm."},
+                    created_at=now,
+                )
+            )
         s.commit()
     engine.dispose()
 

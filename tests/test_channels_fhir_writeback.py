@@ -35,27 +35,53 @@ SENT = datetime(2026, 3, 2, 14, 5, tzinfo=UTC)
 
 
 def delivered_sms(key: str = "sms-1") -> OutboxItem:
-    return OutboxItem(id=9, key=key, person_id=1, channel="sms", template="appointment-reminder",
-                      purpose="treatment", phi_class="none", recipient="+15550100001",
-                      subject_ref="Appointment/appt-1", content={"text": "Reminder: visit on Mar 5."},
-                      created_at=SENT)
+    return OutboxItem(
+        id=9,
+        key=key,
+        person_id=1,
+        channel="sms",
+        template="appointment-reminder",
+        purpose="treatment",
+        phi_class="none",
+        recipient="+15550100001",
+        subject_ref="Appointment/appt-1",
+        content={"text": "Reminder: visit on Mar 5."},
+        created_at=SENT,
+    )
 
 
 def item(key: str, content: dict[str, Any] | None = None) -> OutboxItem:
-    return OutboxItem(id=10, key=key, person_id=1, channel="ehr-writeback", template="appointment-reminder",
-                      purpose="treatment", phi_class="none", recipient="Patient/pat-1",
-                      subject_ref="Appointment/appt-1",
-                      content=content or communication_content(delivered_sms(), "sms", SENT), created_at=SENT)
+    return OutboxItem(
+        id=10,
+        key=key,
+        person_id=1,
+        channel="ehr-writeback",
+        template="appointment-reminder",
+        purpose="treatment",
+        phi_class="none",
+        recipient="Patient/pat-1",
+        subject_ref="Appointment/appt-1",
+        content=content or communication_content(delivered_sms(), "sms", SENT),
+        created_at=SENT,
+    )
 
 
 def config(base_url: str = "https://ehr.example.org/fhir", **kw: Any) -> dict[str, Any]:
-    return {"plugin": "fhir_writeback", "base_url": base_url, "bearer_token": TOKEN,
-            "sender": "Organization/clinic-1", **kw}
+    return {
+        "plugin": "fhir_writeback",
+        "base_url": base_url,
+        "bearer_token": TOKEN,
+        "sender": "Organization/clinic-1",
+        **kw,
+    }
 
 
 def created(request: httpx.Request) -> httpx.Response:
-    return httpx.Response(201, json={"resourceType": "Communication", "id": "c1"},
-                          headers={"Location": "https://ehr.example.org/fhir/Communication/c1/_history/1"})
+    return httpx.Response(
+        201,
+        json={"resourceType": "Communication", "id": "c1"},
+        headers={"Location": "https://ehr.example.org/fhir/Communication/c1/_history/1"},
+    )
 
 
 class TestFhirWritebackConformance(ChannelConformance):
@@ -77,7 +103,9 @@ class TestFhirWritebackConformance(ChannelConformance):
     @asynccontextmanager
     async def provider(self, behaviour: Behaviour) -> AsyncIterator[Provider]:
         http = ScriptedHTTP(behaviour, created)
-        ch = FhirWritebackChannel("ehr-writeback", FhirWritebackConfig.model_validate(config()), http=http.client)
+        ch = FhirWritebackChannel(
+            "ehr-writeback", FhirWritebackConfig.model_validate(config()), http=http.client
+        )
         try:
             yield Provider(ch, lambda: http.accepted)
         finally:
@@ -94,7 +122,9 @@ def ehr() -> Iterator[FakeFhir]:
 
 def run_channel(ehr: FakeFhir, fn: Any, **cfg: Any) -> Any:
     async def go() -> Any:
-        ch = FhirWritebackChannel("ehr-writeback", FhirWritebackConfig.model_validate(config(ehr.base_url, **cfg)))
+        ch = FhirWritebackChannel(
+            "ehr-writeback", FhirWritebackConfig.model_validate(config(ehr.base_url, **cfg))
+        )
         try:
             return await fn(ch)
         finally:
@@ -113,7 +143,9 @@ def test_communication_is_created_once_even_when_resent_by_a_new_process(ehr: Fa
     Communication.model_validate(res)
     assert res["identifier"][0] == {"system": "urn:careloop:outbox", "value": "wb-1"}
     assert res["identifier"][1] == {"system": "urn:careloop:outbox:delivered", "value": "sms-1"}
-    assert res["subject"] == {"reference": "Patient/pat-1"} and res["about"] == [{"reference": "Appointment/appt-1"}]
+    assert res["subject"] == {"reference": "Patient/pat-1"} and res["about"] == [
+        {"reference": "Appointment/appt-1"}
+    ]
     assert res["medium"][0]["coding"][0]["code"] == "SMSWRIT" and res["sent"] == SENT.isoformat()
     assert res["sender"] == {"reference": "Organization/clinic-1"} and "payload" not in res
 
@@ -134,8 +166,14 @@ def test_identifier_with_search_delimiters_is_escaped_and_matched(ehr: FakeFhir)
 
 def test_several_matches_is_permanent(ehr: FakeFhir) -> None:
     for _ in range(2):
-        ehr.put("Communication", {"resourceType": "Communication", "status": "completed",
-                                  "identifier": [{"system": "urn:careloop:outbox", "value": "dup"}]})
+        ehr.put(
+            "Communication",
+            {
+                "resourceType": "Communication",
+                "status": "completed",
+                "identifier": [{"system": "urn:careloop:outbox", "value": "dup"}],
+            },
+        )
     with pytest.raises(PermanentError, match="412"):
         run_channel(ehr, lambda ch: ch.send(item("dup")))
 
@@ -146,8 +184,14 @@ def test_wrong_token_is_permanent(ehr: FakeFhir) -> None:
 
 
 def test_escalation_becomes_a_task(ehr: FakeFhir) -> None:
-    esc = Escalation(id=5, person_id=1, created_at=SENT, severity="urgent", reason="symptom-report",
-                     due_at=SENT + timedelta(hours=1))
+    esc = Escalation(
+        id=5,
+        person_id=1,
+        created_at=SENT,
+        severity="urgent",
+        reason="symptom-report",
+        due_at=SENT + timedelta(hours=1),
+    )
     receipt = run_channel(ehr, lambda ch: ch.record_escalation(esc, "Patient/pat-1"))
     again = run_channel(ehr, lambda ch: ch.record_escalation(esc, "Patient/pat-1"))
     assert receipt.provider_id == again.provider_id == "Task/1" and ehr.creates == 1
@@ -200,7 +244,13 @@ def test_outbox_recovery_adopts_a_written_communication_and_resends_a_missing_on
         long_ago = store.clock.now() - timedelta(hours=1)
         for key in ("wb-written", "wb-lost"):
             row = item(key)
-            row.id, row.person_id, row.status, row.attempts, row.next_attempt_at = None, p.id, "sending", 1, long_ago
+            row.id, row.person_id, row.status, row.attempts, row.next_attempt_at = (
+                None,
+                p.id,
+                "sending",
+                1,
+                long_ago,
+            )
             s.add(row)
     run_channel(ehr, lambda ch: ch.send(item("wb-written")))  # reached the EHR before the crash
     ch = FhirWritebackChannel("ehr-writeback", FhirWritebackConfig.model_validate(config(ehr.base_url)))

@@ -32,10 +32,18 @@ class ScriptChannel:
 
     name: ClassVar[str] = "script"
     Config: ClassVar[type[ChannelConfig]] = ChannelConfig
-    capabilities: ClassVar[ChannelCaps] = ChannelCaps(template_kind="sms", address_kind="phone", max_phi="none")
+    capabilities: ClassVar[ChannelCaps] = ChannelCaps(
+        template_kind="sms", address_kind="phone", max_phi="none"
+    )
 
-    def __init__(self, id: str, config: ChannelConfig, script: list[Any] | None = None,
-                 status_answer: Receipt | None = None, queryable: bool = False) -> None:
+    def __init__(
+        self,
+        id: str,
+        config: ChannelConfig,
+        script: list[Any] | None = None,
+        status_answer: Receipt | None = None,
+        queryable: bool = False,
+    ) -> None:
         self.id, self.config = id, config
         self.script = list(script or [])
         self.sent: list[str] = []
@@ -44,8 +52,9 @@ class ScriptChannel:
         self.on_send: Any = None
         self.send_times: list[float] = []
         if queryable:
-            self.capabilities = ChannelCaps(template_kind="sms", address_kind="phone", max_phi="none",
-                                            can_query_status=True)  # type: ignore[misc]
+            self.capabilities = ChannelCaps(
+                template_kind="sms", address_kind="phone", max_phi="none", can_query_status=True
+            )  # type: ignore[misc]
 
     async def send(self, item: OutboxItem) -> Receipt:
         self.send_times.append(time.monotonic())
@@ -83,10 +92,20 @@ def add_items(store: Store, person: int, n: int = 1, status: str = "pending", **
     ids = []
     with store.session() as s:
         for i in range(n):
-            row = OutboxItem(key=f"key-{status}-{i}-{random.random()}", person_id=person, channel="sms",
-                             template="appointment-reminder", playbook="appointment-reminders",
-                             purpose="treatment", phi_class="none", recipient=PHONE, content={"text": TEXT},
-                             created_at=store.clock.now(), status=status, **kw)
+            row = OutboxItem(
+                key=f"key-{status}-{i}-{random.random()}",
+                person_id=person,
+                channel="sms",
+                template="appointment-reminder",
+                playbook="appointment-reminders",
+                purpose="treatment",
+                phi_class="none",
+                recipient=PHONE,
+                content={"text": TEXT},
+                created_at=store.clock.now(),
+                status=status,
+                **kw,
+            )
             s.add(row)
             s.flush()
             assert row.id is not None
@@ -130,8 +149,15 @@ def test_success_records_a_receipt_and_a_phi_free_disclosure(store: Store, perso
         [receipt] = s.exec(select(DeliveryReceipt)).all()
     assert receipt.status == "queued"
     [audit] = audits(store, "disclosure")
-    assert audit.detail == {"channel": "sms", "template": "appointment-reminder", "phi_class": "none",
-                            "recipient_kind": "phone", "purpose": "treatment", "outcome": "queued", "attempt": 1}
+    assert audit.detail == {
+        "channel": "sms",
+        "template": "appointment-reminder",
+        "phi_class": "none",
+        "recipient_kind": "phone",
+        "purpose": "treatment",
+        "outcome": "queued",
+        "attempt": 1,
+    }
     assert audit.person_id == person and audit.outcome == "success"
     dumped = json.dumps(audit.detail)
     assert PHONE not in dumped and TEXT not in dumped
@@ -208,7 +234,9 @@ def test_interrupted_send_is_adopted_from_the_provider_not_resent(store: Store, 
 
 
 def test_interrupted_send_the_provider_never_got_is_sent_again(store: Store, person: int) -> None:
-    add_items(store, person, status="sending", attempts=1, next_attempt_at=store.clock.now() - timedelta(hours=1))
+    add_items(
+        store, person, status="sending", attempts=1, next_attempt_at=store.clock.now() - timedelta(hours=1)
+    )
     ch = ScriptChannel("sms", cfg(), status_answer=Receipt(ABSENT), queryable=True)
     stage = DeliverStage(store, {"sms": ch})
     drain(stage)  # run_once recovers first, then sends
@@ -217,7 +245,9 @@ def test_interrupted_send_the_provider_never_got_is_sent_again(store: Store, per
 
 
 def test_interrupted_send_without_a_status_api_becomes_unknown_for_staff(store: Store, person: int) -> None:
-    add_items(store, person, status="sending", attempts=1, next_attempt_at=store.clock.now() - timedelta(hours=1))
+    add_items(
+        store, person, status="sending", attempts=1, next_attempt_at=store.clock.now() - timedelta(hours=1)
+    )
     ch = ScriptChannel("sms", cfg())
     drain(DeliverStage(store, {"sms": ch}))
     [row] = rows(store)
@@ -228,14 +258,18 @@ def test_interrupted_send_without_a_status_api_becomes_unknown_for_staff(store: 
 
 
 def test_inconclusive_provider_lookup_becomes_unknown(store: Store, person: int) -> None:
-    add_items(store, person, status="sending", attempts=1, next_attempt_at=store.clock.now() - timedelta(hours=1))
+    add_items(
+        store, person, status="sending", attempts=1, next_attempt_at=store.clock.now() - timedelta(hours=1)
+    )
     ch = ScriptChannel("sms", cfg(), status_answer=None, queryable=True)
     asyncio.run(DeliverStage(store, {"sms": ch}).recover())
     assert rows(store)[0].status == "unknown" and ch.status_calls == [rows(store)[0].key]
 
 
 def test_recovery_leaves_a_live_workers_item_alone(store: Store, person: int) -> None:
-    add_items(store, person, status="sending", attempts=1, next_attempt_at=store.clock.now() - timedelta(seconds=5))
+    add_items(
+        store, person, status="sending", attempts=1, next_attempt_at=store.clock.now() - timedelta(seconds=5)
+    )
     ch = ScriptChannel("sms", cfg(), status_answer=Receipt(ABSENT), queryable=True)
     report = asyncio.run(DeliverStage(store, {"sms": ch}).recover())
     assert report.resend == report.unknown == report.adopted == 0
@@ -244,8 +278,13 @@ def test_recovery_leaves_a_live_workers_item_alone(store: Store, person: int) ->
 
 def test_uncertain_send_stays_sending_until_recovery_settles_it(store: Store, person: int) -> None:
     add_items(store, person)
-    ch = ScriptChannel("sms", cfg(), script=[DeliveryUncertain("read timeout")],
-                       status_answer=Receipt("sent", provider_id="SM9"), queryable=True)
+    ch = ScriptChannel(
+        "sms",
+        cfg(),
+        script=[DeliveryUncertain("read timeout")],
+        status_answer=Receipt("sent", provider_id="SM9"),
+        queryable=True,
+    )
     stage = DeliverStage(store, {"sms": ch})
     drain(stage)
     assert rows(store)[0].status == "sending" and ch.sent == []
@@ -301,10 +340,17 @@ def fake() -> Iterator[FakeTwilio]:
 
 def test_outbox_delivers_through_twilio_once_per_key(store: Store, person: int, fake: FakeTwilio) -> None:
     ids = add_items(store, person, n=25)
-    ch = TwilioSmsChannel("sms", TwilioSmsConfig(plugin="twilio_sms", base_url=fake.base_url,
-                                                 account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN,
-                                                 from_number="+15550109999",
-                                                 status_callback_url="http://127.0.0.1:8080/channels/sms"))
+    ch = TwilioSmsChannel(
+        "sms",
+        TwilioSmsConfig(
+            plugin="twilio_sms",
+            base_url=fake.base_url,
+            account_sid=ACCOUNT_SID,
+            auth_token=AUTH_TOKEN,
+            from_number="+15550109999",
+            status_callback_url="http://127.0.0.1:8080/channels/sms",
+        ),
+    )
     fake.fail_with = [429, 500]
     stage = DeliverStage(store, {"sms": ch})
     clock = store.clock

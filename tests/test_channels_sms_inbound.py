@@ -35,24 +35,42 @@ PHONE = "+15550100077"
 
 
 def inbound_form(body: str = "C", sid: str = "SM" + "1" * 32) -> dict[str, str]:
-    return {"MessageSid": sid, "SmsSid": sid, "AccountSid": "AC" + "0" * 32, "From": PHONE,
-            "To": "+15550109999", "Body": body, "NumMedia": "0", "SmsStatus": "received"}
+    return {
+        "MessageSid": sid,
+        "SmsSid": sid,
+        "AccountSid": "AC" + "0" * 32,
+        "From": PHONE,
+        "To": "+15550109999",
+        "Body": body,
+        "NumMedia": "0",
+        "SmsStatus": "received",
+    }
 
 
 def status_form(status: str = "delivered", sid: str = "SM" + "2" * 32) -> dict[str, str]:
-    return {"MessageSid": sid, "SmsSid": sid, "MessageStatus": status, "SmsStatus": status,
-            "To": PHONE, "From": "+15550109999", "AccountSid": "AC" + "0" * 32}
+    return {
+        "MessageSid": sid,
+        "SmsSid": sid,
+        "MessageStatus": status,
+        "SmsStatus": status,
+        "To": PHONE,
+        "From": "+15550109999",
+        "AccountSid": "AC" + "0" * 32,
+    }
 
 
 # ---------------------------------------------------------------- the signature
 
 
-@pytest.mark.parametrize("url", [
-    f"{PUBLIC}/inbound",
-    f"{PUBLIC}/status?key=abc123",
-    "https://hub.example.org:443/channels/sms/inbound",
-    "http://127.0.0.1:8080/channels/sms/status?key=k%2F1",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"{PUBLIC}/inbound",
+        f"{PUBLIC}/status?key=abc123",
+        "https://hub.example.org:443/channels/sms/inbound",
+        "http://127.0.0.1:8080/channels/sms/status?key=k%2F1",
+    ],
+)
 def test_our_signature_matches_twilio_request_validator_both_ways(url: str) -> None:
     params = {**inbound_form("Hi, I'll be there ✓"), "MediaUrl0": "", "Extra": "a&b=c"}
     theirs = RequestValidator(TOKEN).compute_signature(url, params)
@@ -65,7 +83,9 @@ def test_our_signature_matches_twilio_request_validator_both_ways(url: str) -> N
 
 def test_signature_tolerates_an_explicit_default_port_like_twilio() -> None:
     params = inbound_form()
-    sig = RequestValidator(TOKEN).compute_signature("https://hub.example.org:443/channels/sms/inbound", params)
+    sig = RequestValidator(TOKEN).compute_signature(
+        "https://hub.example.org:443/channels/sms/inbound", params
+    )
     assert valid_signature(TOKEN, f"{PUBLIC}/inbound", list(params.items()), sig)
 
 
@@ -78,13 +98,20 @@ class FailingSink:
 
 
 def connector(**kw: Any) -> TwilioSmsInboundConnector:
-    cfg = TwilioSmsInboundConfig.model_validate({"plugin": "twilio_sms_inbound", "auth_token": TOKEN,
-                                                 "public_url": PUBLIC, **kw})
+    cfg = TwilioSmsInboundConfig.model_validate(
+        {"plugin": "twilio_sms_inbound", "auth_token": TOKEN, "public_url": PUBLIC, **kw}
+    )
     return TwilioSmsInboundConnector("sms", cfg)
 
 
-async def post(conn: TwilioSmsInboundConnector, route: str, form: dict[str, str], *,
-               signature: str | None = "sign", query: str = "") -> httpx.Response:
+async def post(
+    conn: TwilioSmsInboundConnector,
+    route: str,
+    form: dict[str, str],
+    *,
+    signature: str | None = "sign",
+    query: str = "",
+) -> httpx.Response:
     app = FastAPI()
     app.include_router(conn.router())
     url = f"{PUBLIC}/{route}" + (f"?{query}" if query else "")
@@ -96,8 +123,11 @@ async def post(conn: TwilioSmsInboundConnector, route: str, form: dict[str, str]
     transport = httpx.ASGITransport(app=app)
     # The app sees http://testserver/...; the signature covers the public URL Twilio called.
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-        return await client.post(f"/channels/sms/{route}" + (f"?{query}" if query else ""),
-                                 content=urlencode(form), headers=headers)
+        return await client.post(
+            f"/channels/sms/{route}" + (f"?{query}" if query else ""),
+            content=urlencode(form),
+            headers=headers,
+        )
 
 
 def raws(store: Store) -> list[RawMessage]:
@@ -195,8 +225,9 @@ def test_accept_is_the_replay_entry_and_tells_inbound_from_status() -> None:
     conn = connector()
     [inb] = conn.accept(json.dumps(inbound_form("STOP")).encode(), {})
     [st] = conn.accept(json.dumps({**status_form("sent"), "_key": "k1"}).encode(), {})
-    [bare] = conn.accept(json.dumps({"From": PHONE, "To": "+15550109999", "Body": "hi", "MessageSid": "SM9"}).encode(),
-                         {})
+    [bare] = conn.accept(
+        json.dumps({"From": PHONE, "To": "+15550109999", "Body": "hi", "MessageSid": "SM9"}).encode(), {}
+    )
     assert (inb.kind, st.kind, bare.kind) == ("sms:inbound", "sms:status", "sms:inbound")
     assert st.dedup_key == "sent|SM" + "2" * 32 and bare.dedup_key == "SM9"
 
@@ -204,14 +235,36 @@ def test_accept_is_the_replay_entry_and_tells_inbound_from_status() -> None:
 # ---------------------------------------------------------------- the mapper
 
 
-@pytest.mark.parametrize(("text", "kw"), [
-    ("STOP", "stop"), ("stop", "stop"), (" Stop. ", "stop"), ("STOPALL", "stop"), ("unsubscribe", "stop"),
-    ("CANCEL", "stop"), ("End", "stop"), ("quit", "stop"), ("REVOKE", "stop"), ("optout", "stop"),
-    ("stop texting me", "stop"), ("START", "start"), ("unstop", "start"), ("HELP", "help"), ("info?", "help"),
-    ("C", "confirm"), ("c", "confirm"), ("Confirm", "confirm"), ("YES!", "confirm"),
-    ("cancel my appointment", "cancel"), ("Cancel appt", "cancel"), ("end of the day works", None),
-    ("I can't make it", None), ("", None), ("yes please call me", None),
-])
+@pytest.mark.parametrize(
+    ("text", "kw"),
+    [
+        ("STOP", "stop"),
+        ("stop", "stop"),
+        (" Stop. ", "stop"),
+        ("STOPALL", "stop"),
+        ("unsubscribe", "stop"),
+        ("CANCEL", "stop"),
+        ("End", "stop"),
+        ("quit", "stop"),
+        ("REVOKE", "stop"),
+        ("optout", "stop"),
+        ("stop texting me", "stop"),
+        ("START", "start"),
+        ("unstop", "start"),
+        ("HELP", "help"),
+        ("info?", "help"),
+        ("C", "confirm"),
+        ("c", "confirm"),
+        ("Confirm", "confirm"),
+        ("YES!", "confirm"),
+        ("cancel my appointment", "cancel"),
+        ("Cancel appt", "cancel"),
+        ("end of the day works", None),
+        ("I can't make it", None),
+        ("", None),
+        ("yes please call me", None),
+    ],
+)
 def test_keywords(text: str, kw: str | None) -> None:
     assert keyword(text) == kw
 
@@ -219,8 +272,14 @@ def test_keywords(text: str, kw: str | None) -> None:
 def raw(kind: str, fields: dict[str, Any], store: Store | None = None) -> RawMessage:
     from datetime import UTC, datetime
 
-    return RawMessage(id=1, connector="sms", kind=kind, content_type="application/json",
-                      received_at=datetime(2026, 3, 2, 14, 0, tzinfo=UTC), body=json.dumps(fields).encode())
+    return RawMessage(
+        id=1,
+        connector="sms",
+        kind=kind,
+        content_type="application/json",
+        received_at=datetime(2026, 3, 2, 14, 0, tzinfo=UTC),
+        body=json.dumps(fields).encode(),
+    )
 
 
 def test_stop_records_an_opt_out_before_the_message_event() -> None:
@@ -235,16 +294,30 @@ def test_start_opts_back_in_and_a_reply_is_a_plain_inbound_message() -> None:
     granted, _ = TwilioSmsMapper().map(raw("sms:inbound", inbound_form("START")))
     assert granted.type == "consent.granted"
     [msg] = TwilioSmsMapper().map(raw("sms:inbound", inbound_form("C")))
-    assert msg.attributes == {"channel": "sms", "body": "C", "keyword": "confirm",
-                              "message_sid": "SM" + "1" * 32, "to": "+15550109999"}
+    assert msg.attributes == {
+        "channel": "sms",
+        "body": "C",
+        "keyword": "confirm",
+        "message_sid": "SM" + "1" * 32,
+        "to": "+15550109999",
+    }
 
 
-@pytest.mark.parametrize(("status", "etype"), [
-    ("queued", "message.queued"), ("sent", "message.sent"), ("delivered", "message.delivered"),
-    ("undelivered", "message.failed"), ("failed", "message.failed"), ("read", "message.read"),
-])
+@pytest.mark.parametrize(
+    ("status", "etype"),
+    [
+        ("queued", "message.queued"),
+        ("sent", "message.sent"),
+        ("delivered", "message.delivered"),
+        ("undelivered", "message.failed"),
+        ("failed", "message.failed"),
+        ("read", "message.read"),
+    ],
+)
 def test_status_callbacks_become_message_events_for_the_outbox_row(status: str, etype: str) -> None:
-    [ev] = TwilioSmsMapper().map(raw("sms:status", {**status_form(status), "_key": "ob-1", "ErrorCode": "30003"}))
+    [ev] = TwilioSmsMapper().map(
+        raw("sms:status", {**status_form(status), "_key": "ob-1", "ErrorCode": "30003"})
+    )
     assert ev.type == etype and ev.identifiers == [Identifier("urn:careloop:outbox", "ob-1", kind="outbox")]
     assert ev.attributes["status"] == status and ev.attributes["outbox_key"] == "ob-1"
 
@@ -265,9 +338,20 @@ def test_delivery_report_resolves_to_the_outbox_rows_person_without_linking(stor
         assert p.id is not None
         pid = p.id
         s.add(PersonIdentifier(person_id=pid, kind="phone", system="phone", value=PHONE))
-        s.add(OutboxItem(key="ob-9", person_id=pid, channel="sms", template="appointment-reminder",
-                         purpose="treatment", phi_class="none", recipient=PHONE, content={"text": "x"},
-                         created_at=store.clock.now(), status="sent"))
+        s.add(
+            OutboxItem(
+                key="ob-9",
+                person_id=pid,
+                channel="sms",
+                template="appointment-reminder",
+                purpose="treatment",
+                phi_class="none",
+                recipient=PHONE,
+                content={"text": "x"},
+                created_at=store.clock.now(),
+                status="sent",
+            )
+        )
     conn = connector()
     sink = IngestSink(store)
     stage = MapStage(store, lambda r: TwilioSmsMapper())

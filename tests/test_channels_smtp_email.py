@@ -29,17 +29,33 @@ def email_item(key: str, to: str = RCPT, html: str | None = HTML) -> OutboxItem:
     content: dict[str, Any] = {"subject": "Your upcoming visit", "text": TEXT}
     if html:
         content["html"] = html
-    return OutboxItem(id=1, key=key, person_id=1, channel="email", template="appointment-prep",
-                      purpose="treatment", phi_class="limited", recipient=to, content=content,
-                      created_at=datetime.now(UTC))
+    return OutboxItem(
+        id=1,
+        key=key,
+        person_id=1,
+        channel="email",
+        template="appointment-prep",
+        purpose="treatment",
+        phi_class="limited",
+        recipient=to,
+        content=content,
+        created_at=datetime.now(UTC),
+    )
 
 
 def config(port: int, **kw: Any) -> dict[str, Any]:
-    return {"plugin": "smtp_email", "host": "127.0.0.1", "port": port, "security": "none",
-            "from_address": "reminders@clinic.example.org", "from_name": "Example Clinic",
-            "reply_to": "frontdesk@clinic.example.org",
-            "list_unsubscribe_url": "https://clinic.example.org/unsubscribe?key={key}",
-            "list_unsubscribe_mailto": "unsubscribe@clinic.example.org", **kw}
+    return {
+        "plugin": "smtp_email",
+        "host": "127.0.0.1",
+        "port": port,
+        "security": "none",
+        "from_address": "reminders@clinic.example.org",
+        "from_name": "Example Clinic",
+        "reply_to": "frontdesk@clinic.example.org",
+        "list_unsubscribe_url": "https://clinic.example.org/unsubscribe?key={key}",
+        "list_unsubscribe_mailto": "unsubscribe@clinic.example.org",
+        **kw,
+    }
 
 
 class TestSmtpEmailConformance(ChannelConformance):
@@ -64,8 +80,13 @@ class TestSmtpEmailConformance(ChannelConformance):
         return config(2525, username=USER, password=PASSWORD)
 
     def tls_config(self, port: int) -> dict[str, Any]:
-        return config(port, security="starttls", username=USER, password=PASSWORD,
-                      ca_file=str(self.certs / "smtp-cert.pem"))
+        return config(
+            port,
+            security="starttls",
+            username=USER,
+            password=PASSWORD,
+            ca_file=str(self.certs / "smtp-cert.pem"),
+        )
 
     def item(self, key: str) -> OutboxItem:
         return email_item(key)
@@ -78,8 +99,10 @@ class TestSmtpEmailConformance(ChannelConformance):
                 yield Provider(SmtpEmailChannel("email", cfg), lambda: 0)
             return
         handler = Handler(
-            rcpt_reply={"throttled": "452 4.5.3 Too many recipients, try later",
-                        "rejected": "550 5.1.1 Mailbox unavailable"}.get(behaviour),
+            rcpt_reply={
+                "throttled": "452 4.5.3 Too many recipients, try later",
+                "rejected": "550 5.1.1 Mailbox unavailable",
+            }.get(behaviour),
             data_reply="451 4.3.0 Local error in processing" if behaviour == "server_error" else None,
         )
         with smtp_server(handler, starttls=self.certs, auth=True) as port:
@@ -107,9 +130,15 @@ def test_email_over_starttls_with_auth_is_read_back_from_the_server(certs: Path)
     handler = Handler()
     with smtp_server(handler, starttls=certs, auth=True) as port:
         receipts = send_all(
-            config(port, security="starttls", username=USER, password=PASSWORD,
-                   ca_file=str(certs / "smtp-cert.pem")),
-            email_item("email-1"), email_item("email-2", to="sam.example@example.net", html=None),
+            config(
+                port,
+                security="starttls",
+                username=USER,
+                password=PASSWORD,
+                ca_file=str(certs / "smtp-cert.pem"),
+            ),
+            email_item("email-1"),
+            email_item("email-2", to="sam.example@example.net", html=None),
         )
     assert [r.rcpt_tos for r in handler.received] == [[RCPT], ["sam.example@example.net"]]
     first, second = handler.received
@@ -120,8 +149,10 @@ def test_email_over_starttls_with_auth_is_read_back_from_the_server(certs: Path)
     assert msg["Reply-To"] == "frontdesk@clinic.example.org"
     assert msg["Message-ID"] == receipts[0].provider_id
     assert msg["Message-ID"].startswith("<co-") and msg["Message-ID"].endswith("@clinic.example.org>")
-    assert msg["List-Unsubscribe"] == ("<https://clinic.example.org/unsubscribe?key=email-1>, "
-                                       "<mailto:unsubscribe@clinic.example.org?subject=unsubscribe>")
+    assert msg["List-Unsubscribe"] == (
+        "<https://clinic.example.org/unsubscribe?key=email-1>, "
+        "<mailto:unsubscribe@clinic.example.org?subject=unsubscribe>"
+    )
     assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     assert msg["Auto-Submitted"] == "auto-generated"
     assert msg.get_content_type() == "multipart/alternative"
@@ -142,7 +173,10 @@ def test_implicit_tls_delivers(certs: Path) -> None:
 
 def test_untrusted_certificate_is_permanent_and_sends_nothing(certs: Path) -> None:
     handler = Handler()
-    with smtp_server(handler, starttls=certs, auth=True) as port, pytest.raises(PermanentError, match="not trusted"):
+    with (
+        smtp_server(handler, starttls=certs, auth=True) as port,
+        pytest.raises(PermanentError, match="not trusted"),
+    ):
         send_all(config(port, security="starttls", username=USER, password=PASSWORD), email_item("tls-bad"))
     assert handler.received == []
 
@@ -150,8 +184,16 @@ def test_untrusted_certificate_is_permanent_and_sends_nothing(certs: Path) -> No
 def test_wrong_password_is_permanent_and_not_echoed(certs: Path) -> None:
     handler = Handler()
     with smtp_server(handler, starttls=certs, auth=True) as port, pytest.raises(PermanentError) as err:
-        send_all(config(port, security="starttls", username=USER, password="wrong-pw-xyz",
-                        ca_file=str(certs / "smtp-cert.pem")), email_item("auth-bad"))
+        send_all(
+            config(
+                port,
+                security="starttls",
+                username=USER,
+                password="wrong-pw-xyz",
+                ca_file=str(certs / "smtp-cert.pem"),
+            ),
+            email_item("auth-bad"),
+        )
     assert "authentication failed (535)" in str(err.value) and "wrong-pw-xyz" not in str(err.value)
     assert handler.received == []
 
@@ -193,9 +235,19 @@ def person(store: Store) -> Iterator[int]:
 def test_outbox_delivers_email_and_records_the_message_id(store: Store, person: int) -> None:
     with store.session() as s:
         for i in range(3):
-            s.add(OutboxItem(key=f"ob-email-{i}", person_id=person, channel="email", template="appointment-prep",
-                             purpose="treatment", phi_class="limited", recipient=f"p{i}@example.net",
-                             content={"subject": "Prep", "text": "Bring your card."}, created_at=store.clock.now()))
+            s.add(
+                OutboxItem(
+                    key=f"ob-email-{i}",
+                    person_id=person,
+                    channel="email",
+                    template="appointment-prep",
+                    purpose="treatment",
+                    phi_class="limited",
+                    recipient=f"p{i}@example.net",
+                    content={"subject": "Prep", "text": "Bring your card."},
+                    created_at=store.clock.now(),
+                )
+            )
     handler = Handler()
     with smtp_server(handler) as port:
         ch = SmtpEmailChannel("email", SmtpEmailConfig.model_validate(config(port)), clock=store.clock)

@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -25,17 +25,34 @@ FROM = "+15550109999"
 TEXT = "Reminder: you have a visit on Mar 5. Reply C to confirm, STOP to opt out."
 
 
-def sms_item(key: str, to: str = "+15550100001", text: str = TEXT, started: datetime | None = None) -> OutboxItem:
+def sms_item(
+    key: str, to: str = "+15550100001", text: str = TEXT, started: datetime | None = None
+) -> OutboxItem:
     return OutboxItem(
-        id=1, key=key, person_id=1, channel="sms", template="appointment-reminder", purpose="treatment",
-        phi_class="none", recipient=to, content={"text": text}, created_at=datetime.now(UTC),
+        id=1,
+        key=key,
+        person_id=1,
+        channel="sms",
+        template="appointment-reminder",
+        purpose="treatment",
+        phi_class="none",
+        recipient=to,
+        content={"text": text},
+        created_at=datetime.now(UTC),
         next_attempt_at=started,
     )
 
 
 def config(base_url: str = "https://api.twilio.com", **kw: Any) -> dict[str, Any]:
-    return {"plugin": "twilio_sms", "base_url": base_url, "account_sid": ACCOUNT_SID, "auth_token": AUTH_TOKEN,
-            "from_number": FROM, "status_callback_url": "https://hub.example.org/channels/sms", **kw}
+    return {
+        "plugin": "twilio_sms",
+        "base_url": base_url,
+        "account_sid": ACCOUNT_SID,
+        "auth_token": AUTH_TOKEN,
+        "from_number": FROM,
+        "status_callback_url": "https://hub.example.org/channels/sms",
+        **kw,
+    }
 
 
 def twilio_created(request: httpx.Request) -> httpx.Response:
@@ -46,7 +63,7 @@ def twilio_created(request: httpx.Request) -> httpx.Response:
 class TestTwilioSmsConformance(ChannelConformance):
     channel_class = TwilioSmsChannel
     secrets = (AUTH_TOKEN,)
-    bad_configs = [
+    bad_configs: ClassVar[list[tuple[dict[str, Any], str]]] = [
         ({"account_sid": "XX123"}, "account_sid"),
         ({"auth_token": None}, "auth_token"),
         ({"from_number": "5550100"}, "from_number"),
@@ -115,7 +132,7 @@ def test_wrong_auth_token_is_permanent_and_names_no_secret(fake: FakeTwilio) -> 
 
 
 def test_invalid_recipient_is_refused_without_calling_the_provider(fake: FakeTwilio) -> None:
-    with pytest.raises(PermanentError, match="E.164") as err:
+    with pytest.raises(PermanentError, match=r"E\.164") as err:
         asyncio.run(_send_and_close(channel(fake), sms_item("k-bad", to="555-0100")))
     assert "555-0100" not in str(err.value) and fake.posts == 0
 
@@ -152,14 +169,18 @@ def test_recovery_lookup_reports_the_current_provider_status(fake: FakeTwilio) -
 
 def test_recovery_lookup_is_inconclusive_when_two_messages_match(fake: FakeTwilio) -> None:
     started = datetime.now(UTC)
-    asyncio.run(_send_and_close(channel(fake), sms_item("k-1", started=started), sms_item("k-2", started=started)))
+    asyncio.run(
+        _send_and_close(channel(fake), sms_item("k-1", started=started), sms_item("k-2", started=started))
+    )
     assert asyncio.run(_status_and_close(channel(fake), sms_item("k-2", started=started))) is None
 
 
 def test_recovery_lookup_ignores_messages_older_than_the_attempt(fake: FakeTwilio) -> None:
     asyncio.run(_send_and_close(channel(fake, resend_if_absent=True), sms_item("k-old")))
     later = datetime.now(UTC) + timedelta(minutes=10)
-    receipt = asyncio.run(_status_and_close(channel(fake, resend_if_absent=True), sms_item("k-new", started=later)))
+    receipt = asyncio.run(
+        _status_and_close(channel(fake, resend_if_absent=True), sms_item("k-new", started=later))
+    )
     assert receipt is not None and receipt.status == ABSENT
 
 
@@ -173,8 +194,13 @@ def test_no_match_is_unknown_by_default_and_absent_only_when_configured(fake: Fa
 def test_recovery_lookup_pages_through_the_list(fake: FakeTwilio) -> None:
     started = datetime.now(UTC)
     ch = channel(fake)
-    asyncio.run(_send_and_close(ch, sms_item("k-first", started=started),
-                                *[sms_item(f"k-{i}", text=f"other {i}") for i in range(120)]))
+    asyncio.run(
+        _send_and_close(
+            ch,
+            sms_item("k-first", started=started),
+            *[sms_item(f"k-{i}", text=f"other {i}") for i in range(120)],
+        )
+    )
     receipt = asyncio.run(_status_and_close(channel(fake), sms_item("k-first", started=started)))
     assert receipt is not None and receipt.provider_id == fake.messages[0]["sid"]
 

@@ -24,10 +24,19 @@ URL = "https://crm.example.org/hooks/careloop"
 
 
 def item(key: str) -> OutboxItem:
-    return OutboxItem(id=3, key=key, person_id=7, channel="crm-hook", template="discount-offer",
-                      playbook="discount-offer", purpose="marketing", phi_class="none",
-                      recipient="crm:contact-42", content={"product": "p-1", "offer": "10%"},
-                      created_at=datetime.now(UTC))
+    return OutboxItem(
+        id=3,
+        key=key,
+        person_id=7,
+        channel="crm-hook",
+        template="discount-offer",
+        playbook="discount-offer",
+        purpose="marketing",
+        phi_class="none",
+        recipient="crm:contact-42",
+        content={"product": "p-1", "offer": "10%"},
+        created_at=datetime.now(UTC),
+    )
 
 
 def config(**kw: Any) -> dict[str, Any]:
@@ -85,7 +94,10 @@ def test_signature_verifies_with_the_standardwebhooks_package() -> None:
     payload = Webhook(SECRET).verify(req.content, headers)
     assert headers["webhook-id"] == "out-1"
     assert payload["type"] == "careloop.outreach"
-    assert payload["data"]["key"] == "out-1" and payload["data"]["content"] == {"product": "p-1", "offer": "10%"}
+    assert payload["data"]["key"] == "out-1" and payload["data"]["content"] == {
+        "product": "p-1",
+        "offer": "10%",
+    }
     assert req.headers["content-type"] == "application/json" and str(req.url) == URL
 
 
