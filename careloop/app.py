@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -9,20 +10,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from audit import api as audit_api
+from careloop.http import CODES as _CODES
+from careloop.http import operation_outcome
 from careloop.hub import Hub
-
-
-def operation_outcome(status: int, code: str, diagnostics: str) -> JSONResponse:
-    """A FHIR OperationOutcome explaining a 4xx/5xx (no PHI in ``diagnostics``)."""
-    body = {
-        "resourceType": "OperationOutcome",
-        "issue": [{"severity": "error", "code": code, "diagnostics": diagnostics}],
-    }
-    return JSONResponse(body, status_code=status, media_type="application/fhir+json")
-
-
-_CODES = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported",
-          409: "conflict", 413: "too-costly", 415: "not-supported", 422: "invalid", 429: "throttled"}
 
 
 def create_app(hub: Hub) -> FastAPI:
@@ -31,7 +22,8 @@ def create_app(hub: Hub) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return operation_outcome(exc.status_code, _CODES.get(exc.status_code, "exception"), str(exc.detail))
+        return operation_outcome(exc.status_code, _CODES.get(exc.status_code, "exception"), str(exc.detail),
+                                 headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -51,4 +43,5 @@ def create_app(hub: Hub) -> FastAPI:
         router = conn.router() if hasattr(conn, "router") else None
         if router is not None:
             app.include_router(router)
+    app.include_router(audit_api.router_from_config(hub.store, hub.config))
     return app

@@ -128,7 +128,8 @@ def demo() -> None:
     """Three synthetic patients through the real pipeline, as a timeline, audit verified."""
     from careloop.demo import main as demo_main
 
-    raise typer.Exit(demo_main(out))
+    wide = Console(soft_wrap=False, width=max(out.width, 120))
+    raise typer.Exit(demo_main(wide))
 
 
 @app.command()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -95,6 +95,64 @@ class ComplianceConfig(Strict):
     frequency_caps: dict[str, CapConfig] = Field(default_factory=_default_caps)
 
 
+def _clock_time(v: str) -> str:
+    if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", v):
+        raise ValueError("must look like 12:00")
+    return v
+
+
+ClockTime = Annotated[str, AfterValidator(_clock_time)]
+
+
+def _default_windows() -> dict[str, ClockTime]:
+    return {"morning": "09:00", "midday": "12:00", "evening": "18:00"}
+
+
+OUTCOMES = ("delivered", "read", "clicked", "replied", "confirmed", "attended", "noshow")
+
+
+def _rewards(v: dict[str, float]) -> dict[str, float]:
+    for k, w in v.items():
+        if k not in OUTCOMES:
+            raise ValueError(f"unknown outcome {k!r} (known: {', '.join(OUTCOMES)})")
+        if not 0.0 <= w <= 1.0:
+            raise ValueError(f"reward for {k} must be between 0 and 1")
+    return v
+
+
+def _default_rewards() -> dict[str, float]:
+    return {"delivered": 0.0, "read": 0.3, "clicked": 0.6, "replied": 1.0, "confirmed": 1.0,
+            "attended": 1.0, "noshow": 0.0}
+
+
+SegmentBy = Literal["age_band", "language", "reach"]
+SEGMENT_BY: tuple[SegmentBy, ...] = ("age_band", "language", "reach")
+
+
+class LearningConfig(Strict):
+    """Issue 10 (orchestrator/learning.py): learn channel, send window and template variant
+    per person from outcomes, always among the options the compliance gate allows."""
+
+    enabled: bool = False
+    windows: dict[str, ClockTime] = Field(default_factory=_default_windows,
+                                          description="send windows: name -> local opening time")
+    window_hours: float = Field(3.0, gt=0, le=12, description="how long each window stays open")
+    max_delay_hours: float = Field(12.0, ge=0, le=72, description="longest a send may wait for a window")
+    min_lead_hours: float = Field(2.0, ge=0, description="open windows this long before the visit")
+    max_exploration: float = Field(0.3, ge=0, le=1, description="cap on P(not the mean-best option)")
+    min_propensity: float = Field(0.02, ge=0, le=0.5, description="floor on each allowed option's P")
+    rewards: Annotated[dict[str, float], AfterValidator(_rewards)] = Field(default_factory=_default_rewards,
+                                      description="outcome -> reward in [0, 1]; an outreach earns its best")
+    reply_window_hours: float = Field(48.0, gt=0, description="a reply within this long credits the send")
+    confirm_window_days: float = Field(7.0, gt=0, description="a confirmation within this long credits it")
+    population_strength: float = Field(20.0, gt=0, description="pseudo-trials the population lends a segment")
+    segment_strength: float = Field(4.0, gt=0, description="pseudo-trials the segment lends a person")
+    half_life_days: float | None = Field(60.0, gt=0, description="older outcomes weigh half after this long")
+    segment_by: list[SegmentBy] = Field(default_factory=lambda: list(SEGMENT_BY))
+    draws: int = Field(256, ge=16, le=10000, description="Thompson draws that estimate P(best)")
+    seed: int = 0
+
+
 class AppConfig(Strict):
     """The whole file. Plugin and playbook sections stay dicts here; see careloop.wiring."""
 
@@ -108,6 +166,7 @@ class AppConfig(Strict):
     templates: dict[str, dict[str, Any]] = Field(default_factory=dict)
     playbooks: dict[str, dict[str, Any]] = Field(default_factory=dict)
     triage: dict[str, Any] = Field(default_factory=dict)  # orchestrator.triage.TriageConfig
+    learning: LearningConfig = Field(default_factory=LearningConfig)  # issue 10
     base_dir: Path = Field(Path("."), exclude=True, description="folder of the file; set by load()")
 
 

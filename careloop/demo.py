@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from sqlmodel import Session, col, func, select
 
 from careloop import config as cfgmod
@@ -52,16 +53,18 @@ def main(console: Console) -> int:
             people = s.exec(select(Person).where(col(Person.merged_into).is_(None)).order_by(col(Person.id))).all()
             for p in people:
                 assert p.id is not None
-                table = Table(title=f"person {p.id}", title_justify="left", show_lines=False)
+                rows = [r for r in timeline(s, p.id) if r[1] != "schedule"]
+                story = " -> ".join(dict.fromkeys(what for _, kind, what, _ in rows if kind == "event"))
+                table = Table(title=Text(f"person {p.id}: {story}"), title_justify="left")
                 table.add_column(f"when ({cfg.site.timezone})", no_wrap=True)
                 table.add_column("", no_wrap=True)
-                table.add_column("what")
-                table.add_column("why")
-                for at, kind, what, why in timeline(s, p.id):
-                    if kind == "schedule":
-                        continue
-                    table.add_row(at.astimezone(tz).strftime("%a %m-%d %H:%M"), kind, what, why,
-                                  style=STYLE.get(kind))
+                table.add_column("what", no_wrap=True)
+                table.add_column("why", overflow="fold")
+                for at, kind, what, why in rows:
+                    if kind == "event":
+                        why = why.split("/")[0]  # the subject's type; its id says nothing here
+                    cells = (at.astimezone(tz).strftime("%a %m-%d %H:%M"), kind, what, why)
+                    table.add_row(*(Text(c) for c in cells), style=STYLE.get(kind))
                 console.print(table)
             n = s.exec(select(func.count()).select_from(AuditRecord)).one()
         ok, message = _verify(rp)

@@ -7,6 +7,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -23,12 +24,17 @@ def timeline(s: Session, person_id: int) -> list[tuple[datetime, str, str, str]]
     for e in s.exec(select(JourneyEvent).where(JourneyEvent.person_id == person_id)).all():
         rows.append((utc(e.occurred_at), "event", e.type, e.subject_ref or ""))
     for d in s.exec(select(Decision).where(Decision.person_id == person_id)).all():
-        what = f"{d.action} {d.template or ''}".strip() + (f" via {d.channel}" if d.channel else "")
+        what = (d.template or d.action) + (f" via {d.channel}" if d.channel else "")
         why = f"{d.reason} [{d.playbook} v{d.playbook_version}]"
         if d.action == "schedule" and "due_at" in d.detail:
             why += f" for {d.detail['due_at']}"
+        passed = [f"{ch}: {why_not}" for ch, why_not in d.detail.get("passed_over", [])]
+        if passed and d.action in ("send", "defer"):
+            why += f" (passed over {', '.join(passed)})"
         if d.action == "defer" and "deliver_at" in d.detail:
             why += f" until {d.detail['deliver_at']}"
+        if isinstance(d.detail.get("learning"), dict):  # issue 10: why the learner chose this
+            why += f"; learned: {d.detail['learning'].get('explain', '')}"
         rows.append((utc(d.decided_at), d.action, what, why))
     q = (select(DeliveryReceipt, OutboxItem).join(OutboxItem, col(OutboxItem.id) == col(DeliveryReceipt.outbox_id))
          .where(OutboxItem.person_id == person_id))
@@ -54,6 +60,7 @@ def render_timeline(engine: Engine, person_id: int, console: Console, tz: Any = 
         table.add_column(c)
     for at, kind, what, why in rows:
         when = at.astimezone(tz) if tz else at
-        table.add_row(when.strftime("%Y-%m-%d %H:%M"), kind, what, why, style=STYLE.get(kind))
+        table.add_row(*(Text(c) for c in (when.strftime("%Y-%m-%d %H:%M"), kind, what, why)),
+                      style=STYLE.get(kind))
     console.print(table)
     return True

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, and_, col, or_, select
 
 from careloop.model import Identifier
 from careloop.tables import OutboxItem, Person, PersonIdentifier, Resource
@@ -59,21 +59,34 @@ def _holders(session: Session, ident: Identifier) -> set[int]:
     return {survivor(session, pid) for pid in rows}
 
 
+def _holders_of(session: Session, idents: list[Identifier]) -> dict[tuple[str, str], set[int]]:
+    """Who holds each identifier, in one query (the hot path resolves every event)."""
+    out: dict[tuple[str, str], set[int]] = {(i.system, i.value): set() for i in idents}
+    if not idents:
+        return out
+    cond = or_(*(and_(PersonIdentifier.system == i.system, PersonIdentifier.value == i.value) for i in idents))
+    for system, value, pid in session.exec(
+        select(PersonIdentifier.system, PersonIdentifier.value, PersonIdentifier.person_id).where(cond)
+    ).all():
+        out[(system, value)].add(survivor(session, pid))
+    return out
+
+
 def link(session: Session, person_id: int, idents: list[Identifier]) -> None:
     """Attach identifiers to a person (idempotent)."""
+    if not idents:
+        return
+    have = {
+        (pi.system, pi.value): pi
+        for pi in session.exec(select(PersonIdentifier).where(PersonIdentifier.person_id == person_id)).all()
+    }
     for ident in idents:
-        exists = session.exec(
-            select(PersonIdentifier).where(
-                PersonIdentifier.system == ident.system,
-                PersonIdentifier.value == ident.value,
-                PersonIdentifier.person_id == person_id,
-            )
-        ).first()
+        exists = have.get((ident.system, ident.value))
         if exists is None:
-            session.add(
-                PersonIdentifier(person_id=person_id, kind=ident.kind, system=ident.system, value=ident.value,
-                                 verified=ident.verified)
-            )
+            row = PersonIdentifier(person_id=person_id, kind=ident.kind, system=ident.system, value=ident.value,
+                                   verified=ident.verified)
+            session.add(row)
+            have[(ident.system, ident.value)] = row
         elif ident.verified and not exists.verified:
             exists.verified = True
 
@@ -88,6 +101,11 @@ def resolve(session: Session, idents: list[Identifier], now: datetime, *, create
         return Resolution(survivor(session, pid))
     strong = [i for i in idents if i.kind not in CONTACT_KINDS]
     contact = [i for i in idents if i.kind in CONTACT_KINDS]
+    held = _holders_of(session, idents)
+
+    def _holders(_s: Session, ident: Identifier) -> set[int]:
+        return held[(ident.system, ident.value)]
+
     found: set[int] = set()
     for ident in strong:
         found |= _holders(session, ident)

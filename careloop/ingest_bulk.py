@@ -31,10 +31,33 @@ from careloop.model import PutResult, RawIn
 from careloop.pipeline import IngestSink, _control_id
 from careloop.tables import AuditRecord, RawMessage
 
-_RAW_COLS = ("connector", "kind", "content_type", "dedup_key", "received_at", "body", "headers", "ack",
-             "status", "status_reason", "attempts", "next_attempt_at")
-_AUDIT_COLS = ("seq", "at", "actor", "action", "outcome", "person_id", "entity", "purpose", "detail",
-               "prev_hash", "hash")
+_RAW_COLS = (
+    "connector",
+    "kind",
+    "content_type",
+    "dedup_key",
+    "received_at",
+    "body",
+    "headers",
+    "ack",
+    "status",
+    "status_reason",
+    "attempts",
+    "next_attempt_at",
+)
+_AUDIT_COLS = (
+    "seq",
+    "at",
+    "actor",
+    "action",
+    "outcome",
+    "person_id",
+    "entity",
+    "purpose",
+    "detail",
+    "prev_hash",
+    "hash",
+)
 _CHUNK = 400
 
 
@@ -53,26 +76,34 @@ class _Sql:
         def marks(table: Any, cols: Sequence[str]) -> str:
             # psycopg needs JSON parameters cast, as SQLAlchemy renders them.
             return ", ".join(
-                f"{ph}::json" if self.pg and table.c[c].type.__class__.__name__ == "JSON" else ph for c in cols
+                f"{ph}::json" if self.pg and table.c[c].type.__class__.__name__ == "JSON" else ph
+                for c in cols
             )
 
         self.raw_procs, self.audit_procs = procs(raw_t, _RAW_COLS), procs(audit_t, _AUDIT_COLS)
-        self.insert_raw = (f"INSERT INTO raw_message ({', '.join(_RAW_COLS)}) VALUES ({marks(raw_t, _RAW_COLS)})"
-                           " RETURNING id")
-        self.insert_audit = (f"INSERT INTO audit_record ({', '.join(_AUDIT_COLS)}) "
-                             f"VALUES ({marks(audit_t, _AUDIT_COLS)})")
+        self.insert_raw = (
+            f"INSERT INTO raw_message ({', '.join(_RAW_COLS)}) VALUES ({marks(raw_t, _RAW_COLS)})"
+            " RETURNING id"
+        )
+        self.insert_audit = (
+            f"INSERT INTO audit_record ({', '.join(_AUDIT_COLS)}) VALUES ({marks(audit_t, _AUDIT_COLS)})"
+        )
         self.head = "SELECT seq, hash FROM audit_head WHERE id = 1" + (" FOR UPDATE" if self.pg else "")
         self.head_insert = f"INSERT INTO audit_head (id, seq, hash) VALUES (1, {ph}, {ph})"
         self.head_update = f"UPDATE audit_head SET seq = {ph}, hash = {ph} WHERE id = 1"
         self.ph = ph
 
     def dups(self, n: int) -> str:
-        return (f"SELECT id, dedup_key, ack FROM raw_message WHERE connector = {self.ph} "
-                f"AND dedup_key IN ({', '.join([self.ph] * n)})")
+        return (
+            f"SELECT id, dedup_key, ack FROM raw_message WHERE connector = {self.ph} "
+            f"AND dedup_key IN ({', '.join([self.ph] * n)})"
+        )
 
     @staticmethod
     def bind(procs: list[Callable[[Any], Any] | None], values: Sequence[Any]) -> tuple[Any, ...]:
-        return tuple(p(v) if p is not None and v is not None else v for p, v in zip(procs, values, strict=True))
+        return tuple(
+            p(v) if p is not None and v is not None else v for p, v in zip(procs, values, strict=True)
+        )
 
 
 class BulkIngestSink(IngestSink):
@@ -139,17 +170,35 @@ class BulkIngestSink(IngestSink):
             key = (item.connector, item.dedup_key) if item.dedup_key else None
             first = prior.get(key) if key is not None else None
             if first is None:
-                cur.execute(sql.insert_raw, sql.bind(sql.raw_procs, (
-                    item.connector, item.kind, item.content_type, item.dedup_key, now, item.body,
-                    dict(item.headers), item.reply, "pending", None, 0, None,
-                )))
+                cur.execute(
+                    sql.insert_raw,
+                    sql.bind(
+                        sql.raw_procs,
+                        (
+                            item.connector,
+                            item.kind,
+                            item.content_type,
+                            item.dedup_key,
+                            now,
+                            item.body,
+                            dict(item.headers),
+                            item.reply,
+                            "pending",
+                            None,
+                            0,
+                            None,
+                        ),
+                    ),
+                )
                 rid = cur.fetchone()[0]
                 res = PutResult(rid, False, item.reply)
                 if key is not None:
                     prior[key] = res
                 action, entity = "message.receive", f"raw_message/{rid}"
                 detail: dict[str, Any] = {
-                    "kind": item.kind, "control_id": _control_id(item.dedup_key), "bytes": len(item.body),
+                    "kind": item.kind,
+                    "control_id": _control_id(item.dedup_key),
+                    "bytes": len(item.body),
                 }
             else:
                 res = PutResult(first.raw_id, True, first.reply)
@@ -161,9 +210,24 @@ class BulkIngestSink(IngestSink):
             h = audit_log.chain_hash(
                 prev, audit_log.canonical(seq, at, actor, action, "success", None, entity, None, detail)
             )
-            audits.append(sql.bind(sql.audit_procs, (
-                seq, at, actor, action, "success", None, entity, None, detail, prev, h,
-            )))
+            audits.append(
+                sql.bind(
+                    sql.audit_procs,
+                    (
+                        seq,
+                        at,
+                        actor,
+                        action,
+                        "success",
+                        None,
+                        entity,
+                        None,
+                        detail,
+                        prev,
+                        h,
+                    ),
+                )
+            )
             prev = h
         cur.executemany(sql.insert_audit, audits)
         cur.execute(sql.head_update, (seq, prev))

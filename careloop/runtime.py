@@ -8,6 +8,7 @@ and work still pending in the tables resumes at the next start.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import uvicorn
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -32,12 +33,49 @@ def backlog(hub: Hub) -> dict[str, int]:
         }
 
 
+def ensure_keys(config: AppConfig) -> None:
+    """A first start creates the audit keys it needs (0600) and says so; production
+    deployments provision them (``careloop audit keygen``, ``careloop token keygen``)."""
+    from audit import checkpoint, tokens
+
+    signing = tokens.signing_key_path(config)
+    if not signing.exists():
+        checkpoint.generate_key(signing)
+        log.warning("created a new audit checkpoint signing key", extra={"path": str(signing)})
+    token = tokens.token_key_path(config)
+    if not token.exists():
+        tokens.generate_token_key(token)
+        log.warning("created a new API token key", extra={"path": str(token)})
+
+
+def audit_jobs(hub: Hub) -> list[dict[str, Any]]:
+    """Checkpoints every minute (cheap when none is due) and raw-message retention daily."""
+    from audit import checkpoint, retention
+
+    cfg = hub.config
+    run_checkpoint = checkpoint.job_from_config(hub.store, cfg)
+
+    def prune() -> None:
+        with hub.store.session() as s:
+            n = retention.prune_raw_messages(s, older_than_days=cfg.audit.raw_retention_days,
+                                             now=hub.store.clock.now())
+        log.info("raw message retention", extra={"pruned": n})
+
+    return [
+        {"func": run_checkpoint, "trigger": "interval", "seconds": 60, "id": "audit-checkpoint"},
+        {"func": prune, "trigger": "interval", "hours": 24, "id": "raw-retention"},
+    ]
+
+
 async def serve(config: AppConfig) -> None:
+    ensure_keys(config)
     hub = Hub(config)
     app = create_app(hub)
     await hub.start()
     scheduler = AsyncIOScheduler(timezone="UTC")
     scheduler.add_job(lambda: log.info("backlog", extra=backlog(hub)), "interval", seconds=60, id="backlog")
+    for job in audit_jobs(hub):
+        scheduler.add_job(**job)
     for job in hub.scheduled_jobs:
         scheduler.add_job(**job)
     scheduler.start()

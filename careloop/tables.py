@@ -304,3 +304,56 @@ class FhirSubscriptionState(SQLModel, table=True):
     pending_fetch: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     error: str | None = Field(default=None, max_length=255)
     updated_at: datetime = _ts(nullable=False)
+
+
+class OutreachOutcome(SQLModel, table=True):
+    """What became of one sent outreach (issue 10, orchestrator/outcomes.py): each outcome's
+    first time, joined back to the decision that caused it, and the reward it earned.
+    ``learned``: the send was counted as a trial in ``learning_stat`` (rewards then flow there)."""
+
+    __tablename__ = "outreach_outcome"
+    __table_args__ = (Index("ix_outcome_person_sent", "person_id", "sent_at"),)
+    id: int | None = Field(default=None, primary_key=True)
+    decision_id: int | None = Field(default=None, foreign_key="decision.id", unique=True)
+    outbox_key: str = Field(max_length=128, unique=True)
+    person_id: int = Field(foreign_key="person.id")
+    channel: str = Field(max_length=32)
+    template: str = Field(max_length=64)
+    subject_ref: str | None = Field(default=None, max_length=255)
+    window: str | None = Field(default=None, max_length=32)
+    variant: str | None = Field(default=None, max_length=64)
+    segment: str | None = Field(default=None, max_length=128)
+    propensity: float | None = None
+    sent_at: datetime = _ts(nullable=False)
+    delivered_at: datetime | None = _ts(nullable=True)
+    read_at: datetime | None = _ts(nullable=True)
+    clicked_at: datetime | None = _ts(nullable=True)
+    replied_at: datetime | None = _ts(nullable=True)
+    confirmed_at: datetime | None = _ts(nullable=True)
+    attended_at: datetime | None = _ts(nullable=True)
+    noshow_at: datetime | None = _ts(nullable=True)
+    failed_at: datetime | None = _ts(nullable=True)
+    opted_out_at: datetime | None = _ts(nullable=True)
+    reward: float = 0.0
+    learned: bool = False
+    updated_at: datetime = _ts(nullable=False)
+
+
+class LearningStat(SQLModel, table=True):
+    """The learner's evidence for one option (issue 10, orchestrator/learning.py) at one level
+    of pooling: ``scope`` population ("*"), segment (its key) or person (the person id).
+    ``successes``/``failures`` are reward mass, decayed by the configured half-life as of
+    ``updated_at``; ``trials``/``engaged`` are plain counts kept for explanations."""
+
+    __tablename__ = "learning_stat"
+    __table_args__ = (UniqueConstraint("scope", "scope_key", "dimension", "option", name="uq_learning_stat"),)
+    id: int | None = Field(default=None, primary_key=True)
+    scope: str = Field(max_length=16)  # population|segment|person
+    scope_key: str = Field(max_length=128)
+    dimension: str = Field(max_length=16)  # channel|window|variant
+    option: str = Field(max_length=128)  # channel id, window name, or "<template>/<variant>"
+    successes: float = 0.0
+    failures: float = 0.0
+    trials: int = 0
+    engaged: int = 0
+    updated_at: datetime = _ts(nullable=False)

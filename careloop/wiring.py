@@ -81,6 +81,9 @@ def check(app: AppConfig) -> Checked:
             length_check = getattr(cls, "check_template", None)
             if length_check is not None:
                 problems.extend(f"templates.{name}: {p} (channel {cid})" for p in length_check(t))
+                for vname in t.variants:  # issue 10: each variant is held to the same limits
+                    problems.extend(f"templates.{name}.variants.{vname}: {p} (channel {cid})"
+                                    for p in length_check(t.with_variant(vname)))
         checked.templates[name] = t
     for name, raw in app.playbooks.items():
         try:
@@ -102,6 +105,9 @@ def check(app: AppConfig) -> Checked:
         from orchestrator.triage import check_config as check_triage
 
         problems.extend(check_triage(app.triage, app.base_dir, set(app.templates), set(app.channels)))
+    from orchestrator.learning import check_config as check_learning  # issue 10
+
+    problems.extend(check_learning(app))
     if problems:
         raise ConfigError(problems)
     return checked

@@ -40,8 +40,10 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 
 from sqlalchemy import update
 from sqlmodel import Session, col, or_, select
@@ -55,6 +57,9 @@ from careloop.tables import DeliveryReceipt, OutboxItem
 from channels.base import ABSENT, Channel, DeliveryUncertain, Receipt
 
 log = logging.getLogger("careloop.outbox")
+
+# Records one delivery outcome inside a transaction (session, now).
+Settle = Callable[[Session, datetime], None]
 
 # Receipt status -> outbox row status.
 ROW_STATUS = {
@@ -146,16 +151,29 @@ class DeliverStage:
             r = await self.recover()
             handled += r.adopted + r.resend + r.unknown
         ids = await asyncio.to_thread(self._due_ids)
-        for item_id in ids:
-            item = await asyncio.to_thread(self._claim, item_id)
+        settle: Settle | None = None
+        # One transaction per item: it settles the previous item and claims the next, so
+        # the claim is still committed before its send and at most one item is in doubt.
+        for next_id in [*ids, None]:
+            if settle is None and next_id is None:
+                break
+            item = await asyncio.to_thread(self._step, settle, next_id)
+            settle = None
             if item is None:
                 continue  # another worker took it, or it was cancelled meanwhile
             handled += 1
             if item.status == "sending":
-                await self._deliver(item)
+                settle = await self._deliver(item)
         return handled
 
-    async def _deliver(self, item: OutboxItem) -> None:
+    def _step(self, settle: Settle | None, next_id: int | None) -> OutboxItem | None:
+        with self.store.session() as s:
+            if settle is not None:
+                settle(s, self.store.clock.now())
+            return self._claim_in(s, next_id) if next_id is not None else None
+
+    async def _deliver(self, item: OutboxItem) -> Settle:
+        """Send ``item``; return how to record the outcome (in the next transaction)."""
         channel = self.channels.get(item.channel)
         try:
             if channel is None:
@@ -163,13 +181,12 @@ class DeliverStage:
             await self._bucket(channel).acquire()
             receipt = await channel.send(item)
         except DeliveryUncertain as exc:
-            await asyncio.to_thread(self._uncertain, item, exc)
+            return partial(self._uncertain_in, item=item, exc=exc)
         except TransientError as exc:
-            await asyncio.to_thread(self._retry, item, exc)
+            return partial(self._retry_in, item=item, exc=exc)
         except Exception as exc:  # PermanentError, or a foreign error: dead letter, no resend
-            await asyncio.to_thread(self._dead, item, exc)
-        else:
-            await asyncio.to_thread(self._done, item, receipt, False)
+            return partial(self._dead_in, item=item, exc=exc)
+        return partial(self._done_in, item=item, receipt=receipt, recovered=False)
 
     def _bucket(self, channel: Channel) -> TokenBucket | _NoLimit:
         rate = getattr(getattr(channel, "config", None), "rate_per_second", None)
@@ -194,39 +211,42 @@ class DeliverStage:
             ).all()
         return [i for i in rows if i is not None]
 
-    def _claim(self, item_id: int) -> OutboxItem | None:
-        """Move one item to ``sending`` (committed on return), or cancel it if expired."""
+    def _claim_in(self, s: Session, item_id: int) -> OutboxItem | None:
+        """Move one item to ``sending`` in ``s`` (the caller commits before sending), or
+        cancel it if expired; None if it is no longer pending."""
         now = self.store.clock.now()
-        with self.store.session() as s:
-            res = s.execute(
-                update(OutboxItem)
-                .where(col(OutboxItem.id) == item_id, col(OutboxItem.status) == "pending")
-                .values(status="sending", attempts=OutboxItem.attempts + 1, next_attempt_at=now)
+        row = s.scalars(
+            update(OutboxItem)
+            .where(col(OutboxItem.id) == item_id, col(OutboxItem.status) == "pending")
+            .values(status="sending", attempts=OutboxItem.attempts + 1, next_attempt_at=now)
+            .returning(OutboxItem),
+            execution_options={"populate_existing": True},
+        ).one_or_none()
+        if row is None:
+            return None
+        if row.not_after is not None and utc(row.not_after) < now:
+            row.status, row.last_error = "cancelled", "expired: not_after has passed"
+            row.attempts -= 1  # not an attempt: nothing was sent
+            audit_log.append(
+                s,
+                at=now,
+                actor="deliver",
+                action="outbox.expire",
+                person_id=row.person_id,
+                entity=f"outbox/{row.id}",
+                purpose=row.purpose,
+                detail={"channel": row.channel, "template": row.template, "reason": "expired"},
             )
-            if res.rowcount != 1:  # type: ignore[attr-defined]
-                return None
-            row = s.get(OutboxItem, item_id, populate_existing=True)
-            assert row is not None
-            if row.not_after is not None and utc(row.not_after) < now:
-                row.status, row.last_error = "cancelled", "expired: not_after has passed"
-                row.attempts -= 1  # not an attempt: nothing was sent
-                audit_log.append(
-                    s,
-                    at=now,
-                    actor="deliver",
-                    action="outbox.expire",
-                    person_id=row.person_id,
-                    entity=f"outbox/{row.id}",
-                    purpose=row.purpose,
-                    detail={"channel": row.channel, "template": row.template, "reason": "expired"},
-                )
-            s.expunge(row)
-            return row
+            s.flush()
+        s.expunge(row)
+        return row
 
-    def _row(self, s: Session, item: OutboxItem) -> OutboxItem:
+    def _sending(self, s: Session, item: OutboxItem) -> OutboxItem | None:
+        """The item's row, if it is still ``sending`` (else settled elsewhere meanwhile,
+        e.g. by another worker's recovery)."""
         row = s.get(OutboxItem, item.id, populate_existing=True)
         assert row is not None and row.id is not None
-        return row
+        return row if row.status == "sending" else None
 
     def _disclose(self, s: Session, row: OutboxItem, outcome: str, now: datetime, ok: bool) -> None:
         audit_log.append(
@@ -249,60 +269,57 @@ class DeliverStage:
             },
         )
 
-    def _done(self, item: OutboxItem, receipt: Receipt, recovered: bool) -> None:
-        now = self.store.clock.now()
-        with self.store.session() as s:
-            row = self._row(s, item)
-            if row.status != "sending":  # settled elsewhere meanwhile (recovery by another worker)
-                return
-            row.status = ROW_STATUS.get(receipt.status, "sent")
-            row.provider_id, row.last_error = receipt.provider_id, None
-            detail = dict(receipt.detail)
-            if recovered:
-                detail["recovered"] = True
-            assert row.id is not None
-            s.add(
-                DeliveryReceipt(
-                    outbox_id=row.id,
-                    at=now,
-                    status=receipt.status,
-                    provider_id=receipt.provider_id,
-                    detail=detail,
-                )
+    def _done_in(
+        self, s: Session, now: datetime, item: OutboxItem, receipt: Receipt, recovered: bool
+    ) -> None:
+        row = self._sending(s, item)
+        if row is None or row.id is None:
+            return
+        row.status = ROW_STATUS.get(receipt.status, "sent")
+        row.provider_id, row.last_error = receipt.provider_id, None
+        detail = dict(receipt.detail)
+        if recovered:
+            detail["recovered"] = True
+        s.add(
+            DeliveryReceipt(
+                outbox_id=row.id,
+                at=now,
+                status=receipt.status,
+                provider_id=receipt.provider_id,
+                detail=detail,
             )
-            self._disclose(s, row, receipt.status, now, ok=row.status != "failed")
+        )
+        self._disclose(s, row, receipt.status, now, ok=row.status != "failed")
 
-    def _retry(self, item: OutboxItem, exc: BaseException) -> None:
-        now = self.store.clock.now()
-        with self.store.session() as s:
-            row = self._row(s, item)
-            if row.status != "sending":
-                return
-            self._disclose(s, row, "transient-error", now, ok=False)
-            if row.attempts >= self.max_attempts:
-                dead_letter(s, "deliver", row, exc, now)
-                return
-            row.status, row.last_error = "pending", describe_error(exc)[:500]
-            row.next_attempt_at = now + backoff(row.attempts, self.backoff_base, self.backoff_cap, self.rng)
-
-    def _uncertain(self, item: OutboxItem, exc: BaseException) -> None:
-        # Stay in ``sending``: recovery settles it once the lease has passed.
-        now = self.store.clock.now()
-        with self.store.session() as s:
-            row = self._row(s, item)
-            if row.status != "sending":
-                return
-            row.last_error = describe_error(exc)[:500]
-            self._disclose(s, row, "uncertain", now, ok=False)
-
-    def _dead(self, item: OutboxItem, exc: BaseException) -> None:
-        now = self.store.clock.now()
-        with self.store.session() as s:
-            row = self._row(s, item)
-            if row.status != "sending":
-                return
-            self._disclose(s, row, "permanent-error", now, ok=False)
+    def _retry_in(self, s: Session, now: datetime, item: OutboxItem, exc: BaseException) -> None:
+        row = self._sending(s, item)
+        if row is None:
+            return
+        self._disclose(s, row, "transient-error", now, ok=False)
+        if row.attempts >= self.max_attempts:
             dead_letter(s, "deliver", row, exc, now)
+            return
+        row.status, row.last_error = "pending", describe_error(exc)[:500]
+        row.next_attempt_at = now + backoff(row.attempts, self.backoff_base, self.backoff_cap, self.rng)
+
+    def _uncertain_in(self, s: Session, now: datetime, item: OutboxItem, exc: BaseException) -> None:
+        # Stay in ``sending``: recovery settles it once the lease has passed.
+        row = self._sending(s, item)
+        if row is None:
+            return
+        row.last_error = describe_error(exc)[:500]
+        self._disclose(s, row, "uncertain", now, ok=False)
+
+    def _dead_in(self, s: Session, now: datetime, item: OutboxItem, exc: BaseException) -> None:
+        row = self._sending(s, item)
+        if row is None:
+            return
+        self._disclose(s, row, "permanent-error", now, ok=False)
+        dead_letter(s, "deliver", row, exc, now)
+
+    def _adopt(self, item: OutboxItem, receipt: Receipt) -> None:
+        with self.store.session() as s:
+            self._done_in(s, self.store.clock.now(), item, receipt, True)
 
     # ------------------------------------------------------------------ recovery
 
@@ -331,7 +348,7 @@ class DeliverStage:
                 await asyncio.to_thread(self._absent, item)
                 report.note("resend", item.key)
             elif answer is not None:
-                await asyncio.to_thread(self._done, item, answer, True)
+                await asyncio.to_thread(self._adopt, item, answer)
                 report.note("adopted", item.key)
             else:
                 await asyncio.to_thread(self._unknown, item)
@@ -369,8 +386,8 @@ class DeliverStage:
     def _absent(self, item: OutboxItem) -> None:
         now = self.store.clock.now()
         with self.store.session() as s:
-            row = self._row(s, item)
-            if row.status != "sending":
+            row = self._sending(s, item)
+            if row is None:
                 return
             row.status, row.next_attempt_at = "pending", now
             row.last_error = "interrupted send; provider confirmed it never got it"
@@ -388,8 +405,8 @@ class DeliverStage:
     def _unknown(self, item: OutboxItem) -> None:
         now = self.store.clock.now()
         with self.store.session() as s:
-            row = self._row(s, item)
-            if row.status != "sending":
+            row = self._sending(s, item)
+            if row is None:
                 return
             row.status = "unknown"
             row.last_error = "interrupted send; provider cannot say whether it was delivered: staff review"

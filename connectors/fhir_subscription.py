@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from sqlmodel import Session, select
 
 from careloop import audit_log
-from careloop.app import operation_outcome
+from careloop.http import operation_outcome
 from careloop.clock import Clock, SystemClock, utc
 from careloop.config import AppConfig
 from careloop.errors import CareloopError, PermanentError

@@ -20,6 +20,12 @@ from mapping.hl7v2_parse import HL7FormatError, parse_bytes, read_header, split_
 
 app = typer.Typer(no_args_is_help=True, help="HL7 v2 tools.")
 
+
+@app.callback()
+def _group() -> None:
+    """HL7 v2 tools (a group, so that ``send`` keeps its name when more commands come)."""
+
+
 VT, FS_CR = b"\x0b", b"\x1c\r"
 
 
@@ -48,7 +54,9 @@ def _describe(ack: bytes) -> tuple[str, str]:
     err = m.segment("ERR")
     detail = ""
     if err is not None:
-        detail = " ".join(x for x in (err.get(3, 1) or err.get(1, 4), err.get(8) or (msa.get(3) if msa else "")) if x)
+        detail = " ".join(
+            x for x in (err.get(3, 1) or err.get(1, 4), err.get(8) or (msa.get(3) if msa else "")) if x
+        )
     return code, detail
 
 

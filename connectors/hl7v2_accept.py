@@ -31,12 +31,18 @@ class Accepted:
     headers: list[Header | None] = field(default_factory=list)
 
 
-
 class HL7Acceptor:
     """Turns payloads into raw messages with their ACKs for one connector."""
 
-    def __init__(self, connector_id: str, clock: Clock, timezone: str, style: AckStyle = "auto",
-                 strict: bool = False, receiving_application: str = "CARELOOP") -> None:
+    def __init__(
+        self,
+        connector_id: str,
+        clock: Clock,
+        timezone: str,
+        style: AckStyle = "auto",
+        strict: bool = False,
+        receiving_application: str = "CARELOOP",
+    ) -> None:
         self.id, self.clock, self.timezone, self.style = connector_id, clock, timezone, style
         self.strict, self.receiving_application = strict, receiving_application
 
@@ -57,7 +63,8 @@ class HL7Acceptor:
             outcome = Outcome.OK if error is None else Outcome.ERROR
             reply = (
                 build_ack(hdr, outcome, now, error, style, self.receiving_application)
-                if should_send(hdr, outcome, style) else None
+                if should_send(hdr, outcome, style)
+                else None
             )
             mtype, trigger = hdr.message_type
             kind = f"hl7v2:{mtype or 'UNKNOWN'}^{trigger}" if trigger else f"hl7v2:{mtype or 'UNKNOWN'}"
@@ -93,8 +100,14 @@ def strict_check(message: bytes) -> AckError | None:
         parsed.validate()
     except HL7apyException as exc:
         name = type(exc).__name__
-        code = {"UnsupportedVersion": 203, "InvalidName": 200, "ChildNotFound": 100, "ChildNotValid": 100,
-                "MaxChildLimitReached": 100, "ValidationError": 101}.get(name, 102)
+        code = {
+            "UnsupportedVersion": 203,
+            "InvalidName": 200,
+            "ChildNotFound": 100,
+            "ChildNotValid": 100,
+            "MaxChildLimitReached": 100,
+            "ValidationError": 101,
+        }.get(name, 102)
         return AckError(code, f"structure validation failed ({name})")
     except Exception as exc:  # hl7apy raises plain errors on some malformed input
         return AckError(102, f"structure validation failed ({type(exc).__name__})")

@@ -42,7 +42,9 @@ class FileConfig(PluginConfig):
     poll_interval_s: float = Field(1.0, gt=0)
     min_age_s: float = Field(0.5, ge=0, description="skip files modified more recently (still being written)")
     max_file_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    timezone: TimeZoneName | None = Field(None, description="zone for timestamps without offset; default: site")
+    timezone: TimeZoneName | None = Field(
+        None, description="zone for timestamps without offset; default: site"
+    )
 
 
 class FileConnector:
@@ -51,7 +53,9 @@ class FileConnector:
     name: ClassVar[str] = "hl7v2_file"
     Config: ClassVar[type[FileConfig]] = FileConfig
 
-    def __init__(self, id: str, config: FileConfig, clock: Clock | None = None, app_config: Any = None) -> None:
+    def __init__(
+        self, id: str, config: FileConfig, clock: Clock | None = None, app_config: Any = None
+    ) -> None:
         self.id, self.config = id, config
         self.clock: Clock = clock or SystemClock()
         site_tz = getattr(getattr(app_config, "site", None), "timezone", None)
@@ -82,7 +86,9 @@ class FileConnector:
 
     def health(self) -> Health:
         ok = self._task is not None and not self._task.done()
-        return Health(ok, f"done={self.files_done} error={self.files_error} store_failures={self.store_failures}")
+        return Health(
+            ok, f"done={self.files_done} error={self.files_error} store_failures={self.store_failures}"
+        )
 
     def router(self) -> None:
         return None
@@ -113,7 +119,9 @@ class FileConnector:
             if now - st.st_mtime < self.config.min_age_s:
                 continue
             if st.st_size > self.config.max_file_bytes:
-                self._move(path, self.error_dir, f"the file is larger than {self.config.max_file_bytes} bytes")
+                self._move(
+                    path, self.error_dir, f"the file is larger than {self.config.max_file_bytes} bytes"
+                )
                 moved += 1
                 continue
             data = path.read_bytes()
@@ -127,10 +135,15 @@ class FileConnector:
                 results = await self._sink.put(accepted.items)
             except Exception as exc:
                 self.store_failures += 1
-                log.warning("connector %s: store failed for a file, will retry: %s", self.id, type(exc).__name__)
+                log.warning(
+                    "connector %s: store failed for a file, will retry: %s", self.id, type(exc).__name__
+                )
                 return moved
-            errors = [item for item, res in zip(accepted.items, results, strict=True)
-                      if "hl7_error" in item.headers and not res.duplicate]
+            errors = [
+                item
+                for item, res in zip(accepted.items, results, strict=True)
+                if "hl7_error" in item.headers and not res.duplicate
+            ]
             if errors:
                 self._move(path, self.error_dir, f"{len(errors)} message(s) stored with an error ACK (AE)")
             else:

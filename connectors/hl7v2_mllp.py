@@ -73,7 +73,9 @@ class MLLPConfig(PluginConfig):
     )
     tls: TLSConfig | None = None
     strict: bool = Field(False, description="validate message structure with hl7apy (slow); errors -> AE")
-    timezone: TimeZoneName | None = Field(None, description="zone for timestamps without offset; default: site")
+    timezone: TimeZoneName | None = Field(
+        None, description="zone for timestamps without offset; default: site"
+    )
     receiving_application: str = "CARELOOP"
     max_connections: int = Field(512, ge=1)
 
@@ -244,8 +246,9 @@ class MLLPConnector:
         self._committer: GroupCommitter | None = None
         self._conns: set[asyncio.Task[Any]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
-        self._acceptor = HL7Acceptor(id, self.clock, self.timezone, config.ack_style, config.strict,
-                                     config.receiving_application)
+        self._acceptor = HL7Acceptor(
+            id, self.clock, self.timezone, config.ack_style, config.strict, config.receiving_application
+        )
 
     # ------------------------------------------------------------------ pure part
 
@@ -262,12 +265,20 @@ class MLLPConnector:
     async def start(self, sink: RawSink) -> None:
         self._committer = GroupCommitter(sink)
         self._server = await asyncio.start_server(
-            self._on_connection, self.config.host, self.config.port, ssl=self._ssl_context(),
+            self._on_connection,
+            self.config.host,
+            self.config.port,
+            ssl=self._ssl_context(),
             backlog=self.config.max_connections,
         )
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("connector %s: MLLP listening on %s:%s (tls=%s)", self.id, self.config.host, self.port,
-                 self.config.tls is not None)
+        log.info(
+            "connector %s: MLLP listening on %s:%s (tls=%s)",
+            self.id,
+            self.config.host,
+            self.port,
+            self.config.tls is not None,
+        )
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -287,9 +298,12 @@ class MLLPConnector:
     def health(self) -> Health:
         s = self.stats
         ok = self._server is not None and self._server.is_serving()
-        return Health(ok, f"port={self.port} open={s.open_connections} stored={s.stored} dup={s.duplicates} "
-                          f"nacks={s.nacks} oversize={s.oversize} junk_bytes={s.junk_bytes} "
-                          f"store_failures={s.store_failures}")
+        return Health(
+            ok,
+            f"port={self.port} open={s.open_connections} stored={s.stored} dup={s.duplicates} "
+            f"nacks={s.nacks} oversize={s.oversize} junk_bytes={s.junk_bytes} "
+            f"store_failures={s.store_failures}",
+        )
 
     def router(self) -> None:
         return None
@@ -363,8 +377,12 @@ class MLLPConnector:
             except Exception as exc:
                 failed = True
                 self.stats.store_failures += 1
-                log.warning("connector %s: store failed, NACKing %d message(s): %s", self.id, len(items),
-                            type(exc).__name__)
+                log.warning(
+                    "connector %s: store failed, NACKing %d message(s): %s",
+                    self.id,
+                    len(items),
+                    type(exc).__name__,
+                )
         replies: list[bytes] = []
         pos = 0
         now = self.clock.now()
@@ -373,12 +391,20 @@ class MLLPConnector:
                 replies.append(acc.nack)
                 continue
             parts: list[bytes] = []
-            for item, hdr in zip(acc.items, acc.headers, strict=True):
+            for _item, hdr in zip(acc.items, acc.headers, strict=True):
                 if failed or results is None:
                     err = AckError(207, "the message could not be stored; send it again")
                     if should_send(hdr, Outcome.ERROR, self.config.ack_style):
-                        parts.append(build_ack(hdr, Outcome.ERROR, now, err, self.config.ack_style,
-                                               self.config.receiving_application))
+                        parts.append(
+                            build_ack(
+                                hdr,
+                                Outcome.ERROR,
+                                now,
+                                err,
+                                self.config.ack_style,
+                                self.config.receiving_application,
+                            )
+                        )
                     self.stats.nacks += 1
                     continue
                 res = results[pos]
@@ -400,17 +426,21 @@ class MLLPConnector:
             self.stats.oversize += 1
             self.stats.nacks += 1
             hdr = _try_header(fr.content)
-            err = AckError(207, f"the message is {fr.size} bytes; the limit is {self.config.max_message_bytes}")
-            return Accepted([], nack=build_ack(hdr, Outcome.REJECT, now, err, style,
-                                               self.config.receiving_application))
+            err = AckError(
+                207, f"the message is {fr.size} bytes; the limit is {self.config.max_message_bytes}"
+            )
+            return Accepted(
+                [], nack=build_ack(hdr, Outcome.REJECT, now, err, style, self.config.receiving_application)
+            )
         try:
             return self._accept(fr.content, {})
         except HL7FormatError as exc:
             self.stats.nacks += 1
             hdr = _try_header(fr.content)
             err = AckError(exc.code, str(exc), exc.location)
-            return Accepted([], nack=build_ack(hdr, Outcome.REJECT, now, err, style,
-                                               self.config.receiving_application))
+            return Accepted(
+                [], nack=build_ack(hdr, Outcome.REJECT, now, err, style, self.config.receiving_application)
+            )
 
 
 def _try_header(data: bytes) -> Header | None:
@@ -428,5 +458,5 @@ def _batch_ack(acks: Sequence[bytes]) -> bytes:
     """Acknowledgments of a batch, wrapped as a batch (BHS ... BTS)."""
     first = acks[0]
     fs = first[3:4].decode("latin-1") or "|"
-    enc = first[4:first.index(fs.encode(), 4)].decode("latin-1") if fs.encode() in first[4:] else "^~\\&"
-    return (f"BHS{fs}{enc}\r".encode() + b"".join(acks) + f"BTS{fs}{len(acks)}\r".encode())
+    enc = first[4 : first.index(fs.encode(), 4)].decode("latin-1") if fs.encode() in first[4:] else "^~\\&"
+    return f"BHS{fs}{enc}\r".encode() + b"".join(acks) + f"BTS{fs}{len(acks)}\r".encode()

@@ -71,8 +71,10 @@ def list_messages(
     engine.dispose()
     for r in rows:
         reason = f"\t{r.status_reason}" if r.status_reason else ""
-        typer.echo(f"{r.id}\t{r.received_at:%Y-%m-%dT%H:%M:%S}\t{r.connector}\t{r.kind}\t{r.status}\t"
-                   f"{_control_id(r)}{reason}")
+        typer.echo(
+            f"{r.id}\t{r.received_at:%Y-%m-%dT%H:%M:%S}\t{r.connector}\t{r.kind}\t{r.status}\t"
+            f"{_control_id(r)}{reason}"
+        )
 
 
 def mask_hl7(text: str) -> str:
@@ -131,15 +133,23 @@ def show(
                 typer.echo(f"no raw message {message_id}", err=True)
                 raise typer.Exit(1)
             if unmask:
-                audit_log.append(s, at=SystemClock().now(), actor=f"cli:{getpass.getuser()}",
-                                 action="message.view", entity=f"raw_message/{message_id}",
-                                 detail={"unmasked": True})
+                audit_log.append(
+                    s,
+                    at=SystemClock().now(),
+                    actor=f"cli:{getpass.getuser()}",
+                    action="message.view",
+                    entity=f"raw_message/{message_id}",
+                    detail={"unmasked": True},
+                )
                 s.commit()
     finally:
         engine.dispose()
-    typer.echo(f"id: {row.id}\nconnector: {row.connector}\nkind: {row.kind}\nreceived_at: {row.received_at}\n"
-               f"status: {row.status}" + (f" ({row.status_reason})" if row.status_reason else "") +
-               f"\ncontrol_id: {_control_id(row)}\n")
+    typer.echo(
+        f"id: {row.id}\nconnector: {row.connector}\nkind: {row.kind}\nreceived_at: {row.received_at}\n"
+        f"status: {row.status}"
+        + (f" ({row.status_reason})" if row.status_reason else "")
+        + f"\ncontrol_id: {_control_id(row)}\n"
+    )
     typer.echo(render_body(row, unmask))
     if row.ack:
         typer.echo("\nack:\n" + bytes(row.ack).decode("utf-8", errors="replace").replace("\r", "\n").strip())
@@ -167,9 +177,14 @@ def reprocess(
                     continue
                 before = row.status
                 row.status, row.status_reason, row.attempts, row.next_attempt_at = "pending", None, 0, None
-                audit_log.append(s, at=SystemClock().now(), actor=f"cli:{getpass.getuser()}",
-                                 action="message.reprocess", entity=f"raw_message/{mid}",
-                                 detail={"from": before})
+                audit_log.append(
+                    s,
+                    at=SystemClock().now(),
+                    actor=f"cli:{getpass.getuser()}",
+                    action="message.reprocess",
+                    entity=f"raw_message/{mid}",
+                    detail={"from": before},
+                )
                 typer.echo(f"{mid}\tpending (was {before})")
             s.commit()
     finally:

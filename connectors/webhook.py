@@ -140,7 +140,7 @@ def _scheme(cfg: WebhookConfig) -> Scheme | None:
 
 def _outcome(status: int, code: str, diagnostics: str) -> JSONResponse:
     # Imported late: careloop.app imports the hub, which loads this plugin.
-    from careloop.app import operation_outcome
+    from careloop.http import operation_outcome
 
     return operation_outcome(status, code, diagnostics)
 

@@ -61,23 +61,40 @@ SIU_EVENTS: Final[dict[str, str]] = {
 
 # Encounter.status per trigger (A08 keeps what PV1 says: finished when PV1-45 is set).
 _ENCOUNTER_STATUS: Final = {
-    "A01": "in-progress", "A02": "in-progress", "A03": "finished", "A04": "arrived",
-    "A05": "planned", "A11": "cancelled", "A13": "in-progress",
+    "A01": "in-progress",
+    "A02": "in-progress",
+    "A03": "finished",
+    "A04": "arrived",
+    "A05": "planned",
+    "A11": "cancelled",
+    "A13": "in-progress",
 }
 
 # PV1-2 patient class (table 0004) -> v3 ActCode.
 _CLASS: Final = {
-    "E": ("EMER", "emergency"), "I": ("IMP", "inpatient encounter"), "O": ("AMB", "ambulatory"),
-    "P": ("PRENC", "pre-admission"), "R": ("AMB", "ambulatory"), "B": ("IMP", "inpatient encounter"),
+    "E": ("EMER", "emergency"),
+    "I": ("IMP", "inpatient encounter"),
+    "O": ("AMB", "ambulatory"),
+    "P": ("PRENC", "pre-admission"),
+    "R": ("AMB", "ambulatory"),
+    "B": ("IMP", "inpatient encounter"),
     "C": ("AMB", "ambulatory"),
 }
 _ACTCODE: Final = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 
 # SCH-25 filler status (table 0278) -> Appointment.status (V2-to-FHIR ConceptMap).
 FILLER_STATUS: Final[dict[str, str]] = {
-    "PENDING": "pending", "WAITLIST": "waitlist", "BOOKED": "booked", "STARTED": "arrived",
-    "COMPLETE": "fulfilled", "CANCELLED": "cancelled", "DC": "cancelled", "DELETED": "entered-in-error",
-    "BLOCKED": "booked", "OVERBOOK": "booked", "NOSHOW": "noshow",
+    "PENDING": "pending",
+    "WAITLIST": "waitlist",
+    "BOOKED": "booked",
+    "STARTED": "arrived",
+    "COMPLETE": "fulfilled",
+    "CANCELLED": "cancelled",
+    "DC": "cancelled",
+    "DELETED": "entered-in-error",
+    "BLOCKED": "booked",
+    "OVERBOOK": "booked",
+    "NOSHOW": "noshow",
 }
 _TRIGGER_STATUS: Final = {"S15": "cancelled", "S16": "cancelled", "S17": "cancelled", "S26": "noshow"}
 
@@ -136,7 +153,7 @@ class _Ctx:
 
 def _occurred_at(ctx: _Ctx) -> datetime:
     evn = ctx.msg.segment("EVN")
-    for value in ((evn.get(6), evn.get(2)) if evn else ()):
+    for value in (evn.get(6), evn.get(2)) if evn else ():
         dt = ctx.dtm(value)
         if dt is not None:
             return dt
@@ -175,7 +192,10 @@ def _patient(ctx: _Ctx, pid: Segment) -> tuple[dict[str, Any], list[Identifier]]
         id_type = leaf(rep, 5, 1, enc, cs).strip().upper()
         if not value or id_type in _SKIP_ID_TYPES:
             continue
-        entry: dict[str, Any] = {"value": value, "system": cx_authority(rep, enc, cs) or ctx.default_authority}
+        entry: dict[str, Any] = {
+            "value": value,
+            "system": cx_authority(rep, enc, cs) or ctx.default_authority,
+        }
         if id_type:
             entry["type"] = {"coding": [{"system": V2_0203, "code": id_type}]}
         fhir_ids.append(entry)
@@ -294,13 +314,19 @@ def _encounter(ctx: _Ctx, pv1: Segment, trigger: str) -> dict[str, Any]:
         ),
     }
     if visit_id:
-        encounter["identifier"] = [{
-            "type": {"coding": [{"system": V2_0203, "code": "VN"}]}, "system": auth, "value": visit_id,
-        }]
+        encounter["identifier"] = [
+            {
+                "type": {"coding": [{"system": V2_0203, "code": "VN"}]},
+                "system": auth,
+                "value": visit_id,
+            }
+        ]
     locations = []
     loc = location_display(pv1.raw_rep(3), enc, cs)
     if loc:
-        locations.append({"location": {"display": loc}, "status": "completed" if status == "finished" else "active"})
+        locations.append(
+            {"location": {"display": loc}, "status": "completed" if status == "finished" else "active"}
+        )
     prior = location_display(pv1.raw_rep(6), enc, cs) if trigger == "A02" else None
     if prior:
         locations.append({"location": {"display": prior}, "status": "completed"})
@@ -321,17 +347,28 @@ def _encounter(ctx: _Ctx, pv1: Segment, trigger: str) -> dict[str, Any]:
         hosp["dischargeDisposition"] = disposition
     admit_source = pv1.get(14).strip()
     if admit_source:
-        hosp["admitSource"] = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0023",
-                                           "code": admit_source}]}
+        hosp["admitSource"] = {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0023", "code": admit_source}]
+        }
     if hosp:
         encounter["hospitalization"] = hosp
     attending = practitioner(pv1.raw_rep(7), enc, cs)
     if attending:
-        encounter["participant"] = [{
-            "type": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
-                                  "code": "ATND"}]}],
-            "individual": attending,
-        }]
+        encounter["participant"] = [
+            {
+                "type": [
+                    {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                                "code": "ATND",
+                            }
+                        ]
+                    }
+                ],
+                "individual": attending,
+            }
+        ]
     return encounter
 
 
@@ -374,8 +411,9 @@ def _appointment(ctx: _Ctx, sch: Segment, trigger: str, idents: list[Identifier]
     ids = []
     for code, pair in (("PLAC", placer), ("FILL", filler)):
         if pair:
-            ids.append({"type": {"coding": [{"system": V2_0203, "code": code}]}, "system": pair[0],
-                        "value": pair[1]})
+            ids.append(
+                {"type": {"coding": [{"system": V2_0203, "code": code}]}, "system": pair[0], "value": pair[1]}
+            )
     if ids:
         appt["identifier"] = ids
     start, end = _timing(ctx, sch)
@@ -401,8 +439,12 @@ def _appointment(ctx: _Ctx, sch: Segment, trigger: str, idents: list[Identifier]
     participants: list[dict[str, Any]] = []
     mrn = next((i for i in idents if i.kind == "mrn"), None)
     if mrn is not None:
-        participants.append({"actor": {"type": "Patient", "identifier": {"system": mrn.system, "value": mrn.value}},
-                             "status": "accepted"})
+        participants.append(
+            {
+                "actor": {"type": "Patient", "identifier": {"system": mrn.system, "value": mrn.value}},
+                "status": "accepted",
+            }
+        )
     for ail in msg.all("AIL"):
         loc = location_display(ail.raw_rep(3), enc, cs)
         if loc:
@@ -449,8 +491,18 @@ def _timing(ctx: _Ctx, sch: Segment) -> tuple[datetime | None, datetime | None]:
     return start, end
 
 
-_UNITS: Final = {"MIN": 60, "M": 60, "MINUTES": 60, "S": 1, "SEC": 1, "H": 3600, "HR": 3600, "HOURS": 3600,
-                 "D": 86400, "DAY": 86400}
+_UNITS: Final = {
+    "MIN": 60,
+    "M": 60,
+    "MINUTES": 60,
+    "S": 1,
+    "SEC": 1,
+    "H": 3600,
+    "HR": 3600,
+    "HOURS": 3600,
+    "D": 86400,
+    "DAY": 86400,
+}
 
 
 def _plus(start: datetime, amount: str, unit: str) -> datetime | None:

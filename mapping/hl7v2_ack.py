@@ -134,9 +134,24 @@ def build_ack(
     ack_id = ("A" + control_id)[:199] if control_id else "A" + hl7_timestamp(at)
     enhanced = is_enhanced(header, style)
     msh = [
-        "MSH", enc.msh2, sending_app, sending_fac, receiving_app, receiving_fac, hl7_timestamp(at), "",
-        msg_type, ack_id, processing, version, "", "",
-        "NE" if enhanced else "", "NE" if enhanced else "", "", charset,
+        "MSH",
+        enc.msh2,
+        sending_app,
+        sending_fac,
+        receiving_app,
+        receiving_fac,
+        hl7_timestamp(at),
+        "",
+        msg_type,
+        ack_id,
+        processing,
+        version,
+        "",
+        "",
+        "NE" if enhanced else "",
+        "NE" if enhanced else "",
+        "",
+        charset,
     ]
     while msh and not msh[-1]:
         msh.pop()
@@ -157,12 +172,21 @@ def _err(error: AckError, enc: Encoding, v: tuple[int, ...]) -> str:
     loc = error.location.replace("^", cs)
     if v < (2, 5):
         # ERR-1 (ELD): segment^sequence^field^code&text&HL70357
-        parts = (error.location.split("^") + ["", "", ""])[:3]
+        parts = ([*error.location.split("^"), "", "", ""])[:3]
         eld = cs.join([*parts, f"{error.code}{ss}{label}{ss}HL70357"])
         return fs.join(["ERR", eld])
     return fs.join(
-        ["ERR", "", loc, f"{error.code}{cs}{label}{cs}HL70357", error.severity, "", "", "",
-         escape(error.message, enc)[:250]]
+        [
+            "ERR",
+            "",
+            loc,
+            f"{error.code}{cs}{label}{cs}HL70357",
+            error.severity,
+            "",
+            "",
+            "",
+            escape(error.message, enc)[:250],
+        ]
     )
 
 

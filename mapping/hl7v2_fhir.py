@@ -17,9 +17,7 @@ import phonenumbers
 
 from mapping.hl7v2_parse import Encoding, leaf, unescape
 
-_DTM: Final = re.compile(
-    r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,4}))?\s*([+-]\d{4})?$"
-)
+_DTM: Final = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,4}))?\s*([+-]\d{4})?$")
 
 V2_0203: Final = "http://terminology.hl7.org/CodeSystem/v2-0203"
 
@@ -61,7 +59,12 @@ def parse_dtm(value: str, tz: tzinfo) -> datetime | None:
     y, mo, d, h, mi, s, frac, off = m.groups()
     try:
         dt = datetime(
-            int(y), int(mo or 1), int(d or 1), int(h or 0), int(mi or 0), int(s or 0),
+            int(y),
+            int(mo or 1),
+            int(d or 1),
+            int(h or 0),
+            int(mi or 0),
+            int(s or 0),
             int((frac or "0").ljust(6, "0")[:6]),
         )
     except ValueError:
@@ -146,8 +149,15 @@ def codeable(rep: str, enc: Encoding, charset: str) -> dict[str, Any] | None:
     return out
 
 
-_NAME_USE: Final = {"L": "official", "D": "usual", "M": "maiden", "N": "nickname", "S": "anonymous",
-                    "B": "old", "TEMP": "temp"}
+_NAME_USE: Final = {
+    "L": "official",
+    "D": "usual",
+    "M": "maiden",
+    "N": "nickname",
+    "S": "anonymous",
+    "B": "old",
+    "TEMP": "temp",
+}
 
 
 def human_name(rep: str, enc: Encoding, charset: str) -> dict[str, Any] | None:
@@ -172,9 +182,17 @@ def human_name(rep: str, enc: Encoding, charset: str) -> dict[str, Any] | None:
     return out
 
 
-_ADDR_USE: Final = {"H": ("home", None), "B": ("work", None), "O": ("work", None), "C": ("temp", None),
-                    "M": (None, "postal"), "BA": ("billing", None), "BI": ("billing", None),
-                    "P": ("home", "physical"), "BDL": (None, None)}
+_ADDR_USE: Final = {
+    "H": ("home", None),
+    "B": ("work", None),
+    "O": ("work", None),
+    "C": ("temp", None),
+    "M": (None, "postal"),
+    "BA": ("billing", None),
+    "BI": ("billing", None),
+    "P": ("home", "physical"),
+    "BDL": (None, None),
+}
 
 
 def address(rep: str, enc: Encoding, charset: str) -> dict[str, Any] | None:
@@ -201,8 +219,7 @@ def address(rep: str, enc: Encoding, charset: str) -> dict[str, Any] | None:
     return out
 
 
-_TEL_USE: Final = {"PRN": "home", "ORN": "home", "WPN": "work", "VHN": "temp", "ASN": "temp",
-                   "EMR": "temp"}
+_TEL_USE: Final = {"PRN": "home", "ORN": "home", "WPN": "work", "VHN": "temp", "ASN": "temp", "EMR": "temp"}
 
 
 def normalize_phone(text: str, region: str = "US") -> str | None:

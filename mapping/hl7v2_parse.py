@@ -173,7 +173,10 @@ def escape(value: str, enc: Encoding = DEFAULT_ENCODING) -> str:
     """Escape delimiter characters in text we put into a message (ACK ERR text)."""
     value = value.replace(enc.escape, f"{enc.escape}E{enc.escape}")
     for ch, code in (
-        (enc.field, "F"), (enc.component, "S"), (enc.subcomponent, "T"), (enc.repetition, "R"),
+        (enc.field, "F"),
+        (enc.component, "S"),
+        (enc.subcomponent, "T"),
+        (enc.repetition, "R"),
     ):
         value = value.replace(ch, f"{enc.escape}{code}{enc.escape}")
     if enc.truncation:

@@ -22,7 +22,7 @@ from sqlmodel import Session, col, select
 
 from careloop import audit_log
 from careloop.clock import utc
-from careloop.config import AppConfig
+from careloop.config import AppConfig, LearningConfig
 from careloop.errors import TransientError
 from careloop.pipeline import dead_letter
 from careloop.store import Store
@@ -38,7 +38,7 @@ from careloop.tables import (
     Resource,
     Timer,
 )
-from orchestrator import escalation, gate, playbooks, templates, timezones, triage
+from orchestrator import escalation, gate, learning, outcomes, playbooks, templates, timezones, triage
 from orchestrator.playbooks import (
     Action,
     CancelRun,
@@ -86,6 +86,8 @@ class Orchestrator:
         self.playbooks, self.templates, self.channels = playbooks, templates, channels
         self.quiet = gate.parse_quiet_hours(config.site.quiet_hours)
         self.caps = {k: gate.Cap(v.per_day, v.per_week) for k, v in config.compliance.frequency_caps.items()}
+        # Event types some playbook step waits for: only those need a look at pending waits.
+        self._wait_types = {st.wait_for for pb in playbooks.values() for st in pb.steps if st.wait_for}
 
     # ------------------------------------------------------------------ stage loop
 
@@ -149,8 +151,10 @@ class Orchestrator:
         if ev.type == "message.inbound":
             self._triage(s, person, state, ev, origin, now)
         # ---- end issue 9 ----
+        self._learning_outcomes(s, person, ev, now)  # issue 10: outcomes of earlier sends
         ctx = Ctx(state, now, ev.subject_ref, ev.type, occurred, dict(ev.attributes))
-        actions.extend(self._satisfied_waits(s, person.id or 0, ev, ctx))
+        if ev.type in self._wait_types:
+            actions.extend(self._satisfied_waits(s, person.id or 0, ev, ctx))
         for pid, pb in self.playbooks.items():
             actions.extend(playbooks.on_event(pid, pb, ctx))
         self._execute(s, person, state, actions, origin, now)
@@ -330,6 +334,11 @@ class Orchestrator:
             self._decide(s, person, origin, now, a.playbook, a.version, "suppress", verdict.reason,
                          template=a.template, channel=verdict.channel, detail=detail)
             return
+        # ---- issue 10: the learner picks channel (among verdict.allowed only), window, variant ----
+        if verdict.allowed and self._learning_cfg().enabled:
+            self._learn_send(s, person, state, a, origin, now, tpl, verdict, pfacts, detail)
+            return
+        # ---- end issue 10 ----
         if verdict.outcome == "defer":
             assert verdict.deliver_at is not None
             s.add(Timer(person_id=person.id, due_at=verdict.deliver_at, playbook=a.playbook,
@@ -395,6 +404,13 @@ class Orchestrator:
         row.updated_at = now
 
     def _addresses(self, s: Session, person_id: int) -> dict[str, list[str]]:
+        # Identifiers change only in the mapping stage, so one read per transaction will do.
+        cache: dict[int, dict[str, list[str]]] = s.info.setdefault("careloop.addresses", {})
+        if person_id not in cache:
+            cache[person_id] = self._read_addresses(s, person_id)
+        return cache[person_id]
+
+    def _read_addresses(self, s: Session, person_id: int) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         rows = s.exec(select(PersonIdentifier).where(PersonIdentifier.person_id == person_id)
                       .order_by(col(PersonIdentifier.verified).desc(), col(PersonIdentifier.id))).all()
@@ -561,46 +577,28 @@ class Orchestrator:
 
     def _triage_writeback(self, s: Session, person: Person, state: JourneyState, wb: triage.WritebackConfig,
                           answer: str, origin: Origin, now: datetime) -> None:
-        """Tell the EHR: the Appointment's patient participant status, or a Task for staff."""
+        """Tell the EHR (a Task for staff on the write-back channel, focus the Appointment)."""
         assert person.id is not None
         nxt = state.next_appointment(now)
         if nxt is None:
             return
         ref = nxt[0]
-        status = "accepted" if answer == "confirm" else "declined"
+        reason = "appointment-confirmed" if answer == "confirm" else "appointment-declined"
         patient = escalation.patient_reference(s, person.id)
-        if wb.mode == "appointment" and (res := s.get(Resource, ref)) is not None:
-            body = dict(res.body)
-            parts = [dict(p) for p in body.get("participant", [])]
-            for part in parts:
-                if str((part.get("actor") or {}).get("reference", "")).startswith("Patient/"):
-                    part["status"] = status
-            if not any(str((x.get("actor") or {}).get("reference", "")).startswith("Patient/")
-                       for x in parts):
-                parts.append({"actor": {"reference": patient} if patient else {"display": "patient"},
-                              "status": status})
-            body["participant"] = parts
-            content: dict[str, Any] = {"resource": body, "interaction": "update"}
-        else:
-            task: dict[str, Any] = {
-                "resourceType": "Task", "status": "requested", "intent": "order", "priority": "routine",
-                "code": {"text": f"Patient replied: {answer} appointment"},
-                "description": f"The patient replied {answer.upper()} by message; please update the "
-                               "schedule.",
-                "focus": {"reference": ref}, "authoredOn": utc(now).isoformat(),
-            }
-            if patient:
-                task["for"] = {"reference": patient}
-            content = {"resource": escalation.validated_task(task), "interaction": "create"}
+        if patient is None:
+            self._decide(s, person, origin, now, "triage", 1, "suppress", "no-fhir-patient",
+                         template=f"writeback-{wb.mode}", channel=wb.channel, detail={"subject": ref})
+            return
+        content = {"kind": "task", "reason": reason, "severity": "routine",
+                   "description": f"The patient replied {answer.upper()} by message; please update the "
+                                  "schedule.", "created": utc(now).isoformat()}
         key = hashlib.sha256(f"{person.id}|writeback|{ref}|{answer}|{origin.tag()}".encode()).hexdigest()[:32]
-        dec = self._decide(s, person, origin, now, "triage", 1, "send", f"writeback-{answer}",
+        dec = self._decide(s, person, origin, now, "triage", 1, "send", reason,
                            template=f"writeback-{wb.mode}", channel=wb.channel, detail={"subject": ref})
         s.add(OutboxItem(key=key, decision_id=dec.id, person_id=person.id, channel=wb.channel,
                          template=f"writeback-{wb.mode}", playbook="triage", subject_ref=ref,
-                         purpose="care-coordination", phi_class="limited", recipient="ehr", content=content,
+                         purpose="care-coordination", phi_class="limited", recipient=patient, content=content,
                          created_at=now, next_attempt_at=now))
-        audit_log.append(s, at=now, actor="orchestrator", action="writeback.queue", person_id=person.id,
-                         entity=ref, detail={"mode": wb.mode, "answer": answer, "channel": wb.channel})
 
     def _triage_reply(self, s: Session, person: Person, state: JourneyState, ev: JourneyEvent, template: str,
                       mode: str, lang: str, origin: Origin, now: datetime) -> str:
@@ -667,6 +665,167 @@ class Orchestrator:
         t.status_reason = "escalated"
         self._decide(s, person, Origin(timer_id=t.id), now, "triage", 1, "escalate", "silence-after-concern",
                      detail={"severity": "routine", "escalation": esc.id})
+
+
+    # ------------------------------------------------------------------ issue 10: learning
+    # The learner (orchestrator/learning.py) picks among the gate's allowed channels, a send
+    # window and a template variant. A later window goes through a "deferred" timer, so the
+    # gate checks again at send time; an immediate send is gated again for the chosen channel
+    # alone. Outcomes (orchestrator/outcomes.py) flow back into the evidence as events arrive.
+
+    def _learning_cfg(self) -> LearningConfig:
+        return self.config.learning
+
+    def _learn_send(self, s: Session, person: Person, state: JourneyState, a: Send, origin: Origin,
+                    now: datetime, tpl: TemplateConfig, verdict: gate.Verdict, pfacts: gate.PersonFacts,
+                    detail: dict[str, Any]) -> None:
+        assert person.id is not None
+        cfg = self._learning_cfg()
+        committed = self._learn_committed(s, origin)
+        if committed is not None:
+            # A send the learner deferred to its window: keep that choice (its propensity was
+            # logged then), unless the gate no longer allows the channel.
+            info = dict(committed)
+            channel = str(info["channel"])
+            if channel not in verdict.allowed:
+                assert verdict.channel is not None
+                info.update(fallback_from=channel, channel=verdict.channel, propensity=None)
+                channel = verdict.channel
+            info["deferred_by"] = origin.timer_id
+            at = now if verdict.outcome == "send" else verdict.deliver_at
+            assert at is not None
+            detail["learning"] = info
+            self._learn_execute(s, person, state, a, origin, now, tpl, verdict, pfacts, detail, channel, at,
+                                str(info.get("variant") or "default"))
+            return
+        segment = self._learn_segment(s, person, pfacts, now)
+        earliest = now if verdict.outcome == "send" else verdict.deliver_at
+        assert earliest is not None
+        windows = learning.window_options(earliest, now, pfacts.timezone, cfg, self._learn_latest(state, a))
+        view = learning.DbStats(s, person_key=str(person.id), segment=segment, now=now, cfg=cfg)
+        rng = learning.rng_for(cfg, person.id, a.playbook, a.version, a.subject_ref, a.step, a.template,
+                               origin.tag())
+        choice = learning.choose(
+            view, person_key=str(person.id), segment=segment, channels=list(verdict.allowed),
+            windows=windows or {learning.ASAP: earliest},
+            variants_for=lambda c: tpl.variants_for(self.channels[c].template_kind),
+            template=a.template, rng=rng, cfg=cfg, tz=pfacts.timezone)
+        detail["learning"] = choice.to_json()
+        self._learn_execute(s, person, state, a, origin, now, tpl, verdict, pfacts, detail, choice.channel,
+                            choice.at, choice.variant)
+
+    def _learn_execute(self, s: Session, person: Person, state: JourneyState, a: Send, origin: Origin,
+                       now: datetime, tpl: TemplateConfig, verdict: gate.Verdict, pfacts: gate.PersonFacts,
+                       detail: dict[str, Any], channel: str, at: datetime, variant: str) -> None:
+        assert person.id is not None
+        info = detail["learning"]
+        propensity = info.get("propensity")
+        if at <= now:
+            # The gate passed the first allowed channel for quiet hours; check the chosen one.
+            day, week = self._recent_counts(s, person.id, now)
+            v = gate.evaluate(gate.GateInput(
+                now=now, person=pfacts, template_kinds=frozenset(tpl.kinds()), phi_class=tpl.phi_class,
+                purpose=tpl.purpose or a.purpose, channels=[self.channels[channel]], sent_day=day,
+                sent_week=week, caps=self.caps, quiet_hours=self.quiet, not_after=a.not_after))
+            if v.outcome == "suppress":
+                self._decide(s, person, origin, now, a.playbook, a.version, "suppress", v.reason,
+                             template=a.template, channel=channel, detail=detail)
+                return
+            if v.outcome == "defer":
+                assert v.deliver_at is not None
+                at = v.deliver_at
+        if at > now:
+            order = [channel] + [c for c in verdict.allowed if c != channel]
+            s.add(Timer(person_id=person.id, due_at=at, playbook=a.playbook, playbook_version=a.version,
+                        step=a.step, subject_ref=a.subject_ref, created_by_event=origin.event_id,
+                        payload={"kind": "deferred", "template": a.template, "channels": order,
+                                 "not_after": a.not_after.isoformat() if a.not_after else None,
+                                 "learning": {**info, "channel": channel, "at": at.isoformat()}}))
+            detail["deliver_at"] = at.isoformat()
+            quiet = verdict.outcome == "defer" and at == verdict.deliver_at
+            dec = self._decide(s, person, origin, now, a.playbook, a.version, "defer",
+                               "quiet-hours" if quiet else "learning-window", template=a.template,
+                               channel=channel, detail=detail)
+            dec.propensity = propensity
+            return
+        ch = self.channels[channel]
+        recipient = (pfacts.addresses[ch.address_kind][0] if ch.address_kind in gate.PERSON_FACING
+                     else ch.address_kind)
+        try:
+            content = templates.render(tpl.with_variant(variant), ch.template_kind, person.language,
+                                       self._context(person, state, a, pfacts.timezone))
+        except TemplateError as exc:
+            detail["error"] = type(exc).__name__
+            self._decide(s, person, origin, now, a.playbook, a.version, "suppress", "template-error",
+                         template=a.template, channel=channel, detail=detail)
+            return
+        if content is None:
+            self._decide(s, person, origin, now, a.playbook, a.version, "suppress", "no-template-for-channel",
+                         template=a.template, channel=channel, detail=detail)
+            return
+        dec = self._decide(s, person, origin, now, a.playbook, a.version, "send", "allowed",
+                           template=a.template, channel=channel, detail=detail)
+        dec.propensity = propensity
+        # The same idempotency key as _send's own path.
+        key = hashlib.sha256(
+            f"{person.id}|{a.playbook}|{a.version}|{a.subject_ref}|{a.step}|{a.template}|{origin.tag()}".encode()
+        ).hexdigest()[:32]
+        item = OutboxItem(key=key, decision_id=dec.id, person_id=person.id, channel=channel,
+                          template=a.template, playbook=a.playbook, subject_ref=a.subject_ref,
+                          purpose=tpl.purpose or a.purpose, phi_class=tpl.phi_class, recipient=recipient,
+                          content=content, created_at=now, not_after=a.not_after, next_attempt_at=now)
+        s.add(item)
+        record_outreach(state, Outreach(at=now, playbook=a.playbook, template=a.template, channel=channel,
+                                        key=key))
+        window, segment = str(info.get("window") or learning.ASAP), str(info.get("segment") or "*")
+        outcomes.register(s, decision=dec, item=item, window=window, variant=variant, segment=segment,
+                          propensity=propensity, learned=True, now=now)
+        learning.record(s, self._learning_cfg(), person_key=str(person.id), segment=segment,
+                        arms=learning.arms(channel, window, a.template, variant), now=now, trial=True,
+                        delta=0.0, engaged=0)
+
+    def _learn_committed(self, s: Session, origin: Origin) -> dict[str, Any] | None:
+        if origin.timer_id is None:
+            return None
+        t = s.get(Timer, origin.timer_id)
+        if t is None or t.payload.get("kind") != "deferred":
+            return None
+        info = t.payload.get("learning")
+        return dict(info) if isinstance(info, dict) else None
+
+    def _learn_segment(self, s: Session, person: Person, pfacts: gate.PersonFacts, now: datetime) -> str:
+        reach = [k for k in ("phone", "email") if pfacts.addresses.get(k)]
+        return learning.segment_key(self._learning_cfg(), birth=(person.patient or {}).get("birthDate"),
+                                    language=person.language or self.config.site.language, reach=reach,
+                                    today=now.date())
+
+    def _learn_latest(self, state: JourneyState, a: Send) -> datetime | None:
+        """No window after the message's useful life, nor too close to the appointment."""
+        ends = [a.not_after] if a.not_after else []
+        appt = state.appointment(a.subject_ref)
+        if appt is not None and appt.start is not None:
+            ends.append(utc(appt.start) - timedelta(hours=self._learning_cfg().min_lead_hours))
+        return min(ends) if ends else None
+
+    def _learning_outcomes(self, s: Session, person: Person, ev: JourneyEvent, now: datetime) -> None:
+        if not ev.type.startswith(("message.", "appointment.")):
+            return
+        cfg = self._learning_cfg()
+        try:
+            with s.begin_nested():
+                for c in outcomes.on_event(s, ev, cfg, now):
+                    r = c.row
+                    if not (cfg.enabled and r.learned) or c.new_reward == c.old_reward:
+                        continue
+                    learning.record(s, cfg, person_key=str(r.person_id), segment=r.segment or "*",
+                                    arms=learning.arms(r.channel, r.window or learning.ASAP, r.template,
+                                                       r.variant or "default"),
+                                    now=now, trial=False, delta=c.new_reward - c.old_reward,
+                                    engaged=int(c.new_reward > 0) - int(c.old_reward > 0))
+        except (OperationalError, TransientError):
+            raise
+        except Exception as exc:  # outcome bookkeeping never blocks the journey itself
+            log.error("outcome tracking failed for journey_event %s: %s", ev.id, type(exc).__name__)
 
 
 def _same_subject(timer_subject: str | None, ev: JourneyEvent, state: JourneyState) -> bool:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from fhir.resources.R4B.task import Task
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
@@ -36,7 +35,6 @@ STATUSES = ("open", "acknowledged", "resolved")
 FEEDBACK = ("needed", "not_needed")
 SLA_KIND = "escalation-sla"
 PSEUDO_PLAYBOOK = "escalation"  # Timer.playbook / OutboxItem.playbook for queue work
-_PRIORITY = {"emergency": "stat", "urgent": "asap", "routine": "routine"}
 
 
 class EscalationError(ValueError):
@@ -174,7 +172,26 @@ def route(s: Session, esc: Escalation, cfg: TriageConfig, now: datetime, tag: st
     for i, r in enumerate(cfg.routes):
         if esc.level not in r.levels or esc.severity not in r.severities:
             continue
-        content, phi = _notice(s, esc, r, now)
+        detail: dict[str, Any] = {"channel": r.channel, "kind": r.kind, "level": esc.level}
+        recipient = r.to or r.kind
+        if r.kind == "task":
+            # An EHR Task is for a patient: without the person's FHIR Patient id there is
+            # nothing to attach it to (the other routes still carry the notice).
+            ref = patient_reference(s, esc.person_id)
+            if ref is None:
+                audit_log.append(
+                    s,
+                    at=now,
+                    actor="orchestrator",
+                    action="escalation.route",
+                    outcome="skipped",
+                    person_id=esc.person_id,
+                    entity=f"escalation/{esc.id}",
+                    detail={**detail, "reason": "no-fhir-patient"},
+                )
+                continue
+            recipient = ref
+        content, phi = _notice(esc, r)
         key = hashlib.sha256(
             f"escalation|{esc.id}|{esc.level}|{i}|{r.channel}|{tag}|{esc.severity}".encode()
         ).hexdigest()[:32]
@@ -184,10 +201,10 @@ def route(s: Session, esc: Escalation, cfg: TriageConfig, now: datetime, tag: st
             channel=r.channel,
             template=f"escalation-{r.kind}",
             playbook=PSEUDO_PLAYBOOK,
-            subject_ref=f"Escalation/{esc.id}",
+            subject_ref=None,
             purpose="escalation",
             phi_class=phi,
-            recipient=r.to or r.kind,
+            recipient=recipient,
             content=content,
             created_at=now,
             next_attempt_at=now,
@@ -201,7 +218,7 @@ def route(s: Session, esc: Escalation, cfg: TriageConfig, now: datetime, tag: st
             action="escalation.route",
             person_id=esc.person_id,
             entity=f"escalation/{esc.id}",
-            detail={"channel": r.channel, "kind": r.kind, "level": esc.level},
+            detail=detail,
         )
     return out
 
@@ -214,10 +231,10 @@ def summary(esc: Escalation) -> str:
     )
 
 
-def _notice(s: Session, esc: Escalation, r: RouteConfig, now: datetime) -> tuple[dict[str, Any], str]:
+def _notice(esc: Escalation, r: RouteConfig) -> tuple[dict[str, Any], str]:
     text = summary(esc)
     if r.kind == "task":
-        return {"resource": task_resource(s, esc, now), "text": text}, "limited"
+        return task_content(esc), "limited"
     if r.kind == "email":
         return {"subject": f"[careloop] {esc.severity} escalation #{esc.id}", "text": text}, "none"
     if r.kind == "webhook":
@@ -235,9 +252,20 @@ def _notice(s: Session, esc: Escalation, r: RouteConfig, now: datetime) -> tuple
     return {"text": text}, "none"
 
 
-def validated_task(doc: dict[str, Any]) -> dict[str, Any]:
-    """``doc`` checked as a FHIR R4 Task (fhir.resources R4B), as JSON."""
-    return Task.model_validate(doc).model_dump(mode="json", exclude_none=True)
+def task_content(esc: Escalation) -> dict[str, Any]:
+    """Outbox ``content`` for the ``fhir_writeback`` channel's Task (its documented
+    contract: kind, reason, severity, escalation_id, description, created, due); the
+    channel builds and validates the FHIR R4 Task, with ``recipient`` as Task.for."""
+    return {
+        "kind": "task",
+        "reason": esc.reason,
+        "severity": esc.severity,
+        "escalation_id": esc.id,
+        "description": f"careloop escalation #{esc.id}: {esc.severity} ({esc.reason}), level {esc.level}. "
+        "Review it in the escalation queue.",
+        "created": _iso(esc.created_at),
+        "due": _iso(esc.due_at),
+    }
 
 
 def patient_reference(s: Session, person_id: int) -> str | None:
@@ -250,26 +278,6 @@ def patient_reference(s: Session, person_id: int) -> str | None:
         return None
     value = ident.value
     return value if value.startswith("Patient/") or "/Patient/" in value else f"Patient/{value}"
-
-
-def task_resource(s: Session, esc: Escalation, now: datetime) -> dict[str, Any]:
-    """A FHIR R4 Task for the EHR's staff work list (validated with fhir.resources R4B)."""
-    doc: dict[str, Any] = {
-        "resourceType": "Task",
-        "identifier": [{"system": "urn:careloop:escalation", "value": str(esc.id)}],
-        "status": "requested",
-        "intent": "order",
-        "priority": _PRIORITY.get(esc.severity, "routine"),
-        "code": {"text": "Patient message needs staff review"},
-        "description": f"careloop escalation #{esc.id}: {esc.severity} ({esc.reason}); level {esc.level}",
-        "authoredOn": utc(now).isoformat(),
-    }
-    ref = patient_reference(s, esc.person_id)
-    if ref is not None:
-        doc["for"] = {"reference": ref}
-    if esc.due_at is not None:
-        doc["restriction"] = {"period": {"end": utc(esc.due_at).isoformat()}}
-    return validated_task(doc)
 
 
 # ----------------------------------------------------------------------------- SLA

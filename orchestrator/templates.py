@@ -7,10 +7,11 @@ Variables are checked at config time: a template may use only the names in
 from __future__ import annotations
 
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, meta
+from jinja2 import StrictUndefined, Template, TemplateSyntaxError, meta
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,21 +29,47 @@ class EmailBody(_Strict):
     html: str | None = None
 
 
+class VariantBodies(_Strict):
+    """A message variant (issue 10): other wording for some channel kinds of a template. It
+    shares the template's ``phi_class`` and ``purpose``; kinds it leaves out use the base body."""
+
+    sms: dict[str, str] = Field(default_factory=dict)
+    email: dict[str, EmailBody] = Field(default_factory=dict)
+    text: dict[str, str] = Field(default_factory=dict)
+
+
+DEFAULT_VARIANT = "default"
+
+
 class TemplateConfig(_Strict):
     """``phi_class``: the most sensitive information the rendered message may hold:
-    none (no clinical detail), limited (dates, locations), full (clinical content)."""
+    none (no clinical detail), limited (dates, locations), full (clinical content).
+    ``variants`` (optional): named alternative wordings the learner may choose between."""
 
     phi_class: str = Field("none", pattern="^(none|limited|full)$")
     purpose: str | None = None
     sms: dict[str, str] = Field(default_factory=dict)
     email: dict[str, EmailBody] = Field(default_factory=dict)
     text: dict[str, str] = Field(default_factory=dict)
+    variants: dict[str, VariantBodies] = Field(default_factory=dict)
 
     def kinds(self) -> set[str]:
         out = {k for k in ("sms", "email", "text") if getattr(self, k)}
         if out:
             out |= {"text", "fhir", "json"}
         return out
+
+    def variants_for(self, kind: str) -> list[str]:
+        """The variants with their own body for channel template ``kind`` ("default" first)."""
+        return [DEFAULT_VARIANT] + [n for n, v in self.variants.items() if kind in ("sms", "email", "text")
+                                    and getattr(v, kind)]
+
+    def with_variant(self, name: str | None) -> TemplateConfig:
+        """This template with variant ``name``'s bodies in place of the base ones."""
+        if not name or name == DEFAULT_VARIANT or name not in self.variants:
+            return self
+        v = self.variants[name]
+        return self.model_copy(update={k: getattr(v, k) for k in ("sms", "email", "text") if getattr(v, k)})
 
 
 
@@ -76,21 +103,38 @@ _TEXT = _env()
 _HTML = _env(autoescape=True)
 
 
+def _bodies(prefix: str, sms: dict[str, str], text: dict[str, str],
+            email: dict[str, EmailBody]) -> list[tuple[str, str, bool]]:
+    bodies: list[tuple[str, str, bool]] = []
+    for lang, body_text in sms.items():
+        bodies.append((f"{prefix}.sms.{lang}", body_text, False))
+    for lang, body_text in text.items():
+        bodies.append((f"{prefix}.text.{lang}", body_text, False))
+    for lang, body in email.items():
+        bodies.append((f"{prefix}.email.{lang}.subject", body.subject, False))
+        bodies.append((f"{prefix}.email.{lang}.text", body.text, False))
+        if body.html:
+            bodies.append((f"{prefix}.email.{lang}.html", body.html, True))
+    return bodies
+
+
 def check(name: str, tpl: TemplateConfig) -> list[str]:
     """Config-time problems: syntax errors and unknown variables, with their paths."""
     problems: list[str] = []
-    bodies: list[tuple[str, str, bool]] = []
-    for lang, text in tpl.sms.items():
-        bodies.append((f"templates.{name}.sms.{lang}", text, False))
-    for lang, text in tpl.text.items():
-        bodies.append((f"templates.{name}.text.{lang}", text, False))
-    for lang, body in tpl.email.items():
-        bodies.append((f"templates.{name}.email.{lang}.subject", body.subject, False))
-        bodies.append((f"templates.{name}.email.{lang}.text", body.text, False))
-        if body.html:
-            bodies.append((f"templates.{name}.email.{lang}.html", body.html, True))
+    bodies = _bodies(f"templates.{name}", tpl.sms, tpl.text, tpl.email)
     if not bodies:
         problems.append(f"templates.{name}: needs at least one body (sms, email or text)")
+    for vname, vbody in tpl.variants.items():
+        where = f"templates.{name}.variants.{vname}"
+        if vname == DEFAULT_VARIANT:
+            problems.append(f"{where}: the name {DEFAULT_VARIANT!r} is the base body")
+        vb = _bodies(where, vbody.sms, vbody.text, vbody.email)
+        if not vb:
+            problems.append(f"{where}: needs at least one body (sms, email or text)")
+        for kind in ("sms", "email", "text"):
+            if getattr(vbody, kind) and not getattr(tpl, kind):
+                problems.append(f"{where}.{kind}: the template has no {kind} body to vary")
+        bodies.extend(vb)
     for path, text, html in bodies:
         env = _HTML if html else _TEXT
         try:
@@ -101,6 +145,12 @@ def check(name: str, tpl: TemplateConfig) -> list[str]:
         for var in sorted(meta.find_undeclared_variables(ast) - VARIABLES):
             problems.append(f"{path}: unknown variable {var!r} (allowed: {', '.join(sorted(VARIABLES))})")
     return problems
+
+
+@lru_cache(maxsize=1024)
+def _compiled(text: str, html: bool) -> Template:
+    # Compiling is the costly part of rendering; bodies come from the config, so they repeat.
+    return (_HTML if html else _TEXT).from_string(text)
 
 
 def render(tpl: TemplateConfig, kind: str, language: str | None, context: dict[str, Any]) -> dict[str, str] | None:
@@ -115,16 +165,16 @@ def render(tpl: TemplateConfig, kind: str, language: str | None, context: dict[s
         body = pick(tpl.email)
         if body is None:
             return None
-        out = {"subject": _TEXT.from_string(body.subject).render(context),
-               "text": _TEXT.from_string(body.text).render(context)}
+        out = {"subject": _compiled(body.subject, False).render(context),
+               "text": _compiled(body.text, False).render(context)}
         if body.html:
-            out["html"] = _HTML.from_string(body.html).render(context)
+            out["html"] = _compiled(body.html, True).render(context)
         return out
     if kind == "sms":
         text = pick(tpl.sms)
-        return {"text": _TEXT.from_string(text).render(context)} if text is not None else None
+        return {"text": _compiled(text, False).render(context)} if text is not None else None
     # text, fhir, json: any short text the template has
     text = pick(tpl.text) or pick(tpl.sms)
     if text is None and (body := pick(tpl.email)) is not None:
         text = body.text
-    return {"text": _TEXT.from_string(text).render(context)} if text is not None else None
+    return {"text": _compiled(text, False).render(context)} if text is not None else None

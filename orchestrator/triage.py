@@ -646,11 +646,14 @@ class RouteConfig(_Strict):
 
 
 class WritebackConfig(_Strict):
-    """Confirm/cancel replies written back to the EHR: the Appointment's patient participant
-    status (``appointment``) or, where the EHR takes no writes, a Task for staff (``task``)."""
+    """Confirm/cancel replies written back to the EHR on ``channel`` (the ``fhir_writeback``
+    plugin): a FHIR Task for staff (reason ``appointment-confirmed`` or
+    ``appointment-declined``, focus the Appointment). Updating the Appointment's patient
+    participant status directly is not offered: the write-back channel creates
+    Communication and Task resources only."""
 
     channel: str
-    mode: Literal["appointment", "task"] = "task"
+    mode: Literal["task"] = "task"
 
 
 class TriageConfig(_Strict):

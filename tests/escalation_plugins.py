@@ -1,33 +1,40 @@
-"""Capture channels for escalation tests: a FHIR write-back and a team webhook (their
-capabilities are what matter in replay, where every channel captures)."""
+"""Test plugins for escalation replays: the kernel's JSON connector with a mapper that
+also links a FHIR Patient id (as the FHIR mappers do), so EHR Tasks have a patient."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from typing import ClassVar
 
 from careloop import plugins
-from channels.base import ChannelCaps, ChannelConfig
-from channels.capture import CaptureChannel
+from careloop.model import Identifier, MappedEvent
+from careloop.tables import RawMessage
+from tests.kernel_plugins import JsonConnector, JsonMapper
 from tests.kernel_plugins import register as register_kernel
 
-
-class FhirCapture(CaptureChannel):
-    name: ClassVar[str] = "test_fhir"
-    Config: ClassVar[type[ChannelConfig]] = ChannelConfig
-    capabilities: ClassVar[ChannelCaps] = ChannelCaps(
-        template_kind="fhir", address_kind="none", max_phi="full"
-    )
+EHR_PATIENT = "http://127.0.0.1:8090/fhir/Patient"
 
 
-class WebhookCapture(CaptureChannel):
-    name: ClassVar[str] = "test_webhook"
-    Config: ClassVar[type[ChannelConfig]] = ChannelConfig
-    capabilities: ClassVar[ChannelCaps] = ChannelCaps(
-        template_kind="json", address_kind="none", max_phi="none"
-    )
+class FhirJsonMapper(JsonMapper):
+    """JsonMapper plus ``"fhir_patient": "<id>"`` -> ``Identifier(<base>/Patient, id, kind="fhir")``."""
+
+    def map(self, raw: RawMessage) -> Sequence[MappedEvent]:
+        out = list(super().map(raw))
+        pid = json.loads(raw.body).get("fhir_patient")
+        for ev in out:
+            if pid:
+                ev.identifiers.append(Identifier(EHR_PATIENT, str(pid), kind="fhir"))
+        return out
+
+
+class FhirJsonConnector(JsonConnector):
+    name: ClassVar[str] = "test_json_fhir"
+
+    def mapper(self) -> FhirJsonMapper:
+        return FhirJsonMapper()
 
 
 def register() -> None:
     register_kernel()
-    plugins.add("channel", "test_fhir", FhirCapture)
-    plugins.add("channel", "test_webhook", WebhookCapture)
+    plugins.add("connector", "test_json_fhir", FhirJsonConnector)

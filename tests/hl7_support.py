@@ -15,41 +15,103 @@ def seg(name: str, fields: dict[int, str]) -> str:
     return "|".join([name, *(fields.get(i, "") for i in range(1, n + 1))])
 
 
-def msh(msg_type: str, control_id: str, *, ts: str = "20260302090500-0500", version: str = "2.5.1",
-        charset: str = "", accept_ack: str = "", app_ack: str = "", sender: str = "NWADT",
-        facility: str = "NORTHWIND") -> str:
-    fields = {2: "^~\\&", 3: sender, 4: facility, 5: "CARELOOP", 6: "CARELOOP", 7: ts, 9: msg_type,
-              10: control_id, 11: "P", 12: version, 15: accept_ack, 16: app_ack, 18: charset}
+def msh(
+    msg_type: str,
+    control_id: str,
+    *,
+    ts: str = "20260302090500-0500",
+    version: str = "2.5.1",
+    charset: str = "",
+    accept_ack: str = "",
+    app_ack: str = "",
+    sender: str = "NWADT",
+    facility: str = "NORTHWIND",
+) -> str:
+    fields = {
+        2: "^~\\&",
+        3: sender,
+        4: facility,
+        5: "CARELOOP",
+        6: "CARELOOP",
+        7: ts,
+        9: msg_type,
+        10: control_id,
+        11: "P",
+        12: version,
+        15: accept_ack,
+        16: app_ack,
+        18: charset,
+    }
     # MSH-1 is the separator itself, so MSH-2 is the first text after "MSH|".
     n = max(k for k, v in fields.items() if v)
     return "MSH|" + "|".join(fields.get(i, "") for i in range(2, n + 1))
 
 
-PID_DEFAULT = seg("PID", {
-    1: "1", 3: "NW200001^^^NWH^MR", 5: "Examplar^Dora^Q", 7: "19900101", 8: "F",
-    11: "1 Test Way^^Springfield^MA^01101^USA^H",
-    13: "^PRN^PH^^1^555^5550111~^NET^Internet^Dora.Examplar@Example.org", 15: "es^Spanish^HL70296",
-})
+PID_DEFAULT = seg(
+    "PID",
+    {
+        1: "1",
+        3: "NW200001^^^NWH^MR",
+        5: "Examplar^Dora^Q",
+        7: "19900101",
+        8: "F",
+        11: "1 Test Way^^Springfield^MA^01101^USA^H",
+        13: "^PRN^PH^^1^555^5550111~^NET^Internet^Dora.Examplar@Example.org",
+        15: "es^Spanish^HL70296",
+    },
+)
 
 
-def adt(trigger: str, control_id: str = "C1", *, pid: str = PID_DEFAULT, pv1: dict[int, str] | None = None,
-        extra: list[str] | None = None, evn_ts: str = "20260302081500-0500", **kw: str) -> bytes:
+def adt(
+    trigger: str,
+    control_id: str = "C1",
+    *,
+    pid: str = PID_DEFAULT,
+    pv1: dict[int, str] | None = None,
+    extra: list[str] | None = None,
+    evn_ts: str = "20260302081500-0500",
+    **kw: str,
+) -> bytes:
     pv1_fields = {1: "1", 2: "I", 3: "4W^412^B^NWH", 19: "V9001^^^NWH^VN", 44: "20260302081000-0500"}
     if pv1 is not None:
         pv1_fields.update(pv1)
-    segs = [msh(f"ADT^{trigger}^ADT_{trigger}", control_id, **kw), seg("EVN", {1: trigger, 2: evn_ts}), pid,
-            seg("PV1", pv1_fields), *(extra or [])]
+    segs = [
+        msh(f"ADT^{trigger}^ADT_{trigger}", control_id, **kw),
+        seg("EVN", {1: trigger, 2: evn_ts}),
+        pid,
+        seg("PV1", pv1_fields),
+        *(extra or []),
+    ]
     return ("\r".join(segs) + "\r").encode()
 
 
-def siu(trigger: str, control_id: str = "S1", *, status: str = "Booked", pid: str = PID_DEFAULT,
-        tq1: bool = True, sch11: str = "^^30^20260312103000-0400^20260312110000-0400",
-        ais_start: str = "20260312103000-0400", **kw: str) -> bytes:
+def siu(
+    trigger: str,
+    control_id: str = "S1",
+    *,
+    status: str = "Booked",
+    pid: str = PID_DEFAULT,
+    tq1: bool = True,
+    sch11: str = "^^30^20260312103000-0400^20260312110000-0400",
+    ais_start: str = "20260312103000-0400",
+    **kw: str,
+) -> bytes:
     segs = [
         msh(f"SIU^{trigger}^SIU_{trigger}", control_id, **kw),
-        seg("SCH", {1: "APT-1^NWSCHED", 2: "APT-1F^NWSCHED", 6: "PATCANCEL^Patient request^HL70276",
-                    7: "FOLLOWUP^Follow-up^HL70276", 8: "ROUTINE^Routine^HL70277", 9: "30", 10: "min",
-                    11: sch11, 25: status}),
+        seg(
+            "SCH",
+            {
+                1: "APT-1^NWSCHED",
+                2: "APT-1F^NWSCHED",
+                6: "PATCANCEL^Patient request^HL70276",
+                7: "FOLLOWUP^Follow-up^HL70276",
+                8: "ROUTINE^Routine^HL70277",
+                9: "30",
+                10: "min",
+                11: sch11,
+                25: status,
+            },
+        ),
     ]
     if tq1:
         segs.append(seg("TQ1", {1: "1", 7: "20260312103000-0400", 8: "20260312110000-0400"}))
@@ -103,3 +165,34 @@ def fixture_messages() -> list[bytes]:
     from mapping.hl7v2_parse import split_messages
 
     return [m for f in sorted(HL7_FIXTURES.glob("*.hl7")) for m in split_messages(f.read_bytes())]
+
+
+class BackgroundListener:
+    """An MLLP listener on its own event loop thread (for blocking clients and CLIs)."""
+
+    def __init__(self, sink: object, **config: object) -> None:
+        import asyncio
+        import threading
+
+        from connectors.hl7v2_mllp import MLLPConfig, MLLPConnector
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.connector = MLLPConnector("adt", MLLPConfig(plugin="hl7v2_mllp", port=port, **config))  # type: ignore[arg-type]
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.connector.start(sink), self.loop).result(10)  # type: ignore[arg-type]
+
+    @property
+    def port(self) -> int:
+        return self.connector.port
+
+    def close(self) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self.connector.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()

@@ -86,67 +86,81 @@ def db_dir(tmp_path: Path) -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.mark.parametrize("kill", ["mid-request", "random"])
-def test_sigkill_during_a_burst_delivers_every_key_once(db_dir: Path, kill: str) -> None:
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _in_flight(url: str) -> tuple[list[str], int]:
+    engine = make_engine(url)
+    with Session(engine) as s:
+        sending = list(s.exec(select(OutboxItem.key).where(OutboxItem.status == "sending")).all())
+        pending = len(s.exec(select(OutboxItem.id).where(OutboxItem.status == "pending")).all())
+    engine.dispose()
+    return sending, pending
+
+
+def test_sigkill_during_a_burst_delivers_every_key_once(db_dir: Path) -> None:
+    """Two kills in one burst of 1,000: first while the provider holds request #a (it has
+    the message, we have not committed: the exact window), then at a random moment of the
+    resumed burst. Each restart runs recovery, then the rest."""
     url = f"sqlite:///{db_dir}/crash.db"
     _seed(url)
     fake = FakeTwilio()
     base_url = fake.start()
     rng = random.Random()
-    at = rng.randint(200, 800)
-    # "mid-request": the provider records message #at and never answers, so the kill lands
-    # exactly between the provider accepting it and our commit. "random": kill at an
-    # arbitrary moment of the burst; resend_if_absent lets recovery resend what Twilio
-    # never got, so every key must end delivered.
-    resend = kill == "random"
-    if kill == "mid-request":
-        fake.hang_at = at
-    proc = _worker(url, base_url, "run", resend, db_dir / "run.log")
+    a = rng.randint(150, 350)
+    fake.hang_at = a
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        if kill == "mid-request":
-            _wait_until(fake.hung.is_set, 45)
-        else:
-            _wait_until(lambda: fake.posts >= at, 45)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        assert proc.returncode == -signal.SIGKILL
-        engine = make_engine(url)
-        with Session(engine) as s:
-            in_flight = s.exec(select(OutboxItem.key).where(OutboxItem.status == "sending")).all()
-            pending = s.exec(select(OutboxItem.key).where(OutboxItem.status == "pending")).all()
-        assert len(in_flight) <= 1  # one item in doubt per worker, never a whole batch
-        assert pending, "the kill came after the burst: nothing was tested"
-        if kill == "mid-request":
-            assert in_flight == [f"crash-{at - 1:04d}"]
+        procs.append(_worker(url, base_url, "run", False, db_dir / "run1.log"))
+        _wait_until(fake.hung.is_set, 45)
+        _kill(procs[-1])
+        sending, pending = _in_flight(url)
+        assert sending == [f"crash-{a - 1:04d}"] and pending > 0  # one item in doubt, not a batch
         fake.hang_at = None
         fake.release()
 
-        restart = _worker(url, base_url, "recover", resend, db_dir / "recover.log")
-        restart.wait(45)
-        out = (db_dir / "recover.log").read_text()
-        assert restart.returncode == 0, out[-2000:]
-        report = json.loads(out.splitlines()[0])
-        assert report["adopted"] + report["resend"] + report["unknown"] == len(in_flight)
+        b = fake.posts + rng.randint(100, 400)
+        procs.append(_worker(url, base_url, "recover", False, db_dir / "run2.log"))
+        _wait_until(lambda: fake.posts >= b, 45)
+        _kill(procs[-1])
+        first = json.loads((db_dir / "run2.log").read_text().splitlines()[0])
+        assert (first["adopted"], first["keys"]["adopted"]) == (1, [f"crash-{a - 1:04d}"])
+        sending, pending = _in_flight(url)
+        assert len(sending) <= 1 and pending > 0
+
+        procs.append(_worker(url, base_url, "recover", False, db_dir / "run3.log"))
+        procs[-1].wait(45)
+        out = (db_dir / "run3.log").read_text()
+        assert procs[-1].returncode == 0, out[-2000:]
+        second = json.loads(out.splitlines()[0])
+        assert second["adopted"] + second["resend"] + second["unknown"] == len(sending)
 
         counts = fake.keys()
         twice = [k for k, n in counts.items() if n > 1]
         assert twice == [], f"delivered twice: {twice[:5]}"
+        engine = make_engine(url)
         with Session(engine) as s:
             final = {r.key: r.status for r in s.exec(select(OutboxItem)).all()}
-            recovered = s.exec(select(DeliveryReceipt)).all()
+            recovered = [r for r in s.exec(select(DeliveryReceipt)).all() if r.detail.get("recovered")]
         engine.dispose()
         assert len(final) == N
         lost = [k for k, st in final.items() if st not in ("sent", "unknown")]
         assert lost == [], f"neither delivered nor visible: {lost[:5]}"
         sent = {k for k, st in final.items() if st == "sent"}
-        assert sent <= set(counts)  # marked sent => the provider has it
-        assert set(counts) - sent <= {k for k, st in final.items() if st == "unknown"}
-        if kill == "mid-request":
-            # the provider had the in-flight message: recovery adopted it instead of resending
-            assert report["adopted"] == 1 and final[in_flight[0]] == "sent"
-            assert any(r.detail.get("recovered") for r in recovered)
-        assert set(final.values()) == {"sent"} and len(counts) == N
+        unknown = {k for k, st in final.items() if st == "unknown"}
+        assert sent <= set(counts) and set(counts) <= sent | unknown
+        # an unknown item is one the provider never got (the kill fell between our claim and
+        # its request): kept for staff review rather than sent blindly
+        assert len(unknown) <= 1 and not unknown & set(counts)
+        assert len(recovered) == 1 + second["adopted"]
+        assert len(counts) + len(unknown) == N
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+        fake.release()
         fake.stop()

@@ -96,3 +96,20 @@ def test_start_after_stop_opts_back_in(tmp_path: Path, engine: Engine) -> None:
         ],
     )
     assert [d["at"] for d in rep["deliveries"]] == ["2026-03-09T15:00:00+00:00"]
+
+
+def test_an_sms_template_too_long_for_the_channel_fails_config_check(tmp_path: Path) -> None:
+    import pytest
+
+    from careloop.errors import ConfigError
+
+    text = CONFIG.read_text()
+    long_es = "Recordatorio de su cita ✓ " + "x" * 300
+    assert "    sms: {en: " in text
+    path = tmp_path / "long.yaml"
+    path.write_text(text.replace("    sms: {en: ", f'    sms: {{es: "{long_es}", en: ', 1))
+    with pytest.raises(ConfigError) as err:
+        wiring.check(cfgmod.load(path))
+    [problem] = [p for p in err.value.problems if "segments" in p]
+    assert problem.startswith("templates.appointment-reminder: sms.es is 5 SMS segments (UCS-2")
+    assert "(channel sms)" in problem and "Recordatorio" not in problem

@@ -20,6 +20,7 @@ from audit import tokens
 from careloop.clock import VirtualClock, utc
 from careloop.store import Store
 from careloop.tables import AuditRecord, Escalation, OutboxItem, Person, PersonIdentifier, Timer
+from channels.fhir_writeback import build_task
 from orchestrator import escalation
 from orchestrator.escalation_api import make_router
 from orchestrator.triage import RouteConfig, TriageConfig
@@ -76,7 +77,8 @@ def test_open_sets_sla_timer_routes_and_audits_without_phi(store: Store) -> None
             ("ehr-writeback", "escalation-task"),
             ("email", "escalation-email"),
         ]
-        task = items[0].content["resource"]
+        assert items[0].recipient == "Patient/p-77"
+        task = build_task(items[0])  # the fhir_writeback channel's own builder accepts the row
         assert task["for"] == {"reference": "Patient/p-77"} and task["priority"] == "stat"
         audit = s.exec(select(AuditRecord).order_by(col(AuditRecord.seq))).all()
         assert [a.action for a in audit] == ["escalation.open", "escalation.route", "escalation.route"]

@@ -16,6 +16,7 @@ from sqlmodel import Session, col, select
 from careloop import config as cfgmod
 from careloop.replay import Replayer, build_report, read_feed
 from careloop.tables import AuditRecord, Consent, Escalation, OutboxItem, Timer
+from channels.fhir_writeback import build_task
 from orchestrator import escalation
 from tests.conftest import FIXTURES
 from tests.escalation_plugins import register
@@ -46,13 +47,13 @@ def line(at: str, **body: Any) -> str:
 
 
 def booked(at: str = "2026-03-01T14:00:00+00:00") -> str:
-    return line(at, id="b1", type="appointment.booked", appointment=APPT)
+    return line(at, id="b1", type="appointment.booked", appointment=APPT, fhir_patient="p-1")
 
 
-def reply(at: str, mid: str, body: str, keyword: str | None = None) -> str:
-    return line(
-        at, id=mid, type="message.inbound", attributes={"channel": "sms", "body": body, "keyword": keyword}
-    )
+def reply(at: str, mid: str, body: str) -> str:
+    """An SMS reply as Twilio posts it (form fields), through the real connector and mapper."""
+    fields = {"From": WHO["phone"], "To": "+15550109999", "Body": body, "MessageSid": f"SM{mid:0>32}"}
+    return json.dumps({"at": at, "connector": "sms", "body": fields})
 
 
 class Run:
@@ -82,7 +83,7 @@ class Run:
 
 
 def test_c_reply_confirms_and_triggers_appointment_prep(tmp_path: Path) -> None:
-    run = Run(tmp_path, [booked(), reply("2026-03-08T16:00:00+00:00", "r1", "C", "confirm")])
+    run = Run(tmp_path, [booked(), reply("2026-03-08T16:00:00+00:00", "r1", "C")])
     try:
         rep = run.all()
         sms = [d["template"] for d in rep["deliveries"] if d["channel"] == "sms"]
@@ -91,10 +92,18 @@ def test_c_reply_confirms_and_triggers_appointment_prep(tmp_path: Path) -> None:
         assert ("appointment-reminder", "appointment-confirmed") in {
             (s["template"], s["reason"]) for s in rep["suppressed"]
         }
-        # Written back to the EHR: the patient participant accepted the appointment.
+        # Written back to the EHR as a Task for staff, in the fhir_writeback channel's contract.
         [wb] = run.outbox(channel="ehr-writeback")
-        assert wb.template == "writeback-appointment" and wb.subject_ref == "Appointment/a1"
-        assert wb.content["resource"]["participant"][0]["status"] == "accepted"
+        assert (wb.template, wb.subject_ref, wb.recipient) == (
+            "writeback-task",
+            "Appointment/a1",
+            "Patient/p-1",
+        )
+        task = build_task(wb)
+        assert task["code"]["coding"][0]["code"] == "appointment-confirmed"
+        assert task["focus"] == {"reference": "Appointment/a1"} and task["for"] == {
+            "reference": "Patient/p-1"
+        }
     finally:
         run.close()
 
@@ -121,7 +130,7 @@ def test_cancel_reply_cancels_appointment_stops_reminders_and_writes_back(tmp_pa
         assert rep["deliveries"] == [d for d in rep["deliveries"] if d["channel"] == "ehr-writeback"]
         assert "appointment.cancelled" in [e["type"] for e in rep["events"]]
         [wb] = run.outbox(channel="ehr-writeback")
-        assert wb.content["resource"]["participant"][0]["status"] == "declined"
+        assert build_task(wb)["code"]["coding"][0]["code"] == "appointment-declined"
         assert rep["escalations"] == []
     finally:
         run.close()
@@ -149,8 +158,9 @@ def test_chest_pain_escalates_emergency_sends_safety_reply_and_pauses_reminders(
         assert esc.evidence["safety_reply"] == "sent"
         # Routed at once: a FHIR Task (stat) for the EHR and an email to the nurse line.
         [task] = [o for o in run.outbox(channel="ehr-writeback") if o.template == "escalation-task"]
-        assert task.content["resource"]["resourceType"] == "Task"
-        assert task.content["resource"]["priority"] == "stat"
+        fhir_task = build_task(task)
+        assert (fhir_task["priority"], fhir_task["for"]) == ("stat", {"reference": "Patient/p-1"})
+        assert {"system": "urn:careloop:escalation", "value": str(esc.id)} in fhir_task["identifier"]
         emails = run.outbox(channel="email")
         assert emails[0].recipient == "nurse-line@example.test"
         assert "chest" not in json.dumps(emails[0].content).lower()  # the notice carries no message text
@@ -183,16 +193,8 @@ def test_negated_chest_pain_is_not_an_emergency(tmp_path: Path) -> None:
 
 
 def test_stop_is_an_opt_out_not_an_escalation(tmp_path: Path) -> None:
-    at = "2026-03-02T16:00:00+00:00"
-    run = Run(
-        tmp_path,
-        [
-            booked(),
-            reply(at, "r1", "STOP", "stop"),
-            # The SMS mapper emits consent.revoked for STOP words alongside the inbound message.
-            line(at, id="r1c", type="consent.revoked", attributes={"channel": "sms", "source": "stop"}),
-        ],
-    )
+    # The Twilio mapper turns STOP into consent.revoked (then the message itself).
+    run = Run(tmp_path, [booked(), reply("2026-03-02T16:00:00+00:00", "r1", "STOP")])
     try:
         rep = run.all()
         assert rep["escalations"] == []
@@ -219,7 +221,7 @@ def test_plain_language_opt_out_revokes_consent(tmp_path: Path) -> None:
 
 
 def test_help_gets_help_reply_even_in_quiet_hours(tmp_path: Path) -> None:
-    run = Run(tmp_path, [booked(), reply("2026-03-03T04:00:00+00:00", "r1", "HELP", "help")])
+    run = Run(tmp_path, [booked(), reply("2026-03-03T04:00:00+00:00", "r1", "HELP")])
     try:
         rep = run.all()
         helps = [d for d in rep["deliveries"] if d["template"] == "help-reply"]
@@ -354,7 +356,7 @@ def test_red_flag_while_routine_item_open_raises_it_to_emergency(tmp_path: Path)
         safety = [d["at"] for d in rep["deliveries"] if d["template"] == "safety-reply"]
         assert safety == ["2026-03-05T18:00:00+00:00"]  # the open item does not hold the safety reply
         tasks = [o for o in run.outbox(channel="ehr-writeback") if o.template == "escalation-task"]
-        assert [t.content["resource"]["priority"] for t in tasks] == ["routine", "stat"]
+        assert [build_task(t)["priority"] for t in tasks] == ["routine", "stat"]
     finally:
         run.close()
 
@@ -426,5 +428,32 @@ def test_message_that_cannot_be_triaged_goes_to_a_person(tmp_path: Path) -> None
         [esc] = run.escalations()
         assert esc.evidence["message"] == "I have chest pain" and esc.evidence["error"] == "ValueError"
         assert [e["status"] for e in rep["events"] if e["type"] == "message.inbound"] == ["processed"]
+    finally:
+        run.close()
+
+
+def test_stop_with_a_red_flag_still_escalates_but_respects_the_opt_out(tmp_path: Path) -> None:
+    run = Run(tmp_path, [booked(), reply("2026-03-05T15:00:00+00:00", "r1", "STOP I can't breathe")])
+    try:
+        rep = run.all()
+        assert [(e["severity"], e["reason"]) for e in rep["escalations"]] == [
+            ("emergency", "red-flag-emergency")
+        ]
+        [esc] = run.escalations()
+        # SMS consent is revoked first (carrier rules), so the safety reply cannot go by SMS;
+        # the person reaches staff through the escalation instead.
+        assert esc.evidence["safety_reply"] == "opted-out"
+        assert not run.outbox(template="safety-reply")
+    finally:
+        run.close()
+
+
+def test_bare_cancel_is_a_carrier_opt_out_not_an_appointment_cancellation(tmp_path: Path) -> None:
+    run = Run(tmp_path, [booked(), reply("2026-03-02T16:00:00+00:00", "r1", "CANCEL")])
+    try:
+        rep = run.all()
+        types = [e["type"] for e in rep["events"]]
+        assert "consent.revoked" in types and "appointment.cancelled" not in types
+        assert rep["escalations"] == [] and run.outbox(channel="ehr-writeback") == []
     finally:
         run.close()

@@ -75,7 +75,9 @@ def test_err_uses_eld_and_msa_3_before_v2_5() -> None:
         ("SU", Outcome.REJECT, False, None),
     ],
 )
-def test_enhanced_mode_honours_msh_15(accept_ack: str, outcome: Outcome, sent: bool, code: str | None) -> None:
+def test_enhanced_mode_honours_msh_15(
+    accept_ack: str, outcome: Outcome, sent: bool, code: str | None
+) -> None:
     hdr = read_header(adt("A01", "EN1", accept_ack=accept_ack, app_ack="NE"))
     assert should_send(hdr, outcome) is sent
     if code:
@@ -108,7 +110,9 @@ def test_accept_stamps_the_site_time_zone() -> None:
 
 
 def test_undecodable_message_is_kept_and_answered_ae_with_err() -> None:
-    data = (msh("ADT^A08", "BAD1", charset="UNICODE UTF-8") + "\rPID|1||X^^^NWH||Nam\xe9").encode("latin-1") + b"\r"
+    data = (msh("ADT^A08", "BAD1", charset="UNICODE UTF-8") + "\rPID|1||X^^^NWH||Nam\xe9").encode(
+        "latin-1"
+    ) + b"\r"
     [raw] = connector().accept(data, {})
     assert raw.body == data and raw.reply is not None
     assert msa(raw.reply) == ("AE", "BAD1")

@@ -22,10 +22,12 @@ from careloop.pipeline import MapStage
 from careloop.store import Store
 from careloop.tables import JourneyEvent, RawMessage
 from mapping.hl7v2 import HL7v2Mapper
-from tests.hl7_support import adt, frame, msa, read_frame, siu
+from tests.hl7_support import adt, frame, msa, read_frame, seg, siu
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = 2000
+# One identifier only: the test is about durability, not identity linking (which it would slow).
+PID = seg("PID", {1: "1", 3: "NWCRASH1^^^NWH^MR", 5: "Crashtest^Cora"})
 CLIENTS = 2
 
 
@@ -36,8 +38,9 @@ def _free_port() -> int:
 
 
 def _start(db: Path, port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "tests.hl7_crash_server", str(db), str(port)], cwd=ROOT,
-                            stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.hl7_crash_server", str(db), str(port)], cwd=ROOT, stdout=subprocess.PIPE
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     assert line.strip() == b"READY", "the listener did not start"
@@ -50,7 +53,7 @@ def _client(port: int, ids: list[str], acked: list[str], resent: list[int]) -> N
     deadline = time.monotonic() + 120
     while i < len(ids) and time.monotonic() < deadline:
         ctrl = ids[i]
-        body = siu("S12", ctrl) if i % 2 else adt("A01", ctrl)
+        body = siu("S12", ctrl, pid=PID) if i % 2 else adt("A01", ctrl, pid=PID)
         try:
             if sock is None:
                 sock = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -84,7 +87,7 @@ def test_sigkill_during_a_stream_loses_nothing_acked_and_maps_each_message_once(
     engine = make_engine(f"sqlite:///{db}")
     store = Store(engine, SystemClock())
     mapper = HL7v2Mapper()
-    stage = MapStage(store, lambda raw: mapper, batch=25)
+    stage = MapStage(store, lambda raw: mapper, batch=10)
     streaming = threading.Event()
     streaming.set()
 
@@ -139,8 +142,9 @@ def test_sigkill_during_a_stream_loses_nothing_acked_and_maps_each_message_once(
         assert stage.run_once_sync() == 0
         print(f"mapping phase {time.monotonic() - t1:.1f}s")
         with Session(engine) as s:
-            per_raw = s.exec(select(JourneyEvent.raw_message_id, func.count()).group_by(
-                JourneyEvent.raw_message_id)).all()
+            per_raw = s.exec(
+                select(JourneyEvent.raw_message_id, func.count()).group_by(JourneyEvent.raw_message_id)
+            ).all()
             controls = Counter(e.attributes["control_id"] for e in s.exec(select(JourneyEvent)).all())
         assert len(per_raw) == MESSAGES and all(n == 1 for _, n in per_raw)
         assert set(controls) == set(acked) and all(n == 1 for n in controls.values())

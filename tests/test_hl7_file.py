@@ -37,8 +37,9 @@ async def test_files_are_stored_then_moved_to_done_or_error(store: Store, tmp_pa
     inbox = tmp_path / "in"
     inbox.mkdir()
     (inbox / "one.hl7").write_bytes(adt("A01", "F1").replace(b"\r", b"\n"))
-    (inbox / "batch.hl7").write_bytes(b"FHS|^~\\&\rBHS|^~\\&\r" + adt("A03", "F2") + siu("S12", "F3")
-                                      + b"BTS|2\rFTS|1\r")
+    (inbox / "batch.hl7").write_bytes(
+        b"FHS|^~\\&\rBHS|^~\\&\r" + adt("A03", "F2") + siu("S12", "F3") + b"BTS|2\rFTS|1\r"
+    )
     (inbox / "garbage.hl7").write_bytes(b"this is not hl7")
     bad = (msh("ADT^A08", "F4", charset="ASCII") + "\rPID|1||X^^^NWH||Jos\xe9").encode("latin-1") + b"\r"
     (inbox / "charset.hl7").write_bytes(bad)
@@ -70,7 +71,9 @@ async def test_a_file_seen_again_after_a_crash_is_not_stored_twice(store: Store,
     inbox.mkdir()
     data = (HL7_FIXTURES / "siu_s12_booked.hl7").read_bytes()
     sink = BulkIngestSink(store)
-    sink.put_sync(FileConnector("files", FileConfig(directory=inbox)).accept(data, {}))  # committed, not moved
+    sink.put_sync(
+        FileConnector("files", FileConfig(directory=inbox)).accept(data, {})
+    )  # committed, not moved
     (inbox / "again.hl7").write_bytes(data)
     _old(inbox / "again.hl7")
     c = FileConnector("files", FileConfig(directory=inbox, poll_interval_s=0.05))

@@ -13,18 +13,33 @@ from careloop.tables import AuditHead, AuditRecord, RawMessage
 
 
 def item(key: str | None, n: int = 0) -> RawIn:
-    return RawIn("adt", "hl7v2:ADT^A01", f"MSH|body{n}".encode(), "x-application/hl7-v2+er7", key,
-                 {"timezone": "America/New_York", "n": str(n)}, f"ACK{key}".encode() if key else None)
+    return RawIn(
+        "adt",
+        "hl7v2:ADT^A01",
+        f"MSH|body{n}".encode(),
+        "x-application/hl7-v2+er7",
+        key,
+        {"timezone": "America/New_York", "n": str(n)},
+        f"ACK{key}".encode() if key else None,
+    )
 
 
 def test_bulk_sink_matches_the_stock_sink_on_rows_duplicates_and_audit(store: Store) -> None:
     stock, bulk = IngestSink(store), BulkIngestSink(store)
     a = stock.put_sync([item("k1", 1), item("k2", 2), item("k1", 3), item(None, 4)])
     b = bulk.put_sync([item("k4", 5), item("k4", 6), item("k1", 7), item(None, 8)])
-    assert [(r.duplicate, r.reply) for r in a] == [(False, b"ACKk1"), (False, b"ACKk2"), (True, b"ACKk1"),
-                                                   (False, None)]
-    assert [(r.duplicate, r.reply) for r in b] == [(False, b"ACKk4"), (True, b"ACKk4"), (True, b"ACKk1"),
-                                                   (False, None)]
+    assert [(r.duplicate, r.reply) for r in a] == [
+        (False, b"ACKk1"),
+        (False, b"ACKk2"),
+        (True, b"ACKk1"),
+        (False, None),
+    ]
+    assert [(r.duplicate, r.reply) for r in b] == [
+        (False, b"ACKk4"),
+        (True, b"ACKk4"),
+        (True, b"ACKk1"),
+        (False, None),
+    ]
     assert a[2].raw_id == a[0].raw_id and b[2].raw_id == a[0].raw_id and b[1].raw_id == b[0].raw_id
 
     with Session(store.engine) as s:
@@ -40,8 +55,14 @@ def test_bulk_sink_matches_the_stock_sink_on_rows_duplicates_and_audit(store: St
         records = s.exec(select(AuditRecord).order_by(AuditRecord.seq)).all()  # type: ignore[arg-type]
         head = s.get(AuditHead, 1)
     assert [r.action for r in records] == [
-        "message.receive", "message.receive", "message.duplicate", "message.receive",
-        "message.receive", "message.duplicate", "message.duplicate", "message.receive",
+        "message.receive",
+        "message.receive",
+        "message.duplicate",
+        "message.receive",
+        "message.receive",
+        "message.duplicate",
+        "message.duplicate",
+        "message.receive",
     ]
     prev = audit_log.GENESIS
     for r in records:  # the chain verifies across both writers

@@ -23,8 +23,13 @@ MODELS: dict[str, Any] = {"Patient": Patient, "Appointment": Appointment, "Encou
 
 
 def raw_of(body: bytes, tz: str | None = "America/New_York") -> RawMessage:
-    return RawMessage(connector="adt", kind="hl7v2:x", content_type="x-application/hl7-v2+er7", body=body,
-                      headers={"timezone": tz} if tz else {})
+    return RawMessage(
+        connector="adt",
+        kind="hl7v2:x",
+        content_type="x-application/hl7-v2+er7",
+        body=body,
+        headers={"timezone": tz} if tz else {},
+    )
 
 
 def validate(ev: MappedEvent) -> None:
@@ -58,7 +63,10 @@ def test_adt_triggers_map_to_encounter_events(trigger: str, event_type: str, sta
     assert ev.subject["status"] == status
     assert ev.attributes["trigger"] == trigger and ev.attributes["control_id"] == "C1"
     if trigger == "A03":
-        assert ev.subject["period"] == {"start": "2026-03-02T08:10:00-05:00", "end": "2026-03-04T11:30:00-05:00"}
+        assert ev.subject["period"] == {
+            "start": "2026-03-02T08:10:00-05:00",
+            "end": "2026-03-04T11:30:00-05:00",
+        }
         coding = ev.subject["hospitalization"]["dischargeDisposition"]["coding"][0]
         assert coding["code"] == "01" and coding["system"].endswith("v2-0112")
     if trigger == "A02":
@@ -148,7 +156,9 @@ def test_timestamps_without_offset_use_the_site_time_zone_and_utc_by_default() -
 
 
 def test_occurred_at_prefers_evn_6_then_evn_2_then_msh_7() -> None:
-    body = adt("A01").replace(b"EVN|A01|20260302081500-0500", b"EVN|A01|20260302081500-0500||||20260302070000-0500")
+    body = adt("A01").replace(
+        b"EVN|A01|20260302081500-0500", b"EVN|A01|20260302081500-0500||||20260302070000-0500"
+    )
     assert map_one(body).occurred_at == datetime.fromisoformat("2026-03-02T07:00:00-05:00")
     no_evn = b"\r".join(s for s in adt("A01").split(b"\r") if not s.startswith(b"EVN"))
     assert map_one(no_evn).occurred_at == datetime.fromisoformat("2026-03-02T09:05:00-05:00")
@@ -187,8 +197,16 @@ def test_appointment_id_is_stable_across_the_appointment_lifecycle() -> None:
 
 @pytest.mark.parametrize(
     ("sch25", "status"),
-    [("Pending", "pending"), ("Waitlist", "waitlist"), ("Started", "arrived"), ("Complete", "fulfilled"),
-     ("Noshow", "noshow"), ("Deleted", "entered-in-error"), ("Overbook", "booked"), ("", "booked")],
+    [
+        ("Pending", "pending"),
+        ("Waitlist", "waitlist"),
+        ("Started", "arrived"),
+        ("Complete", "fulfilled"),
+        ("Noshow", "noshow"),
+        ("Deleted", "entered-in-error"),
+        ("Overbook", "booked"),
+        ("", "booked"),
+    ],
 )
 def test_sch_25_filler_status_maps_per_the_v2_to_fhir_table(sch25: str, status: str) -> None:
     assert map_one(siu("S14", status=sch25)).subject["status"] == status  # type: ignore[index]
@@ -266,8 +284,13 @@ def test_corpus_message_is_accepted_and_mapped_or_skipped(path: Path) -> None:
     for raw in raws:
         # Accepted: AA in original mode, CA in enhanced mode (or no reply if MSH-15 says NE).
         assert raw.reply is None or msa(raw.reply)[0] in {"AA", "CA"}
-        stored = RawMessage(connector=raw.connector, kind=raw.kind, content_type=raw.content_type,
-                            body=raw.body, headers=dict(raw.headers))
+        stored = RawMessage(
+            connector=raw.connector,
+            kind=raw.kind,
+            content_type=raw.content_type,
+            body=raw.body,
+            headers=dict(raw.headers),
+        )
         try:
             events = HL7v2Mapper().map(stored)
         except SkipMessage as skip:

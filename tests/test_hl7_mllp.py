@@ -6,7 +6,6 @@ import asyncio
 import datetime as dt
 import socket
 import ssl
-import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -78,8 +77,9 @@ def stored(store: Store) -> list[RawMessage]:
 
 
 @pytest.mark.anyio
-async def test_python_hl7_client_sends_many_messages_on_one_connection(listener: MLLPConnector,
-                                                                        store: Store) -> None:
+async def test_python_hl7_client_sends_many_messages_on_one_connection(
+    listener: MLLPConnector, store: Store
+) -> None:
     def send_all() -> list[str]:
         with hl7.client.MLLPClient("127.0.0.1", listener.port) as client:
             return [client.send_message(adt("A01", f"PY{i}")).decode() for i in range(40)]
@@ -92,13 +92,21 @@ async def test_python_hl7_client_sends_many_messages_on_one_connection(listener:
 
 
 @pytest.mark.anyio
-async def test_mllp_send_command_line_tool_gets_acks(listener: MLLPConnector, store: Store,
-                                                     tmp_path: Path) -> None:
+async def test_mllp_send_command_line_tool_gets_acks(
+    listener: MLLPConnector, store: Store, tmp_path: Path
+) -> None:
     stream = tmp_path / "stream.mllp"
     stream.write_bytes(b"".join(frame(siu("S12", f"CLI{i}")) for i in range(5)))
     tool = Path(sys.executable).parent / "mllp_send"
-    proc = await asyncio.create_subprocess_exec(str(tool), "--file", str(stream), "--port", str(listener.port),
-                                                "127.0.0.1", stdout=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        str(tool),
+        "--file",
+        str(stream),
+        "--port",
+        str(listener.port),
+        "127.0.0.1",
+        stdout=asyncio.subprocess.PIPE,
+    )
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0
     assert [msa(a)[1] for a in out.split(b"\x1c")[:-1]] == [f"CLI{i}" for i in range(5)]
@@ -121,8 +129,9 @@ async def test_concurrent_connections_share_commits_and_every_message_is_stored_
 
 
 @pytest.mark.anyio
-async def test_duplicate_control_id_gets_same_ack_and_is_stored_once(listener: MLLPConnector,
-                                                                     store: Store) -> None:
+async def test_duplicate_control_id_gets_same_ack_and_is_stored_once(
+    listener: MLLPConnector, store: Store
+) -> None:
     first = await exchange(listener.port, [adt("A01", "DUP1")])
     again = await exchange(listener.port, [adt("A01", "DUP1"), adt("A01", "DUP1")])
     assert again == first * 2
@@ -134,8 +143,9 @@ async def test_duplicate_control_id_gets_same_ack_and_is_stored_once(listener: M
 
 
 @pytest.mark.anyio
-async def test_same_control_id_from_another_sender_is_not_a_duplicate(listener: MLLPConnector,
-                                                                      store: Store) -> None:
+async def test_same_control_id_from_another_sender_is_not_a_duplicate(
+    listener: MLLPConnector, store: Store
+) -> None:
     await exchange(listener.port, [adt("A01", "SAME", sender="APP1"), adt("A01", "SAME", sender="APP2")])
     assert len(stored(store)) == 2
 
@@ -289,27 +299,43 @@ def _make_certs(tmp: Path) -> dict[str, Path]:
 
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("test-ca")).issuer_name(name("test-ca"))
-          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now - dt.timedelta(days=1))
-          .not_valid_after(now + dt.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("test-ca"))
+        .issuer_name(name("test-ca"))
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     out = {"ca": tmp / "ca.pem"}
     out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    for who, san in (("server", x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))),
-                     ("client", x509.DNSName("client.test"))):
+    for who, san in (
+        ("server", x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))),
+        ("client", x509.DNSName("client.test")),
+    ):
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name(who)).issuer_name(ca.subject)
-                .public_key(key.public_key()).serial_number(2 if who == "server" else 3)
-                .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName([san]), critical=False)
-                .sign(ca_key, hashes.SHA256()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(who))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(2 if who == "server" else 3)
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
         out[f"{who}_cert"] = tmp / f"{who}.pem"
         out[f"{who}_key"] = tmp / f"{who}.key"
         out[f"{who}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        out[f"{who}_key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                        serialization.PrivateFormat.PKCS8,
-                                                        serialization.NoEncryption()))
+        out[f"{who}_key"].write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
     return out
 
 
@@ -335,7 +361,9 @@ async def test_mutual_tls_accepts_a_client_certificate_and_refuses_none(store: S
 
 
 def test_config_accepts_the_listen_shorthand_and_rejects_unknown_keys() -> None:
-    cfg = MLLPConfig.model_validate({"plugin": "hl7v2_mllp", "listen": "127.0.0.1:2575", "ack_mode": "commit"})
+    cfg = MLLPConfig.model_validate(
+        {"plugin": "hl7v2_mllp", "listen": "127.0.0.1:2575", "ack_mode": "commit"}
+    )
     assert (cfg.host, cfg.port, cfg.max_message_bytes) == ("127.0.0.1", 2575, 1024 * 1024)
     with pytest.raises(ValueError):
         MLLPConfig.model_validate({"plugin": "hl7v2_mllp", "bogus": 1})
@@ -352,7 +380,9 @@ def test_demo_fixture_files_are_accepted_over_the_wire(tmp_path: Path) -> None:
         c = MLLPConnector("adt", config())
         await c.start(BulkIngestSink(store))
         try:
-            payloads = [(HL7_FIXTURES / n).read_bytes() for n in sorted(p.name for p in HL7_FIXTURES.glob("*.hl7"))]
+            payloads = [
+                (HL7_FIXTURES / n).read_bytes() for n in sorted(p.name for p in HL7_FIXTURES.glob("*.hl7"))
+            ]
             return await exchange(c.port, payloads)
         finally:
             await c.stop()
@@ -406,8 +436,9 @@ _PIECES = st.one_of(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(_PIECES, max_size=12))
-def test_arbitrary_bytes_get_one_reply_per_frame_then_a_clean_close(prop_server: _Server,
-                                                                    pieces: list[bytes]) -> None:
+def test_arbitrary_bytes_get_one_reply_per_frame_then_a_clean_close(
+    prop_server: _Server, pieces: list[bytes]
+) -> None:
     data = b"".join(pieces)
     expected = len(MLLPFramer(1024).feed(data))
     with socket.create_connection(("127.0.0.1", prop_server.connector.port), timeout=10) as sock:

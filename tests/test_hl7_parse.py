@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hl7
 import pytest
-from tests.hl7_support import adt, fixture_messages, msh, seg, siu
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +20,7 @@ from mapping.hl7v2_parse import (
     split_messages,
     unescape,
 )
+from tests.hl7_support import adt, fixture_messages, msh, seg, siu
 
 
 def test_fields_repetitions_components_and_subcomponents_are_addressed_one_based() -> None:
@@ -94,8 +94,13 @@ def test_escape_round_trips_every_delimiter() -> None:
 
 
 def test_batch_file_is_split_into_messages_without_envelope() -> None:
-    batch = (b"FHS|^~\\&|NWADT\rBHS|^~\\&|NWADT\r" + adt("A01", "B1") + siu("S12", "B2") + adt("A03", "B3")
-             + b"BTS|3\rFTS|1\r")
+    batch = (
+        b"FHS|^~\\&|NWADT\rBHS|^~\\&|NWADT\r"
+        + adt("A01", "B1")
+        + siu("S12", "B2")
+        + adt("A03", "B3")
+        + b"BTS|3\rFTS|1\r"
+    )
     parts = split_messages(batch)
     assert [read_header(p).control_id for p in parts] == ["B1", "B2", "B3"]
     assert all(p.startswith(b"MSH") and b"BTS" not in p and b"FHS" not in p for p in parts)
@@ -129,7 +134,9 @@ def test_msh_18_character_sets_decode(charset: str, payload: bytes, text: str) -
     assert pid is not None and pid.get(5) == text
 
 
-@pytest.mark.parametrize(("charset", "bad"), [("UNICODE UTF-8", b"\xc3\x28"), ("ASCII", b"\xe9"), ("", b"\xff")])
+@pytest.mark.parametrize(
+    ("charset", "bad"), [("UNICODE UTF-8", b"\xc3\x28"), ("ASCII", b"\xe9"), ("", b"\xff")]
+)
 def test_undecodable_bytes_raise_a_phi_free_charset_error(charset: str, bad: bytes) -> None:
     data = (msh("ADT^A08", "CS2", charset=charset) + "\rPID|1||X^^^NWH||Secretname").encode() + bad + b"\r"
     with pytest.raises(CharsetError) as err:

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-22 11:32:36.501673
+Create Date: 2026-11-22 11:51:26.292132
 """
 
 from __future__ import annotations
@@ -88,6 +88,21 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("connector", "subscription", name="uq_fhir_sub"),
+    )
+    op.create_table(
+        "learning_stat",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("scope", sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
+        sa.Column("scope_key", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
+        sa.Column("dimension", sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
+        sa.Column("option", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
+        sa.Column("successes", sa.Float(), nullable=False),
+        sa.Column("failures", sa.Float(), nullable=False),
+        sa.Column("trials", sa.Integer(), nullable=False),
+        sa.Column("engaged", sa.Integer(), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("scope", "scope_key", "dimension", "option", name="uq_learning_stat"),
     )
     op.create_table(
         "person",
@@ -335,6 +350,47 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_outbox_person_id"), ["person_id"], unique=False)
 
     op.create_table(
+        "outreach_outcome",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("decision_id", sa.Integer(), nullable=True),
+        sa.Column("outbox_key", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
+        sa.Column("person_id", sa.Integer(), nullable=False),
+        sa.Column("channel", sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
+        sa.Column("template", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+        sa.Column("subject_ref", sqlmodel.sql.sqltypes.AutoString(length=255), nullable=True),
+        sa.Column("window", sqlmodel.sql.sqltypes.AutoString(length=32), nullable=True),
+        sa.Column("variant", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
+        sa.Column("segment", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=True),
+        sa.Column("propensity", sa.Float(), nullable=True),
+        sa.Column("sent_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("delivered_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("read_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("clicked_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("replied_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("confirmed_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("attended_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("noshow_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("failed_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("opted_out_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("reward", sa.Float(), nullable=False),
+        sa.Column("learned", sa.Boolean(), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["decision_id"],
+            ["decision.id"],
+        ),
+        sa.ForeignKeyConstraint(
+            ["person_id"],
+            ["person.id"],
+        ),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("decision_id"),
+        sa.UniqueConstraint("outbox_key"),
+    )
+    with op.batch_alter_table("outreach_outcome", schema=None) as batch_op:
+        batch_op.create_index("ix_outcome_person_sent", ["person_id", "sent_at"], unique=False)
+
+    op.create_table(
         "delivery_receipt",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("outbox_id", sa.Integer(), nullable=False),
@@ -360,6 +416,10 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_delivery_receipt_outbox_id"))
 
     op.drop_table("delivery_receipt")
+    with op.batch_alter_table("outreach_outcome", schema=None) as batch_op:
+        batch_op.drop_index("ix_outcome_person_sent")
+
+    op.drop_table("outreach_outcome")
     with op.batch_alter_table("outbox", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_outbox_person_id"))
         batch_op.drop_index("ix_outbox_due")
@@ -402,6 +462,7 @@ def downgrade() -> None:
 
     op.drop_table("raw_message")
     op.drop_table("person")
+    op.drop_table("learning_stat")
     op.drop_table("fhir_subscription_state")
     op.drop_table("dead_letter")
     with op.batch_alter_table("audit_record", schema=None) as batch_op:

@@ -1,0 +1,511 @@
+"""The learner (issue 10): channel, send window and message variant chosen per person from
+outcomes, only ever among the options the compliance gate allows.
+
+Model. Each choice is factored into three dimensions (channel, window, variant); each
+option of a dimension has a Beta posterior over its reward (orchestrator/outcomes.py turns
+outcomes into a reward in [0, 1]). Posteriors are pooled in three levels, so a new patient
+starts from people like them and then from their own history:
+
+    population:  mu_pop = (1 + S_pop) / (2 + N_pop)
+    segment:     mu_seg = (m_pop * mu_pop + S_seg) / (m_pop + N_seg)
+    person:      Beta(m_seg * mu_seg + S_person, m_seg * (1 - mu_seg) + F_person)
+
+with S/F the (half-life decayed) reward mass and N = S + F, m_pop and m_seg the configured
+``population_strength`` and ``segment_strength``. Decay lets drifting preferences show.
+
+Choice. Thompson sampling as probability matching: ``draws`` joint posterior draws
+estimate P(best) for every option; the chosen option is sampled from that distribution
+after two bounds, so the logged propensity is the exact probability of the choice:
+``max_exploration`` caps the probability of any option other than the posterior-mean best,
+then ``min_propensity`` gives every allowed option a floor (inverse-propensity evaluation
+needs support everywhere; the floor wins over the cap). The joint propensity is the
+product of the three dimensions'.
+
+Why not MABWiser: its Thompson sampling keeps one flat posterior per arm (no pooled priors
+from population to segment to person), has no per-decision arm set (the gate changes it),
+persists by pickling, and pulls numpy/pandas/scikit-learn in for what is 200 lines here.
+
+Pure except ``DbStats``/``record`` (SQL), which keep the evidence in ``learning_stat``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import and_, or_
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from careloop.clock import utc
+from careloop.config import AppConfig, LearningConfig
+from careloop.tables import LearningStat
+
+DIMENSIONS = ("channel", "window", "variant")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ASAP = "asap"  # no configured window fits: send when the gate allows, as without learning
+
+
+@dataclass
+class Evidence:
+    """Reward mass for one option at one level, decayed to the time it was read."""
+
+    successes: float = 0.0
+    failures: float = 0.0
+    trials: int = 0
+    engaged: int = 0
+
+
+class StatsView(Protocol):
+    def evidence(self, scope: str, key: str, dimension: str, option: str) -> Evidence:
+        """The evidence for ``option`` at (``scope``, ``key``), decayed to now."""
+        ...
+
+
+class _Cell(Protocol):
+    successes: float
+    failures: float
+    trials: int
+    engaged: int
+    updated_at: datetime
+
+
+def _decay_factor(updated_at: datetime | None, now: datetime, half_life_days: float | None) -> float:
+    if half_life_days is None or updated_at is None:
+        return 1.0
+    age = (utc(now) - utc(updated_at)).total_seconds() / 86400.0
+    return 0.5 ** (age / half_life_days) if age > 0 else 1.0
+
+
+def bump(cell: _Cell, now: datetime, cfg: LearningConfig, *, trial: bool, delta: float, engaged: int) -> None:
+    """Decay ``cell`` to ``now``, then count a trial (a pending send counts as a failure
+    until its outcomes arrive) and move ``delta`` reward mass from failures to successes."""
+    f = _decay_factor(cell.updated_at, now, cfg.half_life_days)
+    cell.successes *= f
+    cell.failures *= f
+    if trial:
+        cell.trials += 1
+        cell.failures += 1.0
+    cell.successes = max(0.0, cell.successes + delta)
+    cell.failures = max(0.0, cell.failures - delta)
+    cell.engaged = max(0, cell.engaged + engaged)
+    cell.updated_at = max(utc(cell.updated_at), utc(now)) if cell.updated_at else utc(now)
+
+
+@dataclass(frozen=True, slots=True)
+class Posterior:
+    alpha: float
+    beta: float
+    person: Evidence
+    segment_mean: float
+
+    @property
+    def mean(self) -> float:
+        return self.alpha / (self.alpha + self.beta)
+
+
+def posterior(
+    view: StatsView, person_key: str, segment: str, dimension: str, option: str, cfg: LearningConfig
+) -> Posterior:
+    """The person's Beta posterior for ``option``, its prior pooled from segment and population."""
+    pop = view.evidence("population", "*", dimension, option)
+    mu_pop = (1.0 + pop.successes) / (2.0 + pop.successes + pop.failures)
+    seg = view.evidence("segment", segment, dimension, option)
+    m1 = cfg.population_strength
+    mu_seg = (m1 * mu_pop + seg.successes) / (m1 + seg.successes + seg.failures)
+    per = view.evidence("person", person_key, dimension, option)
+    m2 = cfg.segment_strength
+    return Posterior(m2 * mu_seg + per.successes, m2 * (1.0 - mu_seg) + per.failures, per, mu_seg)
+
+
+@dataclass(frozen=True, slots=True)
+class DimensionChoice:
+    dimension: str
+    options: tuple[str, ...]
+    p_best: dict[str, float]  # Thompson estimate of P(option is best)
+    probs: dict[str, float]  # the distribution actually sampled (after cap and floor)
+    means: dict[str, float]
+    greedy: str
+    chosen: str
+    person: dict[str, tuple[int, int]]  # option -> (engaged, trials) for this person
+
+    @property
+    def propensity(self) -> float:
+        return self.probs[self.chosen]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "options": list(self.options),
+            "chosen": self.chosen,
+            "greedy": self.greedy,
+            "propensity": round(self.propensity, 6),
+            "p_best": {k: round(v, 4) for k, v in self.p_best.items()},
+            "probs": {k: round(v, 6) for k, v in self.probs.items()},
+            "mean": {k: round(v, 4) for k, v in self.means.items()},
+            "person": {k: list(v) for k, v in self.person.items()},
+        }
+
+
+def bounded_probs(p_best: Mapping[str, float], greedy: str, cfg: LearningConfig) -> dict[str, float]:
+    """Cap exploration (P(not greedy) <= max_exploration), then floor every option."""
+    probs = dict(p_best)
+    k = len(probs)
+    if k == 1:
+        return {greedy: 1.0}
+    explore = 1.0 - probs[greedy]
+    if explore > cfg.max_exploration:
+        scale = cfg.max_exploration / explore
+        probs = {o: (p * scale if o != greedy else 0.0) for o, p in probs.items()}
+        probs[greedy] = 1.0 - cfg.max_exploration
+    floor = min(cfg.min_propensity, 1.0 / k)
+    return {o: floor + (1.0 - floor * k) * p for o, p in probs.items()}
+
+
+def _sample(rng: random.Random, probs: Mapping[str, float]) -> str:
+    u = rng.random()
+    acc = 0.0
+    last = ""
+    for o, p in probs.items():
+        acc += p
+        last = o
+        if u < acc:
+            return o
+    return last  # rounding: the mass left over belongs to the last option
+
+
+def choose_dimension(
+    rng: random.Random,
+    dimension: str,
+    options: Iterable[str],
+    posts: Mapping[str, Posterior],
+    cfg: LearningConfig,
+) -> DimensionChoice:
+    opts = tuple(options)
+    if not opts:
+        raise ValueError(f"no options for {dimension}")
+    means = {o: posts[o].mean for o in opts}
+    greedy = max(opts, key=lambda o: means[o])  # first in preference order on ties
+    person = {o: (posts[o].person.engaged, posts[o].person.trials) for o in opts}
+    if len(opts) == 1:
+        return DimensionChoice(
+            dimension, opts, {opts[0]: 1.0}, {opts[0]: 1.0}, means, greedy, opts[0], person
+        )
+    wins = dict.fromkeys(opts, 0)
+    for _ in range(cfg.draws):
+        best, best_v = opts[0], -1.0
+        for o in opts:
+            v = rng.betavariate(posts[o].alpha, posts[o].beta)
+            if v > best_v:
+                best, best_v = o, v
+        wins[best] += 1
+    p_best = {o: wins[o] / cfg.draws for o in opts}
+    probs = bounded_probs(p_best, greedy, cfg)
+    return DimensionChoice(dimension, opts, p_best, probs, means, greedy, _sample(rng, probs), person)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One decision's channel, window (and when it opens) and variant, with the evidence."""
+
+    channel: str
+    window: str
+    at: datetime
+    variant: str
+    template: str
+    segment: str
+    dims: dict[str, DimensionChoice] = field(default_factory=dict)
+    tz: str = "UTC"
+
+    @property
+    def propensity(self) -> float:
+        p = 1.0
+        for d in self.dims.values():
+            p *= d.propensity
+        return p
+
+    def arms(self) -> list[tuple[str, str]]:
+        return arms(self.channel, self.window, self.template, self.variant)
+
+    def explain(self) -> str:
+        ch = self.dims["channel"]
+        local = self.at.astimezone(ZoneInfo(self.tz)).strftime("%H:%M")
+        head = f"{self.channel} at {local} ({self.window})"
+        if self.variant != "default":
+            head += f", variant {self.variant}"
+        parts = [f"{head}: P(best)={ch.p_best[self.channel]:.2f}"]
+        seen = {o: en for o, en in ch.person.items() if en[1]}
+        hist = "engaged with " + ", ".join(f"{e} of {n} {o}" for o, (e, n) in seen.items()) if seen else ""
+        parts.append(hist or f"no history yet: prior from segment {self.segment}")
+        explored = [d.dimension for d in self.dims.values() if d.chosen != d.greedy]
+        if explored:
+            parts.append("exploring " + "+".join(explored))
+        parts.append(f"propensity {self.propensity:.3f}")
+        return "; ".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "channel": self.channel,
+            "window": self.window,
+            "at": utc(self.at).isoformat(),
+            "variant": self.variant,
+            "template": self.template,
+            "segment": self.segment,
+            "propensity": round(self.propensity, 6),
+            "explain": self.explain(),
+            "dims": {k: d.to_json() for k, d in self.dims.items()},
+        }
+
+
+def arms(channel: str, window: str, template: str, variant: str) -> list[tuple[str, str]]:
+    """The (dimension, option) pairs a send is evidence for."""
+    return [("channel", channel), ("window", window), ("variant", f"{template}/{variant}")]
+
+
+def choose(
+    view: StatsView,
+    *,
+    person_key: str,
+    segment: str,
+    channels: list[str],
+    windows: Mapping[str, datetime],
+    variants_for: Callable[[str], list[str]],
+    template: str,
+    rng: random.Random,
+    cfg: LearningConfig,
+    tz: str = "UTC",
+) -> Choice:
+    """Pick channel (among ``channels``, the gate's allowed list), window and variant."""
+    if not channels:
+        raise ValueError("the gate allowed no channel")
+    if not windows:
+        raise ValueError("no send window")
+
+    def dim(name: str, opts: list[str], key: Callable[[str], str] = str) -> DimensionChoice:
+        posts = {o: posterior(view, person_key, segment, name, key(o), cfg) for o in opts}
+        return choose_dimension(rng, name, opts, posts, cfg)
+
+    ch = dim("channel", list(channels))
+    win = dim("window", list(windows))
+    var = dim("variant", variants_for(ch.chosen) or ["default"], lambda v: f"{template}/{v}")
+    return Choice(
+        ch.chosen,
+        win.chosen,
+        windows[win.chosen],
+        var.chosen,
+        template,
+        segment,
+        {"channel": ch, "window": win, "variant": var},
+        tz,
+    )
+
+
+def rng_for(cfg: LearningConfig, *parts: object) -> random.Random:
+    """A generator seeded by the decision's identity: replaying a feed makes the same choices."""
+    digest = hashlib.sha256("|".join(str(p) for p in (cfg.seed, *parts)).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+# ---------------------------------------------------------------------- windows and segments
+
+
+def _hhmm(text: str) -> time:
+    h, m = (int(x) for x in text.split(":"))
+    return time(h, m)
+
+
+def window_options(
+    earliest: datetime, now: datetime, tz: str, cfg: LearningConfig, latest: datetime | None = None
+) -> dict[str, datetime]:
+    """Each configured window's send time: ``earliest`` when it falls inside the window,
+    else the window's next opening; windows further than ``max_delay_hours`` from ``now`` or
+    at/after ``latest`` (useful life, appointment lead) are left out. Sorted by time."""
+    zone = ZoneInfo(tz)
+    local = earliest.astimezone(zone)
+    out: dict[str, datetime] = {}
+    for name, opening_text in cfg.windows.items():
+        opening_t = _hhmm(opening_text)
+        at: datetime | None = None
+        for d in range(3):
+            opening = datetime.combine(local.date() + timedelta(days=d), opening_t, tzinfo=zone)
+            if opening + timedelta(hours=cfg.window_hours) > local:
+                at = max(opening, local)
+                break
+        if at is None:
+            continue
+        at = utc(at)
+        if at - utc(now) > timedelta(hours=cfg.max_delay_hours):
+            continue
+        if latest is not None and at >= utc(latest):
+            continue
+        out[name] = at
+    return dict(sorted(out.items(), key=lambda kv: (kv[1], kv[0])))
+
+
+def age_band(birth: str | None, today: date) -> str:
+    if not birth:
+        return "age?"
+    try:
+        b = date.fromisoformat(str(birth)[:10]) if len(str(birth)) >= 10 else date(int(str(birth)[:4]), 7, 1)
+    except ValueError:
+        return "age?"
+    years = today.year - b.year - ((today.month, today.day) < (b.month, b.day))
+    if years < 18:
+        return "<18"
+    if years < 40:
+        return "18-39"
+    if years < 65:
+        return "40-64"
+    return "65+"
+
+
+def segment_key(
+    cfg: LearningConfig, *, birth: str | None, language: str, reach: Iterable[str], today: date
+) -> str:
+    """The segment a person pools with: e.g. ``65+|en|email+phone``."""
+    parts: list[str] = []
+    for by in cfg.segment_by:
+        if by == "age_band":
+            parts.append(age_band(birth, today))
+        elif by == "language":
+            parts.append(language)
+        elif by == "reach":
+            parts.append("+".join(sorted(set(reach))) or "none")
+    return "|".join(parts) or "*"
+
+
+def check_config(app: AppConfig) -> list[str]:
+    """Problems a model cannot see alone: windows must lie inside the allowed sending hours."""
+    cfg = app.learning
+    problems: list[str] = []
+    start_s, end_s = app.site.quiet_hours.split("-")
+    start = _hhmm(start_s)
+    end_min = 24 * 60 if end_s == "24:00" else _hhmm(end_s).hour * 60 + _hhmm(end_s).minute
+    if cfg.enabled and not cfg.windows:
+        problems.append("learning.windows: at least one window is needed when learning is enabled")
+    for name, opening_text in cfg.windows.items():
+        t = _hhmm(opening_text)
+        open_min = t.hour * 60 + t.minute
+        if t < start or open_min + cfg.window_hours * 60 > end_min:
+            problems.append(
+                f"learning.windows.{name}: {opening_text} + {cfg.window_hours:g}h is not inside "
+                f"the allowed sending hours {app.site.quiet_hours}"
+            )
+    return problems
+
+
+# ---------------------------------------------------------------------- the store
+
+
+class MemoryStats:
+    """Evidence in a dict: the simulator's store, and the reference for ``DbStats``."""
+
+    @dataclass
+    class Cell:
+        successes: float = 0.0
+        failures: float = 0.0
+        trials: int = 0
+        engaged: int = 0
+        updated_at: datetime = _EPOCH
+
+    def __init__(self, cfg: LearningConfig) -> None:
+        self.cfg = cfg
+        self.cells: dict[tuple[str, str, str, str], MemoryStats.Cell] = {}
+        self.now: datetime | None = None
+
+    def evidence(self, scope: str, key: str, dimension: str, option: str) -> Evidence:
+        c = self.cells.get((scope, key, dimension, option))
+        if c is None:
+            return Evidence()
+        f = _decay_factor(c.updated_at, self.now, self.cfg.half_life_days) if self.now else 1.0
+        return Evidence(c.successes * f, c.failures * f, c.trials, c.engaged)
+
+    def record(
+        self,
+        *,
+        person_key: str,
+        segment: str,
+        arms: list[tuple[str, str]],
+        now: datetime,
+        trial: bool,
+        delta: float,
+        engaged: int,
+    ) -> None:
+        for scope, key in (("population", "*"), ("segment", segment), ("person", person_key)):
+            for dimension, option in arms:
+                cell = self.cells.setdefault(
+                    (scope, key, dimension, option), MemoryStats.Cell(updated_at=now)
+                )
+                bump(cell, now, self.cfg, trial=trial, delta=delta, engaged=engaged)
+
+
+class DbStats:
+    """The evidence one decision needs (population, its segment, the person), read in one query."""
+
+    def __init__(
+        self, s: Session, *, person_key: str, segment: str, now: datetime, cfg: LearningConfig
+    ) -> None:
+        self.now, self.cfg = now, cfg
+        rows = s.exec(
+            select(LearningStat).where(
+                or_(
+                    and_(col(LearningStat.scope) == "population", col(LearningStat.scope_key) == "*"),
+                    and_(col(LearningStat.scope) == "segment", col(LearningStat.scope_key) == segment),
+                    and_(col(LearningStat.scope) == "person", col(LearningStat.scope_key) == person_key),
+                )
+            )
+        ).all()
+        self.rows = {(r.scope, r.scope_key, r.dimension, r.option): r for r in rows}
+
+    def evidence(self, scope: str, key: str, dimension: str, option: str) -> Evidence:
+        r = self.rows.get((scope, key, dimension, option))
+        if r is None:
+            return Evidence()
+        f = _decay_factor(r.updated_at, self.now, self.cfg.half_life_days)
+        return Evidence(r.successes * f, r.failures * f, r.trials, r.engaged)
+
+
+def _stat_row(s: Session, scope: str, key: str, dimension: str, option: str, now: datetime) -> LearningStat:
+    q = select(LearningStat).where(
+        LearningStat.scope == scope,
+        LearningStat.scope_key == key,
+        LearningStat.dimension == dimension,
+        LearningStat.option == option,
+    )
+    row = s.exec(q.with_for_update()).first()
+    if row is not None:
+        return row
+    row = LearningStat(scope=scope, scope_key=key, dimension=dimension, option=option, updated_at=now)
+    try:
+        with s.begin_nested():
+            s.add(row)
+            s.flush()
+        return row
+    except IntegrityError:  # another worker created it first: use theirs
+        found = s.exec(q.with_for_update()).first()
+        assert found is not None
+        return found
+
+
+def record(
+    s: Session,
+    cfg: LearningConfig,
+    *,
+    person_key: str,
+    segment: str,
+    arms: list[tuple[str, str]],
+    now: datetime,
+    trial: bool,
+    delta: float,
+    engaged: int,
+) -> None:
+    """Add a trial and/or move reward mass for ``arms`` at every pooling level (in ``s``'s
+    transaction, so the evidence commits with the decision or outcome that caused it)."""
+    for scope, key in (("population", "*"), ("segment", segment), ("person", person_key)):
+        for dimension, option in arms:
+            row = _stat_row(s, scope, key, dimension, option, now)
+            bump(row, now, cfg, trial=trial, delta=delta, engaged=engaged)
