@@ -14,6 +14,7 @@ from audit import api as audit_api
 from careloop.http import CODES as _CODES
 from careloop.http import operation_outcome
 from careloop.hub import Hub
+from orchestrator import escalation_api
 
 
 def create_app(hub: Hub) -> FastAPI:
@@ -44,4 +45,5 @@ def create_app(hub: Hub) -> FastAPI:
         if router is not None:
             app.include_router(router)
     app.include_router(audit_api.router_from_config(hub.store, hub.config))
+    app.include_router(escalation_api.router_from_config(hub.store, hub.config))
     return app

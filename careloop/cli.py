@@ -201,6 +201,7 @@ _SUBAPPS = [
     ("audit.cli", "token_app", "token"),
     ("connectors.fhir_cli", "app", "fhir"),
     ("orchestrator.escalation_cli", "app", "escalations"),
+    ("channels.cli", "app", "channels"),
 ]
 for _mod, _attr, _name in _SUBAPPS:
     try:
@@ -212,3 +213,7 @@ for _mod, _attr, _name in _SUBAPPS:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -149,7 +149,7 @@ class LearningConfig(Strict):
     segment_strength: float = Field(4.0, gt=0, description="pseudo-trials the segment lends a person")
     half_life_days: float | None = Field(60.0, gt=0, description="older outcomes weigh half after this long")
     segment_by: list[SegmentBy] = Field(default_factory=lambda: list(SEGMENT_BY))
-    draws: int = Field(256, ge=16, le=10000, description="Thompson draws that estimate P(best)")
+    grid: int = Field(128, ge=32, le=4096, description="quadrature points for P(best) per option")
     seed: int = 0
 
 

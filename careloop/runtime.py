@@ -7,7 +7,11 @@ and work still pending in the tables resumes at the next start.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -67,6 +71,19 @@ def audit_jobs(hub: Hub) -> list[dict[str, Any]]:
     ]
 
 
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: it re-raises SIGTERM once it has stopped,
+    which would kill the process before the workers drain. The hub handles the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    def request_exit(self) -> None:
+        log.info("signal received: stopping")
+        self.should_exit = True
+
+
 async def serve(config: AppConfig) -> None:
     ensure_keys(config)
     hub = Hub(config)
@@ -79,8 +96,11 @@ async def serve(config: AppConfig) -> None:
     for job in hub.scheduled_jobs:
         scheduler.add_job(**job)
     scheduler.start()
-    server = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,
-                                          log_config=None, access_log=False, lifespan="off"))
+    server = _Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,
+                                    log_config=None, access_log=False, lifespan="off"))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.request_exit)
     log.info("careloop listening", extra={"http": f"{config.server.host}:{config.server.port}"})
     try:
         await server.serve()  # returns on SIGTERM/SIGINT

@@ -36,8 +36,7 @@ from careloop.model import PutResult, RawIn
 from careloop.plugins import PluginConfig
 from connectors.base import Health, RawSink
 from connectors.hl7v2_accept import Accepted, HL7Acceptor
-from mapping.hl7v2_ack import AckError, AckStyle, Outcome, build_ack
-from mapping.hl7v2_ack import should_send as should_send
+from mapping.hl7v2_ack import AckError, AckStyle, Outcome, build_ack, should_send
 from mapping.hl7v2_parse import Header, HL7FormatError, read_header
 
 log = logging.getLogger("careloop.connectors.hl7v2_mllp")
@@ -225,6 +224,7 @@ class _Stats:
     idle_closed: int = 0
     junk_bytes: int = 0
     store_failures: int = 0
+    refused: int = 0
 
 
 class MLLPConnector:
@@ -324,6 +324,10 @@ class MLLPConnector:
     # ------------------------------------------------------------------ connections
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.stats.open_connections >= self.config.max_connections:
+            self.stats.refused += 1  # over the limit: close at once rather than starve the others
+            writer.close()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._conns.add(task)

@@ -18,7 +18,9 @@
 ``sms:status`` -> ``message.queued|sent|delivered|failed|read`` for the outbox row named by
 ``_key`` (``Identifier("urn:careloop:outbox", key, kind="outbox")``; identity resolution
 maps it to the row's person). Twilio's ``undelivered`` and ``canceled`` are
-``message.failed`` with the original status in ``attributes.status``.
+``message.failed`` with the original status in ``attributes.status``; a failure with
+Twilio error 21610 (the recipient has opted out at Twilio or the carrier) also records a
+``consent.revoked`` for the person.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ STATUS_EVENTS = {
     "canceled": "message.failed",
 }
 OUTBOX_SYSTEM = "urn:careloop:outbox"
+UNSUBSCRIBED_RECIPIENT = "21610"  # Twilio: "Attempt to send to unsubscribed recipient"
 
 
 def keyword(body: str) -> str | None:
@@ -154,4 +157,22 @@ class TwilioSmsMapper:
             "outbox_key": key,
             "error_code": f.get("ErrorCode"),
         }
-        return [MappedEvent(etype, at, [Identifier(OUTBOX_SYSTEM, key, kind="outbox")], attributes=attrs)]
+        who = [Identifier(OUTBOX_SYSTEM, key, kind="outbox")]
+        events = [MappedEvent(etype, at, who, attributes=attrs)]
+        if str(f.get("ErrorCode") or "") == UNSUBSCRIBED_RECIPIENT:
+            # the carrier or Twilio holds an opt-out we never saw (a STOP sent before we
+            # were listening): record it so the next message is suppressed, not refused
+            events.append(
+                MappedEvent(
+                    "consent.revoked",
+                    at,
+                    list(who),
+                    attributes={
+                        "channel": "sms",
+                        "purpose": "*",
+                        "keyword": None,
+                        "source": f"twilio-{UNSUBSCRIBED_RECIPIENT}",
+                    },
+                )
+            )
+        return events

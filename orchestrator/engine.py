@@ -300,15 +300,15 @@ class Orchestrator:
     def _escalate(self, s: Session, person: Person, state: JourneyState, a: Escalate, origin: Origin,
                   now: datetime) -> None:
         assert person.id is not None
-        esc = Escalation(person_id=person.id, created_at=now, severity=a.severity, reason=a.reason,
-                         evidence={"playbook": a.playbook, "subject": a.subject_ref, "origin": origin.tag()})
-        s.add(esc)
-        s.flush()
-        state.open_escalations += 1
+        # The same work queue as triage: one item per person, SLA timers and routing to staff.
+        esc, opened = escalation.open_or_join(
+            s, person_id=person.id, now=now, severity=a.severity, reason=a.reason,
+            evidence={"playbook": a.playbook, "subject": a.subject_ref, "origin": origin.tag()},
+            rule=f"playbook:{a.playbook}", cfg=self._triage_config())
+        if opened:
+            state.open_escalations += 1
         self._decide(s, person, origin, now, a.playbook, a.version, "escalate", a.reason,
-                     detail={"severity": a.severity, "escalation": esc.id})
-        audit_log.append(s, at=now, actor="orchestrator", action="escalation.open", person_id=person.id,
-                         entity=f"escalation/{esc.id}", detail={"severity": a.severity, "reason": a.reason})
+                     detail={"severity": a.severity, "escalation": esc.id, "joined": not opened})
 
     def _send(self, s: Session, person: Person, state: JourneyState, a: Send, origin: Origin,
               now: datetime) -> None:

@@ -13,9 +13,9 @@ starts from people like them and then from their own history:
 with S/F the (half-life decayed) reward mass and N = S + F, m_pop and m_seg the configured
 ``population_strength`` and ``segment_strength``. Decay lets drifting preferences show.
 
-Choice. Thompson sampling as probability matching: ``draws`` joint posterior draws
-estimate P(best) for every option; the chosen option is sampled from that distribution
-after two bounds, so the logged propensity is the exact probability of the choice:
+Choice. Thompson sampling as probability matching: P(best) for every option is computed
+by quadrature over the posteriors (``grid`` points), and the chosen option is sampled from
+that distribution after two bounds, so the logged propensity is the exact probability of the choice:
 ``max_exploration`` caps the probability of any option other than the posterior-mean best,
 then ``min_propensity`` gives every allowed option a floor (inverse-propensity evaluation
 needs support everywhere; the floor wins over the cap). The joint propensity is the
@@ -30,7 +30,10 @@ Pure except ``DbStats``/``record`` (SQL), which keep the evidence in ``learning_
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
+import math
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -178,6 +181,48 @@ def _sample(rng: random.Random, probs: Mapping[str, float]) -> str:
     return last  # rounding: the mass left over belongs to the last option
 
 
+@functools.lru_cache(maxsize=8)
+def _grid(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    xs = [(k + 0.5) / n for k in range(n)]  # midpoints: finite log-densities even when alpha < 1
+    return tuple(math.log(x) for x in xs), tuple(math.log1p(-x) for x in xs)
+
+
+def p_best_exact(posts: list[Posterior], n: int = 256) -> list[float]:
+    """P(option i has the highest mean) under independent Beta posteriors, by quadrature:
+    sum over a grid of pdf_i(x) * prod_j CDF_j(x). This is exactly Thompson sampling's
+    action distribution, so sampling from it *is* Thompson sampling, with known propensities
+    and no Monte-Carlo noise in the log."""
+    lx, l1x = _grid(n)
+    pmfs: list[list[float]] = []
+    cdfs: list[list[float]] = []
+    exp = math.exp
+    for p in posts:
+        am1, bm1 = p.alpha - 1.0, p.beta - 1.0
+        logs = [am1 * a + bm1 * b for a, b in zip(lx, l1x, strict=True)]
+        top = max(logs)
+        # cells below e^-40 of the peak are dropped: they hold no mass, and subnormal floats are slow
+        cut = top - 40.0
+        w = [exp(v - top) if v > cut else 0.0 for v in logs]
+        scale = 1.0 / sum(w)
+        pmf = [v * scale for v in w]
+        # P(X_j < x_k): the mass below cell k plus half of cell k (ties split evenly)
+        below = itertools.accumulate(pmf, initial=0.0)
+        pmfs.append(pmf)
+        cdfs.append([b + 0.5 * m for b, m in zip(below, pmf, strict=False)])
+    if len(posts) == 2:
+        p0 = sum(m * c for m, c in zip(pmfs[0], cdfs[1], strict=True))
+        return [p0, 1.0 - p0]
+    out: list[float] = []
+    for i, pmf in enumerate(pmfs):
+        acc = pmf
+        for j, cdf in enumerate(cdfs):
+            if j != i:
+                acc = [a * c for a, c in zip(acc, cdf, strict=True)]
+        out.append(sum(acc))
+    total = sum(out)
+    return [v / total for v in out] if total > 0 else [1.0 / len(out)] * len(out)
+
+
 def choose_dimension(
     rng: random.Random,
     dimension: str,
@@ -195,15 +240,8 @@ def choose_dimension(
         return DimensionChoice(
             dimension, opts, {opts[0]: 1.0}, {opts[0]: 1.0}, means, greedy, opts[0], person
         )
-    wins = dict.fromkeys(opts, 0)
-    for _ in range(cfg.draws):
-        best, best_v = opts[0], -1.0
-        for o in opts:
-            v = rng.betavariate(posts[o].alpha, posts[o].beta)
-            if v > best_v:
-                best, best_v = o, v
-        wins[best] += 1
-    p_best = {o: wins[o] / cfg.draws for o in opts}
+    p_best = p_best_exact([posts[o] for o in opts], cfg.grid)
+    p_best = dict(zip(opts, p_best, strict=True))
     probs = bounded_probs(p_best, greedy, cfg)
     return DimensionChoice(dimension, opts, p_best, probs, means, greedy, _sample(rng, probs), person)
 

@@ -15,8 +15,8 @@ from careloop.clock import SystemClock
 from careloop.db import make_engine
 from careloop.store import Store
 from channels.outbox import DeliverStage
+from channels.twilio_loopback import ACCOUNT_SID, AUTH_TOKEN
 from channels.twilio_sms import TwilioSmsChannel, TwilioSmsConfig
-from tests.fake_twilio import ACCOUNT_SID, AUTH_TOKEN
 
 
 async def main(db_url: str, base_url: str, mode: str, resend_if_absent: bool) -> None:

@@ -22,8 +22,8 @@ from sqlmodel import Session, select
 from careloop.clock import SystemClock
 from careloop.db import make_engine, upgrade
 from careloop.tables import DeliveryReceipt, OutboxItem, Person
+from channels.twilio_loopback import FakeTwilio
 from tests.conftest import ROOT
-from tests.fake_twilio import FakeTwilio
 
 N = 1000
 WORKER = ROOT / "tests" / "outbox_crash_worker.py"

@@ -20,8 +20,8 @@ from careloop.store import Store
 from careloop.tables import AuditRecord, DeadLetter, DeliveryReceipt, OutboxItem, Person
 from channels.base import ABSENT, ChannelCaps, ChannelConfig, DeliveryUncertain, Receipt
 from channels.outbox import DeliverStage, backoff
+from channels.twilio_loopback import ACCOUNT_SID, AUTH_TOKEN, FakeTwilio
 from channels.twilio_sms import TwilioSmsChannel, TwilioSmsConfig
-from tests.fake_twilio import ACCOUNT_SID, AUTH_TOKEN, FakeTwilio
 
 PHONE = "+15550100042"
 TEXT = "Reminder: visit on Mar 5. Reply C to confirm."

@@ -371,3 +371,12 @@ def test_delivery_report_resolves_to_the_outbox_rows_person_without_linking(stor
     assert events["message.failed"].person_id is None and events["message.failed"].status == "held"
     assert events["consent.revoked"].person_id == events["message.inbound"].person_id == pid
     assert {(i.kind, i.value) for i in idents} == {("phone", PHONE)}  # the outbox key is never linked
+
+
+def test_failure_for_an_unsubscribed_recipient_records_the_opt_out() -> None:
+    failed, revoked = TwilioSmsMapper().map(
+        raw("sms:status", {**status_form("failed"), "_key": "ob-2", "ErrorCode": "21610"})
+    )
+    assert failed.type == "message.failed" and revoked.type == "consent.revoked"
+    assert revoked.identifiers == [Identifier("urn:careloop:outbox", "ob-2", kind="outbox")]
+    assert revoked.attributes["purpose"] == "*" and revoked.attributes["source"] == "twilio-21610"

@@ -18,8 +18,8 @@ from careloop.tables import OutboxItem
 from channels.base import ABSENT
 from channels.sms_encoding import check_sms_length, measure
 from channels.testing import Behaviour, ChannelConformance, Provider, ScriptedHTTP
+from channels.twilio_loopback import ACCOUNT_SID, AUTH_TOKEN, FakeTwilio
 from channels.twilio_sms import TwilioSmsChannel, TwilioSmsConfig
-from tests.fake_twilio import ACCOUNT_SID, AUTH_TOKEN, FakeTwilio
 
 FROM = "+15550109999"
 TEXT = "Reminder: you have a visit on Mar 5. Reply C to confirm, STOP to opt out."

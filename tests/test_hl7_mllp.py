@@ -454,3 +454,21 @@ def test_arbitrary_bytes_get_one_reply_per_frame_then_a_clean_close(
     assert len(replies) == expected
     for r in replies:
         assert msa(r)[0] in {"AA", "AE", "AR"}
+
+
+@pytest.mark.anyio
+async def test_connections_over_the_limit_are_closed_at_once(store: Store) -> None:
+    c = MLLPConnector("adt", config(max_connections=1))
+    await c.start(BulkIngestSink(store))
+    try:
+        r1, w1 = await asyncio.open_connection("127.0.0.1", c.port)
+        w1.write(frame(adt("A01", "L1")))
+        await w1.drain()
+        await asyncio.wait_for(r1.readuntil(b"\x1c\r"), 10)  # the first connection is being served
+        r2, w2 = await asyncio.open_connection("127.0.0.1", c.port)
+        assert await asyncio.wait_for(r2.read(), 5) == b""
+        w1.close()
+        w2.close()
+    finally:
+        await c.stop()
+    assert c.stats.refused == 1

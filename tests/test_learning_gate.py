@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
@@ -29,9 +30,11 @@ register()
 CONFIG = FIXTURES / "config" / "learning-test.yaml"
 NY = ZoneInfo("America/New_York")
 CHANNELS = ["sms", "email", "ehr"]
-FACTS = {"sms": gate.ChannelFacts("sms", "phone", "sms", "none"),
-         "email": gate.ChannelFacts("email", "email", "email", "limited"),
-         "ehr": gate.ChannelFacts("ehr", "fhir", "fhir", "full")}
+FACTS = {
+    "sms": gate.ChannelFacts("sms", "phone", "sms", "none"),
+    "email": gate.ChannelFacts("email", "email", "email", "limited"),
+    "ehr": gate.ChannelFacts("ehr", "fhir", "fhir", "full"),
+}
 
 
 @st.composite
@@ -42,24 +45,42 @@ def gate_inputs(draw: st.DrawFn) -> gate.GateInput:
     if draw(st.booleans()):
         addresses["email"] = ["x@example.test"]
     opted = draw(st.sets(st.sampled_from([("sms", "*"), ("email", "*"), ("*", "marketing"), ("*", "*")])))
-    person = gate.PersonFacts(deceased=draw(st.booleans()), timezone="America/New_York", addresses=addresses,
-                              opted_out=frozenset(opted), open_escalations=draw(st.sampled_from([0, 0, 0, 1])))
+    person = gate.PersonFacts(
+        deceased=draw(st.booleans()),
+        timezone="America/New_York",
+        addresses=addresses,
+        opted_out=frozenset(opted),
+        open_escalations=draw(st.sampled_from([0, 0, 0, 1])),
+    )
     order = draw(st.permutations(CHANNELS))
     now = datetime(2026, 3, 2, tzinfo=UTC) + timedelta(minutes=draw(st.integers(0, 7 * 24 * 60)))
-    return gate.GateInput(now=now, person=person, template_kinds=frozenset(draw(st.sets(
-        st.sampled_from(["sms", "email", "fhir", "text"]), min_size=1))), phi_class=draw(st.sampled_from(
-            ["none", "limited", "full"])), purpose="marketing", channels=[FACTS[c] for c in order],
+    return gate.GateInput(
+        now=now,
+        person=person,
+        template_kinds=frozenset(
+            draw(st.sets(st.sampled_from(["sms", "email", "fhir", "text"]), min_size=1))
+        ),
+        phi_class=draw(st.sampled_from(["none", "limited", "full"])),
+        purpose="marketing",
+        channels=[FACTS[c] for c in order],
         sent_day={"sms": draw(st.integers(0, 2)), "email": draw(st.integers(0, 2))},
-        sent_week={"sms": draw(st.integers(0, 4))}, caps={"sms": gate.Cap(1, 3)})
+        sent_week={"sms": draw(st.integers(0, 4))},
+        caps={"sms": gate.Cap(1, 3)},
+    )
 
 
-@given(gate_inputs(), st.dictionaries(st.sampled_from(CHANNELS), st.tuples(st.floats(0, 500), st.floats(0, 500))),
-       st.integers(0, 2**32), st.floats(0, 1), st.floats(0, 0.5))
+@given(
+    gate_inputs(),
+    st.dictionaries(st.sampled_from(CHANNELS), st.tuples(st.floats(0, 500), st.floats(0, 500))),
+    st.integers(0, 2**32),
+    st.floats(0, 1),
+    st.floats(0, 0.5),
+)
 @settings(max_examples=300, deadline=None)
 def test_pure_choice_is_always_among_the_gates_allowed_channels(
-        inp: gate.GateInput, prefs: dict[str, tuple[float, float]], seed: int, max_exp: float,
-        floor: float) -> None:
-    cfg = LearningConfig(enabled=True, max_exploration=max_exp, min_propensity=floor, draws=64)
+    inp: gate.GateInput, prefs: dict[str, tuple[float, float]], seed: int, max_exp: float, floor: float
+) -> None:
+    cfg = LearningConfig(enabled=True, max_exploration=max_exp, min_propensity=floor, grid=64)
     verdict = gate.evaluate(inp)
     if verdict.outcome == "suppress":
         assert verdict.allowed == ()
@@ -69,9 +90,17 @@ def test_pure_choice_is_always_among_the_gates_allowed_channels(
         cell = stats.cells.setdefault(("person", "p", "channel", ch), learning.MemoryStats.Cell())
         cell.successes, cell.failures = s, f
     windows = {"now": inp.now}
-    choice = learning.choose(stats, person_key="p", segment="s", channels=list(verdict.allowed), windows=windows,
-                             variants_for=lambda c: ["default", "short"], template="t", rng=random.Random(seed),
-                             cfg=cfg)
+    choice = learning.choose(
+        stats,
+        person_key="p",
+        segment="s",
+        channels=list(verdict.allowed),
+        windows=windows,
+        variants_for=lambda c: ["default", "short"],
+        template="t",
+        rng=random.Random(seed),
+        cfg=cfg,
+    )
     assert choice.channel in verdict.allowed
     probs = choice.dims["channel"].probs
     assert set(probs) == set(verdict.allowed)
@@ -84,6 +113,7 @@ def test_pure_choice_is_always_among_the_gates_allowed_channels(
 
 # ---------------------------------------------------------------------------------- engine level
 
+
 def _feed(at: datetime, **body: Any) -> FeedLine:
     return FeedLine(utc(at), "feed", json.dumps({"at": at.isoformat(), **body}).encode(), {})
 
@@ -91,7 +121,8 @@ def _feed(at: datetime, **body: Any) -> FeedLine:
 @st.composite
 def people(draw: st.DrawFn) -> dict[str, Any]:
     return {
-        "phone": draw(st.booleans()), "email": draw(st.booleans()),
+        "phone": draw(st.booleans()),
+        "email": draw(st.booleans()),
         "opt_out": draw(st.sets(st.sampled_from(["sms", "email", "*"]), max_size=2)),
         "deceased": draw(st.sampled_from([False, False, False, True])),
         "pref_sms": draw(st.floats(0.0, 1.0)),  # learned evidence that pushes toward a channel
@@ -126,19 +157,32 @@ def _run_person(w: _World, p: dict[str, Any]) -> None:
             pid = s.exec(select(PersonIdentifier.person_id).where(PersonIdentifier.value == who["mrn"])).one()
             for scope, key in (("person", str(pid)), ("population", "*")):
                 for ch, share in (("sms", p["pref_sms"]), ("email", 1 - p["pref_sms"])):
-                    row = s.exec(select(LearningStat).where(
-                        LearningStat.scope == scope, LearningStat.scope_key == key,
-                        LearningStat.dimension == "channel", LearningStat.option == ch)).first()
-                    row = row or LearningStat(scope=scope, scope_key=key, dimension="channel", option=ch,
-                                              updated_at=t0)
+                    row = s.exec(
+                        select(LearningStat).where(
+                            LearningStat.scope == scope,
+                            LearningStat.scope_key == key,
+                            LearningStat.dimension == "channel",
+                            LearningStat.option == ch,
+                        )
+                    ).first()
+                    row = row or LearningStat(
+                        scope=scope, scope_key=key, dimension="channel", option=ch, updated_at=t0
+                    )
                     row.successes, row.failures, row.updated_at = 40 * share, 40 * (1 - share), t0
                     s.add(row)
             s.commit()
         for i, ch in enumerate(sorted(p["opt_out"])):
             t = t0 + timedelta(minutes=1 + i)
             await rp.advance(t)
-            await rp.signal(_feed(t, id=f"g{w.n}-stop{i}", type="consent.revoked",
-                                  attributes={"channel": ch, "purpose": "*"}, **who))
+            await rp.signal(
+                _feed(
+                    t,
+                    id=f"g{w.n}-stop{i}",
+                    type="consent.revoked",
+                    attributes={"channel": ch, "purpose": "*"},
+                    **who,
+                )
+            )
         if p["deceased"]:
             t = t0 + timedelta(minutes=5)
             await rp.advance(t)
@@ -148,8 +192,15 @@ def _run_person(w: _World, p: dict[str, Any]) -> None:
             if t <= t0 + timedelta(minutes=10):
                 t = t0 + timedelta(minutes=10 + i)
             await rp.advance(t)
-            await rp.signal(_feed(t, id=f"g{w.n}-offer{i}", type="crm.offer.eligible",
-                                  attributes={"product": f"p{i}"}, **who))
+            await rp.signal(
+                _feed(
+                    t,
+                    id=f"g{w.n}-offer{i}",
+                    type="crm.offer.eligible",
+                    attributes={"product": f"p{i}"},
+                    **who,
+                )
+            )
         await rp.advance(w.day.astimezone(UTC) + timedelta(days=3))
 
     asyncio.run(go())
@@ -162,11 +213,17 @@ def _check_invariants(engine: Engine, mrn: str, p: dict[str, Any]) -> None:
         pid = s.exec(select(PersonIdentifier.person_id).where(PersonIdentifier.value == mrn)).one()
         person = s.get(Person, pid)
         assert person is not None
-        items = s.exec(select(OutboxItem).where(OutboxItem.person_id == pid,
-                                                col(OutboxItem.status).not_in(["cancelled"]))
-                       .order_by(col(OutboxItem.created_at))).all()
-        opted = {c.channel for c in s.exec(select(Consent).where(Consent.person_id == pid,
-                                                                 Consent.status == "opt_out")).all()}
+        items = s.exec(
+            select(OutboxItem)
+            .where(OutboxItem.person_id == pid, col(OutboxItem.status).not_in(["cancelled"]))
+            .order_by(col(OutboxItem.created_at))
+        ).all()
+        opted = {
+            c.channel
+            for c in s.exec(
+                select(Consent).where(Consent.person_id == pid, Consent.status == "opt_out")
+            ).all()
+        }
     if p["deceased"]:
         assert items == []
     sms_times: list[datetime] = []
@@ -181,14 +238,49 @@ def _check_invariants(engine: Engine, mrn: str, p: dict[str, Any]) -> None:
             sms_times.append(at)
 
 
-@given(st.lists(people(), min_size=1, max_size=3))
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow])
-def test_orchestrator_with_learning_never_sends_what_the_gate_refuses(engine: Engine,
-                                                                     batch: list[dict[str, Any]]) -> None:
-    w = _WORLDS.setdefault(id(engine), _World(engine))
+@given(st.lists(people(), min_size=1, max_size=2))
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+def test_orchestrator_with_learning_never_sends_what_the_gate_refuses(
+    engine: Engine, request: pytest.FixtureRequest, batch: list[dict[str, Any]]
+) -> None:
+    w = _world(engine, request)
     for p in batch:
         _run_person(w, p)
 
 
+def test_strong_preference_for_an_opted_out_channel_still_gets_only_the_allowed_one(
+    engine: Engine, request: pytest.FixtureRequest
+) -> None:
+    w = _world(engine, request)
+    p = {
+        "phone": True,
+        "email": True,
+        "opt_out": {"sms"},
+        "deceased": False,
+        "pref_sms": 1.0,
+        "hours": [2, 10, 13, 22],
+        "minute": 30,
+    }
+    _run_person(w, p)
+    with Session(engine) as s:
+        sent = s.exec(select(OutboxItem.channel)).all()
+    assert sent and set(sent) == {"email"}
+
+
 _WORLDS: dict[int, _World] = {}
+
+
+def _world(engine: Engine, request: pytest.FixtureRequest) -> _World:
+    if id(engine) not in _WORLDS:
+        w = _WORLDS[id(engine)] = _World(engine)
+
+        def close() -> None:
+            w.rp.close()
+            _WORLDS.pop(id(engine), None)
+
+        request.addfinalizer(close)
+    return _WORLDS[id(engine)]

@@ -39,19 +39,30 @@ def _rounds(engine: Engine, n: int, replies_on: str | None) -> tuple[Replayer, l
         for i in range(n):
             at = START + timedelta(days=i)
             await rp.advance(at)
-            await rp.signal(_line(at, id=f"o{i}", type="crm.offer.eligible",
-                                  attributes={"product": f"p-{i}"}, **WHO))
+            await rp.signal(
+                _line(at, id=f"o{i}", type="crm.offer.eligible", attributes={"product": f"p-{i}"}, **WHO)
+            )
             await rp.advance(at + timedelta(hours=20))  # a deferred window opens within 12 h
             with Session(engine) as s:
-                item = s.exec(select(OutboxItem).where(OutboxItem.playbook == "discount-offer")
-                              .order_by(col(OutboxItem.id).desc())).first()
+                item = s.exec(
+                    select(OutboxItem)
+                    .where(OutboxItem.playbook == "discount-offer")
+                    .order_by(col(OutboxItem.id).desc())
+                ).first()
             assert item is not None and (not sent or item.id != sent[-1].id), f"round {i}: nothing sent"
             sent.append(item)
             if item.channel == replies_on:
                 reply_at = utc(item.created_at) + timedelta(hours=1)
                 await rp.advance(reply_at)
-                await rp.signal(_line(reply_at, id=f"r{i}", type="message.inbound",
-                                      attributes={"channel": replies_on, "body": "yes please"}, **WHO))
+                await rp.signal(
+                    _line(
+                        reply_at,
+                        id=f"r{i}",
+                        type="message.inbound",
+                        attributes={"channel": replies_on, "body": "yes please"},
+                        **WHO,
+                    )
+                )
 
     asyncio.run(go())
     return rp, sent
@@ -64,12 +75,17 @@ def test_person_who_only_replies_to_email_gets_email_after_a_few_sends(engine: E
         assert "sms" in channels[:6], "the learner started from an uninformed prior and tried SMS"
         assert channels[-6:].count("email") >= 5, channels
         with Session(engine) as s:
-            last = s.exec(select(Decision).where(Decision.action == "send", Decision.playbook == "discount-offer")
-                          .order_by(col(Decision.id).desc())).first()
+            last = s.exec(
+                select(Decision)
+                .where(Decision.action == "send", Decision.playbook == "discount-offer")
+                .order_by(col(Decision.id).desc())
+            ).first()
             assert last is not None
             ch = last.detail["learning"]["dims"]["channel"]
             assert ch["greedy"] == "email" and ch["probs"]["email"] >= 0.79
-            replied = s.exec(select(OutreachOutcome).where(col(OutreachOutcome.replied_at).is_not(None))).all()
+            replied = s.exec(
+                select(OutreachOutcome).where(col(OutreachOutcome.replied_at).is_not(None))
+            ).all()
             assert replied and {r.channel for r in replied} == {"email"}
             assert all(r.reward == 1.0 and r.learned for r in replied)
     finally:
@@ -99,23 +115,32 @@ def test_every_learned_send_logs_its_propensity_and_explanation(engine: Engine) 
 
 
 def test_later_window_goes_through_a_deferred_timer_and_the_gate_again(engine: Engine) -> None:
-    rp, sent = _rounds(engine, 8, replies_on=None)
+    rp, _ = _rounds(engine, 8, replies_on=None)
     try:
         with Session(engine) as s:
-            defers = s.exec(select(Decision).where(Decision.action == "defer",
-                                                   Decision.reason == "learning-window")).all()
+            defers = s.exec(
+                select(Decision).where(Decision.action == "defer", Decision.reason == "learning-window")
+            ).all()
             assert defers, "some choice waited for a later window"
             for d in defers:
-                t = s.exec(select(Timer).where(Timer.created_by_event == d.event_id,
-                                               Timer.playbook == "discount-offer")).one()
-                assert t.payload["kind"] == "deferred" and t.payload["learning"]["window"] == d.detail["learning"][
-                    "window"]
+                t = s.exec(
+                    select(Timer).where(
+                        Timer.created_by_event == d.event_id, Timer.playbook == "discount-offer"
+                    )
+                ).one()
+                assert (
+                    t.payload["kind"] == "deferred"
+                    and t.payload["learning"]["window"] == d.detail["learning"]["window"]
+                )
                 assert t.status == "fired"
                 # the send it became carries the same choice and propensity
-                sent_dec = s.exec(select(Decision).where(Decision.timer_id == t.id,
-                                                         Decision.action == "send")).one()
+                sent_dec = s.exec(
+                    select(Decision).where(Decision.timer_id == t.id, Decision.action == "send")
+                ).one()
                 assert sent_dec.channel == d.channel and sent_dec.propensity == d.propensity
-                local = utc(sent_dec.decided_at).astimezone(__import__("zoneinfo").ZoneInfo("America/New_York"))
+                local = utc(sent_dec.decided_at).astimezone(
+                    __import__("zoneinfo").ZoneInfo("America/New_York")
+                )
                 assert 8 <= local.hour < 21
     finally:
         rp.close()

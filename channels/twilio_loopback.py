@@ -1,4 +1,6 @@
-"""A local Twilio-compatible Messages API for tests and the crash test (127.0.0.1 only).
+"""A local Twilio-compatible Messages API on 127.0.0.1: the loopback capture server of the
+example deployment (``careloop channels twilio-loopback``) and the test double of the
+twilio_sms tests and the crash test.
 
 Implements the documented endpoints of Programmable Messaging (REST API 2010-04-01):
 
@@ -10,9 +12,10 @@ Implements the documented endpoints of Programmable Messaging (REST API 2010-04-
   ``DateSent``/``DateSent>``/``DateSent<`` filters, ``PageSize`` and paging through
   ``next_page_uri``, newest first;
 
-with HTTP basic auth (account SID / auth token) and Twilio's error bodies
-(``{"code", "message", "more_info", "status"}``). Every accepted message is recorded,
-including its StatusCallback, so a test can count deliveries per outbox key.
+with HTTP basic auth (account SID / auth token; ``auth_token=None`` accepts any token for
+the account) and Twilio's error bodies (``{"code", "message", "more_info", "status"}``).
+Every accepted message is kept in memory, including its StatusCallback, so a test can
+count deliveries per outbox key. Nothing is sent anywhere and nothing is logged but sids.
 
 Test controls: ``fail_with`` (status codes answered to the next POSTs), ``delay``
 (seconds to wait after recording, before answering), ``hang_at`` (the Nth POST is
@@ -28,6 +31,7 @@ import secrets
 import socket
 import threading
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,7 +43,9 @@ AUTH_TOKEN = "fake-auth-token-0001"
 
 
 class FakeTwilio:
-    def __init__(self, account_sid: str = ACCOUNT_SID, auth_token: str = AUTH_TOKEN) -> None:
+    """The server; ``start()`` runs it on a daemon thread and returns its base URL."""
+
+    def __init__(self, account_sid: str = ACCOUNT_SID, auth_token: str | None = AUTH_TOKEN) -> None:
         self.account_sid, self.auth_token = account_sid, auth_token
         self.lock = threading.Lock()
         self.messages: list[dict[str, Any]] = []
@@ -50,17 +56,17 @@ class FakeTwilio:
         self.hang_at: int | None = None
         self.hung = threading.Event()  # set once the hanging request was recorded
         self._release = threading.Event()
-        self.now = lambda: datetime.now(UTC)
+        self.now: Callable[[], datetime] = lambda: datetime.now(UTC)
         self._server: ThreadingHTTPServer | None = None
 
     # -- lifecycle
-    def start(self) -> str:
+    def start(self, port: int = 0) -> str:
         fake = self
 
         class Handler(_Handler):
             owner = fake
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
         return self.base_url
@@ -223,8 +229,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _authorized(self) -> bool:
-        want = base64.b64encode(f"{self.owner.account_sid}:{self.owner.auth_token}".encode()).decode()
-        if self.headers.get("Authorization") == f"Basic {want}":
+        got = self.headers.get("Authorization") or ""
+        try:
+            user, _, token = base64.b64decode(got.removeprefix("Basic ")).decode().partition(":")
+        except ValueError:
+            user, token = "", ""
+        if user == self.owner.account_sid and (self.owner.auth_token in (None, token)):
             return True
         self._send(401, _error(20003, "Authenticate", 401))
         return False
@@ -264,3 +274,6 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, _public(self.owner.by_sid[route[1]]))
         else:
             self._send(404, _error(20404, "The requested resource was not found", 404))
+
+
+TwilioLoopback = FakeTwilio
