@@ -141,6 +141,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# --------------------------------------------------------------------------- disk floor
+
+
+def sqlite_commit_rate(directory: str, seconds: float = 2.0) -> float:
+    """Bare sqlite3 commits/s of one small row (WAL, synchronous=FULL): the fsync floor
+    that bounds one-connection durable ingest, whatever the listener does."""
+    import sqlite3
+
+    con = sqlite3.connect(f"{directory}/floor.db", isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=FULL")
+    con.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, b BLOB)")
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        con.execute("BEGIN IMMEDIATE")
+        con.execute("INSERT INTO t (b) VALUES (?)", (TEMPLATE,))
+        con.execute("COMMIT")
+        n += 1
+    con.close()
+    return n / (time.perf_counter() - t0)
+
+
 # --------------------------------------------------------------------------- parse micro-bench
 
 
@@ -189,6 +211,7 @@ def main() -> None:
     srv = ServerThread()
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        floor_before = sqlite_commit_rate(tmp)
         engine = make_engine(f"sqlite:///{tmp}/bench.db")
         upgrade(engine)
         store = Store(engine, SystemClock())
@@ -223,6 +246,7 @@ def main() -> None:
                 results[f"{label} x{conns}"] = run_clients(connector.port, conns, n // conns // scale, tag)
             srv.call(connector.stop())
         engine.dispose()
+        floor_after = sqlite_commit_rate(tmp)
     srv.close()
 
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -230,6 +254,10 @@ def main() -> None:
     print(
         f"MLLP ingest, {n} ADT^A01 messages per scenario ({len(TEMPLATE)} bytes each), SQLite WAL "
         "synchronous=FULL, ACK after commit"
+    )
+    print(
+        f"disk floor: bare SQLite commits/s (one row, synchronous=FULL) before/after: "
+        f"{floor_before:.0f} / {floor_after:.0f}"
     )
     print(f"{'scenario':32} {'msg/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
     for name, r in results.items():

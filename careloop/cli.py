@@ -186,11 +186,13 @@ def mapping_test(
         return
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
-        return
+        raise typer.Exit(1 if doc.get("errors") else 0)
     for ev in doc["events"]:
         out.print(f"{ev['occurred_at']}  {ev['type']:<32} subject={ev['subject']}  ids={len(ev['identifiers'])}")
     for note in doc.get("skipped", []):
         out.print(f"skipped: {note}")
+    if doc.get("errors"):
+        _fail(doc["errors"], code=1)
 
 
 # Sub-apps that live in the plugin packages (module path, attribute, command name).

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from careloop.config import AppConfig
-from careloop.errors import ConfigError, SkipMessage
+from careloop.errors import ConfigError, PermanentError, SkipMessage
 from careloop.tables import RawMessage
 from careloop.wiring import MapperRegistry, build_connectors, check
 
@@ -22,6 +22,7 @@ def map_sample(config: AppConfig, connector: str, sample: bytes) -> dict[str, An
     events: list[dict[str, Any]] = []
     resources: dict[str, dict[str, Any]] = {}
     skipped: list[str] = []
+    errors: list[str] = []
     now = datetime.now(UTC)
     for i, item in enumerate(conns[connector].accept(sample, {})):
         raw = RawMessage(id=i + 1, connector=connector, kind=item.kind, content_type=item.content_type,
@@ -34,6 +35,9 @@ def map_sample(config: AppConfig, connector: str, sample: bytes) -> dict[str, An
             mapped = mapper.map(raw)
         except SkipMessage as exc:
             skipped.append(f"message {i + 1}: {exc}")
+            continue
+        except PermanentError as exc:
+            errors.append(f"message {i + 1}: {exc}")
             continue
         for ev in mapped:
             events.append({
@@ -48,7 +52,7 @@ def map_sample(config: AppConfig, connector: str, sample: bytes) -> dict[str, An
                 resources[f"Patient/{patient['id']}"] = patient
             if ev.subject and ev.subject_ref:
                 resources[ev.subject_ref] = ev.subject
-    return {"events": events, "resources": list(resources.values()), "skipped": skipped}
+    return {"events": events, "resources": list(resources.values()), "skipped": skipped, "errors": errors}
 
 
 def _safe_id(v: str) -> str:

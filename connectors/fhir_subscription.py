@@ -123,6 +123,8 @@ class FhirSubscriptionConfig(PluginConfig):
     overlap_s: float = Field(60.0, ge=0, description="search recovery looks back this much further")
     timeout_s: float = Field(15.0, gt=0)
     fetch_id_only: bool = True
+    default_heartbeat_s: int | None = Field(None, ge=1, description="heartbeat period assumed for "
+                                            "subscriptions not created from this config (watchdog)")
 
 
 class FhirSubscriptionConnector:
@@ -403,6 +405,7 @@ class FhirSubscriptionConnector:
                     subscription=sid,
                     contiguous=max(0, start),
                     events_since_start=max(0, start),
+                    heartbeat_s=self.config.default_heartbeat_s,
                     updated_at=now,
                 )
                 s.add(row)
@@ -870,7 +873,9 @@ class FhirSubscriptionConnector:
                     connector=self.id, subscription=sid, updated_at=now, last_seen_at=now, last_event_at=now
                 )
                 s.add(row)
-            row.name, row.heartbeat_s, row.topic = spec.name, spec.heartbeat_s, (spec.topic or spec.criteria)
+            # R4 criteria subscriptions have no heartbeat: the watchdog only watches topic ones.
+            row.name, row.topic = spec.name, (spec.topic or spec.criteria)
+            row.heartbeat_s = spec.heartbeat_s if spec.topic else None
             row.resource_types = sorted(set(row.resource_types) | set(spec.types()))
             if row.status in ("unknown", "error", "off"):
                 row.status = status

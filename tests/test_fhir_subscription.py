@@ -59,6 +59,7 @@ class Hub:
 
 
 async def _hub(store: Store, ehr: LocalFhirServer, ehr_url: str, **cfg: Any) -> AsyncIterator[Hub]:
+    cfg.setdefault("default_heartbeat_s", 60)
     ehr.base = f"{ehr_url}/fhir"
     config = FhirSubscriptionConfig.model_validate({"plugin": "fhir_subscription", "path": "/fhir/ehr",
                                                    "base_url": ehr.base, "secret": SECRET, "grace_s": 30,
@@ -233,15 +234,13 @@ async def test_dropped_notifications_are_recovered_exactly_once(hub: Hub, has_ev
 @pytest.mark.anyio
 async def test_silent_subscription_gets_status_check_and_recovers(hub: Hub) -> None:
     await _appointments_with_losses(hub, 3, drop={3})  # the last one is lost: no later event shows it
-    sid = "sub1"
-    hub.conn.config.__dict__["subscriptions"] = []
-    await hub.conn.recover(sid)  # nothing missing as far as the hub knows yet
+    (state,) = hub.conn.states()
+    assert (state.contiguous, state.gap_since, state.heartbeat_s) == (2, None, 60)
+    hub.clock.set(hub.clock.now() + timedelta(seconds=60))
+    await hub.conn.check()  # silent, but not yet past heartbeat + grace
+    assert "GET Subscription/sub1/$status" not in hub.ehr.requests
     assert hub.count("fhir:Appointment") == 2
-    with hub.store.session() as s:
-        from careloop.tables import FhirSubscriptionState
-        row = s.exec(select(FhirSubscriptionState)).one()
-        row.heartbeat_s = 60
-    hub.clock.set(hub.clock.now() + timedelta(seconds=60 + 31))
+    hub.clock.set(hub.clock.now() + timedelta(seconds=31))
     await hub.conn.check()
     assert "GET Subscription/sub1/$status" in hub.ehr.requests
     assert sorted(hub.dedup_keys("fhir:Appointment")) == [f"res|Appointment/appt{i}|1" for i in (1, 2, 3)]
