@@ -152,7 +152,7 @@ def sqlite_commit_rate(directory: str, seconds: float = 2.0) -> float:
     con = sqlite3.connect(f"{directory}/floor.db", isolation_level=None)
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("PRAGMA synchronous=FULL")
-    con.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, b BLOB)")
+    con.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, b BLOB)")
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         con.execute("BEGIN IMMEDIATE")

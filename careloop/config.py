@@ -139,7 +139,7 @@ class LearningConfig(Strict):
     window_hours: float = Field(3.0, gt=0, le=12, description="how long each window stays open")
     max_delay_hours: float = Field(12.0, ge=0, le=72, description="longest a send may wait for a window")
     min_lead_hours: float = Field(2.0, ge=0, description="open windows this long before the visit")
-    max_exploration: float = Field(0.3, ge=0, le=1, description="cap on P(not the mean-best option)")
+    max_exploration: float = Field(0.1, ge=0, le=1, description="cap on P(not the mean-best option)")
     min_propensity: float = Field(0.02, ge=0, le=0.5, description="floor on each allowed option's P")
     rewards: Annotated[dict[str, float], AfterValidator(_rewards)] = Field(default_factory=_default_rewards,
                                       description="outcome -> reward in [0, 1]; an outreach earns its best")

@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-from channels.twilio_loopback import ACCOUNT_SID, TwilioLoopback
+from channels.twilio_loopback import TwilioLoopback
+
+EXAMPLE_ACCOUNT_SID = "AC" + "0" * 32  # fixtures/config/example.yaml's channels.sms.account_sid
 
 app = typer.Typer(help="Channel tools.", no_args_is_help=True)
 
@@ -17,7 +19,7 @@ def twilio_loopback(
     port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 8091,
     account_sid: Annotated[
         str, typer.Option(help="the account SID the twilio_sms channel uses")
-    ] = ACCOUNT_SID,
+    ] = EXAMPLE_ACCOUNT_SID,
 ) -> None:
     """Run a Twilio-compatible Messages API on 127.0.0.1 that keeps messages in memory and
     sends nothing (the example deployment's ``sms`` channel points at it)."""

@@ -190,7 +190,9 @@ class DeliverStage:
 
     def _bucket(self, channel: Channel) -> TokenBucket | _NoLimit:
         rate = getattr(getattr(channel, "config", None), "rate_per_second", None)
-        if not rate:
+        # In replay a capture channel stands in with the real one's config: a provider's
+        # rate limit must not slow a replay down to wall-clock speed.
+        if not rate or getattr(channel, "name", None) == "capture":
             return _NO_LIMIT
         bucket = self._buckets.get(channel.id)
         if bucket is None or bucket.rate != rate:

@@ -17,7 +17,6 @@ from careloop.errors import ConfigError
 from careloop.tables import FhirSubscriptionState
 
 app = typer.Typer(no_args_is_help=True, help="FHIR connectors: subscriptions and pollers.")
-out = Console()
 
 FHIR_PLUGINS = ("fhir_subscription", "fhir_poll")
 
@@ -26,26 +25,46 @@ def rows(engine: Any, connectors: dict[str, dict[str, Any]]) -> list[dict[str, A
     """One dict per subscription (or poller type), configured ones first even if not created yet."""
     fhir = {cid: c for cid, c in connectors.items() if c.get("plugin") in FHIR_PLUGINS}
     with Session(engine) as s:
-        states = s.exec(select(FhirSubscriptionState).order_by(col(FhirSubscriptionState.connector),
-                                                                col(FhirSubscriptionState.id))).all()
+        states = s.exec(
+            select(FhirSubscriptionState).order_by(
+                col(FhirSubscriptionState.connector), col(FhirSubscriptionState.id)
+            )
+        ).all()
     out_rows: list[dict[str, Any]] = []
     seen: set[tuple[str, str]] = set()
     for st in states:
         if st.connector not in fhir:
             continue
         seen.add((st.connector, st.name or ""))
-        out_rows.append({
-            "connector": st.connector, "name": st.name, "subscription": st.subscription, "status": st.status,
-            "topic": st.topic, "events_since_start": st.events_since_start, "stored_through": st.contiguous,
-            "seen_above": list(st.seen_above), "gap_since": _iso(st.gap_since),
-            "last_seen_at": _iso(st.last_seen_at), "heartbeat_s": st.heartbeat_s, "error": st.error,
-            "pending_fetch": len(st.pending_fetch),
-        })
+        out_rows.append(
+            {
+                "connector": st.connector,
+                "name": st.name,
+                "subscription": st.subscription,
+                "status": st.status,
+                "topic": st.topic,
+                "events_since_start": st.events_since_start,
+                "stored_through": st.contiguous,
+                "seen_above": list(st.seen_above),
+                "gap_since": _iso(st.gap_since),
+                "last_seen_at": _iso(st.last_seen_at),
+                "heartbeat_s": st.heartbeat_s,
+                "error": st.error,
+                "pending_fetch": len(st.pending_fetch),
+            }
+        )
     for cid, c in fhir.items():
         for spec in c.get("subscriptions") or []:
             if isinstance(spec, dict) and (cid, spec.get("name", "")) not in seen:
-                out_rows.append({"connector": cid, "name": spec.get("name"), "subscription": None,
-                                 "status": "not created", "topic": spec.get("topic") or spec.get("criteria")})
+                out_rows.append(
+                    {
+                        "connector": cid,
+                        "name": spec.get("name"),
+                        "subscription": None,
+                        "status": "not created",
+                        "topic": spec.get("topic") or spec.get("criteria"),
+                    }
+                )
     return out_rows
 
 
@@ -72,16 +91,34 @@ def subscriptions(
     engine = make_engine(database_url(cfg.database.url))
     upgrade(engine)
     data = rows(engine, cfg.connectors)
+    out = Console()
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return
     if not data:
         out.print("no FHIR subscriptions")
         return
-    t = Table("connector", "name", "subscription", "status", "events", "stored through", "gap since",
-              "last seen", "error")
+    t = Table(
+        "connector",
+        "name",
+        "subscription",
+        "status",
+        "events",
+        "stored through",
+        "gap since",
+        "last seen",
+        "error",
+    )
     for r in data:
-        t.add_row(r["connector"], str(r.get("name") or "-"), str(r.get("subscription") or "-"), r["status"],
-                  str(r.get("events_since_start", "-")), str(r.get("stored_through", "-")),
-                  str(r.get("gap_since") or "-"), str(r.get("last_seen_at") or "-"), str(r.get("error") or "-"))
+        t.add_row(
+            r["connector"],
+            str(r.get("name") or "-"),
+            str(r.get("subscription") or "-"),
+            r["status"],
+            str(r.get("events_since_start", "-")),
+            str(r.get("stored_through", "-")),
+            str(r.get("gap_since") or "-"),
+            str(r.get("last_seen_at") or "-"),
+            str(r.get("error") or "-"),
+        )
     out.print(t)

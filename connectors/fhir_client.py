@@ -89,8 +89,10 @@ class SmartBackendAuth:
             try:
                 self._signing_key = (RSAKey if self.config.alg.startswith("RS") else ECKey).import_key(pem)
             except (ValueError, TypeError):
-                raise PermanentError(f"connector {self.connector}: the SMART private key is not a "
-                                     f"{self.config.alg[:2]} PEM key") from None
+                raise PermanentError(
+                    f"connector {self.connector}: the SMART private key is not a "
+                    f"{self.config.alg[:2]} PEM key"
+                ) from None
         return self._signing_key
 
     def invalidate(self) -> None:

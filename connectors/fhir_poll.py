@@ -49,10 +49,12 @@ class FhirPollConfig(PluginConfig):
 
     plugin: str = "fhir_poll"
     base_url: str
-    resource_types: list[str] = Field(default_factory=lambda: ["Appointment", "Encounter", "Patient"],
-                                      min_length=1)
-    params: dict[str, dict[str, str]] = Field(default_factory=dict,
-                                              description="extra search parameters per type")
+    resource_types: list[str] = Field(
+        default_factory=lambda: ["Appointment", "Encounter", "Patient"], min_length=1
+    )
+    params: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="extra search parameters per type"
+    )
     interval_s: float = Field(60.0, gt=0)
     overlap_s: float = Field(300.0, ge=0)
     initial_lookback_s: float = Field(86400.0, ge=0, description="first poll looks back this far")
@@ -67,8 +69,15 @@ class FhirPollConnector:
     name: ClassVar[str] = "fhir_poll"
     Config: ClassVar[type[FhirPollConfig]] = FhirPollConfig
 
-    def __init__(self, id: str, config: FhirPollConfig, *, store: Store | None = None,
-                 clock: Clock | None = None, http: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        id: str,
+        config: FhirPollConfig,
+        *,
+        store: Store | None = None,
+        clock: Clock | None = None,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
         self.id, self.config, self.store = id, config, store
         self.clock: Clock = clock or (store.clock if store else SystemClock())
         self.base = config.base_url.rstrip("/")
@@ -105,8 +114,16 @@ class FhirPollConnector:
         return None
 
     def jobs(self) -> list[dict[str, Any]]:
-        return [{"func": self.poll, "trigger": "interval", "seconds": self.config.interval_s,
-                 "id": f"fhir_poll:{self.id}", "max_instances": 1, "coalesce": True}]
+        return [
+            {
+                "func": self.poll,
+                "trigger": "interval",
+                "seconds": self.config.interval_s,
+                "id": f"fhir_poll:{self.id}",
+                "max_instances": 1,
+                "coalesce": True,
+            }
+        ]
 
     # ------------------------------------------------------------------ polling
 
@@ -163,8 +180,12 @@ class FhirPollConnector:
         assert self.sink is not None
         mark = await asyncio.to_thread(self._watermark, rtype)
         since = mark - timedelta(seconds=self.config.overlap_s)
-        params = {"_lastUpdated": f"ge{since.strftime('%Y-%m-%dT%H:%M:%SZ')}", "_sort": "_lastUpdated",
-                  "_count": str(self.config.page_size), **self.config.params.get(rtype, {})}
+        params = {
+            "_lastUpdated": f"ge{since.strftime('%Y-%m-%dT%H:%M:%SZ')}",
+            "_sort": "_lastUpdated",
+            "_count": str(self.config.page_size),
+            **self.config.params.get(rtype, {}),
+        }
         stored, newest = 0, mark
         batch: list[RawIn] = []
         async for res in self.client.search(rtype, params):
@@ -184,9 +205,12 @@ class FhirPollConnector:
     def _watermark(self, rtype: str) -> datetime:
         assert self.store is not None
         with self.store.session() as s:
-            row = s.exec(select(FhirSubscriptionState).where(
-                FhirSubscriptionState.connector == self.id,
-                FhirSubscriptionState.subscription == f"poll:{rtype}")).first()
+            row = s.exec(
+                select(FhirSubscriptionState).where(
+                    FhirSubscriptionState.connector == self.id,
+                    FhirSubscriptionState.subscription == f"poll:{rtype}",
+                )
+            ).first()
             if row is not None and row.last_event_at is not None:
                 return utc(row.last_event_at)
         return self.clock.now() - timedelta(seconds=self.config.initial_lookback_s)
@@ -195,12 +219,21 @@ class FhirPollConnector:
         assert self.store is not None
         now = self.clock.now()
         with self.store.session() as s:
-            row = s.exec(select(FhirSubscriptionState).where(
-                FhirSubscriptionState.connector == self.id,
-                FhirSubscriptionState.subscription == f"poll:{rtype}")).first()
+            row = s.exec(
+                select(FhirSubscriptionState).where(
+                    FhirSubscriptionState.connector == self.id,
+                    FhirSubscriptionState.subscription == f"poll:{rtype}",
+                )
+            ).first()
             if row is None:
-                row = FhirSubscriptionState(connector=self.id, subscription=f"poll:{rtype}", name=f"poll:{rtype}",
-                                            status="active", resource_types=[rtype], updated_at=now)
+                row = FhirSubscriptionState(
+                    connector=self.id,
+                    subscription=f"poll:{rtype}",
+                    name=f"poll:{rtype}",
+                    status="active",
+                    resource_types=[rtype],
+                    updated_at=now,
+                )
                 s.add(row)
             if row.last_event_at is None or newest > utc(row.last_event_at):
                 row.last_event_at = newest

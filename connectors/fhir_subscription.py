@@ -42,10 +42,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from sqlmodel import Session, select
 
 from careloop import audit_log
-from careloop.http import operation_outcome
 from careloop.clock import Clock, SystemClock, utc
 from careloop.config import AppConfig
 from careloop.errors import CareloopError, PermanentError
+from careloop.http import operation_outcome
 from careloop.model import RawIn
 from careloop.plugins import PluginConfig
 from careloop.store import Store
@@ -123,8 +123,11 @@ class FhirSubscriptionConfig(PluginConfig):
     overlap_s: float = Field(60.0, ge=0, description="search recovery looks back this much further")
     timeout_s: float = Field(15.0, gt=0)
     fetch_id_only: bool = True
-    default_heartbeat_s: int | None = Field(None, ge=1, description="heartbeat period assumed for "
-                                            "subscriptions not created from this config (watchdog)")
+    default_heartbeat_s: int | None = Field(
+        None,
+        ge=1,
+        description="heartbeat period assumed for subscriptions not created from this config (watchdog)",
+    )
 
 
 class FhirSubscriptionConnector:
@@ -889,4 +892,6 @@ def _same(current: dict[str, Any], want: dict[str, Any]) -> bool:
 
 def _detached(row: FhirSubscriptionState) -> FhirSubscriptionState:
     # A copy that outlives its session; timestamp columns never set are None.
-    return FhirSubscriptionState.model_validate({k: getattr(row, k, None) for k in FhirSubscriptionState.model_fields})
+    return FhirSubscriptionState.model_validate(
+        {k: getattr(row, k, None) for k in FhirSubscriptionState.model_fields}
+    )

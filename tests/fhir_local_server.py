@@ -79,17 +79,32 @@ class LocalFhirServer:
         versions.append(res)
         return copy.deepcopy(res)
 
-    def subscribe(self, endpoint: str, headers: list[str], content: str = "full-resource",
-                  types: tuple[str, ...] = ("Appointment",), sid: str = "sub1") -> str:
-        self.subs[sid] = Sub({
-            "resourceType": "Subscription", "id": sid, "status": "active",
-            "criteria": "http://example.org/SubscriptionTopic/appointments",
-            "channel": {"type": "rest-hook", "endpoint": endpoint, "header": headers,
-                        "payload": FHIR_JSON,
-                        "_payload": {"extension": [{"url": f"{BP}/backport-payload-content",
-                                                    "valueCode": content}]}},
-            "_types": list(types),
-        })
+    def subscribe(
+        self,
+        endpoint: str,
+        headers: list[str],
+        content: str = "full-resource",
+        types: tuple[str, ...] = ("Appointment",),
+        sid: str = "sub1",
+    ) -> str:
+        self.subs[sid] = Sub(
+            {
+                "resourceType": "Subscription",
+                "id": sid,
+                "status": "active",
+                "criteria": "http://example.org/SubscriptionTopic/appointments",
+                "channel": {
+                    "type": "rest-hook",
+                    "endpoint": endpoint,
+                    "header": headers,
+                    "payload": FHIR_JSON,
+                    "_payload": {
+                        "extension": [{"url": f"{BP}/backport-payload-content", "valueCode": content}]
+                    },
+                },
+                "_types": list(types),
+            }
+        )
         return sid
 
     async def change(self, resource: dict[str, Any]) -> dict[str, Any]:
@@ -98,7 +113,9 @@ class LocalFhirServer:
         for sid, sub in self.subs.items():
             if saved["resourceType"] not in sub.resource["_types"]:
                 continue
-            ev = Event(len(sub.events) + 1, _now(), f"{saved['resourceType']}/{saved['id']}", copy.deepcopy(saved))
+            ev = Event(
+                len(sub.events) + 1, _now(), f"{saved['resourceType']}/{saved['id']}", copy.deepcopy(saved)
+            )
             sub.events.append(ev)
             if ev.number in self.drop:
                 continue  # lost in transit
@@ -115,8 +132,13 @@ class LocalFhirServer:
             r = await c.post(sub.resource["channel"]["endpoint"], content=json.dumps(bundle), headers=headers)
         params = bundle["entry"][0]["resource"]["parameter"]
         ntype = next(p["valueCode"] for p in params if p["name"] == "type")
-        numbers = [int(pp["valueString"]) for p in params if p["name"] == "notification-event"
-                   for pp in p["part"] if pp["name"] == "event-number"]
+        numbers = [
+            int(pp["valueString"])
+            for p in params
+            if p["name"] == "notification-event"
+            for pp in p["part"]
+            if pp["name"] == "event-number"
+        ]
         self.deliveries.append((ntype, numbers[0] if numbers else None))
         return r
 
@@ -130,7 +152,9 @@ class LocalFhirServer:
         ext = self.subs[sid].resource["channel"]["_payload"]["extension"][0]
         return str(ext["valueCode"])
 
-    def status_params(self, sid: str, ntype: str, events: list[Event], status: str | None = None) -> dict[str, Any]:
+    def status_params(
+        self, sid: str, ntype: str, events: list[Event], status: str | None = None
+    ) -> dict[str, Any]:
         sub = self.subs[sid]
         params: list[dict[str, Any]] = [
             {"name": "subscription", "valueReference": {"reference": f"{self.base}/Subscription/{sid}"}},
@@ -140,30 +164,63 @@ class LocalFhirServer:
             {"name": "events-since-subscription-start", "valueString": str(len(sub.events))},
         ]
         if self.status_override == "error":
-            params.append({"name": "error", "valueCodeableConcept": {"coding": [
-                {"system": "http://terminology.hl7.org/CodeSystem/subscription-error", "code": "no-response"}]}})
+            params.append(
+                {
+                    "name": "error",
+                    "valueCodeableConcept": {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/subscription-error",
+                                "code": "no-response",
+                            }
+                        ]
+                    },
+                }
+            )
         content = self.content(sid)
         for ev in events:
-            parts: list[dict[str, Any]] = [{"name": "event-number", "valueString": str(ev.number)},
-                                           {"name": "timestamp", "valueInstant": ev.timestamp}]
+            parts: list[dict[str, Any]] = [
+                {"name": "event-number", "valueString": str(ev.number)},
+                {"name": "timestamp", "valueInstant": ev.timestamp},
+            ]
             if content != "empty":
                 parts.append({"name": "focus", "valueReference": {"reference": f"{self.base}/{ev.focus}"}})
             params.append({"name": "notification-event", "part": parts})
-        return {"resourceType": "Parameters", "id": uuid.uuid4().hex,
-                "meta": {"profile": [f"{BP}/backport-subscription-status-r4"]}, "parameter": params}
+        return {
+            "resourceType": "Parameters",
+            "id": uuid.uuid4().hex,
+            "meta": {"profile": [f"{BP}/backport-subscription-status-r4"]},
+            "parameter": params,
+        }
 
     def bundle(self, sid: str, ntype: str, events: list[Event], status: str | None = None) -> dict[str, Any]:
         p = self.status_params(sid, ntype, events, status)
-        entries: list[dict[str, Any]] = [{"fullUrl": f"urn:uuid:{p['id']}", "resource": p,
-                                          "request": {"method": "GET",
-                                                      "url": f"{self.base}/Subscription/{sid}/$status"},
-                                          "response": {"status": "200"}}]
+        entries: list[dict[str, Any]] = [
+            {
+                "fullUrl": f"urn:uuid:{p['id']}",
+                "resource": p,
+                "request": {"method": "GET", "url": f"{self.base}/Subscription/{sid}/$status"},
+                "response": {"status": "200"},
+            }
+        ]
         if self.content(sid) == "full-resource":
             for ev in events:
-                entries.append({"fullUrl": f"{self.base}/{ev.focus}", "resource": ev.snapshot,
-                                "request": {"method": "PUT", "url": ev.focus}, "response": {"status": "200"}})
-        return {"resourceType": "Bundle", "id": uuid.uuid4().hex, "type": "history", "timestamp": _now(),
-                "meta": {"profile": [f"{BP}/backport-subscription-notification-r4"]}, "entry": entries}
+                entries.append(
+                    {
+                        "fullUrl": f"{self.base}/{ev.focus}",
+                        "resource": ev.snapshot,
+                        "request": {"method": "PUT", "url": ev.focus},
+                        "response": {"status": "200"},
+                    }
+                )
+        return {
+            "resourceType": "Bundle",
+            "id": uuid.uuid4().hex,
+            "type": "history",
+            "timestamp": _now(),
+            "meta": {"profile": [f"{BP}/backport-subscription-notification-r4"]},
+            "entry": entries,
+        }
 
     # ------------------------------------------------------------------ HTTP
 
@@ -175,11 +232,19 @@ class LocalFhirServer:
             return Response(json.dumps(body), status_code=status, media_type=FHIR_JSON)
 
         def oo(status: int, text: str) -> Response:
-            return fhir({"resourceType": "OperationOutcome",
-                         "issue": [{"severity": "error", "code": "processing", "diagnostics": text}]}, status)
+            return fhir(
+                {
+                    "resourceType": "OperationOutcome",
+                    "issue": [{"severity": "error", "code": "processing", "diagnostics": text}],
+                },
+                status,
+            )
 
         def authorized(request: Request) -> bool:
-            return srv.require_token is None or request.headers.get("authorization") == f"Bearer {srv.require_token}"
+            return (
+                srv.require_token is None
+                or request.headers.get("authorization") == f"Bearer {srv.require_token}"
+            )
 
         @app.get("/fhir/Subscription/{sid}/$status")
         async def status(sid: str, request: Request) -> Response:
@@ -189,8 +254,14 @@ class LocalFhirServer:
             if sid not in srv.subs:
                 return oo(404, "no such subscription")
             p = srv.status_params(sid, "query-status", [])
-            return fhir({"resourceType": "Bundle", "type": "searchset", "total": 1,
-                         "entry": [{"fullUrl": f"urn:uuid:{p['id']}", "resource": p, "search": {"mode": "match"}}]})
+            return fhir(
+                {
+                    "resourceType": "Bundle",
+                    "type": "searchset",
+                    "total": 1,
+                    "entry": [{"fullUrl": f"urn:uuid:{p['id']}", "resource": p, "search": {"mode": "match"}}],
+                }
+            )
 
         @app.get("/fhir/Subscription/{sid}/$events")
         async def events(sid: str, request: Request) -> Response:
@@ -236,20 +307,38 @@ class LocalFhirServer:
             q = request.query_params
             since = q.get("_lastUpdated", "ge0000")[2:]
             count, offset = int(q.get("_count", "2")), int(q.get("_offset", "0"))
-            matches = sorted((v[-1] for (t, _), v in srv.store.items()
-                              if t == rtype and v[-1]["meta"]["lastUpdated"] >= since.replace("Z", "")),
-                             key=lambda r: r["meta"]["lastUpdated"])
+            matches = sorted(
+                (
+                    v[-1]
+                    for (t, _), v in srv.store.items()
+                    if t == rtype and v[-1]["meta"]["lastUpdated"] >= since.replace("Z", "")
+                ),
+                key=lambda r: r["meta"]["lastUpdated"],
+            )
             for k, val in q.items():
                 if not k.startswith("_"):
                     matches = [m for m in matches if str(m.get(k)) == val]
-            page = matches[offset: offset + count]
+            page = matches[offset : offset + count]
             links = [{"relation": "self", "url": str(request.url)}]
             if offset + count < len(matches):
                 nxt = httpx.URL(str(request.url)).copy_merge_params({"_offset": str(offset + count)})
                 links.append({"relation": "next", "url": str(nxt)})
-            return fhir({"resourceType": "Bundle", "type": "searchset", "total": len(matches), "link": links,
-                         "entry": [{"fullUrl": f"{srv.base}/{rtype}/{r['id']}", "resource": r,
-                                    "search": {"mode": "match"}} for r in page]})
+            return fhir(
+                {
+                    "resourceType": "Bundle",
+                    "type": "searchset",
+                    "total": len(matches),
+                    "link": links,
+                    "entry": [
+                        {
+                            "fullUrl": f"{srv.base}/{rtype}/{r['id']}",
+                            "resource": r,
+                            "search": {"mode": "match"},
+                        }
+                        for r in page
+                    ],
+                }
+            )
 
         return app
 
@@ -257,8 +346,9 @@ class LocalFhirServer:
 @contextlib.asynccontextmanager
 async def serve(app: Any) -> AsyncIterator[str]:
     """Serve ``app`` with uvicorn on 127.0.0.1 (a free port); yields the root URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off",
-                            access_log=False)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", access_log=False
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     for _ in range(500):

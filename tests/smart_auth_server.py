@@ -12,15 +12,15 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qsl
 
 from authlib.oauth2.rfc6749 import AuthorizationServer, ClientMixin, OAuth2Payload, OAuth2Request
+from authlib.oauth2.rfc6749.errors import InvalidClientError
 from authlib.oauth2.rfc6749.grants import ClientCredentialsGrant
 from authlib.oauth2.rfc6750 import BearerTokenGenerator
 from authlib.oauth2.rfc7523 import JWTBearerClientAssertion
 from fastapi import FastAPI, Request, Response
-from authlib.oauth2.rfc6749.errors import InvalidClientError
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import Key
@@ -113,7 +113,7 @@ class SmartAuthServer:
                 return token.claims
 
         class Grant(ClientCredentialsGrant):  # type: ignore[misc]
-            TOKEN_ENDPOINT_AUTH_METHODS = [JWTBearerClientAssertion.CLIENT_AUTH_METHOD]
+            TOKEN_ENDPOINT_AUTH_METHODS: ClassVar[list[str]] = [JWTBearerClientAssertion.CLIENT_AUTH_METHOD]
 
         class Server(AuthorizationServer):  # type: ignore[misc]
             def query_client(self, client_id: str) -> _Client | None:
@@ -135,9 +135,13 @@ class SmartAuthServer:
         server = Server()
         server.register_grant(Grant)
         server.register_client_auth_method(JWTBearerClientAssertion.CLIENT_AUTH_METHOD, Assertion())
-        server.register_token_generator("default", BearerTokenGenerator(
-            access_token_generator=lambda **_: secrets.token_urlsafe(24),
-            expires_generator=lambda client, grant_type: owner.expires_in))
+        server.register_token_generator(
+            "default",
+            BearerTokenGenerator(
+                access_token_generator=lambda **_: secrets.token_urlsafe(24),
+                expires_generator=lambda client, grant_type: owner.expires_in,
+            ),
+        )
 
         app = FastAPI()
 
@@ -145,8 +149,10 @@ class SmartAuthServer:
         async def token(request: Request) -> Response:
             form = dict(parse_qsl((await request.body()).decode()))
             status, body, headers = server.create_token_response(
-                _Request(owner.token_url, form, dict(request.headers)))
-            return Response(json.dumps(body), status_code=status, headers=dict(headers),
-                            media_type="application/json")
+                _Request(owner.token_url, form, dict(request.headers))
+            )
+            return Response(
+                json.dumps(body), status_code=status, headers=dict(headers), media_type="application/json"
+            )
 
         return app

@@ -370,3 +370,14 @@ def test_outbox_delivers_through_twilio_once_per_key(store: Store, person: int, 
     assert sorted(counts) == sorted(r.key for r in rows(store)) and set(counts.values()) == {1}
     assert {r.provider_id for r in rows(store)} == {m["sid"] for m in fake.messages}
     assert len(ids) == 25
+
+
+def test_rate_limit_does_not_slow_a_capture_stand_in(store: Store, person: int) -> None:
+    from channels.capture import CaptureChannel
+
+    add_items(store, person, n=30)
+    ch = CaptureChannel("sms", ChannelConfig(plugin="twilio_sms", rate_per_second=1))
+    t0 = time.monotonic()
+    drain(DeliverStage(store, {"sms": ch}))
+    assert len(ch.captured) == 30
+    assert time.monotonic() - t0 < 25  # at 1/s it would take 29 s at least

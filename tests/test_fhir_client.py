@@ -24,8 +24,9 @@ def anyio_backend() -> str:
 
 
 def _pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 @dataclass
@@ -55,8 +56,13 @@ async def env(request: pytest.FixtureRequest) -> AsyncIterator[Env]:
     async with serve(auth.app) as auth_url, serve(ehr.app) as ehr_url, httpx.AsyncClient() as http:
         auth.token_url = f"{auth_url}/token"
         ehr.base = f"{ehr_url}/fhir"
-        cfg = SmartAuthConfig(token_url=auth.token_url, client_id="careloop-test", private_key=_pem(priv).decode(),
-                              alg=alg, kid="k1")
+        cfg = SmartAuthConfig(
+            token_url=auth.token_url,
+            client_id="careloop-test",
+            private_key=_pem(priv).decode(),
+            alg=alg,
+            kid="k1",
+        )
         smart = SmartBackendAuth(cfg, http, "ehr")
         yield Env(auth, ehr, FhirClient(ehr.base, http, connector="ehr", auth=smart), smart)
 
@@ -98,9 +104,12 @@ async def test_401_after_refresh_asks_for_credentials(env: Env) -> None:
 @pytest.mark.anyio
 async def test_unknown_client_is_rejected_by_the_authorization_server(env: Env) -> None:
     other = rsa.generate_private_key(65537, 2048)
-    cfg = SmartAuthConfig(token_url=env.auth.token_url, client_id="careloop-test",
-                          private_key=_pem(other).decode(), alg="RS384")
-    bad = FhirClient(env.ehr.base, env.client.http, connector="ehr", auth=SmartBackendAuth(cfg, env.client.http, "ehr"))
+    cfg = SmartAuthConfig(
+        token_url=env.auth.token_url, client_id="careloop-test", private_key=_pem(other).decode(), alg="RS384"
+    )
+    bad = FhirClient(
+        env.ehr.base, env.client.http, connector="ehr", auth=SmartBackendAuth(cfg, env.client.http, "ehr")
+    )
     with pytest.raises(PermanentError, match="rejected the client credentials"):
         await bad.read("Patient/p1")
 
@@ -115,10 +124,14 @@ async def test_paged_search_follows_next_links(env: Env) -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize(("status", "error"), [(429, TransientError), (503, TransientError), (500, TransientError),
-                                               (403, PermanentError)])
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(429, TransientError), (503, TransientError), (500, TransientError), (403, PermanentError)],
+)
 async def test_http_failures_are_converted_at_the_boundary(status: int, error: type[Exception]) -> None:
-    transport = httpx.MockTransport(lambda req: httpx.Response(status, json={"resourceType": "OperationOutcome"}))
+    transport = httpx.MockTransport(
+        lambda req: httpx.Response(status, json={"resourceType": "OperationOutcome"})
+    )
     async with httpx.AsyncClient(transport=transport) as http:
         client = FhirClient("http://127.0.0.1:1/fhir", http, connector="ehr")
         with pytest.raises(error, match="connector ehr"):
@@ -132,7 +145,9 @@ async def test_timeout_is_transient() -> None:
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(hang)) as http:
         with pytest.raises(TransientError, match="timed out"):
-            await FhirClient("http://127.0.0.1:1/fhir", http, connector="ehr").search("Patient", {}).__anext__()
+            await (
+                FhirClient("http://127.0.0.1:1/fhir", http, connector="ehr").search("Patient", {}).__anext__()
+            )
 
 
 @pytest.mark.anyio

@@ -37,13 +37,22 @@ def _keys(store: Store) -> list[str]:
 
 
 def _poller(store: Store, ehr: LocalFhirServer, http: httpx.AsyncClient) -> FhirPollConnector:
-    cfg = FhirPollConfig.model_validate({"plugin": "fhir_poll", "base_url": ehr.base,
-                                         "resource_types": ["Appointment"], "page_size": 2, "overlap_s": 300})
+    cfg = FhirPollConfig.model_validate(
+        {
+            "plugin": "fhir_poll",
+            "base_url": ehr.base,
+            "resource_types": ["Appointment"],
+            "page_size": 2,
+            "overlap_s": 300,
+        }
+    )
     return FhirPollConnector("ehrpoll", cfg, store=store, http=http)
 
 
 @pytest.mark.anyio
-async def test_poll_stores_each_version_once_across_overlapping_rounds(store: Store, ehr: LocalFhirServer) -> None:
+async def test_poll_stores_each_version_once_across_overlapping_rounds(
+    store: Store, ehr: LocalFhirServer
+) -> None:
     async with httpx.AsyncClient() as http:
         poller = _poller(store, ehr, http)
         await poller.start(IngestSink(store))
@@ -53,13 +62,18 @@ async def test_poll_stores_each_version_once_across_overlapping_rounds(store: St
         assert await poller.poll() == {"Appointment": 0}  # the overlap re-reads them; dedup drops them
         ehr.write({"resourceType": "Appointment", "id": "a1", "status": "cancelled", "participant": []})
         assert await poller.poll() == {"Appointment": 1}
-        assert _keys(store) == ["res|Appointment/a0|1", "res|Appointment/a1|1", "res|Appointment/a1|2",
-                                "res|Appointment/a2|1"]
+        assert _keys(store) == [
+            "res|Appointment/a0|1",
+            "res|Appointment/a1|1",
+            "res|Appointment/a1|2",
+            "res|Appointment/a2|1",
+        ]
         searches = [r for r in ehr.requests if r.startswith("GET Appointment?")]
         assert all("_lastUpdated=ge" in r and "_sort=_lastUpdated" in r for r in searches)
         with Session(store.engine) as s:
-            mark = s.exec(select(FhirSubscriptionState).where(
-                FhirSubscriptionState.subscription == "poll:Appointment")).one()
+            mark = s.exec(
+                select(FhirSubscriptionState).where(FhirSubscriptionState.subscription == "poll:Appointment")
+            ).one()
         assert mark.last_event_at is not None
         await poller.stop()
 
@@ -83,7 +97,9 @@ async def test_watermark_survives_a_restart(store: Store, ehr: LocalFhirServer) 
 
 
 @pytest.mark.anyio
-async def test_poll_skips_its_round_while_another_process_holds_the_lock(store: Store, ehr: LocalFhirServer) -> None:
+async def test_poll_skips_its_round_while_another_process_holds_the_lock(
+    store: Store, ehr: LocalFhirServer
+) -> None:
     if store.engine.dialect.name != "postgresql":
         pytest.skip("the advisory lock is PostgreSQL's; SQLite runs one process")
     ehr.write({"resourceType": "Appointment", "id": "a0", "status": "booked", "participant": []})
@@ -101,7 +117,8 @@ async def test_poll_skips_its_round_while_another_process_holds_the_lock(store: 
 
 
 def test_jobs_ask_for_the_configured_interval(store: Store) -> None:
-    cfg = FhirPollConfig.model_validate({"plugin": "fhir_poll", "base_url": "http://127.0.0.1:1/fhir",
-                                         "interval_s": 42})
+    cfg = FhirPollConfig.model_validate(
+        {"plugin": "fhir_poll", "base_url": "http://127.0.0.1:1/fhir", "interval_s": 42}
+    )
     (job,) = FhirPollConnector("p", cfg, store=store, http=httpx.AsyncClient()).jobs()
     assert job["seconds"] == 42 and job["max_instances"] == 1 and job["id"] == "fhir_poll:p"

@@ -24,7 +24,6 @@ from careloop.store import Store
 from careloop.tables import JourneyEvent, RawMessage
 from careloop.wiring import MapperRegistry
 from connectors.fhir_subscription import FhirSubscriptionConfig, FhirSubscriptionConnector
-from tests.fhir_local_server import serve
 
 sekmet_config = pytest.importorskip("sekmet.config", reason="sekmet-fhir is in the dev extra")
 sekmet_main = pytest.importorskip("sekmet.main")
@@ -48,8 +47,13 @@ def _free_port() -> int:
 async def sekmet(tmp_path: Path) -> AsyncIterator[str]:
     port = _free_port()
     settings = sekmet_config.Settings(
-        base_url=f"http://127.0.0.1:{port}/fhir", host="127.0.0.1", port=port, data_dir=str(tmp_path / "sekmet"),
-        simulator={"enabled": False}, validation={"inbound": "warn"}, log_inbound=False,
+        base_url=f"http://127.0.0.1:{port}/fhir",
+        host="127.0.0.1",
+        port=port,
+        data_dir=str(tmp_path / "sekmet"),
+        simulator={"enabled": False},
+        validation={"inbound": "warn"},
+        log_inbound=False,
         subscriptions={"notify_method": "put-resource", "retries": 2},
     )
     (tmp_path / "sekmet").mkdir()
@@ -57,7 +61,9 @@ async def sekmet(tmp_path: Path) -> AsyncIterator[str]:
     app = sekmet_main.create_app(settings)
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.02)
@@ -80,21 +86,28 @@ async def _until(pred: Any, timeout: float = 20.0) -> None:
 @pytest.mark.anyio
 async def test_sekmet_subscriptions_deliver_appointment_journey_end_to_end(sekmet: str, store: Store) -> None:
     hub_port = _free_port()
-    cfg = FhirSubscriptionConfig.model_validate({
-        "plugin": "fhir_subscription", "path": "/fhir/ehr", "base_url": sekmet, "secret": SECRET,
-        "endpoint_url": f"http://127.0.0.1:{hub_port}/fhir/ehr",
-        "subscriptions": [
-            {"name": "appointments", "criteria": "Appointment", "heartbeat_s": None},
-            {"name": "booked", "topic": TOPIC, "payload": "full-resource", "heartbeat_s": 3600},
-        ]})
+    cfg = FhirSubscriptionConfig.model_validate(
+        {
+            "plugin": "fhir_subscription",
+            "path": "/fhir/ehr",
+            "base_url": sekmet,
+            "secret": SECRET,
+            "endpoint_url": f"http://127.0.0.1:{hub_port}/fhir/ehr",
+            "subscriptions": [
+                {"name": "appointments", "criteria": "Appointment", "heartbeat_s": None},
+                {"name": "booked", "topic": TOPIC, "payload": "full-resource", "heartbeat_s": 3600},
+            ],
+        }
+    )
     async with httpx.AsyncClient() as http:
         conn = FhirSubscriptionConnector("ehr", cfg, store=store, http=http)
         app = FastAPI()
         app.include_router(conn.router())
         import uvicorn
 
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=hub_port, log_level="warning",
-                                               lifespan="off"))
+        server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=hub_port, log_level="warning", lifespan="off")
+        )
         task = asyncio.create_task(server.serve())
         while not server.started:
             await asyncio.sleep(0.02)
@@ -116,11 +129,19 @@ async def test_sekmet_subscriptions_deliver_appointment_journey_end_to_end(sekme
             else:
                 raise AssertionError("backport subscription never became active")
 
-            appt = {"resourceType": "Appointment", "status": "booked", "start": "2026-04-01T09:00:00Z",
-                    "end": "2026-04-01T09:30:00Z",
-                    "participant": [{"actor": {"reference": "Patient/e2e-pat"}, "status": "needs-action"},
-                                    {"actor": {"reference": "Practitioner/e2e-doc"}, "status": "accepted"}]}
-            r = await http.post(f"{sekmet}/Appointment", json=appt, headers={"Prefer": "return=representation"})
+            appt = {
+                "resourceType": "Appointment",
+                "status": "booked",
+                "start": "2026-04-01T09:00:00Z",
+                "end": "2026-04-01T09:30:00Z",
+                "participant": [
+                    {"actor": {"reference": "Patient/e2e-pat"}, "status": "needs-action"},
+                    {"actor": {"reference": "Practitioner/e2e-doc"}, "status": "accepted"},
+                ],
+            }
+            r = await http.post(
+                f"{sekmet}/Appointment", json=appt, headers={"Prefer": "return=representation"}
+            )
             assert r.status_code == 201, r.text
             aid = r.json()["id"]
             await _until(lambda: _versions(store, aid) == {"1"})
@@ -139,10 +160,17 @@ async def test_sekmet_subscriptions_deliver_appointment_journey_end_to_end(sekme
             while await stage.run_once():
                 pass
             with Session(store.engine) as s:
-                events = s.exec(select(JourneyEvent.type).where(JourneyEvent.subject_ref == f"Appointment/{aid}")
-                                .order_by(col(JourneyEvent.id))).all()
-            assert events == ["appointment.booked", "appointment.booked", "appointment.confirmed",
-                              "appointment.cancelled"]
+                events = s.exec(
+                    select(JourneyEvent.type)
+                    .where(JourneyEvent.subject_ref == f"Appointment/{aid}")
+                    .order_by(col(JourneyEvent.id))
+                ).all()
+            assert events == [
+                "appointment.booked",
+                "appointment.booked",
+                "appointment.confirmed",
+                "appointment.cancelled",
+            ]
             (booked,) = [s for s in conn.states() if s.subscription == booked_id]
             assert booked.contiguous == booked.events_since_start == 1 and booked.gap_since is None
         finally:

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session, func, select
 
 from careloop.clock import VirtualClock
 from careloop.pipeline import IngestSink, MapStage
@@ -30,7 +30,8 @@ from tests.fhir_local_server import LocalFhirServer, serve
 SECRET = "s3cret-for-tests"
 AUTH = {"Authorization": f"Bearer {SECRET}"}
 NOTIFICATIONS = sorted((CORPUS / "fhir-r5" / "subscriptions").glob("notification-*.json")) + sorted(
-    (CORPUS / "fhir-r4-backport" / "json").glob("r4-notification-*.json"))
+    (CORPUS / "fhir-r4-backport" / "json").glob("r4-notification-*.json")
+)
 
 
 @pytest.fixture
@@ -61,9 +62,16 @@ class Hub:
 async def _hub(store: Store, ehr: LocalFhirServer, ehr_url: str, **cfg: Any) -> AsyncIterator[Hub]:
     cfg.setdefault("default_heartbeat_s", 60)
     ehr.base = f"{ehr_url}/fhir"
-    config = FhirSubscriptionConfig.model_validate({"plugin": "fhir_subscription", "path": "/fhir/ehr",
-                                                   "base_url": ehr.base, "secret": SECRET, "grace_s": 30,
-                                                   **cfg})
+    config = FhirSubscriptionConfig.model_validate(
+        {
+            "plugin": "fhir_subscription",
+            "path": "/fhir/ehr",
+            "base_url": ehr.base,
+            "secret": SECRET,
+            "grace_s": 30,
+            **cfg,
+        }
+    )
     async with httpx.AsyncClient() as http:
         conn = FhirSubscriptionConnector("ehr", config, store=store, http=http)
         app = FastAPI()
@@ -84,16 +92,24 @@ async def hub(store: Store) -> AsyncIterator[Hub]:
             yield h
 
 
-async def post(url: str, body: bytes, headers: dict[str, str] | None = None, method: str = "POST") -> httpx.Response:
+async def post(
+    url: str, body: bytes, headers: dict[str, str] | None = None, method: str = "POST"
+) -> httpx.Response:
     async with httpx.AsyncClient() as c:
-        return await c.request(method, url, content=body, headers={"Content-Type": "application/fhir+json",
-                                                                   **(headers or {})})
+        return await c.request(
+            method, url, content=body, headers={"Content-Type": "application/fhir+json", **(headers or {})}
+        )
 
 
 def appt(i: int, status: str = "booked") -> dict[str, Any]:
-    return {"resourceType": "Appointment", "id": f"appt{i}", "status": status,
-            "start": "2026-03-10T09:00:00Z", "end": "2026-03-10T09:30:00Z",
-            "participant": [{"actor": {"reference": f"Patient/pat{i}"}, "status": "needs-action"}]}
+    return {
+        "resourceType": "Appointment",
+        "id": f"appt{i}",
+        "status": status,
+        "start": "2026-03-10T09:00:00Z",
+        "end": "2026-03-10T09:30:00Z",
+        "participant": [{"actor": {"reference": f"Patient/pat{i}"}, "status": "needs-action"}],
+    }
 
 
 # ---------------------------------------------------------------- corpus
@@ -180,8 +196,9 @@ async def test_repeated_event_number_is_stored_once(hub: Hub) -> None:
     assert hub.count("fhir:notification") == 1
     assert hub.count("fhir:Encounter") == 1
     with Session(hub.store.engine) as s:
-        dups = s.exec(select(func.count()).select_from(AuditRecord).where(
-            AuditRecord.action == "message.duplicate")).one()
+        dups = s.exec(
+            select(func.count()).select_from(AuditRecord).where(AuditRecord.action == "message.duplicate")
+        ).one()
     assert dups == 4  # two redeliveries x (notification + Encounter)
 
 
@@ -227,7 +244,9 @@ async def test_dropped_notifications_are_recovered_exactly_once(hub: Hub, has_ev
     while await stage.run_once():
         pass
     with Session(hub.store.engine) as s:
-        booked = s.exec(select(JourneyEvent.subject_ref).where(JourneyEvent.type == "appointment.booked")).all()
+        booked = s.exec(
+            select(JourneyEvent.subject_ref).where(JourneyEvent.type == "appointment.booked")
+        ).all()
     assert sorted(booked) == [f"Appointment/appt{i}" for i in range(1, 6)]
 
 
@@ -255,7 +274,11 @@ async def test_subscription_in_error_raises_alert_and_is_reactivated(hub: Hub) -
     with Session(hub.store.engine) as s:
         alerts = s.exec(select(AuditRecord).where(AuditRecord.action == "fhir.subscription.error")).all()
         react = s.exec(select(AuditRecord).where(AuditRecord.action == "fhir.subscription.reactivate")).all()
-    assert len(alerts) == 1 and alerts[0].outcome == "failure" and alerts[0].detail == {"errors": ["no-response"]}
+    assert (
+        len(alerts) == 1
+        and alerts[0].outcome == "failure"
+        and alerts[0].detail == {"errors": ["no-response"]}
+    )
     assert len(react) == 1
     assert hub.ehr.subs[sid].resource["status"] == "requested"
     assert "PUT Subscription/sub1" in hub.ehr.requests
@@ -294,9 +317,16 @@ async def test_unreachable_ehr_keeps_the_fetch_pending_and_retries(store: Store)
 
 @pytest.mark.anyio
 async def test_manager_survives_an_unreachable_ehr_then_creates_subscriptions(store: Store) -> None:
-    cfg = FhirSubscriptionConfig.model_validate({
-        "plugin": "fhir_subscription", "base_url": "http://127.0.0.1:9/fhir", "secret": SECRET,
-        "subscriptions": [{"name": "appts", "criteria": "Appointment?status=booked", "heartbeat_s": None}]})
+    cfg = FhirSubscriptionConfig.model_validate(
+        {
+            "plugin": "fhir_subscription",
+            "base_url": "http://127.0.0.1:9/fhir",
+            "secret": SECRET,
+            "subscriptions": [
+                {"name": "appts", "criteria": "Appointment?status=booked", "heartbeat_s": None}
+            ],
+        }
+    )
     async with httpx.AsyncClient() as http:
         conn = FhirSubscriptionConnector("ehr", cfg, store=store, http=http)
         await conn.start(IngestSink(store))

@@ -170,3 +170,60 @@ def test_config_errors_name_the_field(tmp_path: Path, field: str, bad: str, msg:
     with pytest.raises(ConfigError) as exc:
         cfgmod.load(p)
     assert msg in exc.value.problems
+
+
+def test_deceased_patient_gets_nothing(tmp_path: Path) -> None:
+    rep = run_feed(tmp_path, [
+        line("2026-03-01T14:00:00+00:00", id="m1", type="appointment.booked", appointment=APPT, **WHO),
+        line("2026-03-02T14:00:00+00:00", id="m2", type="patient.updated",
+             patient={"deceasedDateTime": "2026-03-02T10:00:00+00:00"}, **WHO),
+    ])
+    assert rep["deliveries"] == []
+    assert {s["reason"] for s in rep["suppressed"]} == {"deceased"}
+
+
+def test_shadow_playbook_decides_and_explains_but_sends_nothing(tmp_path: Path) -> None:
+    cfg = cfgmod.load_raw(CONFIG)
+    cfg["playbooks"]["appointment-reminders"]["shadow"] = True
+    path = tmp_path / "shadow.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    rep = run_feed(tmp_path, [line("2026-03-01T14:00:00+00:00", id="m1", type="appointment.booked",
+                                   appointment=APPT, **WHO)], config=path)
+    assert rep["deliveries"] == []
+    assert [s["reason"] for s in rep["suppressed"]] == ["shadow-allowed", "shadow-allowed"]
+
+
+def test_clinical_detail_never_goes_by_sms(tmp_path: Path) -> None:
+    cfg = cfgmod.load_raw(CONFIG)
+    cfg["templates"]["appointment-reminder"]["phi_class"] = "limited"
+    path = tmp_path / "phi.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    rep = run_feed(tmp_path, [line("2026-03-01T14:00:00+00:00", id="m1", type="appointment.booked",
+                                   appointment=APPT, email="pat@example.test", **WHO)], config=path)
+    assert {d["channel"] for d in rep["deliveries"]} == {"email"}
+    from careloop.db import make_engine, upgrade
+
+    fresh = make_engine(f"sqlite:///{tmp_path}/fresh.db")  # a person with no email address
+    upgrade(fresh)
+    rep = run_feed(tmp_path, [line("2026-03-01T14:00:00+00:00", id="m1", type="appointment.booked",
+                                   appointment=APPT, **WHO)], config=path, engine=fresh)
+    assert rep["deliveries"] == [] and {s["reason"] for s in rep["suppressed"]} == {"phi-exceeds-channel"}
+
+
+def test_event_for_a_shared_phone_is_held_not_guessed(tmp_path: Path) -> None:
+    rep = run_feed(tmp_path, [
+        line("2026-03-01T14:00:00+00:00", id="m1", type="appointment.booked", appointment=APPT,
+             mrn="A1", phone="+15555550150"),
+        line("2026-03-01T14:01:00+00:00", id="m2", type="appointment.booked", appointment={**APPT, "id": "a2"},
+             mrn="A2", phone="+15555550150"),
+        line("2026-03-02T14:00:00+00:00", id="m3", type="message.inbound", phone="+15555550150",
+             attributes={"channel": "sms", "body": "C", "keyword": "confirm"}),
+    ])
+    held = [e for e in rep["events"] if e["type"] == "message.inbound"]
+    assert held == [{"at": "2026-03-02T14:00:00+00:00", "person": None, "type": "message.inbound",
+                     "status": "held"}]
+    assert not any(e["type"] == "appointment.confirmed" for e in rep["events"])
