@@ -41,15 +41,17 @@ from zoneinfo import ZoneInfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from careloop.config import LearningConfig  # noqa: E402
-from orchestrator import gate, learning  # noqa: E402
+from careloop.config import LearningConfig
+from orchestrator import gate, learning
 
 TZ = "America/New_York"
 ZONE = ZoneInfo(TZ)
 QUIET = gate.parse_quiet_hours("08:00-21:00")
 CAPS = {"sms": gate.Cap(1, 3)}
-FACTS = {"sms": gate.ChannelFacts("sms", "phone", "sms", "none"),
-         "email": gate.ChannelFacts("email", "email", "email", "limited")}
+FACTS = {
+    "sms": gate.ChannelFacts("sms", "phone", "sms", "none"),
+    "email": gate.ChannelFacts("email", "email", "email", "limited"),
+}
 ORDER = ["sms", "email"]
 VARIANTS = ["default", "short"]
 START = datetime(2026, 1, 5, 5, 0, tzinfo=UTC)
@@ -57,8 +59,11 @@ DAYS = 120
 PURPOSE = "appointment-reminder"
 TEMPLATE = "appointment-reminder"
 BANDS = {"18-39": (0.35, 1990), "40-64": (0.40, 1970), "65+": (0.25, 1950)}
-BASE = {"18-39": {"sms": 0.28, "email": 0.12}, "40-64": {"sms": 0.20, "email": 0.22},
-        "65+": {"sms": 0.10, "email": 0.28}}
+BASE = {
+    "18-39": {"sms": 0.28, "email": 0.12},
+    "40-64": {"sms": 0.20, "email": 0.22},
+    "65+": {"sms": 0.10, "email": 0.28},
+}
 PREFERRED_PART = {"18-39": (0.2, 0.3, 0.5), "40-64": (0.3, 0.4, 0.3), "65+": (0.6, 0.3, 0.1)}
 PARTS = ("morning", "midday", "evening")
 OVERRIDES: dict[str, float] = {}
@@ -94,13 +99,17 @@ class SimPerson:
     variant: dict[str, float]
 
     def prob(self, channel: str, at: datetime, variant: str) -> float:
-        rates = self.rates_after if self.drift_at is not None and at >= self.drift_at and self.rates_after else \
-            self.rates
+        rates = (
+            self.rates_after
+            if self.drift_at is not None and at >= self.drift_at and self.rates_after
+            else self.rates
+        )
         return min(0.95, rates[channel] * self.when[part_of_day(at)] * self.variant[variant])
 
     def facts(self) -> gate.PersonFacts:
-        return gate.PersonFacts(deceased=self.deceased, timezone=TZ, addresses=self.addresses,
-                                opted_out=self.opted_out)
+        return gate.PersonFacts(
+            deceased=self.deceased, timezone=TZ, addresses=self.addresses, opted_out=self.opted_out
+        )
 
 
 def population(rng: random.Random, n: int) -> list[SimPerson]:
@@ -111,8 +120,11 @@ def population(rng: random.Random, n: int) -> list[SimPerson]:
         phone, email = rng.random() < 0.92, rng.random() < 0.8
         if not (phone or email):
             phone = True
-        addresses = {k: [v] for k, v, ok in (("phone", f"+1555{i:07d}", phone), ("email", f"p{i}@example.test",
-                                                                                    email)) if ok}
+        addresses = {
+            k: [v]
+            for k, v, ok in (("phone", f"+1555{i:07d}", phone), ("email", f"p{i}@example.test", email))
+            if ok
+        }
         rates = {}
         for ch in ORDER:
             mean = BASE[band][ch] * ((1.2 if ch == "sms" else 0.8) if lang == "es" else 1.0)
@@ -123,12 +135,22 @@ def population(rng: random.Random, n: int) -> list[SimPerson]:
         pref = rng.choices(PARTS, weights=PREFERRED_PART[band])[0]
         when = {p: (1.0 if p == pref else rng.uniform(0.35, 0.75)) for p in PARTS}
         variant = {"default": 1.0, "short": max(0.6, min(1.4, 1 + rng.gauss(0.0, 0.15)))}
-        out.append(SimPerson(
-            id=i, band=band, lang=lang, birth=f"{BANDS[band][1] + rng.randint(0, 15)}-06-15", addresses=addresses,
-            opted_out=frozenset({("sms", "*")}) if rng.random() < 0.04 else frozenset(),
-            deceased=rng.random() < 0.01, rates=rates,
-            rates_after={"sms": rates["email"], "email": rates["sms"]} if drift else None,
-            drift_at=START + timedelta(days=rng.uniform(30, 90)) if drift else None, when=when, variant=variant))
+        out.append(
+            SimPerson(
+                id=i,
+                band=band,
+                lang=lang,
+                birth=f"{BANDS[band][1] + rng.randint(0, 15)}-06-15",
+                addresses=addresses,
+                opted_out=frozenset({("sms", "*")}) if rng.random() < 0.04 else frozenset(),
+                deceased=rng.random() < 0.01,
+                rates=rates,
+                rates_after={"sms": rates["email"], "email": rates["sms"]} if drift else None,
+                drift_at=START + timedelta(days=rng.uniform(30, 90)) if drift else None,
+                when=when,
+                variant=variant,
+            )
+        )
     return out
 
 
@@ -153,8 +175,15 @@ Option = tuple[str, str, str]  # channel, window, variant
 class Policy:
     name = "?"
 
-    def choose(self, p: SimPerson, now: datetime, allowed: list[str], windows: dict[str, datetime],
-               verdict: gate.Verdict, rng: random.Random) -> Option:
+    def choose(
+        self,
+        p: SimPerson,
+        now: datetime,
+        allowed: list[str],
+        windows: dict[str, datetime],
+        verdict: gate.Verdict,
+        rng: random.Random,
+    ) -> Option:
         raise NotImplementedError
 
     def sent(self, p: SimPerson, opt: Option, at: datetime) -> None:
@@ -169,8 +198,15 @@ class Fixed(Policy):
 
     name = "fixed"
 
-    def choose(self, p: SimPerson, now: datetime, allowed: list[str], windows: dict[str, datetime],
-               verdict: gate.Verdict, rng: random.Random) -> Option:
+    def choose(
+        self,
+        p: SimPerson,
+        now: datetime,
+        allowed: list[str],
+        windows: dict[str, datetime],
+        verdict: gate.Verdict,
+        rng: random.Random,
+    ) -> Option:
         assert verdict.channel is not None
         return verdict.channel, learning.ASAP, "default"
 
@@ -185,9 +221,18 @@ class MostEngaged(Policy):
         self.sent_n: dict[tuple[int, str], int] = {}
         self.engaged_n: dict[tuple[int, str], int] = {}
 
-    def choose(self, p: SimPerson, now: datetime, allowed: list[str], windows: dict[str, datetime],
-               verdict: gate.Verdict, rng: random.Random) -> Option:
-        ratio = {c: self.engaged_n.get((p.id, c), 0) / n for c in allowed if (n := self.sent_n.get((p.id, c), 0))}
+    def choose(
+        self,
+        p: SimPerson,
+        now: datetime,
+        allowed: list[str],
+        windows: dict[str, datetime],
+        verdict: gate.Verdict,
+        rng: random.Random,
+    ) -> Option:
+        ratio = {
+            c: self.engaged_n.get((p.id, c), 0) / n for c in allowed if (n := self.sent_n.get((p.id, c), 0))
+        }
         if ratio and max(ratio.values()) > 0:
             best = max(allowed, key=lambda c: ratio.get(c, -1.0))
         else:
@@ -215,22 +260,47 @@ class Learner(Policy):
     def _segment(self, p: SimPerson, now: datetime) -> str:
         if p.id not in self.segments:
             reach = [k for k in ("phone", "email") if p.addresses.get(k)]
-            self.segments[p.id] = learning.segment_key(self.cfg, birth=p.birth, language=p.lang, reach=reach,
-                                                       today=now.date())
+            self.segments[p.id] = learning.segment_key(
+                self.cfg, birth=p.birth, language=p.lang, reach=reach, today=now.date()
+            )
         return self.segments[p.id]
 
-    def choose(self, p: SimPerson, now: datetime, allowed: list[str], windows: dict[str, datetime],
-               verdict: gate.Verdict, rng: random.Random) -> Option:
+    def choose(
+        self,
+        p: SimPerson,
+        now: datetime,
+        allowed: list[str],
+        windows: dict[str, datetime],
+        verdict: gate.Verdict,
+        rng: random.Random,
+    ) -> Option:
         self.stats.now = now
-        c = learning.choose(self.stats, person_key=str(p.id), segment=self._segment(p, now), channels=allowed,
-                            windows=windows, variants_for=lambda ch: VARIANTS, template=TEMPLATE, rng=rng,
-                            cfg=self.cfg, tz=TZ)
+        c = learning.choose(
+            self.stats,
+            person_key=str(p.id),
+            segment=self._segment(p, now),
+            channels=allowed,
+            windows=windows,
+            variants_for=lambda ch: VARIANTS,
+            template=TEMPLATE,
+            rng=rng,
+            cfg=self.cfg,
+            tz=TZ,
+        )
         return c.channel, c.window, c.variant
 
-    def _record(self, p: SimPerson, opt: Option, at: datetime, *, trial: bool, delta: float, engaged: int) -> None:
-        self.stats.record(person_key=str(p.id), segment=self._segment(p, at),
-                          arms=learning.arms(opt[0], opt[1], TEMPLATE, opt[2]), now=at, trial=trial, delta=delta,
-                          engaged=engaged)
+    def _record(
+        self, p: SimPerson, opt: Option, at: datetime, *, trial: bool, delta: float, engaged: int
+    ) -> None:
+        self.stats.record(
+            person_key=str(p.id),
+            segment=self._segment(p, at),
+            arms=learning.arms(opt[0], opt[1], TEMPLATE, opt[2]),
+            now=at,
+            trial=trial,
+            delta=delta,
+            engaged=engaged,
+        )
 
     def sent(self, p: SimPerson, opt: Option, at: datetime) -> None:
         self._record(p, opt, at, trial=True, delta=0.0, engaged=0)
@@ -243,10 +313,19 @@ class Learner(Policy):
 class Oracle(Policy):
     name = "oracle"
 
-    def choose(self, p: SimPerson, now: datetime, allowed: list[str], windows: dict[str, datetime],
-               verdict: gate.Verdict, rng: random.Random) -> Option:
-        return max(((c, w, v) for c in allowed for w in windows for v in VARIANTS),
-                   key=lambda o: p.prob(o[0], windows[o[1]], o[2]))
+    def choose(
+        self,
+        p: SimPerson,
+        now: datetime,
+        allowed: list[str],
+        windows: dict[str, datetime],
+        verdict: gate.Verdict,
+        rng: random.Random,
+    ) -> Option:
+        return max(
+            ((c, w, v) for c in allowed for w in windows for v in VARIANTS),
+            key=lambda o: p.prob(o[0], windows[o[1]], o[2]),
+        )
 
 
 # ---------------------------------------------------------------------- the run
@@ -275,27 +354,52 @@ def _counts(history: list[tuple[datetime, str]], now: datetime) -> tuple[dict[st
     return day, week
 
 
-def _gate(p: SimPerson, now: datetime, channels: list[str], history: list[tuple[datetime, str]],
-          not_after: datetime) -> gate.Verdict:
+def _gate(
+    p: SimPerson, now: datetime, channels: list[str], history: list[tuple[datetime, str]], not_after: datetime
+) -> gate.Verdict:
     day, week = _counts(history, now)
-    return gate.evaluate(gate.GateInput(
-        now=now, person=p.facts(), template_kinds=frozenset({"sms", "email", "text"}), phi_class="none",
-        purpose=PURPOSE, channels=[FACTS[c] for c in channels], sent_day=day, sent_week=week, caps=CAPS,
-        quiet_hours=QUIET, not_after=not_after))
+    return gate.evaluate(
+        gate.GateInput(
+            now=now,
+            person=p.facts(),
+            template_kinds=frozenset({"sms", "email", "text"}),
+            phi_class="none",
+            purpose=PURPOSE,
+            channels=[FACTS[c] for c in channels],
+            sent_day=day,
+            sent_week=week,
+            caps=CAPS,
+            quiet_hours=QUIET,
+            not_after=not_after,
+        )
+    )
 
 
-def _violates(p: SimPerson, channel: str, at: datetime, allowed: list[str],
-              history: list[tuple[datetime, str]]) -> bool:
+def _violates(
+    p: SimPerson, channel: str, at: datetime, allowed: list[str], history: list[tuple[datetime, str]]
+) -> bool:
     """The rules, checked without the gate."""
     local = at.astimezone(ZONE)
     sms = [t for t, c in history if c == "sms"]
-    return (p.deceased or channel not in allowed or (channel, "*") in p.opted_out
-            or not p.addresses.get(FACTS[channel].address_kind) or not 8 <= local.hour < 21
-            or (channel == "sms" and (any(at - t < timedelta(days=1) for t in sms)
-                                      or sum(1 for t in sms if at - t < timedelta(days=7)) >= 3)))
+    return (
+        p.deceased
+        or channel not in allowed
+        or (channel, "*") in p.opted_out
+        or not p.addresses.get(FACTS[channel].address_kind)
+        or not 8 <= local.hour < 21
+        or (
+            channel == "sms"
+            and (
+                any(at - t < timedelta(days=1) for t in sms)
+                or sum(1 for t in sms if at - t < timedelta(days=7)) >= 3
+            )
+        )
+    )
 
 
-def run(policy: Policy, people: list[SimPerson], reqs: list[Request], cfg: LearningConfig, seed: int) -> Result:
+def run(
+    policy: Policy, people: list[SimPerson], reqs: list[Request], cfg: LearningConfig, seed: int
+) -> Result:
     res = Result(policy.name, [0.0] * len(reqs), [0.0] * len(reqs))
     history: dict[int, list[tuple[datetime, str]]] = {}
     heap: list[tuple[datetime, int, str, tuple[object, ...]]] = []
@@ -331,7 +435,7 @@ def run(policy: Policy, people: list[SimPerson], reqs: list[Request], cfg: Learn
                 # The outcome events the orchestrator would see: a reply (engaged), else a read
                 # receipt or open, which is likelier the more the message suits the person.
                 read = READS and req.luck < min(0.95, READ_FLOOR + READ_SLOPE * prob)
-                signal = reward or (cfg.rewards.get("read", 0.0) if read else 0.0)
+                signal = reward if reward else (cfg.rewards.get("read", 0.0) if read else 0.0)
                 res.sends += 1
                 res.channels[opt[0]] = res.channels.get(opt[0], 0) + 1
                 res.expected[req.index] = prob
@@ -339,9 +443,9 @@ def run(policy: Policy, people: list[SimPerson], reqs: list[Request], cfg: Learn
                 policy.sent(p, opt, at)
                 push(at + timedelta(hours=1), "outcome", (req, opt, signal))
             else:
-                req, opt, reward = payload
-                assert isinstance(req, Request) and isinstance(opt, tuple) and isinstance(reward, float)
-                policy.outcome(people[req.person], opt, at, reward)
+                req, opt, got = payload
+                assert isinstance(req, Request) and isinstance(opt, tuple) and isinstance(got, float)
+                policy.outcome(people[req.person], opt, at, got)
 
     for req in reqs:
         process(req.at)
@@ -362,8 +466,9 @@ def run(policy: Policy, people: list[SimPerson], reqs: list[Request], cfg: Learn
     return res
 
 
-def one_seed(seed: int, n_people: int, n_requests: int, window: int,
-             policies: list[Callable[[LearningConfig], Policy]]) -> dict[str, dict[str, float]]:
+def one_seed(
+    seed: int, n_people: int, n_requests: int, window: int, policies: list[Callable[[LearningConfig], Policy]]
+) -> dict[str, dict[str, float]]:
     cfg = LearningConfig(enabled=True, **OVERRIDES)
     world = random.Random(seed)
     people = population(world, n_people)
@@ -384,8 +489,12 @@ def one_seed(seed: int, n_people: int, n_requests: int, window: int,
             "expected": sum(r.expected) / n_requests,
             "expected_trailing": sum(r.expected[lo:]) / (n_requests - lo),
             "regret": oracle_exp - sum(r.expected),
-            "sends": r.sends, "suppressed": r.suppressed, "rechecked": r.rechecked, "violations": r.violations,
-            "email_share": r.channels.get("email", 0) / max(1, r.sends), "seconds": secs,
+            "sends": r.sends,
+            "suppressed": r.suppressed,
+            "rechecked": r.rechecked,
+            "violations": r.violations,
+            "email_share": r.channels.get("email", 0) / max(1, r.sends),
+            "seconds": secs,
         }
     return out
 
@@ -395,28 +504,42 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[11, 22, 33])
     ap.add_argument("--people", type=int, default=300)
     ap.add_argument("--requests", type=int, default=5000)
-    ap.add_argument("--window", type=int, default=1000, help="trailing requests the 'after N sends' figure uses")
-    ap.add_argument("--replies-only", action="store_true", help="no read/open receipts: learn from replies alone")
+    ap.add_argument(
+        "--window", type=int, default=1000, help="trailing requests the 'after N sends' figure uses"
+    )
+    ap.add_argument(
+        "--replies-only", action="store_true", help="no read/open receipts: learn from replies alone"
+    )
     ap.add_argument("--max-exploration", type=float, default=None)
     args = ap.parse_args()
     global READS, OVERRIDES
     READS = not args.replies_only
     if args.max_exploration is not None:
         OVERRIDES["max_exploration"] = args.max_exploration
-    policies: list[Callable[[LearningConfig], Policy]] = [lambda c: Fixed(), lambda c: MostEngaged(),
-                                                          Learner, lambda c: Oracle()]
+    policies: list[Callable[[LearningConfig], Policy]] = [
+        lambda c: Fixed(),
+        lambda c: MostEngaged(),
+        Learner,
+        lambda c: Oracle(),
+    ]
     t0 = time.perf_counter()
     per_seed = [one_seed(s, args.people, args.requests, args.window, policies) for s in args.seeds]
     lo, hi = args.requests - args.window + 1, args.requests
     first = per_seed[0]
-    print(f"learning_sim: {args.people} people, {args.requests} send requests over {DAYS} days, "
-          f"seed {args.seeds[0]} (of {len(args.seeds)})")
-    print(f"{'policy':10} {'engaged':>8} {f'@{lo}-{hi}':>11} {'E[eng]':>7} {'regret':>7} {'sends':>6} "
-          f"{'supp':>5} {'recheck':>7} {'email%':>6} {'viol':>4} {'secs':>5}")
+    print(
+        f"learning_sim: {args.people} people, {args.requests} send requests over {DAYS} days, "
+        f"seed {args.seeds[0]} (of {len(args.seeds)})"
+    )
+    print(
+        f"{'policy':10} {'engaged':>8} {f'@{lo}-{hi}':>11} {'E[eng]':>7} {'regret':>7} {'sends':>6} "
+        f"{'supp':>5} {'recheck':>7} {'email%':>6} {'viol':>4} {'secs':>5}"
+    )
     for name, m in first.items():
-        print(f"{name:10} {m['engagement']:8.4f} {m['trailing']:11.4f} {m['expected']:7.4f} {m['regret']:7.1f} "
-              f"{m['sends']:6.0f} {m['suppressed']:5.0f} {m['rechecked']:7.0f} {100 * m['email_share']:6.1f} "
-              f"{m['violations']:4.0f} {m['seconds']:5.1f}")
+        print(
+            f"{name:10} {m['engagement']:8.4f} {m['trailing']:11.4f} {m['expected']:7.4f} {m['regret']:7.1f} "
+            f"{m['sends']:6.0f} {m['suppressed']:5.0f} {m['rechecked']:7.0f} {100 * m['email_share']:6.1f} "
+            f"{m['violations']:4.0f} {m['seconds']:5.1f}"
+        )
 
     def spread(f: Callable[[dict[str, dict[str, float]]], float]) -> tuple[float, float, float, float]:
         xs = [f(r) for r in per_seed]
@@ -424,14 +547,22 @@ def main() -> int:
 
     print(f"over seeds {args.seeds} (mean, sd, min, max):")
     rows = {
-        f"learner/oracle engagement, requests {lo}-{hi}": lambda r: r["learner"]["trailing"] / r["oracle"]["trailing"],
-        f"learner/oracle expected engagement, {lo}-{hi}": lambda r: r["learner"]["expected_trailing"]
-        / r["oracle"]["expected_trailing"],
-        "learner/oracle engagement, all requests": lambda r: r["learner"]["engagement"] / r["oracle"]["engagement"],
-        "learner/fixed engagement, all requests": lambda r: r["learner"]["engagement"] / r["fixed"]["engagement"],
+        f"learner/oracle engagement, requests {lo}-{hi}": lambda r: (
+            r["learner"]["trailing"] / r["oracle"]["trailing"]
+        ),
+        f"learner/oracle expected engagement, {lo}-{hi}": lambda r: (
+            r["learner"]["expected_trailing"] / r["oracle"]["expected_trailing"]
+        ),
+        "learner/oracle engagement, all requests": lambda r: (
+            r["learner"]["engagement"] / r["oracle"]["engagement"]
+        ),
+        "learner/fixed engagement, all requests": lambda r: (
+            r["learner"]["engagement"] / r["fixed"]["engagement"]
+        ),
         f"learner/fixed engagement, {lo}-{hi}": lambda r: r["learner"]["trailing"] / r["fixed"]["trailing"],
-        "heuristic/fixed engagement, all requests": lambda r: r["heuristic"]["engagement"]
-        / r["fixed"]["engagement"],
+        "heuristic/fixed engagement, all requests": lambda r: (
+            r["heuristic"]["engagement"] / r["fixed"]["engagement"]
+        ),
         "learner regret (expected engagements)": lambda r: r["learner"]["regret"],
         "heuristic regret": lambda r: r["heuristic"]["regret"],
         "fixed regret": lambda r: r["fixed"]["regret"],
@@ -444,10 +575,15 @@ def main() -> int:
     violations = sum(int(m["violations"]) for r in per_seed for m in r.values())
     vs_oracle = stats[f"learner/oracle engagement, requests {lo}-{hi}"][0]
     vs_fixed = stats["learner/fixed engagement, all requests"][0]
-    print(f"target learner >= 0.90 x oracle after {hi} sends: {vs_oracle:.3f} "
-          f"{'MET' if vs_oracle >= 0.9 else 'MISSED'}")
+    print(
+        f"target learner >= 0.90 x oracle after {hi} sends: {vs_oracle:.3f} "
+        f"{'MET' if vs_oracle >= 0.9 else 'MISSED'}"
+    )
     print(f"target learner >= 1.30 x fixed: {vs_fixed:.3f} {'MET' if vs_fixed >= 1.3 else 'MISSED'}")
-    print(f"compliance-gate violations, all policies and seeds: {violations} {'OK' if violations == 0 else 'FAIL'}")
+    print(
+        f"compliance-gate violations, all policies and seeds: {violations} "
+        f"{'OK' if violations == 0 else 'FAIL'}"
+    )
     print(f"wall time {time.perf_counter() - t0:.1f} s")
     return 1 if violations else 0
 

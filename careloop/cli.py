@@ -203,6 +203,7 @@ _SUBAPPS = [
     ("audit.cli", "token_app", "token"),
     ("connectors.fhir_cli", "app", "fhir"),
     ("orchestrator.escalation_cli", "app", "escalations"),
+    ("orchestrator.learning_cli", "app", "learning"),
     ("channels.cli", "app", "channels"),
 ]
 for _mod, _attr, _name in _SUBAPPS:

@@ -113,6 +113,7 @@ class Replayer:
 
     async def advance(self, until: datetime) -> None:
         """Move the clock to ``until``, firing due timers (and retries) at their own times."""
+        until = utc(until)
         await self.hub.drain()
         while True:
             with Session(self.store.engine) as s:

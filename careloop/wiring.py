@@ -80,10 +80,10 @@ def check(app: AppConfig) -> Checked:
         for cid, (cls, _cfg) in checked.channels.items():
             length_check = getattr(cls, "check_template", None)
             if length_check is not None:
-                problems.extend(f"templates.{name}: {p} (channel {cid})" for p in length_check(t))
+                problems.extend(f"templates.{name}: {p} (channel {cid})" for p in length_check(t, _cfg))
                 for vname in t.variants:  # issue 10: each variant is held to the same limits
                     problems.extend(f"templates.{name}.variants.{vname}: {p} (channel {cid})"
-                                    for p in length_check(t.with_variant(vname)))
+                                    for p in length_check(t.with_variant(vname), _cfg))
         checked.templates[name] = t
     for name, raw in app.playbooks.items():
         try:

@@ -29,6 +29,7 @@ from careloop.store import Store
 from careloop.tables import (
     Consent,
     Decision,
+    DeliveryReceipt,
     Escalation,
     JourneyEvent,
     JourneyStateRow,
@@ -54,9 +55,14 @@ from orchestrator.templates import TemplateConfig
 from orchestrator.timeexpr import parse_duration
 
 OPEN_ESCALATION = ("open", "acknowledged")
+RECEIPT_STATUS = {"message.sent": "sent", "message.delivered": "delivered", "message.read": "read",
+                  "message.failed": "failed"}
+# How far along a row is; "failed" after "delivered" is a late report of an earlier attempt.
+RECEIPT_RANK = {"pending": 0, "sending": 1, "queued": 2, "sent": 3, "unknown": 3, "failed": 4, "delivered": 5,
+                "read": 6}
 log = logging.getLogger("careloop.orchestrator")
 SILENCE_KIND = "triage-silence"  # issue 9: a concern that did not escalate, then silence
-LIVE_OUTBOX = ("pending", "sending", "sent", "delivered", "captured", "queued", "unknown")
+LIVE_OUTBOX = ("pending", "sending", "sent", "delivered", "read", "captured", "queued", "unknown")
 
 
 @dataclass
@@ -145,6 +151,8 @@ class Orchestrator:
         actions: list[Action] = []
         if ev.type in ("consent.revoked", "consent.granted"):
             self._consent(s, person, ev, now)
+        if ev.type in RECEIPT_STATUS:
+            self._receipt(s, ev, now)
         if ev.type == "message.inbound" and ev.attributes.get("keyword") == "confirm":
             self._derive_confirmation(s, ev, state, now)
         # ---- issue 9: triage of inbound messages (orchestrator/triage.py, escalation.py) ----
@@ -188,6 +196,18 @@ class Orchestrator:
             if pb is not None:
                 out.extend(playbooks.on_wait_satisfied(t.playbook, pb, t.step, replace(ctx, subject_ref=t.subject_ref)))
         return out
+
+    def _receipt(self, s: Session, ev: JourneyEvent, now: datetime) -> None:
+        """A provider's delivery report moves the outbox row forward (never back)."""
+        key = ev.attributes.get("outbox_key") or ev.attributes.get("key")
+        item = s.exec(select(OutboxItem).where(OutboxItem.key == key)).first() if key else None
+        if item is None or item.id is None:
+            return
+        new = RECEIPT_STATUS[ev.type]
+        if RECEIPT_RANK.get(new, 0) > RECEIPT_RANK.get(item.status, 0):
+            item.status = new
+        s.add(DeliveryReceipt(outbox_id=item.id, at=utc(ev.occurred_at), status=new,
+                              provider_id=ev.attributes.get("message_sid"), detail={"event": ev.id}))
 
     def _consent(self, s: Session, person: Person, ev: JourneyEvent, now: datetime) -> None:
         channel = str(ev.attributes.get("channel", "*"))

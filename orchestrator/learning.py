@@ -240,8 +240,7 @@ def choose_dimension(
         return DimensionChoice(
             dimension, opts, {opts[0]: 1.0}, {opts[0]: 1.0}, means, greedy, opts[0], person
         )
-    p_best = p_best_exact([posts[o] for o in opts], cfg.grid)
-    p_best = dict(zip(opts, p_best, strict=True))
+    p_best = dict(zip(opts, p_best_exact([posts[o] for o in opts], cfg.grid), strict=True))
     probs = bounded_probs(p_best, greedy, cfg)
     return DimensionChoice(dimension, opts, p_best, probs, means, greedy, _sample(rng, probs), person)
 

@@ -69,8 +69,13 @@ def uniform_policy(u: Logged) -> dict[Action, float]:
 
 def fixed_policy(u: Logged) -> dict[Action, float]:
     """The gate's preference order, the earliest window (as without learning), default wording."""
-    return {(u.options["channel"][0], u.options["window"][0], "default" if "default" in u.options["variant"]
-             else u.options["variant"][0]): 1.0}
+    return {
+        (
+            u.options["channel"][0],
+            u.options["window"][0],
+            "default" if "default" in u.options["variant"] else u.options["variant"][0],
+        ): 1.0
+    }
 
 
 def prefer(dimension: str, option: str) -> Policy:
@@ -80,7 +85,7 @@ def prefer(dimension: str, option: str) -> Policy:
     def pi(u: Logged) -> dict[Action, float]:
         (a,) = fixed_policy(u)
         if option in u.options[dimension]:
-            a = (*a[:idx], option, *a[idx + 1:])  # type: ignore[assignment]
+            a = (*a[:idx], option, *a[idx + 1 :])  # type: ignore[assignment]
         return {a: 1.0}
 
     return pi
@@ -88,15 +93,20 @@ def prefer(dimension: str, option: str) -> Policy:
 
 def policy_named(name: str) -> Policy:
     """logged | greedy | uniform | fixed | channel:<id> | window:<name> | variant:<name>."""
-    named: dict[str, Policy] = {"logged": logging_policy, "greedy": greedy_policy, "uniform": uniform_policy,
-                                "fixed": fixed_policy}
+    named: dict[str, Policy] = {
+        "logged": logging_policy,
+        "greedy": greedy_policy,
+        "uniform": uniform_policy,
+        "fixed": fixed_policy,
+    }
     if name in named:
         return named[name]
     dim, _, opt = name.partition(":")
     if dim in DIMS and opt:
         return prefer(dim, opt)
-    raise ValueError(f"unknown policy {name!r} (logged, greedy, uniform, fixed, channel:ID, window:NAME, "
-                     "variant:NAME)")
+    raise ValueError(
+        f"unknown policy {name!r} (logged, greedy, uniform, fixed, channel:ID, window:NAME, variant:NAME)"
+    )
 
 
 class RewardModel:
@@ -163,8 +173,9 @@ def evaluate(units: list[Logged], policy: Policy, name: str = "?") -> Estimate:
     wsum = math.fsum(weights)
     snips = math.fsum(ips_terms) / wsum if wsum > 0 else 0.0
     ess = wsum * wsum / math.fsum(w * w for w in weights) if wsum > 0 else 0.0
-    return Estimate(name, len(units), ips, ips_se, snips, dr, dr_se, ess,
-                    math.fsum(u.reward for u in units) / len(units))
+    return Estimate(
+        name, len(units), ips, ips_se, snips, dr, dr_se, ess, math.fsum(u.reward for u in units) / len(units)
+    )
 
 
 def unit_from(detail: Mapping[str, Any], propensity: float, reward: float, key: int) -> Logged | None:
@@ -185,11 +196,14 @@ def unit_from(detail: Mapping[str, Any], propensity: float, reward: float, key: 
 
 def load(s: Session, *, until: datetime, since: datetime | None = None) -> list[Logged]:
     """Learned sends decided in [since, until) with a propensity, and their rewards so far."""
-    q = (select(Decision, OutreachOutcome.reward)
-         .join(OutreachOutcome, col(OutreachOutcome.decision_id) == col(Decision.id), isouter=True)
-         .where(Decision.action == "send", col(Decision.propensity).is_not(None),
-                col(Decision.decided_at) < until)
-         .order_by(col(Decision.id)))
+    q = (
+        select(Decision, OutreachOutcome.reward)
+        .join(OutreachOutcome, col(OutreachOutcome.decision_id) == col(Decision.id), isouter=True)
+        .where(
+            Decision.action == "send", col(Decision.propensity).is_not(None), col(Decision.decided_at) < until
+        )
+        .order_by(col(Decision.id))
+    )
     if since is not None:
         q = q.where(col(Decision.decided_at) >= since)
     out: list[Logged] = []

@@ -155,9 +155,9 @@ def apply(
             st.encounters[ref] = enc
     elif etype == "patient.deceased" or (etype == "patient.updated" and attributes.get("deceased")):
         st.deceased = True
-    elif etype.startswith("message.") and "key" in attributes:
+    elif etype.startswith("message.") and (key := attributes.get("outbox_key") or attributes.get("key")):
         for o in st.outreach:
-            if o.key == attributes["key"]:
+            if o.key == key:
                 o.status = etype.split(".", 1)[1]
     if etype.startswith("crm.") or etype == "message.inbound":
         st.signals.append(Signal(type=etype, at=at, subject=subject_ref, attributes=_small(attributes)))

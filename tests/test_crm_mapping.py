@@ -268,4 +268,5 @@ def test_cli_mapping_test_prints_events_and_resources_for_crm_sample(tmp_path: P
         "events": [],
         "resources": [],
         "skipped": ["message 1: event type 'newsletter.opened' is not mapped"],
+        "errors": [],
     }
