@@ -98,7 +98,7 @@ class DisclosureReport:
 def entry(rec: Rec) -> Disclosure:
     """One disclosure audit record as an accounting entry."""
     d = rec.detail
-    kind = str(d.get("recipient_kind") or "unknown")
+    kind = str(d.get("recipient_role") or d.get("recipient_kind") or "unknown")
     channel = str(d.get("channel") or "unknown")
     code = str(d.get("purpose") or rec.purpose or "unspecified")
     statement, category = PURPOSES.get(code, (code, "other"))

@@ -328,6 +328,26 @@ class Oracle(Policy):
         )
 
 
+class ChannelOracle(Policy):
+    """A reference point, not a contender: knows each person's current best channel, but sends
+    at the playbook's time with the default wording. The gap between it and the oracle is
+    what time of day and wording are worth in this world."""
+
+    name = "oracle-ch"
+
+    def choose(
+        self,
+        p: SimPerson,
+        now: datetime,
+        allowed: list[str],
+        windows: dict[str, datetime],
+        verdict: gate.Verdict,
+        rng: random.Random,
+    ) -> Option:
+        at = windows[learning.ASAP]
+        return max(allowed, key=lambda c: p.prob(c, at, "default")), learning.ASAP, "default"
+
+
 # ---------------------------------------------------------------------- the run
 
 
@@ -458,7 +478,7 @@ def run(
         earliest = req.at if v.outcome == "send" else v.deliver_at
         assert earliest is not None
         windows = learning.window_options(earliest, req.at, TZ, cfg, not_after) or {learning.ASAP: earliest}
-        if isinstance(policy, Fixed | MostEngaged):
+        if isinstance(policy, Fixed | MostEngaged | ChannelOracle):
             windows = {learning.ASAP: earliest}
         opt = policy.choose(p, req.at, list(v.allowed), windows, v, rng)
         push(windows[opt[1]], "send", (req, opt, list(v.allowed), not_after))
@@ -520,6 +540,7 @@ def main() -> int:
         lambda c: Fixed(),
         lambda c: MostEngaged(),
         Learner,
+        lambda c: ChannelOracle(),
         lambda c: Oracle(),
     ]
     t0 = time.perf_counter()
@@ -564,6 +585,9 @@ def main() -> int:
             r["heuristic"]["engagement"] / r["fixed"]["engagement"]
         ),
         "learner regret (expected engagements)": lambda r: r["learner"]["regret"],
+        "learner/oracle-ch expected engagement, all requests": lambda r: (
+            r["learner"]["expected"] / r["oracle-ch"]["expected"]
+        ),
         "heuristic regret": lambda r: r["heuristic"]["regret"],
         "fixed regret": lambda r: r["fixed"]["regret"],
     }

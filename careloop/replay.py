@@ -128,6 +128,7 @@ class Replayer:
         await self.hub.drain()
 
     def close(self) -> None:
+        self.hub.sink.close()
         if self._own_engine:
             self.hub.store.engine.dispose()
         if self._tmp is not None:

@@ -265,6 +265,7 @@ class DeliverStage:
                 "template": row.template,
                 "phi_class": row.phi_class,
                 "recipient_kind": recipient_kind(row.recipient),
+                "recipient_role": recipient_role(row),
                 "purpose": row.purpose,
                 "outcome": outcome,
                 "attempt": row.attempts,
@@ -447,6 +448,14 @@ def recipient_kind(recipient: str) -> str:
 
 
 _recipient_kind = recipient_kind  # the earlier private name
+
+
+def recipient_role(row: OutboxItem) -> str:
+    """Who received it, for the accounting of disclosures: outreach goes to the patient's
+    own phone or email; escalation routes and EHR write-back go to the care team."""
+    if row.playbook == "escalation" or recipient_kind(row.recipient) in ("fhir", "other"):
+        return "care-team"
+    return "patient"
 
 
 def due(item: OutboxItem, now: datetime) -> bool:

@@ -39,6 +39,7 @@ from typing import Any, ClassVar, Literal
 import httpx
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from careloop import audit_log
@@ -59,6 +60,7 @@ from connectors.fhir_notify import (
     NotANotification,
     Notification,
     parse,
+    parse_instant,
     relative_ref,
     resource_item,
 )
@@ -364,7 +366,7 @@ class FhirSubscriptionConnector:
         if sid is None:
             return
         try:
-            row = await asyncio.to_thread(self._record, sid, note)
+            row, before = await asyncio.to_thread(self._record, sid, note)
         except Exception as exc:  # the message is stored; the next notification or check catches up
             log.warning("connector %s: subscription state not updated: %s", self.id, type(exc).__name__)
             log.debug("state update failure", exc_info=True)
@@ -378,7 +380,7 @@ class FhirSubscriptionConnector:
             ]
             if todo:
                 self._spawn(self._fetch(sid, todo))
-        if note.status == "error" and row.status == "error":
+        if row.status == "error" and before != "error":  # alert on entering error, not on every repeat
             self._spawn(self._alert_and_reactivate(sid, note.errors))
 
     def _spawn(self, coro: Any) -> None:
@@ -394,11 +396,21 @@ class FhirSubscriptionConnector:
         )
         return s.exec(q.with_for_update()).first()
 
-    def _record(self, sid: str, note: Notification) -> FhirSubscriptionState:
+    def _record(self, sid: str, note: Notification) -> tuple[FhirSubscriptionState, str | None]:
+        """Apply a notification to the subscription's row; returns it and its status before."""
+        try:
+            return self._record_once(sid, note)
+        except IntegrityError:
+            # Two first notifications of one subscription raced to create its row: the
+            # loser now finds the row (locked FOR UPDATE on PostgreSQL) and applies to it.
+            return self._record_once(sid, note)
+
+    def _record_once(self, sid: str, note: Notification) -> tuple[FhirSubscriptionState, str | None]:
         assert self.store is not None
         now = self.clock.now()
         with self.store.session() as s:
             row = self._row(s, sid)
+            before = row.status if row is not None else None
             numbers = sorted({e.number for e in note.events if e.number is not None})
             if row is None:
                 # First contact: we can only promise completeness from here on.
@@ -425,7 +437,7 @@ class FhirSubscriptionConnector:
                 )
             self._apply(row, note, numbers, now)
             s.flush()
-            return _detached(row)
+            return _detached(row), before
 
     def _apply(
         self, row: FhirSubscriptionState, note: Notification, numbers: list[int], now: datetime
@@ -498,9 +510,11 @@ class FhirSubscriptionConnector:
                     continue
                 try:
                     if row.pending_fetch:
-                        await self._fetch(row.subscription, list(row.pending_fetch), retry=True)
+                        await self._fetch(row.subscription, list(row.pending_fetch))
                     if row.gap_since is not None and now - utc(row.gap_since) >= grace:
                         await self.recover(row.subscription)
+                    elif row.status == "error":
+                        await self._reactivate(row.subscription)  # alerted already; keep asking
                     elif row.heartbeat_s and row.status in ("active", "requested", "unknown"):
                         last = utc(row.last_seen_at or row.updated_at)
                         if now - last > timedelta(seconds=row.heartbeat_s) + grace:
@@ -536,8 +550,8 @@ class FhirSubscriptionConnector:
             return
         for note in notes:
             note.subscription = note.subscription or f"Subscription/{row.subscription}"
-            state = await asyncio.to_thread(self._record, row.subscription, note)
-            if note.status == "error":
+            state, before = await asyncio.to_thread(self._record, row.subscription, note)
+            if state.status == "error" and before != "error":
                 await self._alert_and_reactivate(row.subscription, note.errors)
             elif state.gap_since is not None:
                 # Silence already outlasted the grace period: recover now.
@@ -583,9 +597,9 @@ class FhirSubscriptionConnector:
         row = next((r for r in self.states() if r.subscription == sid), row)
         still = row.events_since_start > row.contiguous or bool(row.seen_above)
         if still:
-            stored, searched = await self._search_since(row)
+            stored, searched, newest = await self._search_since(row)
             stats["searched"], stats["stored"] = searched, stats["stored"] + stored
-            await asyncio.to_thread(self._close_gap, sid)
+            await asyncio.to_thread(self._close_gap, sid, newest)
         await asyncio.to_thread(self._audit, "fhir.subscription.recovered", sid, "success", stats)
         log.info("connector %s: Subscription/%s recovered: %s", self.id, sid, stats)
         return stats
@@ -600,7 +614,7 @@ class FhirSubscriptionConnector:
         if todo and self.config.fetch_id_only:
             await self._fetch(sid, todo)
 
-    async def _search_since(self, row: FhirSubscriptionState) -> tuple[int, int]:
+    async def _search_since(self, row: FhirSubscriptionState) -> tuple[int, int, datetime | None]:
         """Search the subscription's resource types changed since the last event we hold."""
         assert self.sink is not None
         spec = next((sp for sp in self.config.subscriptions if sp.name == row.name), None)
@@ -612,9 +626,10 @@ class FhirSubscriptionConnector:
                 self.id,
                 row.subscription,
             )
-            return 0, 0
+            return 0, 0, None
         since = utc(row.last_event_at or row.updated_at) - timedelta(seconds=self.config.overlap_s)
         stored = searched = 0
+        newest: datetime | None = None
         for rtype in types:
             params: dict[str, Any] = {
                 "_lastUpdated": f"ge{since.strftime('%Y-%m-%dT%H:%M:%SZ')}",
@@ -624,6 +639,9 @@ class FhirSubscriptionConnector:
             batch: list[RawIn] = []
             async for res in self.client.search(rtype, params):
                 searched += 1
+                lu = parse_instant((res.get("meta") or {}).get("lastUpdated"))
+                if lu is not None and (newest is None or lu > newest):
+                    newest = lu
                 batch.append(
                     resource_item(
                         self.id,
@@ -638,7 +656,7 @@ class FhirSubscriptionConnector:
                     batch = []
             if batch:
                 stored += sum(1 for r in await self.sink.put(batch) if not r.duplicate)
-        return stored, searched
+        return stored, searched, newest
 
     @staticmethod
     def _criteria_params(spec: SubscriptionSpec | None, rtype: str) -> dict[str, str]:
@@ -655,7 +673,7 @@ class FhirSubscriptionConnector:
                         out[k] = v
         return out
 
-    def _close_gap(self, sid: str) -> None:
+    def _close_gap(self, sid: str, newest: datetime | None) -> None:
         assert self.store is not None
         with self.store.session() as s:
             row = self._row(s, sid)
@@ -663,7 +681,10 @@ class FhirSubscriptionConnector:
                 return
             row.contiguous = max([row.contiguous, row.events_since_start, *row.seen_above])
             row.seen_above, row.gap_since, row.updated_at = [], None, self.clock.now()
-            row.last_event_at = self.clock.now()
+            # The next search starts from the newest change the server showed us (its clock,
+            # not ours), so clock skew between us and the EHR cannot open a hole.
+            if newest is not None and (row.last_event_at is None or newest > utc(row.last_event_at)):
+                row.last_event_at = newest
 
     async def _sync_criteria(self) -> None:
         """After a ping: search every criteria subscription's type for recent changes."""
@@ -672,21 +693,23 @@ class FhirSubscriptionConnector:
             if spec is None or spec.criteria is None or row.subscription.startswith("config:"):
                 continue
             try:
-                await self._search_since(row)
-                await asyncio.to_thread(self._mark_synced, row.subscription)
+                _, _, newest = await self._search_since(row)
+                await asyncio.to_thread(self._mark_synced, row.subscription, newest)
             except CareloopError as exc:
                 log.warning("connector %s: ping sync failed: %s", self.id, exc)
 
-    def _mark_synced(self, sid: str) -> None:
+    def _mark_synced(self, sid: str, newest: datetime | None) -> None:
         assert self.store is not None
         with self.store.session() as s:
             row = self._row(s, sid)
             if row is not None:
-                row.last_event_at = row.last_seen_at = self.clock.now()
+                row.last_seen_at = self.clock.now()
+                if newest is not None and (row.last_event_at is None or newest > utc(row.last_event_at)):
+                    row.last_event_at = newest
 
     # ------------------------------------------------------------------ id-only fetches
 
-    async def _fetch(self, sid: str, todo: list[str], retry: bool = False) -> None:
+    async def _fetch(self, sid: str, todo: list[str]) -> None:
         """Read each id-only focus (``"<event>|Type/id"``) and store it as its own raw message;
         what fails stays in ``pending_fetch`` for the next check."""
         assert self.sink is not None
@@ -750,6 +773,9 @@ class FhirSubscriptionConnector:
             ",".join(errors) or "no code",
         )
         await asyncio.to_thread(self._audit, "fhir.subscription.error", sid, "failure", {"errors": errors})
+        await self._reactivate(sid)
+
+    async def _reactivate(self, sid: str) -> None:
         try:
             current = await self.client.read(f"Subscription/{sid}")
             if current is None:

@@ -43,7 +43,7 @@ MESSAGE_EVENTS = {
     "message.clicked": "clicked",
     "message.failed": "failed",
 }
-SENT = ("pending", "sending", "sent", "delivered", "captured", "queued", "unknown")
+NOT_SENT = ("pending", "cancelled", "dead")  # receipts move a sent item on (delivered, read, ...)
 NOT_OUTREACH = ("triage",)  # answers to the person's own messages are not outreach to learn from
 
 
@@ -121,7 +121,7 @@ def _outreach(
 ) -> list[OutboxItem]:
     q = select(OutboxItem).where(
         OutboxItem.person_id == person_id,
-        col(OutboxItem.status).in_(SENT),
+        col(OutboxItem.status).not_in(NOT_SENT),
         col(OutboxItem.created_at) >= since,
         col(OutboxItem.created_at) <= until,
         col(OutboxItem.playbook).not_in(NOT_OUTREACH),

@@ -299,6 +299,15 @@ class LocalFhirServer:
                 return fhir(doc)
             return fhir(srv.write(doc))
 
+        @app.post("/fhir/{rtype}")
+        async def create(rtype: str, request: Request) -> Response:
+            srv.requests.append(f"POST {rtype}")
+            if not authorized(request):
+                return oo(401, "unauthorized")
+            doc = json.loads(await request.body())
+            doc.pop("id", None)
+            return fhir(srv.write(doc), 201)
+
         @app.get("/fhir/{rtype}")
         async def search(rtype: str, request: Request) -> Response:
             srv.requests.append(f"GET {rtype}?{request.url.query}")

@@ -25,7 +25,7 @@ from careloop.tables import AuditRecord, JourneyEvent, RawMessage
 from careloop.wiring import MapperRegistry
 from connectors.fhir_subscription import FhirSubscriptionConfig, FhirSubscriptionConnector
 from tests.conftest import CORPUS
-from tests.fhir_local_server import LocalFhirServer, serve
+from tests.fhir_local_server import Event, LocalFhirServer, serve
 
 SECRET = "s3cret-for-tests"
 AUTH = {"Authorization": f"Bearer {SECRET}"}
@@ -269,19 +269,28 @@ async def test_silent_subscription_gets_status_check_and_recovers(hub: Hub) -> N
 async def test_subscription_in_error_raises_alert_and_is_reactivated(hub: Hub) -> None:
     sid = hub.ehr.subscribe(hub.url, [f"Authorization: Bearer {SECRET}"])
     hub.ehr.status_override = "error"
-    assert (await hub.ehr.post(sid, hub.ehr.bundle(sid, "query-status", []))).status_code == 200
-    await hub.conn.settle()
-    with Session(hub.store.engine) as s:
-        alerts = s.exec(select(AuditRecord).where(AuditRecord.action == "fhir.subscription.error")).all()
-        react = s.exec(select(AuditRecord).where(AuditRecord.action == "fhir.subscription.reactivate")).all()
-    assert (
-        len(alerts) == 1
-        and alerts[0].outcome == "failure"
-        and alerts[0].detail == {"errors": ["no-response"]}
-    )
-    assert len(react) == 1
+    hub.ehr.require_token = "the-hub-cannot-reach-the-api-yet"
+    for _ in range(2):  # the second error report is not a new alert
+        assert (await hub.ehr.post(sid, hub.ehr.bundle(sid, "query-status", []))).status_code == 200
+        await hub.conn.settle()
+
+    def audits(action: str) -> list[AuditRecord]:
+        with Session(hub.store.engine) as s:
+            return list(s.exec(select(AuditRecord).where(AuditRecord.action == action)).all())
+
+    alerts = audits("fhir.subscription.error")
+    assert len(alerts) == 1 and alerts[0].outcome == "failure"
+    assert alerts[0].detail == {"errors": ["no-response"]} and alerts[0].entity == "Subscription/sub1"
+    assert audits("fhir.subscription.reactivate") == []
+    assert hub.conn.states()[0].status == "error"
+
+    hub.ehr.require_token = None
+    await hub.conn.check()  # the watchdog keeps asking for reactivation, without a new alert
+    assert len(audits("fhir.subscription.error")) == 1
+    assert len(audits("fhir.subscription.reactivate")) == 1
     assert hub.ehr.subs[sid].resource["status"] == "requested"
     assert "PUT Subscription/sub1" in hub.ehr.requests
+    assert hub.conn.states()[0].status == "requested"
 
 
 @pytest.mark.anyio
@@ -336,3 +345,41 @@ async def test_manager_survives_an_unreachable_ehr_then_creates_subscriptions(st
         assert conn.states() == []
         await conn.stop()
     assert json.dumps(conn.subscription_resource(cfg.subscriptions[0])).count(SECRET) == 1
+
+
+@pytest.mark.anyio
+async def test_wrong_counters_do_not_undo_what_event_numbers_prove(hub: Hub) -> None:
+    sid = hub.ehr.subscribe(hub.url, [f"Authorization: Bearer {SECRET}"])
+    await hub.ehr.handshake(sid)
+    for i in (1, 2):
+        saved = hub.ehr.write(appt(i))
+        ev = hub.ehr.subs[sid]
+        ev.events.append(Event(i, "2026-03-02T10:00:00Z", f"Appointment/appt{i}", saved))
+        bundle = hub.ehr.bundle(sid, "event-notification", [ev.events[-1]])
+        # Some servers send the counter late or as zero; the event number is what counts.
+        bundle["entry"][0]["resource"]["parameter"][4]["valueString"] = "0"
+        assert (await hub.ehr.post(sid, bundle)).status_code == 200
+    (state,) = hub.conn.states()
+    assert (state.contiguous, state.events_since_start, state.gap_since) == (2, 2, None)
+
+
+@pytest.mark.anyio
+async def test_criteria_ping_makes_the_hub_search_for_changes(store: Store) -> None:
+    ehr = LocalFhirServer()
+    async with serve(ehr.app) as ehr_url:
+        subs = [{"name": "appts", "criteria": "Appointment", "payload": "empty"}]
+        async for h in _hub(store, ehr, ehr_url, subscriptions=subs):
+            await h.conn.settle()  # the manager created the Subscription on the EHR
+            created = [v[-1] for (t, _), v in ehr.store.items() if t == "Subscription"]
+            assert len(created) == 1 and created[0]["criteria"] == "Appointment"
+            assert "payload" not in created[0]["channel"]  # R4: no payload means ping
+            assert created[0]["channel"]["header"] == [f"Authorization: Bearer {SECRET}"]
+            ehr.write(appt(9))
+            assert (await post(h.url, b"", AUTH)).status_code == 200
+            await h.conn.settle()
+            assert h.dedup_keys("fhir:Appointment") == ["res|Appointment/appt9|1"]
+            assert h.count("fhir:notification") == 1
+            await h.conn.manage()  # unchanged config: nothing to update
+            assert (
+                sum(1 for r in ehr.requests if r.startswith(("POST Subscription", "PUT Subscription"))) == 1
+            )

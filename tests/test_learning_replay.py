@@ -8,6 +8,7 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -157,5 +158,57 @@ def test_stats_count_trials_and_rewards_at_every_pooling_level(engine: Engine) -
                 assert stats[(scope, "channel", "email")].engaged == n_email
                 total = sum(r.trials for (sc, dim, _), r in stats.items() if sc == scope and dim == "window")
                 assert total == len(sent)
+    finally:
+        rp.close()
+
+
+def test_outcomes_join_receipts_confirmation_and_attendance_to_the_reminder(engine: Engine) -> None:
+    appt = {"id": "a-l1", "start": "2026-03-12T15:00:00+00:00", "end": "2026-03-12T15:30:00+00:00"}
+    rp = Replayer(cfgmod.load(CONFIG), start=START, engine=engine)
+
+    async def go() -> None:
+        await rp.signal(_line(START, id="b1", type="appointment.booked", appointment=appt, **WHO))
+        await rp.advance(datetime.fromisoformat("2026-03-09T23:00:00+00:00"))  # the 72 h reminder went
+        with Session(engine) as s:
+            item = s.exec(select(OutboxItem)).one()
+        t = utc(item.created_at) + timedelta(minutes=5)
+        for n, kind in enumerate(["message.delivered", "message.read", "message.read"]):  # a duplicate too
+            await rp.advance(t + timedelta(minutes=n))
+            await rp.signal(
+                _line(t + timedelta(minutes=n), id=f"s{n}", type=kind, attributes={"key": item.key}, **WHO)
+            )
+        t2 = t + timedelta(hours=3)
+        await rp.advance(t2)
+        await rp.signal(_line(t2, id="c1", type="appointment.confirmed", appointment=appt, **WHO))
+        t3 = datetime.fromisoformat("2026-03-12T16:00:00+00:00")
+        await rp.advance(t3)
+        await rp.signal(
+            _line(
+                t3, id="f1", type="appointment.fulfilled", appointment={**appt, "status": "fulfilled"}, **WHO
+            )
+        )
+
+    try:
+        asyncio.run(go())
+        with Session(engine) as s:
+            out = s.exec(
+                select(OutreachOutcome).where(OutreachOutcome.template == "appointment-reminder")
+            ).one()
+            prep = s.exec(select(OutreachOutcome).where(OutreachOutcome.template == "appointment-prep")).one()
+            assert prep.attended_at is not None and prep.confirmed_at is None  # sent after the confirmation
+            dec = s.get(Decision, out.decision_id)
+            assert dec is not None and dec.template == "appointment-reminder" and dec.propensity is not None
+            assert out.delivered_at and out.read_at and out.confirmed_at and out.attended_at
+            assert out.replied_at is None and out.reward == 1.0 and out.learned
+            person_var = s.exec(
+                select(LearningStat).where(
+                    LearningStat.scope == "person",
+                    LearningStat.dimension == "variant",
+                    LearningStat.option == "appointment-reminder/default",
+                )
+            ).one()
+            assert person_var.trials == 1 and person_var.engaged == 1
+            assert person_var.successes == pytest.approx(1.0, rel=1e-2)  # decayed a little (60-day half-life)
+            assert person_var.failures == pytest.approx(0.0, abs=1e-9)
     finally:
         rp.close()
