@@ -33,29 +33,57 @@ BP = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition"
 
 def notification(n: int) -> bytes:
     ts = datetime.now(UTC).isoformat()
-    appt = {"resourceType": "Appointment", "id": f"a{n}", "meta": {"versionId": "1", "lastUpdated": ts},
-            "status": "booked", "start": "2026-04-01T09:00:00Z",
-            "participant": [{"actor": {"reference": f"Patient/p{n % 50}"}, "status": "needs-action"}]}
-    params = {"resourceType": "Parameters", "parameter": [
-        {"name": "subscription", "valueReference": {"reference": "http://ehr/fhir/Subscription/s1"}},
-        {"name": "topic", "valueCanonical": "http://example.org/topic/appointments"},
-        {"name": "status", "valueCode": "active"}, {"name": "type", "valueCode": "event-notification"},
-        {"name": "events-since-subscription-start", "valueString": str(n)},
-        {"name": "notification-event", "part": [
-            {"name": "event-number", "valueString": str(n)}, {"name": "timestamp", "valueInstant": ts},
-            {"name": "focus", "valueReference": {"reference": f"http://ehr/fhir/Appointment/a{n}"}}]}]}
-    return json.dumps({"resourceType": "Bundle", "type": "history", "meta": {"profile": [
-        f"{BP}/backport-subscription-notification-r4"]}, "entry": [
-        {"fullUrl": "urn:uuid:x", "resource": params},
-        {"fullUrl": f"http://ehr/fhir/Appointment/a{n}", "resource": appt}]}).encode()
+    appt = {
+        "resourceType": "Appointment",
+        "id": f"a{n}",
+        "meta": {"versionId": "1", "lastUpdated": ts},
+        "status": "booked",
+        "start": "2026-04-01T09:00:00Z",
+        "participant": [{"actor": {"reference": f"Patient/p{n % 50}"}, "status": "needs-action"}],
+    }
+    params = {
+        "resourceType": "Parameters",
+        "parameter": [
+            {"name": "subscription", "valueReference": {"reference": "http://ehr/fhir/Subscription/s1"}},
+            {"name": "topic", "valueCanonical": "http://example.org/topic/appointments"},
+            {"name": "status", "valueCode": "active"},
+            {"name": "type", "valueCode": "event-notification"},
+            {"name": "events-since-subscription-start", "valueString": str(n)},
+            {
+                "name": "notification-event",
+                "part": [
+                    {"name": "event-number", "valueString": str(n)},
+                    {"name": "timestamp", "valueInstant": ts},
+                    {"name": "focus", "valueReference": {"reference": f"http://ehr/fhir/Appointment/a{n}"}},
+                ],
+            },
+        ],
+    }
+    return json.dumps(
+        {
+            "resourceType": "Bundle",
+            "type": "history",
+            "meta": {"profile": [f"{BP}/backport-subscription-notification-r4"]},
+            "entry": [
+                {"fullUrl": "urn:uuid:x", "resource": params},
+                {"fullUrl": f"http://ehr/fhir/Appointment/a{n}", "resource": appt},
+            ],
+        }
+    ).encode()
 
 
 def _connector(folder: Path, name: str) -> tuple[FhirSubscriptionConnector, Store]:
     engine = make_engine(f"sqlite:///{folder}/{name}.db")
     upgrade(engine)
     store = Store(engine, SystemClock())
-    cfg = FhirSubscriptionConfig.model_validate({"plugin": "fhir_subscription", "base_url": "http://ehr/fhir",
-                                                 "secret": SECRET, "fetch_id_only": False})
+    cfg = FhirSubscriptionConfig.model_validate(
+        {
+            "plugin": "fhir_subscription",
+            "base_url": "http://ehr/fhir",
+            "secret": SECRET,
+            "fetch_id_only": False,
+        }
+    )
     return FhirSubscriptionConnector("ehr", cfg, store=store), store
 
 
@@ -63,7 +91,9 @@ async def via_endpoint(folder: Path, n: int, concurrency: int) -> float:
     conn, store = _connector(folder, "endpoint")
     app = FastAPI()
     app.include_router(conn.router())
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    )
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
@@ -77,8 +107,11 @@ async def via_endpoint(folder: Path, n: int, concurrency: int) -> float:
     async def worker(client: httpx.AsyncClient) -> None:
         while not queue.empty():
             body = queue.get_nowait()
-            r = await client.post(f"http://127.0.0.1:{port}/fhir/ehr", content=body,
-                                  headers={"Authorization": f"Bearer {SECRET}"})
+            r = await client.post(
+                f"http://127.0.0.1:{port}/fhir/ehr",
+                content=body,
+                headers={"Authorization": f"Bearer {SECRET}"},
+            )
             assert r.status_code == 200, r.text
 
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency)) as client:
@@ -113,8 +146,10 @@ def main() -> None:
         folder = Path(tmp)
         floor = via_sink(folder, args.notifications)
         rate = asyncio.run(via_endpoint(folder, args.notifications, args.concurrency))
-    print(f"fhir rest-hook: {rate:,.0f} notifications/s through the endpoint "
-          f"(concurrency {args.concurrency}); sink.put alone {floor:,.0f}/s; ratio {rate / floor:.2f}")
+    print(
+        f"fhir rest-hook: {rate:,.0f} notifications/s through the endpoint "
+        f"(concurrency {args.concurrency}); sink.put alone {floor:,.0f}/s; ratio {rate / floor:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -69,11 +69,20 @@ def _rounds(engine: Engine, n: int, replies_on: str | None) -> tuple[Replayer, l
     return rp, sent
 
 
+def _decision_for(engine: Engine, item: OutboxItem) -> dict[str, Any]:
+    with Session(engine) as s:
+        dec = s.get(Decision, item.decision_id)
+        assert dec is not None
+        return dict(dec.detail["learning"])
+
+
 def test_person_who_only_replies_to_email_gets_email_after_a_few_sends(engine: Engine) -> None:
     rp, sent = _rounds(engine, 14, replies_on="email")
     try:
         channels = [i.channel for i in sent]
-        assert "sms" in channels[:6], "the learner started from an uninformed prior and tried SMS"
+        first = _decision_for(engine, sent[0])
+        assert first["dims"]["channel"]["p_best"] == {"sms": 0.5, "email": 0.5}  # started from the prior
+        assert "no history yet" in first["explain"]
         assert channels[-6:].count("email") >= 5, channels
         with Session(engine) as s:
             last = s.exec(
