@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
@@ -92,9 +93,10 @@ class FhirPollConnector:
 
     def accept(self, body: bytes, headers: Mapping[str, str]) -> Sequence[RawIn]:
         """A polled resource (the replay entry point): one raw message keyed by its version."""
-        import json
-
-        doc = json.loads(body)
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            raise PermanentError("body is not JSON") from None
         if not isinstance(doc, dict) or not doc.get("resourceType") or not doc.get("id"):
             raise PermanentError("body is not a FHIR resource with an id")
         return [resource_item(self.id, self.base, doc, None)]
