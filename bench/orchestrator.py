@@ -37,11 +37,19 @@ CONFIG = {
     "compliance": {"frequency_caps": {}},
     "connectors": {"adt": {"plugin": "hl7v2_mllp", "port": 2599}},
     "channels": {"out": {"plugin": "capture"}},
-    "templates": {"appointment-reminder": {"phi_class": "none", "text": {"en": "Visit {{ appointment.start }}"}}},
-    "playbooks": {"appointment-reminders": {
-        "on": ["appointment.booked"], "cancel_on": ["appointment.cancelled"],
-        "steps": [{"send": "appointment-reminder"}, {"send": "appointment-reminder", "at": "appointment.start - 24h"}],
-    }},
+    "templates": {
+        "appointment-reminder": {"phi_class": "none", "text": {"en": "Visit {{ appointment.start }}"}}
+    },
+    "playbooks": {
+        "appointment-reminders": {
+            "on": ["appointment.booked"],
+            "cancel_on": ["appointment.cancelled"],
+            "steps": [
+                {"send": "appointment-reminder"},
+                {"send": "appointment-reminder", "at": "appointment.start - 24h"},
+            ],
+        }
+    },
 }
 
 
@@ -51,7 +59,8 @@ def siu(i: int, start: datetime) -> bytes:
         f"MSH|^~\\&|BENCH|HOSP|CARELOOP|CARELOOP|20260101000000+0000||SIU^S12^SIU_S12|B{i:07d}|P|2.5.1\r"
         f"SCH|A{i}^BENCH|A{i}F^BENCH|||||FOLLOWUP^Follow-up^HL70276||30|min|^^30^{ts}||||||||||||||Booked\r"
         f"TQ1|1||||||{ts}\r"
-        f"PID|1||M{i:07d}^^^HOSP^MR||Bench^Pat{i}||19800101|F|||1 Main St^^Boston^MA^02101^USA||^PRN^PH^^1^617^555{i % 10000:04d}\r"
+        f"PID|1||M{i:07d}^^^HOSP^MR||Bench^Pat{i}||19800101|F|||1 Main St^^Boston^MA^02101^USA"
+        f"||^PRN^PH^^1^617^555{i % 10000:04d}\r"
         f"AIS|1|A|99213^Visit^C4|{ts}\r"
     ).encode()
 
@@ -63,7 +72,7 @@ def pipeline_run(n: int, tmp: Path) -> tuple[float, list[float]]:
     start = datetime.now(UTC) + timedelta(days=3)
     items = [it for i in range(n) for it in conn.accept(siu(i, start), {})]
     for k in range(0, len(items), 500):
-        hub.sink.put_sync(items[k:k + 500])
+        hub.sink.put_sync(items[k : k + 500])
     t0 = time.perf_counter()
     asyncio.run(hub.drain())
     elapsed = time.perf_counter() - t0
@@ -99,9 +108,12 @@ def latency_run(n: int, rate: float, tmp: Path) -> list[float]:
     asyncio.run(main())
     out = []
     with Session(engine) as s:
-        q = (select(RawMessage.received_at, Decision.decided_at)
-             .join(JourneyEvent, col(JourneyEvent.raw_message_id) == col(RawMessage.id))
-             .join(Decision, col(Decision.event_id) == col(JourneyEvent.id)).where(Decision.action == "send"))
+        q = (
+            select(RawMessage.received_at, Decision.decided_at)
+            .join(JourneyEvent, col(JourneyEvent.raw_message_id) == col(RawMessage.id))
+            .join(Decision, col(Decision.event_id) == col(JourneyEvent.id))
+            .where(Decision.action == "send")
+        )
         for received, decided in s.exec(q).all():
             out.append((utc(decided) - utc(received)).total_seconds() * 1000)
     return out
@@ -116,8 +128,10 @@ def baseline(n: int, tmp: Path) -> float:
     # The pipeline writes ~10 rows per event (event, state, decisions, outbox, receipt, audit x4).
     for k in range(0, n, 200):
         db.execute("BEGIN")
-        db.executemany("INSERT INTO t (k, body) VALUES (?, ?)",
-                       [(f"k{j}", b"x" * 200) for j in range(k * 10, min(n, k + 200) * 10)])
+        db.executemany(
+            "INSERT INTO t (k, body) VALUES (?, ?)",
+            [(f"k{j}", b"x" * 200) for j in range(k * 10, min(n, k + 200) * 10)],
+        )
         db.execute("COMMIT")
     return time.perf_counter() - t0
 
@@ -135,16 +149,23 @@ def main() -> None:
         lat = latency_run(args.latency_messages, args.rate, tmp)
     eps = args.messages / elapsed
     base_eps = args.messages / base
-    print(f"pipeline: {args.messages} SIU^S12 -> {args.messages} events, decisions, deliveries in {elapsed:.2f} s "
-          f"= {eps:,.0f} events/s (target >= 1,000)")
-    print(f"baseline: bare SQLite inserts of 10 rows/event: {base_eps:,.0f} events/s; pipeline/baseline = "
-          f"{eps / base_eps:.3f}")
+    print(
+        f"pipeline: {args.messages} SIU^S12 -> {args.messages} events, decisions, deliveries "
+        f"in {elapsed:.2f} s "
+        f"= {eps:,.0f} events/s (target >= 1,000)"
+    )
+    print(
+        f"baseline: bare SQLite inserts of 10 rows/event: {base_eps:,.0f} events/s; pipeline/baseline = "
+        f"{eps / base_eps:.3f}"
+    )
     if lat:
         lat.sort()
         p50 = statistics.median(lat)
         p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-        print(f"decision latency at {args.rate:.0f} arrivals/s ({len(lat)} events, workers polling): "
-              f"p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+        print(
+            f"decision latency at {args.rate:.0f} arrivals/s ({len(lat)} events, workers polling): "
+            f"p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+        )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,8 +22,9 @@ def create_app(hub: Hub) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return operation_outcome(exc.status_code, _CODES.get(exc.status_code, "exception"), str(exc.detail),
-                                 headers=exc.headers)
+        return operation_outcome(
+            exc.status_code, _CODES.get(exc.status_code, "exception"), str(exc.detail), headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

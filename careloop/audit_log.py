@@ -123,9 +123,20 @@ def append(
     seq = head.seq + 1
     body = canonical(seq, at, actor, action, outcome, person_id, entity, purpose, detail)
     h = chain_hash(head.hash, body)
-    session.info.setdefault(_BUF_KEY, []).append({
-        "seq": seq, "at": at, "actor": actor, "action": action, "outcome": outcome, "person_id": person_id,
-        "entity": entity, "purpose": purpose, "detail": detail, "prev_hash": head.hash, "hash": h,
-    })
+    session.info.setdefault(_BUF_KEY, []).append(
+        {
+            "seq": seq,
+            "at": at,
+            "actor": actor,
+            "action": action,
+            "outcome": outcome,
+            "person_id": person_id,
+            "entity": entity,
+            "purpose": purpose,
+            "detail": detail,
+            "prev_hash": head.hash,
+            "hash": h,
+        }
+    )
     head.seq, head.hash = seq, h  # marks the session dirty, so the next flush writes the buffer
     return Appended(seq, h)

@@ -16,7 +16,9 @@ from rich.console import Console
 from careloop import config as cfgmod
 from careloop.errors import ConfigError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="careloop: a system of action for patient engagement.")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="careloop: a system of action for patient engagement."
+)
 config_app = typer.Typer(no_args_is_help=True, help="Configuration files.")
 db_app = typer.Typer(no_args_is_help=True, help="The database.")
 dead_app = typer.Typer(no_args_is_help=True, help="Items a stage gave up on.")
@@ -119,8 +121,10 @@ def replay(
     finally:
         rp.close()
     report.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    out.print(f"{len(lines)} signals: {len(doc['deliveries'])} deliveries, {len(doc['suppressed'])} suppressed, "
-              f"{len(doc['escalations'])} escalations -> {report}")
+    out.print(
+        f"{len(lines)} signals: {len(doc['deliveries'])} deliveries, {len(doc['suppressed'])} suppressed, "
+        f"{len(doc['escalations'])} escalations -> {report}"
+    )
 
 
 @app.command()
@@ -188,7 +192,9 @@ def mapping_test(
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
         raise typer.Exit(1 if doc.get("errors") else 0)
     for ev in doc["events"]:
-        out.print(f"{ev['occurred_at']}  {ev['type']:<32} subject={ev['subject']}  ids={len(ev['identifiers'])}")
+        out.print(
+            f"{ev['occurred_at']}  {ev['type']:<32} subject={ev['subject']}  ids={len(ev['identifiers'])}"
+        )
     for note in doc.get("skipped", []):
         out.print(f"skipped: {note}")
     if doc.get("errors"):

@@ -121,8 +121,15 @@ def _rewards(v: dict[str, float]) -> dict[str, float]:
 
 
 def _default_rewards() -> dict[str, float]:
-    return {"delivered": 0.0, "read": 0.3, "clicked": 0.6, "replied": 1.0, "confirmed": 1.0,
-            "attended": 1.0, "noshow": 0.0}
+    return {
+        "delivered": 0.0,
+        "read": 0.3,
+        "clicked": 0.6,
+        "replied": 1.0,
+        "confirmed": 1.0,
+        "attended": 1.0,
+        "noshow": 0.0,
+    }
 
 
 SegmentBy = Literal["age_band", "language", "reach"]
@@ -134,15 +141,18 @@ class LearningConfig(Strict):
     per person from outcomes, always among the options the compliance gate allows."""
 
     enabled: bool = False
-    windows: dict[str, ClockTime] = Field(default_factory=_default_windows,
-                                          description="send windows: name -> local opening time")
+    windows: dict[str, ClockTime] = Field(
+        default_factory=_default_windows, description="send windows: name -> local opening time"
+    )
     window_hours: float = Field(3.0, gt=0, le=12, description="how long each window stays open")
     max_delay_hours: float = Field(12.0, ge=0, le=72, description="longest a send may wait for a window")
     min_lead_hours: float = Field(2.0, ge=0, description="open windows this long before the visit")
     max_exploration: float = Field(0.1, ge=0, le=1, description="cap on P(not the mean-best option)")
     min_propensity: float = Field(0.02, ge=0, le=0.5, description="floor on each allowed option's P")
-    rewards: Annotated[dict[str, float], AfterValidator(_rewards)] = Field(default_factory=_default_rewards,
-                                      description="outcome -> reward in [0, 1]; an outreach earns its best")
+    rewards: Annotated[dict[str, float], AfterValidator(_rewards)] = Field(
+        default_factory=_default_rewards,
+        description="outcome -> reward in [0, 1]; an outreach earns its best",
+    )
     reply_window_hours: float = Field(48.0, gt=0, description="a reply within this long credits the send")
     confirm_window_days: float = Field(7.0, gt=0, description="a confirmation within this long credits it")
     population_strength: float = Field(20.0, gt=0, description="pseudo-trials the population lends a segment")
@@ -220,7 +230,7 @@ _Loader.add_implicit_resolver(
 
 def load_raw(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 (safe loader)
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except FileNotFoundError:
         raise ConfigError([f"{path}: file not found"]) from None
     except yaml.YAMLError as exc:

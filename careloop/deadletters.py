@@ -7,8 +7,8 @@ from rich.table import Table
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from careloop.clock import SystemClock
 from careloop import audit_log
+from careloop.clock import SystemClock
 from careloop.tables import DeadLetter, JourneyEvent, OutboxItem, RawMessage
 
 _TABLES = {"map": RawMessage, "orchestrate": JourneyEvent, "deliver": OutboxItem}
@@ -56,7 +56,13 @@ def retry(engine: Engine, id: int) -> str | None:
         item.attempts = 0
         item.next_attempt_at = None
         d.retried_at = now
-        audit_log.append(s, at=now, actor="cli", action="item.retry", entity=f"{model.__tablename__}/{d.item_id}",
-                         detail={"dead_letter": id})
+        audit_log.append(
+            s,
+            at=now,
+            actor="cli",
+            action="item.retry",
+            entity=f"{model.__tablename__}/{d.item_id}",
+            detail={"dead_letter": id},
+        )
         s.commit()
     return None

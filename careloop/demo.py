@@ -45,12 +45,16 @@ def main(console: Console) -> int:
             console.print(f"[red]error[/red] {p}")
         return 2
     try:
-        console.print(f"[bold]careloop demo[/bold]: replaying {len(lines)} signals from {FEED.name} "
-                      f"through {CONFIG.name} (virtual clock, channels capture)\n")
+        console.print(
+            f"[bold]careloop demo[/bold]: replaying {len(lines)} signals from {FEED.name} "
+            f"through {CONFIG.name} (virtual clock, channels capture)\n"
+        )
         asyncio.run(rp.feed(lines, horizon=timedelta(days=14)))
         tz = ZoneInfo(cfg.site.timezone)
         with Session(rp.store.engine) as s:
-            people = s.exec(select(Person).where(col(Person.merged_into).is_(None)).order_by(col(Person.id))).all()
+            people = s.exec(
+                select(Person).where(col(Person.merged_into).is_(None)).order_by(col(Person.id))
+            ).all()
             for p in people:
                 assert p.id is not None
                 rows = [r for r in timeline(s, p.id) if r[1] != "schedule"]
@@ -70,7 +74,9 @@ def main(console: Console) -> int:
         ok, message = _verify(rp)
         colour = "green" if ok else "red"
         console.print(f"\naudit chain: [{colour}]{message}[/{colour}] ({n} records)")
-        console.print("Explore: careloop explain PERSON, careloop replay, careloop audit verify (see README).")
+        console.print(
+            "Explore: careloop explain PERSON, careloop replay, careloop audit verify (see README)."
+        )
         return 0 if ok else 1
     finally:
         rp.close()

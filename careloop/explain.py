@@ -14,8 +14,15 @@ from sqlmodel import Session, col, select
 from careloop.clock import utc
 from careloop.tables import Decision, DeliveryReceipt, JourneyEvent, OutboxItem, Person, PersonIdentifier
 
-STYLE = {"send": "green", "suppress": "yellow", "cancel": "yellow", "defer": "cyan", "escalate": "red bold",
-         "schedule": "dim", "shadow": "magenta"}
+STYLE = {
+    "send": "green",
+    "suppress": "yellow",
+    "cancel": "yellow",
+    "defer": "cyan",
+    "escalate": "red bold",
+    "schedule": "dim",
+    "shadow": "magenta",
+}
 
 
 def timeline(s: Session, person_id: int) -> list[tuple[datetime, str, str, str]]:
@@ -36,12 +43,24 @@ def timeline(s: Session, person_id: int) -> list[tuple[datetime, str, str, str]]
         if isinstance(d.detail.get("learning"), dict):  # issue 10: why the learner chose this
             why += f"; learned: {d.detail['learning'].get('explain', '')}"
         rows.append((utc(d.decided_at), d.action, what, why))
-    q = (select(DeliveryReceipt, OutboxItem).join(OutboxItem, col(OutboxItem.id) == col(DeliveryReceipt.outbox_id))
-         .where(OutboxItem.person_id == person_id))
+    q = (
+        select(DeliveryReceipt, OutboxItem)
+        .join(OutboxItem, col(OutboxItem.id) == col(DeliveryReceipt.outbox_id))
+        .where(OutboxItem.person_id == person_id)
+    )
     for r, item in s.exec(q).all():
         rows.append((utc(r.at), "delivery", f"{item.template} via {item.channel}", r.status))
-    order = {"event": 0, "schedule": 1, "cancel": 1, "suppress": 1, "defer": 1, "escalate": 1, "send": 1,
-             "shadow": 1, "delivery": 2}
+    order = {
+        "event": 0,
+        "schedule": 1,
+        "cancel": 1,
+        "suppress": 1,
+        "defer": 1,
+        "escalate": 1,
+        "send": 1,
+        "shadow": 1,
+        "delivery": 2,
+    }
     rows.sort(key=lambda r: (r[0], order.get(r[1], 1)))
     return rows
 
@@ -54,13 +73,16 @@ def render_timeline(engine: Engine, person_id: int, console: Console, tz: Any = 
         idents = s.exec(select(PersonIdentifier).where(PersonIdentifier.person_id == person_id)).all()
         kinds = sorted({i.kind for i in idents})
         rows = timeline(s, person_id)
-    table = Table(title=f"person {person_id}  (identifiers: {', '.join(kinds) or 'none'}"
-                        f"{'; deceased' if person.deceased else ''})")
+    table = Table(
+        title=f"person {person_id}  (identifiers: {', '.join(kinds) or 'none'}"
+        f"{'; deceased' if person.deceased else ''})"
+    )
     for c in ("when (UTC)", "what", "", "why"):
         table.add_column(c)
     for at, kind, what, why in rows:
         when = at.astimezone(tz) if tz else at
-        table.add_row(*(Text(c) for c in (when.strftime("%Y-%m-%d %H:%M"), kind, what, why)),
-                      style=STYLE.get(kind))
+        table.add_row(
+            *(Text(c) for c in (when.strftime("%Y-%m-%d %H:%M"), kind, what, why)), style=STYLE.get(kind)
+        )
     console.print(table)
     return True

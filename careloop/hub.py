@@ -30,8 +30,15 @@ class Hub:
     same capabilities and starts no network listeners.
     """
 
-    def __init__(self, config: AppConfig, *, store: Store | None = None, clock: Clock | None = None,
-                 capture: bool = False, migrate: bool = True) -> None:
+    def __init__(
+        self,
+        config: AppConfig,
+        *,
+        store: Store | None = None,
+        clock: Clock | None = None,
+        capture: bool = False,
+        migrate: bool = True,
+    ) -> None:
         self.config = config
         self.checked = check(config)
         if store is None:
@@ -48,8 +55,9 @@ class Hub:
         self.connectors = build_connectors(self.checked, **deps)
         self.channels: dict[str, Channel] = build_channels(self.checked, capture=capture, **deps)
         self.mappers = MapperRegistry(self.connectors)
-        self.orchestrator = Orchestrator(store, config, self.checked.playbooks, self.checked.templates,
-                                         channel_facts(self.channels))
+        self.orchestrator = Orchestrator(
+            store, config, self.checked.playbooks, self.checked.templates, channel_facts(self.channels)
+        )
         self.deliver = DeliverStage(store, self.channels)
         self.stages: list[Stage] = [MapStage(store, self.mappers), self.orchestrator, self.deliver]
         # Periodic work the plugins ask for (pollers, heartbeat watchdogs): APScheduler
@@ -72,8 +80,9 @@ class Hub:
         for cid, conn in self.connectors.items():
             await conn.start(self.sink)
             log.info("connector %s started", cid)
-        self._tasks = [asyncio.create_task(run_stage(st, self._stop), name=f"stage:{st.name}")
-                       for st in self.stages]
+        self._tasks = [
+            asyncio.create_task(run_stage(st, self._stop), name=f"stage:{st.name}") for st in self.stages
+        ]
         self.started = True
 
     async def stop(self) -> None:

@@ -64,7 +64,9 @@ def _holders_of(session: Session, idents: list[Identifier]) -> dict[tuple[str, s
     out: dict[tuple[str, str], set[int]] = {(i.system, i.value): set() for i in idents}
     if not idents:
         return out
-    cond = or_(*(and_(PersonIdentifier.system == i.system, PersonIdentifier.value == i.value) for i in idents))
+    cond = or_(
+        *(and_(PersonIdentifier.system == i.system, PersonIdentifier.value == i.value) for i in idents)
+    )
     for system, value, pid in session.exec(
         select(PersonIdentifier.system, PersonIdentifier.value, PersonIdentifier.person_id).where(cond)
     ).all():
@@ -83,8 +85,13 @@ def link(session: Session, person_id: int, idents: list[Identifier]) -> None:
     for ident in idents:
         exists = have.get((ident.system, ident.value))
         if exists is None:
-            row = PersonIdentifier(person_id=person_id, kind=ident.kind, system=ident.system, value=ident.value,
-                                   verified=ident.verified)
+            row = PersonIdentifier(
+                person_id=person_id,
+                kind=ident.kind,
+                system=ident.system,
+                value=ident.value,
+                verified=ident.verified,
+            )
             session.add(row)
             have[(ident.system, ident.value)] = row
         elif ident.verified and not exists.verified:

@@ -10,6 +10,7 @@ store rolls the batch back and the worker retries with backoff.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import traceback
@@ -93,13 +94,22 @@ class IngestSink:
                     dup = PutResult(prior.raw_id, True, prior.reply)
                     out.append(dup)
                     audit_log.append(
-                        s, at=now, actor=f"connector:{item.connector}", action="message.duplicate",
-                        entity=f"raw_message/{prior.raw_id}", detail={"kind": item.kind},
+                        s,
+                        at=now,
+                        actor=f"connector:{item.connector}",
+                        action="message.duplicate",
+                        entity=f"raw_message/{prior.raw_id}",
+                        detail={"kind": item.kind},
                     )
                     continue
             raw = RawMessage(
-                connector=item.connector, kind=item.kind, content_type=item.content_type,
-                dedup_key=item.dedup_key, received_at=now, body=item.body, headers=dict(item.headers),
+                connector=item.connector,
+                kind=item.kind,
+                content_type=item.content_type,
+                dedup_key=item.dedup_key,
+                received_at=now,
+                body=item.body,
+                headers=dict(item.headers),
                 ack=reply,
             )
             s.add(raw)
@@ -110,9 +120,16 @@ class IngestSink:
                 seen[key] = res
             out.append(res)
             audit_log.append(
-                s, at=now, actor=f"connector:{item.connector}", action="message.receive",
+                s,
+                at=now,
+                actor=f"connector:{item.connector}",
+                action="message.receive",
                 entity=f"raw_message/{raw.id}",
-                detail={"kind": item.kind, "control_id": _control_id(item.dedup_key), "bytes": len(item.body)},
+                detail={
+                    "kind": item.kind,
+                    "control_id": _control_id(item.dedup_key),
+                    "bytes": len(item.body),
+                },
             )
         return out
 
@@ -170,20 +187,36 @@ class MapStage:
         mapper = self.mappers(raw)
         if mapper is None:
             raw.status, raw.status_reason = "skipped", f"no mapper for {raw.kind}"
-            audit_log.append(s, at=now, actor="mapping", action="message.skip", entity=f"raw_message/{raw.id}",
-                             detail={"reason": raw.status_reason})
+            audit_log.append(
+                s,
+                at=now,
+                actor="mapping",
+                action="message.skip",
+                entity=f"raw_message/{raw.id}",
+                detail={"reason": raw.status_reason},
+            )
             return
         try:
             events = mapper.map(raw)
         except SkipMessage as skip:
             raw.status, raw.status_reason = "skipped", str(skip)[:500]
-            audit_log.append(s, at=now, actor=f"mapper:{mapper.name}", action="message.skip",
-                             entity=f"raw_message/{raw.id}", detail={"reason": raw.status_reason})
+            audit_log.append(
+                s,
+                at=now,
+                actor=f"mapper:{mapper.name}",
+                action="message.skip",
+                entity=f"raw_message/{raw.id}",
+                detail={"reason": raw.status_reason},
+            )
             return
         ids = [apply_event(s, raw, i, ev, now) for i, ev in enumerate(events)]
         raw.status, raw.status_reason = "mapped", None
         audit_log.append(
-            s, at=now, actor=f"mapper:{mapper.name}", action="message.map", entity=f"raw_message/{raw.id}",
+            s,
+            at=now,
+            actor=f"mapper:{mapper.name}",
+            action="message.map",
+            entity=f"raw_message/{raw.id}",
             detail={"events": [e.type for e in events], "event_ids": ids, "source": actor},
         )
 
@@ -209,25 +242,51 @@ def apply_event(s: Session, raw: RawMessage, index: int, ev: MappedEvent, now: d
             ref = ev.subject_ref
             row = s.get(Resource, ref)
             if row is None:
-                s.add(Resource(ref=ref, resource_type=ev.subject["resourceType"], person_id=pid,
-                               updated_at=now, body=ev.subject))
+                s.add(
+                    Resource(
+                        ref=ref,
+                        resource_type=ev.subject["resourceType"],
+                        person_id=pid,
+                        updated_at=now,
+                        body=ev.subject,
+                    )
+                )
             else:
                 row.body, row.updated_at, row.person_id = ev.subject, now, pid
     row_ev = JourneyEvent(
-        event_key=f"raw:{raw.id}:{index}", person_id=pid, type=ev.type, occurred_at=utc(ev.occurred_at),
-        recorded_at=now, subject_ref=ev.subject_ref, attributes=_jsonable(ev.attributes),
-        raw_message_id=raw.id, status="pending" if pid is not None else "held",
+        event_key=f"raw:{raw.id}:{index}",
+        person_id=pid,
+        type=ev.type,
+        occurred_at=utc(ev.occurred_at),
+        recorded_at=now,
+        subject_ref=ev.subject_ref,
+        attributes=_jsonable(ev.attributes),
+        raw_message_id=raw.id,
+        status="pending" if pid is not None else "held",
         status_reason=res.held_reason,
     )
     s.add(row_ev)
     s.flush()
     assert row_ev.id is not None
     if res.held_reason:
-        audit_log.append(s, at=now, actor="identity", action="identity.hold", entity=f"journey_event/{row_ev.id}",
-                         outcome="held", detail={"reason": res.held_reason})
+        audit_log.append(
+            s,
+            at=now,
+            actor="identity",
+            action="identity.hold",
+            entity=f"journey_event/{row_ev.id}",
+            outcome="held",
+            detail={"reason": res.held_reason},
+        )
     elif res.created:
-        audit_log.append(s, at=now, actor="identity", action="person.create", person_id=pid,
-                         detail={"identifiers": len(ev.identifiers)})
+        audit_log.append(
+            s,
+            at=now,
+            actor="identity",
+            action="person.create",
+            person_id=pid,
+            detail={"identifiers": len(ev.identifiers)},
+        )
     return row_ev.id
 
 
@@ -259,8 +318,15 @@ def dead_letter(s: Session, stage: str, item: Any, exc: BaseException, now: date
     else:
         item.last_error = err[:500]
     s.add(DeadLetter(stage=stage, item_id=item.id, created_at=now, error=err))
-    audit_log.append(s, at=now, actor=stage, action="item.dead_letter", outcome="failure",
-                     entity=f"{type(item).__tablename__}/{item.id}", detail={"error": err})
+    audit_log.append(
+        s,
+        at=now,
+        actor=stage,
+        action="item.dead_letter",
+        outcome="failure",
+        entity=f"{type(item).__tablename__}/{item.id}",
+        detail={"error": err},
+    )
     log.warning("stage %s dead-lettered item %s: %s", stage, item.id, err)
 
 
@@ -279,10 +345,8 @@ async def run_stage(stage: Stage, stop: asyncio.Event, idle: float = 0.2, max_ba
             n = 0
             backoff = min(max_backoff, backoff * 2) * (0.5 + random.random() / 2)
         if n == 0:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=backoff)
-            except TimeoutError:
-                pass
 
 
 async def drain(stages: Sequence[Stage], max_rounds: int = 10_000) -> None:

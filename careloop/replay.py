@@ -11,6 +11,7 @@ horizon. The report is deterministic: the same feed gives the same report.
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 from dataclasses import dataclass
@@ -70,15 +71,20 @@ def read_feed(path: Path) -> list[FeedLine]:
             problems.append(f"{path.name}:{n}: needs at (ISO-8601 with offset), connector and body")
     if problems:
         raise ConfigError(problems)
-    for a, b in zip(out, out[1:], strict=False):
+    for a, b in itertools.pairwise(out):
         if b.at < a.at:
             raise ConfigError([f"{path.name}: lines are not in time order"])
     return out
 
 
 class Replayer:
-    def __init__(self, config: AppConfig, database_url: str | None = None, start: datetime | None = None,
-                 engine: Engine | None = None) -> None:
+    def __init__(
+        self,
+        config: AppConfig,
+        database_url: str | None = None,
+        start: datetime | None = None,
+        engine: Engine | None = None,
+    ) -> None:
         """A replay over a fresh temporary SQLite store, unless a database URL or an
         engine (tests: a clean schema) is given."""
         self._tmp = None
@@ -105,8 +111,12 @@ class Replayer:
     async def signal(self, line: FeedLine) -> None:
         conn = self.hub.connectors.get(line.connector)
         if conn is None:
-            raise ConfigError([f"feed: unknown connector {line.connector!r} (config has: "
-                               f"{', '.join(sorted(self.hub.connectors))})"])
+            raise ConfigError(
+                [
+                    f"feed: unknown connector {line.connector!r} (config has: "
+                    f"{', '.join(sorted(self.hub.connectors))})"
+                ]
+            )
         items = conn.accept(line.body, line.headers)
         self.hub.sink.put_sync(items)
         await self.hub.drain()
@@ -118,7 +128,9 @@ class Replayer:
         while True:
             with Session(self.store.engine) as s:
                 t = s.exec(select(func.min(Timer.due_at)).where(Timer.status == "pending")).one()
-                o = s.exec(select(func.min(OutboxItem.next_attempt_at)).where(OutboxItem.status == "pending")).one()
+                o = s.exec(
+                    select(func.min(OutboxItem.next_attempt_at)).where(OutboxItem.status == "pending")
+                ).one()
             due = min((utc(x) for x in (t, o) if x is not None), default=None)
             if due is None or due > until:
                 break
@@ -143,40 +155,87 @@ def build_report(store: Store) -> dict[str, Any]:
     """The replay report (the DESIGN.md contract), in a stable order."""
     with Session(store.engine) as s:
         deliveries = []
-        q = (select(OutboxItem, func.min(DeliveryReceipt.at))
-             .join(DeliveryReceipt, col(DeliveryReceipt.outbox_id) == col(OutboxItem.id), isouter=True)
-             .where(col(OutboxItem.status).in_(DELIVERED)).group_by(col(OutboxItem.id))
-             .order_by(col(OutboxItem.id)))
+        q = (
+            select(OutboxItem, func.min(DeliveryReceipt.at))
+            .join(DeliveryReceipt, col(DeliveryReceipt.outbox_id) == col(OutboxItem.id), isouter=True)
+            .where(col(OutboxItem.status).in_(DELIVERED))
+            .group_by(col(OutboxItem.id))
+            .order_by(col(OutboxItem.id))
+        )
         for item, at in s.exec(q).all():
-            deliveries.append({"at": _iso(at or item.created_at), "person": str(item.person_id),
-                               "channel": item.channel, "template": item.template, "playbook": item.playbook,
-                               "key": item.key})
+            deliveries.append(
+                {
+                    "at": _iso(at or item.created_at),
+                    "person": str(item.person_id),
+                    "channel": item.channel,
+                    "template": item.template,
+                    "playbook": item.playbook,
+                    "key": item.key,
+                }
+            )
         deliveries.sort(key=lambda d: (d["at"], d["key"]))
         suppressed = [
-            {"at": _iso(d.decided_at), "person": str(d.person_id), "playbook": d.playbook, "template": d.template,
-             "channel": d.channel, "reason": d.reason, "action": d.action}
-            for d in s.exec(select(Decision).where(col(Decision.action).in_(SUPPRESSED))
-                            .order_by(col(Decision.id))).all()
+            {
+                "at": _iso(d.decided_at),
+                "person": str(d.person_id),
+                "playbook": d.playbook,
+                "template": d.template,
+                "channel": d.channel,
+                "reason": d.reason,
+                "action": d.action,
+            }
+            for d in s.exec(
+                select(Decision).where(col(Decision.action).in_(SUPPRESSED)).order_by(col(Decision.id))
+            ).all()
         ]
         deferred = [
-            {"at": _iso(d.decided_at), "person": str(d.person_id), "playbook": d.playbook, "template": d.template,
-             "channel": d.channel, "reason": d.reason, "until": d.detail.get("deliver_at")}
-            for d in s.exec(select(Decision).where(Decision.action == "defer").order_by(col(Decision.id))).all()
+            {
+                "at": _iso(d.decided_at),
+                "person": str(d.person_id),
+                "playbook": d.playbook,
+                "template": d.template,
+                "channel": d.channel,
+                "reason": d.reason,
+                "until": d.detail.get("deliver_at"),
+            }
+            for d in s.exec(
+                select(Decision).where(Decision.action == "defer").order_by(col(Decision.id))
+            ).all()
         ]
         escalations = [
-            {"at": _iso(e.created_at), "person": str(e.person_id), "reason": e.reason, "severity": e.severity,
-             "status": e.status}
+            {
+                "at": _iso(e.created_at),
+                "person": str(e.person_id),
+                "reason": e.reason,
+                "severity": e.severity,
+                "status": e.status,
+            }
             for e in s.exec(select(Escalation).order_by(col(Escalation.id))).all()
         ]
         events = [
-            {"at": _iso(e.occurred_at), "person": str(e.person_id) if e.person_id is not None else None,
-             "type": e.type, "status": e.status}
+            {
+                "at": _iso(e.occurred_at),
+                "person": str(e.person_id) if e.person_id is not None else None,
+                "type": e.type,
+                "status": e.status,
+            }
             for e in s.exec(select(JourneyEvent).order_by(col(JourneyEvent.id))).all()
         ]
         people: dict[str, list[str]] = {}
-        for p in s.exec(select(Person).where(col(Person.merged_into).is_(None)).order_by(col(Person.id))).all():
-            idents = s.exec(select(PersonIdentifier).where(PersonIdentifier.person_id == p.id)
-                            .order_by(col(PersonIdentifier.id))).all()
+        for p in s.exec(
+            select(Person).where(col(Person.merged_into).is_(None)).order_by(col(Person.id))
+        ).all():
+            idents = s.exec(
+                select(PersonIdentifier)
+                .where(PersonIdentifier.person_id == p.id)
+                .order_by(col(PersonIdentifier.id))
+            ).all()
             people[str(p.id)] = [f"{i.system}|{i.value}" for i in idents]
-    return {"deliveries": deliveries, "suppressed": suppressed, "deferred": deferred,
-            "escalations": escalations, "events": events, "people": people}
+    return {
+        "deliveries": deliveries,
+        "suppressed": suppressed,
+        "deferred": deferred,
+        "escalations": escalations,
+        "events": events,
+        "people": people,
+    }

@@ -61,8 +61,9 @@ def audit_jobs(hub: Hub) -> list[dict[str, Any]]:
 
     def prune() -> None:
         with hub.store.session() as s:
-            n = retention.prune_raw_messages(s, older_than_days=cfg.audit.raw_retention_days,
-                                             now=hub.store.clock.now())
+            n = retention.prune_raw_messages(
+                s, older_than_days=cfg.audit.raw_retention_days, now=hub.store.clock.now()
+            )
         log.info("raw message retention", extra={"pruned": n})
 
     return [
@@ -96,8 +97,16 @@ async def serve(config: AppConfig) -> None:
     for job in hub.scheduled_jobs:
         scheduler.add_job(**job)
     scheduler.start()
-    server = _Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,
-                                    log_config=None, access_log=False, lifespan="off"))
+    server = _Server(
+        uvicorn.Config(
+            app,
+            host=config.server.host,
+            port=config.server.port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+        )
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_exit)

@@ -35,8 +35,9 @@ class Checked:
     playbooks: dict[str, PlaybookConfig] = field(default_factory=dict)
 
 
-def _plugin_section(kind: str, section: str, entries: Mapping[str, dict[str, Any]],
-                    problems: list[str]) -> dict[str, tuple[type[Any], Any]]:
+def _plugin_section(
+    kind: str, section: str, entries: Mapping[str, dict[str, Any]], problems: list[str]
+) -> dict[str, tuple[type[Any], Any]]:
     out: dict[str, tuple[type[Any], Any]] = {}
     known = plugins.names(kind)
     for pid, raw in entries.items():
@@ -82,8 +83,10 @@ def check(app: AppConfig) -> Checked:
             if length_check is not None:
                 problems.extend(f"templates.{name}: {p} (channel {cid})" for p in length_check(t, _cfg))
                 for vname in t.variants:  # issue 10: each variant is held to the same limits
-                    problems.extend(f"templates.{name}.variants.{vname}: {p} (channel {cid})"
-                                    for p in length_check(t.with_variant(vname), _cfg))
+                    problems.extend(
+                        f"templates.{name}.variants.{vname}: {p} (channel {cid})"
+                        for p in length_check(t.with_variant(vname), _cfg)
+                    )
         checked.templates[name] = t
     for name, raw in app.playbooks.items():
         try:

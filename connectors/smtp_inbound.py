@@ -58,9 +58,14 @@ class SmtpInboundConnector:
         loop = asyncio.get_running_loop()
         handler = _Handler(self)
         self._server = await loop.create_server(
-            lambda: SMTP(handler, data_size_limit=self.config.max_message_bytes, enable_SMTPUTF8=True,
-                         hostname="careloop"),
-            self.config.host, self.config.port,
+            lambda: SMTP(
+                handler,
+                data_size_limit=self.config.max_message_bytes,
+                enable_SMTPUTF8=True,
+                hostname="careloop",
+            ),
+            self.config.host,
+            self.config.port,
         )
         log.info("smtp listener started", extra={"connector": self.id, "port": self.config.port})
 
@@ -86,8 +91,9 @@ class _Handler:
     def __init__(self, conn: SmtpInboundConnector) -> None:
         self.conn = conn
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
-                          rcpt_options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
         if not address.lower().endswith("@" + self.conn.config.reply_domain.lower()):
             return "550 5.1.1 mailbox unavailable"
         envelope.rcpt_tos.append(address)
@@ -99,6 +105,8 @@ class _Handler:
         try:
             await self.conn._sink.put(self.conn.accept(data, {}))
         except Exception as exc:  # the relay keeps the message and retries
-            log.warning("smtp message not stored", extra={"connector": self.conn.id, "error": type(exc).__name__})
+            log.warning(
+                "smtp message not stored", extra={"connector": self.conn.id, "error": type(exc).__name__}
+            )
             return "451 4.3.0 not stored, try again later"
         return "250 OK stored"

@@ -65,13 +65,29 @@ class EmailReplyMapper:
         text = reply_text(msg)
         kw = keyword(subject, text)
         who = [Identifier("email", sender.lower(), kind="email")]
-        attrs = {"channel": "email", "body": text, "keyword": kw,
-                 "in_reply_to": str(msg.get("In-Reply-To", "")).strip() or None}
+        attrs = {
+            "channel": "email",
+            "body": text,
+            "keyword": kw,
+            "in_reply_to": str(msg.get("In-Reply-To", "")).strip() or None,
+        }
         events = [MappedEvent("message.inbound", at, who, attributes=attrs)]
         if kw == "stop":
-            events.append(MappedEvent("consent.revoked", at, who,
-                                      attributes={"channel": "email", "purpose": "*", "source": "email-reply"}))
+            events.append(
+                MappedEvent(
+                    "consent.revoked",
+                    at,
+                    who,
+                    attributes={"channel": "email", "purpose": "*", "source": "email-reply"},
+                )
+            )
         elif kw == "start":
-            events.append(MappedEvent("consent.granted", at, who,
-                                      attributes={"channel": "email", "purpose": "*", "source": "email-reply"}))
+            events.append(
+                MappedEvent(
+                    "consent.granted",
+                    at,
+                    who,
+                    attributes={"channel": "email", "purpose": "*", "source": "email-reply"},
+                )
+            )
         return events

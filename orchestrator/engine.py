@@ -55,11 +55,23 @@ from orchestrator.templates import TemplateConfig
 from orchestrator.timeexpr import parse_duration
 
 OPEN_ESCALATION = ("open", "acknowledged")
-RECEIPT_STATUS = {"message.sent": "sent", "message.delivered": "delivered", "message.read": "read",
-                  "message.failed": "failed"}
+RECEIPT_STATUS = {
+    "message.sent": "sent",
+    "message.delivered": "delivered",
+    "message.read": "read",
+    "message.failed": "failed",
+}
 # How far along a row is; "failed" after "delivered" is a late report of an earlier attempt.
-RECEIPT_RANK = {"pending": 0, "sending": 1, "queued": 2, "sent": 3, "unknown": 3, "failed": 4, "delivered": 5,
-                "read": 6}
+RECEIPT_RANK = {
+    "pending": 0,
+    "sending": 1,
+    "queued": 2,
+    "sent": 3,
+    "unknown": 3,
+    "failed": 4,
+    "delivered": 5,
+    "read": 6,
+}
 log = logging.getLogger("careloop.orchestrator")
 SILENCE_KIND = "triage-silence"  # issue 9: a concern that did not escalate, then silence
 LIVE_OUTBOX = ("pending", "sending", "sent", "delivered", "read", "captured", "queued", "unknown")
@@ -118,17 +130,27 @@ class Orchestrator:
             return len(items)
 
     def _claim_events(self, s: Session) -> list[JourneyEvent]:
-        return list(s.exec(
-            select(JourneyEvent).where(JourneyEvent.status == "pending").order_by(col(JourneyEvent.id))
-            .limit(self.batch).with_for_update(skip_locked=True)
-        ).all())
+        return list(
+            s.exec(
+                select(JourneyEvent)
+                .where(JourneyEvent.status == "pending")
+                .order_by(col(JourneyEvent.id))
+                .limit(self.batch)
+                .with_for_update(skip_locked=True)
+            ).all()
+        )
 
     def _claim_timers(self, s: Session) -> list[Timer]:
         now = self.store.clock.now()
-        return list(s.exec(
-            select(Timer).where(Timer.status == "pending", col(Timer.due_at) <= now)
-            .order_by(col(Timer.due_at), col(Timer.id)).limit(self.batch).with_for_update(skip_locked=True)
-        ).all())
+        return list(
+            s.exec(
+                select(Timer)
+                .where(Timer.status == "pending", col(Timer.due_at) <= now)
+                .order_by(col(Timer.due_at), col(Timer.id))
+                .limit(self.batch)
+                .with_for_update(skip_locked=True)
+            ).all()
+        )
 
     # ------------------------------------------------------------------ events
 
@@ -145,8 +167,9 @@ class Orchestrator:
         state = apply(state, ev.type, occurred, ev.subject_ref, subject, ev.attributes)
         state.deceased = state.deceased or person.deceased
         if person.timezone is None or ev.type in ("patient.updated", "patient.merged"):
-            person.timezone = timezones.resolve(person.patient, self._addresses(s, person.id or 0).get("phone", []),
-                                                self.config.site.timezone)
+            person.timezone = timezones.resolve(
+                person.patient, self._addresses(s, person.id or 0).get("phone", []), self.config.site.timezone
+            )
         origin = Origin(event_id=ev.id)
         actions: list[Action] = []
         if ev.type in ("consent.revoked", "consent.granted"):
@@ -168,8 +191,15 @@ class Orchestrator:
         self._execute(s, person, state, actions, origin, now)
         self._save(srow, state, now)
         ev.status = "processed"
-        audit_log.append(s, at=now, actor="orchestrator", action="event.process", person_id=person.id,
-                         entity=f"journey_event/{ev.id}", detail={"type": ev.type, "actions": len(actions)})
+        audit_log.append(
+            s,
+            at=now,
+            actor="orchestrator",
+            action="event.process",
+            person_id=person.id,
+            entity=f"journey_event/{ev.id}",
+            detail={"type": ev.type, "actions": len(actions)},
+        )
 
     def _derive_confirmation(self, s: Session, ev: JourneyEvent, state: JourneyState, now: datetime) -> None:
         """A "C" reply confirms the person's next upcoming appointment: recorded as an
@@ -177,11 +207,18 @@ class Orchestrator:
         nxt = state.next_appointment(now)
         if nxt is None:
             return
-        s.add(JourneyEvent(
-            event_key=f"derived:{ev.id}:confirm", person_id=ev.person_id, type="appointment.confirmed",
-            occurred_at=ev.occurred_at, recorded_at=now, subject_ref=nxt[0],
-            attributes={"source": "reply", "reply_event": ev.id}, raw_message_id=ev.raw_message_id,
-        ))
+        s.add(
+            JourneyEvent(
+                event_key=f"derived:{ev.id}:confirm",
+                person_id=ev.person_id,
+                type="appointment.confirmed",
+                occurred_at=ev.occurred_at,
+                recorded_at=now,
+                subject_ref=nxt[0],
+                attributes={"source": "reply", "reply_event": ev.id},
+                raw_message_id=ev.raw_message_id,
+            )
+        )
 
     def _satisfied_waits(self, s: Session, person_id: int, ev: JourneyEvent, ctx: Ctx) -> list[Action]:
         out: list[Action] = []
@@ -194,7 +231,11 @@ class Orchestrator:
             pb = self.playbooks.get(t.playbook)
             t.status, t.status_reason = "fired", "wait-satisfied"
             if pb is not None:
-                out.extend(playbooks.on_wait_satisfied(t.playbook, pb, t.step, replace(ctx, subject_ref=t.subject_ref)))
+                out.extend(
+                    playbooks.on_wait_satisfied(
+                        t.playbook, pb, t.step, replace(ctx, subject_ref=t.subject_ref)
+                    )
+                )
         return out
 
     def _receipt(self, s: Session, ev: JourneyEvent, now: datetime) -> None:
@@ -206,23 +247,48 @@ class Orchestrator:
         new = RECEIPT_STATUS[ev.type]
         if RECEIPT_RANK.get(new, 0) > RECEIPT_RANK.get(item.status, 0):
             item.status = new
-        s.add(DeliveryReceipt(outbox_id=item.id, at=utc(ev.occurred_at), status=new,
-                              provider_id=ev.attributes.get("message_sid"), detail={"event": ev.id}))
+        s.add(
+            DeliveryReceipt(
+                outbox_id=item.id,
+                at=utc(ev.occurred_at),
+                status=new,
+                provider_id=ev.attributes.get("message_sid"),
+                detail={"event": ev.id},
+            )
+        )
 
     def _consent(self, s: Session, person: Person, ev: JourneyEvent, now: datetime) -> None:
         channel = str(ev.attributes.get("channel", "*"))
         purpose = str(ev.attributes.get("purpose", "*"))
         status = "opt_out" if ev.type == "consent.revoked" else "opt_in"
-        row = s.exec(select(Consent).where(Consent.person_id == person.id, Consent.channel == channel,
-                                           Consent.purpose == purpose)).first()
+        row = s.exec(
+            select(Consent).where(
+                Consent.person_id == person.id, Consent.channel == channel, Consent.purpose == purpose
+            )
+        ).first()
         if row is None:
             assert person.id is not None
-            s.add(Consent(person_id=person.id, channel=channel, purpose=purpose, status=status, at=now,
-                          source=str(ev.attributes.get("source", ev.type))))
+            s.add(
+                Consent(
+                    person_id=person.id,
+                    channel=channel,
+                    purpose=purpose,
+                    status=status,
+                    at=now,
+                    source=str(ev.attributes.get("source", ev.type)),
+                )
+            )
         else:
             row.status, row.at = status, now
-        audit_log.append(s, at=now, actor="orchestrator", action=f"consent.{status}", person_id=person.id,
-                         purpose=purpose, detail={"channel": channel})
+        audit_log.append(
+            s,
+            at=now,
+            actor="orchestrator",
+            action=f"consent.{status}",
+            person_id=person.id,
+            purpose=purpose,
+            detail={"channel": channel},
+        )
         if status == "opt_out":
             # STOP takes effect at once: nothing still queued for that channel goes out.
             q = select(OutboxItem).where(OutboxItem.person_id == person.id, OutboxItem.status == "pending")
@@ -249,8 +315,16 @@ class Orchestrator:
             return
         actions: list[Action]
         if pb is None:
-            actions = [Suppress(t.playbook, t.playbook_version, t.step, t.payload.get("template"),
-                                "playbook-removed", t.subject_ref)]
+            actions = [
+                Suppress(
+                    t.playbook,
+                    t.playbook_version,
+                    t.step,
+                    t.payload.get("template"),
+                    "playbook-removed",
+                    t.subject_ref,
+                )
+            ]
         elif kind == "wait":
             actions = playbooks.on_wait_timeout(t.playbook, pb, t.step, ctx)
         elif kind == "deferred":
@@ -268,91 +342,220 @@ class Orchestrator:
         if refusals:
             return refusals[:1]
         not_after = t.payload.get("not_after")
-        return [Send(t.playbook, t.playbook_version, t.step, template, t.payload.get("channels"), t.subject_ref,
-                     utc(datetime.fromisoformat(not_after)) if not_after else None, pb.purpose, pb.shadow)]
+        return [
+            Send(
+                t.playbook,
+                t.playbook_version,
+                t.step,
+                template,
+                t.payload.get("channels"),
+                t.subject_ref,
+                utc(datetime.fromisoformat(not_after)) if not_after else None,
+                pb.purpose,
+                pb.shadow,
+            )
+        ]
 
     # ------------------------------------------------------------------ actions
 
-    def _execute(self, s: Session, person: Person, state: JourneyState, actions: list[Action],
-                 origin: Origin, now: datetime) -> None:
+    def _execute(
+        self,
+        s: Session,
+        person: Person,
+        state: JourneyState,
+        actions: list[Action],
+        origin: Origin,
+        now: datetime,
+    ) -> None:
         for a in actions:
             if isinstance(a, Send):
                 self._send(s, person, state, a, origin, now)
             elif isinstance(a, Schedule):
                 assert person.id is not None
                 payload = {"kind": a.kind, **a.payload}
-                s.add(Timer(person_id=person.id, due_at=a.due_at, playbook=a.playbook, playbook_version=a.version,
-                            step=a.step, subject_ref=a.subject_ref, created_by_event=origin.event_id,
-                            payload=payload))
-                self._decide(s, person, origin, now, a.playbook, a.version, "schedule", "scheduled",
-                             template=a.payload.get("template"), detail={"due_at": a.due_at.isoformat(),
-                                                                          "kind": a.kind, "step": a.step})
+                s.add(
+                    Timer(
+                        person_id=person.id,
+                        due_at=a.due_at,
+                        playbook=a.playbook,
+                        playbook_version=a.version,
+                        step=a.step,
+                        subject_ref=a.subject_ref,
+                        created_by_event=origin.event_id,
+                        payload=payload,
+                    )
+                )
+                self._decide(
+                    s,
+                    person,
+                    origin,
+                    now,
+                    a.playbook,
+                    a.version,
+                    "schedule",
+                    "scheduled",
+                    template=a.payload.get("template"),
+                    detail={"due_at": a.due_at.isoformat(), "kind": a.kind, "step": a.step},
+                )
             elif isinstance(a, Suppress):
-                self._decide(s, person, origin, now, a.playbook, a.version, "suppress", a.reason,
-                             template=a.template, detail={"step": a.step, "subject": a.subject_ref})
+                self._decide(
+                    s,
+                    person,
+                    origin,
+                    now,
+                    a.playbook,
+                    a.version,
+                    "suppress",
+                    a.reason,
+                    template=a.template,
+                    detail={"step": a.step, "subject": a.subject_ref},
+                )
             elif isinstance(a, CancelRun):
                 self._cancel_run(s, person, a, origin, now)
             elif isinstance(a, Escalate):
                 self._escalate(s, person, state, a, origin, now)
 
     def _cancel_run(self, s: Session, person: Person, a: CancelRun, origin: Origin, now: datetime) -> None:
-        q = select(Timer).where(Timer.person_id == person.id, Timer.playbook == a.playbook,
-                                Timer.status == "pending")
+        q = select(Timer).where(
+            Timer.person_id == person.id, Timer.playbook == a.playbook, Timer.status == "pending"
+        )
         for t in s.exec(q).all():
             if a.subject_ref is not None and t.subject_ref != a.subject_ref:
                 continue
             t.status, t.status_reason = "cancelled", a.reason
-            self._decide(s, person, origin, now, a.playbook, t.playbook_version, "cancel", a.reason,
-                         template=t.payload.get("template"), detail={"timer": t.id, "due_at": utc(t.due_at).isoformat()})
-        q2 = select(OutboxItem).where(OutboxItem.person_id == person.id, OutboxItem.playbook == a.playbook,
-                                      OutboxItem.status == "pending")
+            self._decide(
+                s,
+                person,
+                origin,
+                now,
+                a.playbook,
+                t.playbook_version,
+                "cancel",
+                a.reason,
+                template=t.payload.get("template"),
+                detail={"timer": t.id, "due_at": utc(t.due_at).isoformat()},
+            )
+        q2 = select(OutboxItem).where(
+            OutboxItem.person_id == person.id,
+            OutboxItem.playbook == a.playbook,
+            OutboxItem.status == "pending",
+        )
         for item in s.exec(q2).all():
             if a.subject_ref is None or item.subject_ref == a.subject_ref:
                 self._cancel_outbox(s, item, a.reason, now)
 
     def _cancel_outbox(self, s: Session, item: OutboxItem, reason: str, now: datetime) -> None:
         item.status, item.last_error = "cancelled", reason
-        s.add(Decision(person_id=item.person_id, decided_at=now, playbook=item.playbook or "-", action="cancel",
-                       template=item.template, channel=item.channel, reason=reason, detail={"outbox": item.id}))
-        audit_log.append(s, at=now, actor="orchestrator", action="outbox.cancel", person_id=item.person_id,
-                         entity=f"outbox/{item.id}", detail={"reason": reason})
+        s.add(
+            Decision(
+                person_id=item.person_id,
+                decided_at=now,
+                playbook=item.playbook or "-",
+                action="cancel",
+                template=item.template,
+                channel=item.channel,
+                reason=reason,
+                detail={"outbox": item.id},
+            )
+        )
+        audit_log.append(
+            s,
+            at=now,
+            actor="orchestrator",
+            action="outbox.cancel",
+            person_id=item.person_id,
+            entity=f"outbox/{item.id}",
+            detail={"reason": reason},
+        )
 
-    def _escalate(self, s: Session, person: Person, state: JourneyState, a: Escalate, origin: Origin,
-                  now: datetime) -> None:
+    def _escalate(
+        self, s: Session, person: Person, state: JourneyState, a: Escalate, origin: Origin, now: datetime
+    ) -> None:
         assert person.id is not None
         # The same work queue as triage: one item per person, SLA timers and routing to staff.
         esc, opened = escalation.open_or_join(
-            s, person_id=person.id, now=now, severity=a.severity, reason=a.reason,
+            s,
+            person_id=person.id,
+            now=now,
+            severity=a.severity,
+            reason=a.reason,
             evidence={"playbook": a.playbook, "subject": a.subject_ref, "origin": origin.tag()},
-            rule=f"playbook:{a.playbook}", cfg=self._triage_config())
+            rule=f"playbook:{a.playbook}",
+            cfg=self._triage_config(),
+        )
         if opened:
             state.open_escalations += 1
-        self._decide(s, person, origin, now, a.playbook, a.version, "escalate", a.reason,
-                     detail={"severity": a.severity, "escalation": esc.id, "joined": not opened})
+        self._decide(
+            s,
+            person,
+            origin,
+            now,
+            a.playbook,
+            a.version,
+            "escalate",
+            a.reason,
+            detail={"severity": a.severity, "escalation": esc.id, "joined": not opened},
+        )
 
-    def _send(self, s: Session, person: Person, state: JourneyState, a: Send, origin: Origin,
-              now: datetime) -> None:
+    def _send(
+        self, s: Session, person: Person, state: JourneyState, a: Send, origin: Origin, now: datetime
+    ) -> None:
         assert person.id is not None
         tpl = self.templates[a.template]
         order = a.channels or self.config.site.channels
         facts = [self.channels[c] for c in order if c in self.channels]
         pfacts = self._person_facts(s, person, state)
         day, week = self._recent_counts(s, person.id, now)
-        verdict = gate.evaluate(gate.GateInput(
-            now=now, person=pfacts, template_kinds=frozenset(tpl.kinds()), phi_class=tpl.phi_class,
-            purpose=tpl.purpose or a.purpose, channels=facts, sent_day=day, sent_week=week, caps=self.caps,
-            quiet_hours=self.quiet, not_after=a.not_after,
-        ))
-        detail: dict[str, Any] = {"step": a.step, "subject": a.subject_ref,
-                                  "passed_over": [list(t) for t in verdict.tried]}
+        verdict = gate.evaluate(
+            gate.GateInput(
+                now=now,
+                person=pfacts,
+                template_kinds=frozenset(tpl.kinds()),
+                phi_class=tpl.phi_class,
+                purpose=tpl.purpose or a.purpose,
+                channels=facts,
+                sent_day=day,
+                sent_week=week,
+                caps=self.caps,
+                quiet_hours=self.quiet,
+                not_after=a.not_after,
+            )
+        )
+        detail: dict[str, Any] = {
+            "step": a.step,
+            "subject": a.subject_ref,
+            "passed_over": [list(t) for t in verdict.tried],
+        }
         if a.shadow:
             detail["would"] = verdict.outcome
-            self._decide(s, person, origin, now, a.playbook, a.version, "shadow", f"shadow-{verdict.reason}",
-                         template=a.template, channel=verdict.channel, detail=detail)
+            self._decide(
+                s,
+                person,
+                origin,
+                now,
+                a.playbook,
+                a.version,
+                "shadow",
+                f"shadow-{verdict.reason}",
+                template=a.template,
+                channel=verdict.channel,
+                detail=detail,
+            )
             return
         if verdict.outcome == "suppress":
-            self._decide(s, person, origin, now, a.playbook, a.version, "suppress", verdict.reason,
-                         template=a.template, channel=verdict.channel, detail=detail)
+            self._decide(
+                s,
+                person,
+                origin,
+                now,
+                a.playbook,
+                a.version,
+                "suppress",
+                verdict.reason,
+                template=a.template,
+                channel=verdict.channel,
+                detail=detail,
+            )
             return
         # ---- issue 10: the learner picks channel (among verdict.allowed only), window, variant ----
         if verdict.allowed and self._learning_cfg().enabled:
@@ -361,51 +564,146 @@ class Orchestrator:
         # ---- end issue 10 ----
         if verdict.outcome == "defer":
             assert verdict.deliver_at is not None
-            s.add(Timer(person_id=person.id, due_at=verdict.deliver_at, playbook=a.playbook,
-                        playbook_version=a.version, step=a.step, subject_ref=a.subject_ref,
-                        created_by_event=origin.event_id,
-                        payload={"kind": "deferred", "template": a.template, "channels": [verdict.channel],
-                                 "not_after": a.not_after.isoformat() if a.not_after else None}))
+            s.add(
+                Timer(
+                    person_id=person.id,
+                    due_at=verdict.deliver_at,
+                    playbook=a.playbook,
+                    playbook_version=a.version,
+                    step=a.step,
+                    subject_ref=a.subject_ref,
+                    created_by_event=origin.event_id,
+                    payload={
+                        "kind": "deferred",
+                        "template": a.template,
+                        "channels": [verdict.channel],
+                        "not_after": a.not_after.isoformat() if a.not_after else None,
+                    },
+                )
+            )
             detail["deliver_at"] = verdict.deliver_at.isoformat()
-            self._decide(s, person, origin, now, a.playbook, a.version, "defer", verdict.reason,
-                         template=a.template, channel=verdict.channel, detail=detail)
+            self._decide(
+                s,
+                person,
+                origin,
+                now,
+                a.playbook,
+                a.version,
+                "defer",
+                verdict.reason,
+                template=a.template,
+                channel=verdict.channel,
+                detail=detail,
+            )
             return
         assert verdict.channel is not None and verdict.recipient is not None
         ch = self.channels[verdict.channel]
         try:
-            content = templates.render(tpl, ch.template_kind, person.language,
-                                       self._context(person, state, a, pfacts.timezone))
+            content = templates.render(
+                tpl, ch.template_kind, person.language, self._context(person, state, a, pfacts.timezone)
+            )
         except TemplateError as exc:
             detail["error"] = type(exc).__name__
-            self._decide(s, person, origin, now, a.playbook, a.version, "suppress", "template-error",
-                         template=a.template, channel=verdict.channel, detail=detail)
+            self._decide(
+                s,
+                person,
+                origin,
+                now,
+                a.playbook,
+                a.version,
+                "suppress",
+                "template-error",
+                template=a.template,
+                channel=verdict.channel,
+                detail=detail,
+            )
             return
         assert content is not None
-        dec = self._decide(s, person, origin, now, a.playbook, a.version, "send", "allowed",
-                           template=a.template, channel=verdict.channel, detail=detail)
+        dec = self._decide(
+            s,
+            person,
+            origin,
+            now,
+            a.playbook,
+            a.version,
+            "send",
+            "allowed",
+            template=a.template,
+            channel=verdict.channel,
+            detail=detail,
+        )
         key = hashlib.sha256(
             f"{person.id}|{a.playbook}|{a.version}|{a.subject_ref}|{a.step}|{a.template}|{origin.tag()}".encode()
         ).hexdigest()[:32]
-        s.add(OutboxItem(key=key, decision_id=dec.id, person_id=person.id, channel=verdict.channel,
-                         template=a.template, playbook=a.playbook, subject_ref=a.subject_ref,
-                         purpose=tpl.purpose or a.purpose, phi_class=tpl.phi_class, recipient=verdict.recipient,
-                         content=content, created_at=now, not_after=a.not_after, next_attempt_at=now))
-        record_outreach(state, Outreach(at=now, playbook=a.playbook, template=a.template,
-                                        channel=verdict.channel, key=key))
+        s.add(
+            OutboxItem(
+                key=key,
+                decision_id=dec.id,
+                person_id=person.id,
+                channel=verdict.channel,
+                template=a.template,
+                playbook=a.playbook,
+                subject_ref=a.subject_ref,
+                purpose=tpl.purpose or a.purpose,
+                phi_class=tpl.phi_class,
+                recipient=verdict.recipient,
+                content=content,
+                created_at=now,
+                not_after=a.not_after,
+                next_attempt_at=now,
+            )
+        )
+        record_outreach(
+            state,
+            Outreach(at=now, playbook=a.playbook, template=a.template, channel=verdict.channel, key=key),
+        )
 
-    def _decide(self, s: Session, person: Person, origin: Origin, now: datetime, playbook: str, version: int,
-                action: str, reason: str, *, template: str | None = None, channel: str | None = None,
-                detail: dict[str, Any] | None = None) -> Decision:
+    def _decide(
+        self,
+        s: Session,
+        person: Person,
+        origin: Origin,
+        now: datetime,
+        playbook: str,
+        version: int,
+        action: str,
+        reason: str,
+        *,
+        template: str | None = None,
+        channel: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> Decision:
         assert person.id is not None
-        dec = Decision(person_id=person.id, decided_at=now, event_id=origin.event_id, timer_id=origin.timer_id,
-                       playbook=playbook, playbook_version=version, action=action, template=template,
-                       channel=channel, reason=reason, detail=detail or {})
+        dec = Decision(
+            person_id=person.id,
+            decided_at=now,
+            event_id=origin.event_id,
+            timer_id=origin.timer_id,
+            playbook=playbook,
+            playbook_version=version,
+            action=action,
+            template=template,
+            channel=channel,
+            reason=reason,
+            detail=detail or {},
+        )
         s.add(dec)
         s.flush()
-        audit_log.append(s, at=now, actor="orchestrator", action=f"decision.{action}", person_id=person.id,
-                         entity=f"decision/{dec.id}",
-                         detail={"playbook": playbook, "version": version, "template": template,
-                                 "channel": channel, "reason": reason})
+        audit_log.append(
+            s,
+            at=now,
+            actor="orchestrator",
+            action=f"decision.{action}",
+            person_id=person.id,
+            entity=f"decision/{dec.id}",
+            detail={
+                "playbook": playbook,
+                "version": version,
+                "template": template,
+                "channel": channel,
+                "reason": reason,
+            },
+        )
         return dec
 
     # ------------------------------------------------------------------ lookups
@@ -432,8 +730,11 @@ class Orchestrator:
 
     def _read_addresses(self, s: Session, person_id: int) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
-        rows = s.exec(select(PersonIdentifier).where(PersonIdentifier.person_id == person_id)
-                      .order_by(col(PersonIdentifier.verified).desc(), col(PersonIdentifier.id))).all()
+        rows = s.exec(
+            select(PersonIdentifier)
+            .where(PersonIdentifier.person_id == person_id)
+            .order_by(col(PersonIdentifier.verified).desc(), col(PersonIdentifier.id))
+        ).all()
         for r in rows:
             if r.kind in ("phone", "email"):
                 out.setdefault(r.kind, []).append(r.value)
@@ -443,9 +744,14 @@ class Orchestrator:
 
     def _person_facts(self, s: Session, person: Person, state: JourneyState) -> gate.PersonFacts:
         assert person.id is not None
-        consents = s.exec(select(Consent).where(Consent.person_id == person.id, Consent.status == "opt_out")).all()
-        open_esc = s.exec(select(func.count()).select_from(Escalation).where(
-            Escalation.person_id == person.id, col(Escalation.status).in_(OPEN_ESCALATION))).one()
+        consents = s.exec(
+            select(Consent).where(Consent.person_id == person.id, Consent.status == "opt_out")
+        ).all()
+        open_esc = s.exec(
+            select(func.count())
+            .select_from(Escalation)
+            .where(Escalation.person_id == person.id, col(Escalation.status).in_(OPEN_ESCALATION))
+        ).one()
         return gate.PersonFacts(
             deceased=person.deceased or state.deceased,
             timezone=person.timezone or self.config.site.timezone,
@@ -454,11 +760,17 @@ class Orchestrator:
             open_escalations=int(open_esc),
         )
 
-    def _recent_counts(self, s: Session, person_id: int, now: datetime) -> tuple[dict[str, int], dict[str, int]]:
+    def _recent_counts(
+        self, s: Session, person_id: int, now: datetime
+    ) -> tuple[dict[str, int], dict[str, int]]:
         week_ago, day_ago = now - timedelta(days=7), now - timedelta(days=1)
-        rows = s.exec(select(OutboxItem.channel, OutboxItem.created_at).where(
-            OutboxItem.person_id == person_id, col(OutboxItem.status).in_(LIVE_OUTBOX),
-            col(OutboxItem.created_at) > week_ago)).all()
+        rows = s.exec(
+            select(OutboxItem.channel, OutboxItem.created_at).where(
+                OutboxItem.person_id == person_id,
+                col(OutboxItem.status).in_(LIVE_OUTBOX),
+                col(OutboxItem.created_at) > week_ago,
+            )
+        ).all()
         day: dict[str, int] = {}
         week: dict[str, int] = {}
         for channel, created in rows:
@@ -469,17 +781,27 @@ class Orchestrator:
 
     def _context(self, person: Person, state: JourneyState, a: Send, tz: str) -> dict[str, Any]:
         zone = ZoneInfo(tz)
-        ctx: dict[str, Any] = {"site": {"timezone": self.config.site.timezone},
-                               "person": {"language": person.language or self.config.site.language,
-                                          "timezone": tz},
-                               "appointment": {}, "encounter": {}, "product": None, "event": {}}
+        ctx: dict[str, Any] = {
+            "site": {"timezone": self.config.site.timezone},
+            "person": {"language": person.language or self.config.site.language, "timezone": tz},
+            "appointment": {},
+            "encounter": {},
+            "product": None,
+            "event": {},
+        }
         if (appt := state.appointment(a.subject_ref)) is not None:
-            ctx["appointment"] = {"start": appt.start.astimezone(zone) if appt.start else None,
-                                  "end": appt.end.astimezone(zone) if appt.end else None,
-                                  "location": appt.location, "type": appt.type, "status": appt.status}
+            ctx["appointment"] = {
+                "start": appt.start.astimezone(zone) if appt.start else None,
+                "end": appt.end.astimezone(zone) if appt.end else None,
+                "location": appt.location,
+                "type": appt.type,
+                "status": appt.status,
+            }
         if (enc := state.encounter(a.subject_ref)) is not None:
-            ctx["encounter"] = {"discharged_at": enc.discharged_at.astimezone(zone) if enc.discharged_at else None,
-                                "status": enc.status}
+            ctx["encounter"] = {
+                "discharged_at": enc.discharged_at.astimezone(zone) if enc.discharged_at else None,
+                "status": enc.status,
+            }
         recent = [sig for sig in state.signals if sig.attributes.get("product")]
         if recent:
             ctx["product"] = recent[-1].attributes.get("product")
@@ -497,8 +819,9 @@ class Orchestrator:
             self._triage_cfg = cfg
         return cfg
 
-    def _triage(self, s: Session, person: Person, state: JourneyState, ev: JourneyEvent, origin: Origin,
-                now: datetime) -> None:
+    def _triage(
+        self, s: Session, person: Person, state: JourneyState, ev: JourneyEvent, origin: Origin, now: datetime
+    ) -> None:
         cfg = self._triage_config()
         if not cfg.enabled:
             return
@@ -512,24 +835,58 @@ class Orchestrator:
             assert person.id is not None
             log.error("triage failed for journey_event %s: %s", ev.id, type(exc).__name__)
             esc, opened = escalation.open_or_join(
-                s, person_id=person.id, now=now, severity="urgent", reason="triage-failed",
-                evidence={"event": ev.id, "channel": ev.attributes.get("channel"),
-                          "message": str(ev.attributes.get("body") or ""), "error": type(exc).__name__},
-                rule=None, cfg=cfg)
+                s,
+                person_id=person.id,
+                now=now,
+                severity="urgent",
+                reason="triage-failed",
+                evidence={
+                    "event": ev.id,
+                    "channel": ev.attributes.get("channel"),
+                    "message": str(ev.attributes.get("body") or ""),
+                    "error": type(exc).__name__,
+                },
+                rule=None,
+                cfg=cfg,
+            )
             state.open_escalations += int(opened)
-            self._decide(s, person, origin, now, "triage", 1, "escalate", "triage-failed",
-                         detail={"severity": "urgent", "escalation": esc.id, "error": type(exc).__name__})
+            self._decide(
+                s,
+                person,
+                origin,
+                now,
+                "triage",
+                1,
+                "escalate",
+                "triage-failed",
+                detail={"severity": "urgent", "escalation": esc.id, "error": type(exc).__name__},
+            )
 
-    def _triage_message(self, s: Session, person: Person, state: JourneyState, ev: JourneyEvent,
-                        cfg: triage.TriageConfig, origin: Origin, now: datetime) -> None:
+    def _triage_message(
+        self,
+        s: Session,
+        person: Person,
+        state: JourneyState,
+        ev: JourneyEvent,
+        cfg: triage.TriageConfig,
+        origin: Origin,
+        now: datetime,
+    ) -> None:
         assert person.id is not None and ev.id is not None
         text = str(ev.attributes.get("body") or "")
         keyword = ev.attributes.get("keyword")
         keyword = str(keyword).lower() if keyword else None
         lex = triage.load_lexicon(cfg.lexicon_path(self.config.base_dir))
         history = self._triage_history(s, person.id, ev, now, cfg)
-        a = triage.assess(text, keyword=keyword, now=now, history=history, lex=lex,
-                          burst_count=cfg.burst_count, burst_within=parse_duration(cfg.burst_within))
+        a = triage.assess(
+            text,
+            keyword=keyword,
+            now=now,
+            history=history,
+            lex=lex,
+            burst_count=cfg.burst_count,
+            burst_within=parse_duration(cfg.burst_within),
+        )
         p = triage.plan(a, cfg, keyword)
         summary = a.to_json()  # codes and rule ids only: fit for the audit log
         self._decide(s, person, origin, now, "triage", 1, "triage", a.intent, detail=summary)
@@ -541,46 +898,97 @@ class Orchestrator:
             self._triage_writeback(s, person, state, cfg.writeback, p.derive, origin, now)
         if a.intent == "opt_out" and keyword != "stop":
             # "please stop texting me" revokes consent as surely as STOP does (any reasonable means).
-            s.add(JourneyEvent(event_key=f"derived:{ev.id}:optout", person_id=person.id,
-                               type="consent.revoked", occurred_at=ev.occurred_at, recorded_at=now,
-                               raw_message_id=ev.raw_message_id,
-                               attributes={"channel": str(ev.attributes.get("channel", "*")), "purpose": "*",
-                                           "source": "reply-text", "reply_event": ev.id}))
+            s.add(
+                JourneyEvent(
+                    event_key=f"derived:{ev.id}:optout",
+                    person_id=person.id,
+                    type="consent.revoked",
+                    occurred_at=ev.occurred_at,
+                    recorded_at=now,
+                    raw_message_id=ev.raw_message_id,
+                    attributes={
+                        "channel": str(ev.attributes.get("channel", "*")),
+                        "purpose": "*",
+                        "source": "reply-text",
+                        "reply_event": ev.id,
+                    },
+                )
+            )
         lang = person.language or a.language
         reply = None
         if p.safety_reply:
             reply = self._triage_reply(s, person, state, ev, cfg.safety_reply, "safety", lang, origin, now)
         if p.escalate is not None:
             severity, reason = p.escalate
-            evidence = {"event": ev.id, "channel": ev.attributes.get("channel"), "message": text,
-                        "assessment": summary, "matched": a.evidence, "safety_reply": reply}
-            esc, opened = escalation.open_or_join(s, person_id=person.id, now=now, severity=severity,
-                                                  reason=reason, evidence=evidence,
-                                                  rule=a.rules[0] if a.rules else None, cfg=cfg)
+            evidence = {
+                "event": ev.id,
+                "channel": ev.attributes.get("channel"),
+                "message": text,
+                "assessment": summary,
+                "matched": a.evidence,
+                "safety_reply": reply,
+            }
+            esc, opened = escalation.open_or_join(
+                s,
+                person_id=person.id,
+                now=now,
+                severity=severity,
+                reason=reason,
+                evidence=evidence,
+                rule=a.rules[0] if a.rules else None,
+                cfg=cfg,
+            )
             state.open_escalations += int(opened)
-            self._decide(s, person, origin, now, "triage", 1, "escalate" if opened else "join", reason,
-                         detail={"severity": severity, "escalation": esc.id, "rules": list(a.rules)})
+            self._decide(
+                s,
+                person,
+                origin,
+                now,
+                "triage",
+                1,
+                "escalate" if opened else "join",
+                reason,
+                detail={"severity": severity, "escalation": esc.id, "rules": list(a.rules)},
+            )
         elif p.watch_silence and cfg.silence_after_concern:
-            s.add(Timer(person_id=person.id, due_at=now + parse_duration(cfg.silence_after_concern),
-                        playbook="triage", created_by_event=ev.id,
-                        payload={"kind": SILENCE_KIND, "event": ev.id, "tier": a.tier}))
+            s.add(
+                Timer(
+                    person_id=person.id,
+                    due_at=now + parse_duration(cfg.silence_after_concern),
+                    playbook="triage",
+                    created_by_event=ev.id,
+                    payload={"kind": SILENCE_KIND, "event": ev.id, "tier": a.tier},
+                )
+            )
         if p.help_reply:
             self._triage_reply(s, person, state, ev, cfg.help_reply, "reply", lang, origin, now)
 
-    def _triage_history(self, s: Session, person_id: int, ev: JourneyEvent, now: datetime,
-                        cfg: triage.TriageConfig) -> triage.History:
+    def _triage_history(
+        self, s: Session, person_id: int, ev: JourneyEvent, now: datetime, cfg: triage.TriageConfig
+    ) -> triage.History:
         since = now - parse_duration(cfg.history)
-        rows = s.exec(select(JourneyEvent).where(
-            JourneyEvent.person_id == person_id, JourneyEvent.type == "message.inbound",
-            col(JourneyEvent.id) != ev.id, col(JourneyEvent.occurred_at) >= since,
-            col(JourneyEvent.occurred_at) <= utc(ev.occurred_at),
-        ).order_by(col(JourneyEvent.occurred_at))).all()
+        rows = s.exec(
+            select(JourneyEvent)
+            .where(
+                JourneyEvent.person_id == person_id,
+                JourneyEvent.type == "message.inbound",
+                col(JourneyEvent.id) != ev.id,
+                col(JourneyEvent.occurred_at) >= since,
+                col(JourneyEvent.occurred_at) <= utc(ev.occurred_at),
+            )
+            .order_by(col(JourneyEvent.occurred_at))
+        ).all()
         inbound = [triage.Inbound(utc(r.occurred_at), str(r.attributes.get("body") or "")) for r in rows]
-        last_out = s.exec(select(func.max(OutboxItem.created_at)).where(
-            OutboxItem.person_id == person_id, col(OutboxItem.status).in_(LIVE_OUTBOX),
-            OutboxItem.purpose != "escalation")).one()
-        last_ack = s.exec(select(func.max(Escalation.acknowledged_at)).where(
-            Escalation.person_id == person_id)).one()
+        last_out = s.exec(
+            select(func.max(OutboxItem.created_at)).where(
+                OutboxItem.person_id == person_id,
+                col(OutboxItem.status).in_(LIVE_OUTBOX),
+                OutboxItem.purpose != "escalation",
+            )
+        ).one()
+        last_ack = s.exec(
+            select(func.max(Escalation.acknowledged_at)).where(Escalation.person_id == person_id)
+        ).one()
         answered = [utc(x) for x in (last_out, last_ack) if x is not None]
         return triage.History(inbound, max(answered) if answered else None)
 
@@ -589,14 +997,29 @@ class Orchestrator:
         nxt = state.next_appointment(now)
         if nxt is None:
             return
-        s.add(JourneyEvent(
-            event_key=f"derived:{ev.id}:cancel", person_id=ev.person_id, type="appointment.cancelled",
-            occurred_at=ev.occurred_at, recorded_at=now, subject_ref=nxt[0],
-            attributes={"source": "reply", "reply_event": ev.id}, raw_message_id=ev.raw_message_id,
-        ))
+        s.add(
+            JourneyEvent(
+                event_key=f"derived:{ev.id}:cancel",
+                person_id=ev.person_id,
+                type="appointment.cancelled",
+                occurred_at=ev.occurred_at,
+                recorded_at=now,
+                subject_ref=nxt[0],
+                attributes={"source": "reply", "reply_event": ev.id},
+                raw_message_id=ev.raw_message_id,
+            )
+        )
 
-    def _triage_writeback(self, s: Session, person: Person, state: JourneyState, wb: triage.WritebackConfig,
-                          answer: str, origin: Origin, now: datetime) -> None:
+    def _triage_writeback(
+        self,
+        s: Session,
+        person: Person,
+        state: JourneyState,
+        wb: triage.WritebackConfig,
+        answer: str,
+        origin: Origin,
+        now: datetime,
+    ) -> None:
         """Tell the EHR (a Task for staff on the write-back channel, focus the Appointment)."""
         assert person.id is not None
         nxt = state.next_appointment(now)
@@ -606,62 +1029,177 @@ class Orchestrator:
         reason = "appointment-confirmed" if answer == "confirm" else "appointment-declined"
         patient = escalation.patient_reference(s, person.id)
         if patient is None:
-            self._decide(s, person, origin, now, "triage", 1, "suppress", "no-fhir-patient",
-                         template=f"writeback-{wb.mode}", channel=wb.channel, detail={"subject": ref})
+            self._decide(
+                s,
+                person,
+                origin,
+                now,
+                "triage",
+                1,
+                "suppress",
+                "no-fhir-patient",
+                template=f"writeback-{wb.mode}",
+                channel=wb.channel,
+                detail={"subject": ref},
+            )
             return
-        content = {"kind": "task", "reason": reason, "severity": "routine",
-                   "description": f"The patient replied {answer.upper()} by message; please update the "
-                                  "schedule.", "created": utc(now).isoformat()}
+        content = {
+            "kind": "task",
+            "reason": reason,
+            "severity": "routine",
+            "description": f"The patient replied {answer.upper()} by message; please update the schedule.",
+            "created": utc(now).isoformat(),
+        }
         key = hashlib.sha256(f"{person.id}|writeback|{ref}|{answer}|{origin.tag()}".encode()).hexdigest()[:32]
-        dec = self._decide(s, person, origin, now, "triage", 1, "send", reason,
-                           template=f"writeback-{wb.mode}", channel=wb.channel, detail={"subject": ref})
-        s.add(OutboxItem(key=key, decision_id=dec.id, person_id=person.id, channel=wb.channel,
-                         template=f"writeback-{wb.mode}", playbook="triage", subject_ref=ref,
-                         purpose="care-coordination", phi_class="limited", recipient=patient, content=content,
-                         created_at=now, next_attempt_at=now))
+        dec = self._decide(
+            s,
+            person,
+            origin,
+            now,
+            "triage",
+            1,
+            "send",
+            reason,
+            template=f"writeback-{wb.mode}",
+            channel=wb.channel,
+            detail={"subject": ref},
+        )
+        s.add(
+            OutboxItem(
+                key=key,
+                decision_id=dec.id,
+                person_id=person.id,
+                channel=wb.channel,
+                template=f"writeback-{wb.mode}",
+                playbook="triage",
+                subject_ref=ref,
+                purpose="care-coordination",
+                phi_class="limited",
+                recipient=patient,
+                content=content,
+                created_at=now,
+                next_attempt_at=now,
+            )
+        )
 
-    def _triage_reply(self, s: Session, person: Person, state: JourneyState, ev: JourneyEvent, template: str,
-                      mode: str, lang: str, origin: Origin, now: datetime) -> str:
+    def _triage_reply(
+        self,
+        s: Session,
+        person: Person,
+        state: JourneyState,
+        ev: JourneyEvent,
+        template: str,
+        mode: str,
+        lang: str,
+        origin: Origin,
+        now: datetime,
+    ) -> str:
         """Answer the person on the channel they wrote on (else the site's order), through
         the gate in ``mode`` (safety|reply). Returns the outcome: sent or a reason code."""
         assert person.id is not None
         tpl = self.templates.get(template)
         if tpl is None:
-            self._decide(s, person, origin, now, "triage", 1, "suppress", "no-such-template",
-                         template=template)
+            self._decide(
+                s, person, origin, now, "triage", 1, "suppress", "no-such-template", template=template
+            )
             return "no-such-template"
         inbound = str(ev.attributes.get("channel") or "")
-        order = ([inbound] if inbound in self.channels else []) + [c for c in self.config.site.channels
-                                                                    if c != inbound]
+        order = ([inbound] if inbound in self.channels else []) + [
+            c for c in self.config.site.channels if c != inbound
+        ]
         purpose = tpl.purpose or ("safety" if mode == "safety" else "care-coordination")
         pfacts = self._person_facts(s, person, state)
         day, week = self._recent_counts(s, person.id, now)
-        verdict = gate.evaluate(gate.GateInput(
-            now=now, person=pfacts, template_kinds=frozenset(tpl.kinds()), phi_class=tpl.phi_class,
-            purpose=purpose, channels=[self.channels[c] for c in order if c in self.channels], sent_day=day,
-            sent_week=week,
-            caps=self.caps, quiet_hours=self.quiet, mode=mode))
-        detail: dict[str, Any] = {"mode": mode, "reply_to": ev.id,
-                                  "passed_over": [list(t) for t in verdict.tried]}
+        verdict = gate.evaluate(
+            gate.GateInput(
+                now=now,
+                person=pfacts,
+                template_kinds=frozenset(tpl.kinds()),
+                phi_class=tpl.phi_class,
+                purpose=purpose,
+                channels=[self.channels[c] for c in order if c in self.channels],
+                sent_day=day,
+                sent_week=week,
+                caps=self.caps,
+                quiet_hours=self.quiet,
+                mode=mode,
+            )
+        )
+        detail: dict[str, Any] = {
+            "mode": mode,
+            "reply_to": ev.id,
+            "passed_over": [list(t) for t in verdict.tried],
+        }
         if verdict.outcome != "send" or verdict.channel is None or verdict.recipient is None:
-            self._decide(s, person, origin, now, "triage", 1, "suppress", verdict.reason, template=template,
-                         channel=verdict.channel, detail=detail)
+            self._decide(
+                s,
+                person,
+                origin,
+                now,
+                "triage",
+                1,
+                "suppress",
+                verdict.reason,
+                template=template,
+                channel=verdict.channel,
+                detail=detail,
+            )
             return verdict.reason
         a = Send("triage", 1, 0, template, None, None, None, purpose, False)
-        content = templates.render(tpl, self.channels[verdict.channel].template_kind, lang,
-                                   self._context(person, state, a, pfacts.timezone))
+        content = templates.render(
+            tpl,
+            self.channels[verdict.channel].template_kind,
+            lang,
+            self._context(person, state, a, pfacts.timezone),
+        )
         if content is None:
-            self._decide(s, person, origin, now, "triage", 1, "suppress", "no-template-for-channel",
-                         template=template, channel=verdict.channel, detail=detail)
+            self._decide(
+                s,
+                person,
+                origin,
+                now,
+                "triage",
+                1,
+                "suppress",
+                "no-template-for-channel",
+                template=template,
+                channel=verdict.channel,
+                detail=detail,
+            )
             return "no-template-for-channel"
-        dec = self._decide(s, person, origin, now, "triage", 1, "send", "allowed", template=template,
-                           channel=verdict.channel, detail=detail)
+        dec = self._decide(
+            s,
+            person,
+            origin,
+            now,
+            "triage",
+            1,
+            "send",
+            "allowed",
+            template=template,
+            channel=verdict.channel,
+            detail=detail,
+        )
         key = hashlib.sha256(f"{person.id}|triage|{template}|{origin.tag()}".encode()).hexdigest()[:32]
-        s.add(OutboxItem(key=key, decision_id=dec.id, person_id=person.id, channel=verdict.channel,
-                         template=template, playbook="triage", purpose=purpose, phi_class=tpl.phi_class,
-                         recipient=verdict.recipient, content=content, created_at=now, next_attempt_at=now))
-        record_outreach(state, Outreach(at=now, playbook="triage", template=template, channel=verdict.channel,
-                                        key=key))
+        s.add(
+            OutboxItem(
+                key=key,
+                decision_id=dec.id,
+                person_id=person.id,
+                channel=verdict.channel,
+                template=template,
+                playbook="triage",
+                purpose=purpose,
+                phi_class=tpl.phi_class,
+                recipient=verdict.recipient,
+                content=content,
+                created_at=now,
+                next_attempt_at=now,
+            )
+        )
+        record_outreach(
+            state, Outreach(at=now, playbook="triage", template=template, channel=verdict.channel, key=key)
+        )
         return "sent"
 
     def _triage_timer(self, s: Session, person: Person, state: JourneyState, t: Timer, now: datetime) -> None:
@@ -671,21 +1209,41 @@ class Orchestrator:
             t.status_reason = escalation.sla_fired(s, t, cfg, now)
             return
         # Silence after a concern: nothing more from the person since, and nobody on it yet.
-        since = s.exec(select(func.count()).select_from(JourneyEvent).where(
-            JourneyEvent.person_id == person.id, JourneyEvent.type == "message.inbound",
-            col(JourneyEvent.id) > int(t.payload.get("event", 0)))).one()
+        since = s.exec(
+            select(func.count())
+            .select_from(JourneyEvent)
+            .where(
+                JourneyEvent.person_id == person.id,
+                JourneyEvent.type == "message.inbound",
+                col(JourneyEvent.id) > int(t.payload.get("event", 0)),
+            )
+        ).one()
         if since or self._person_facts(s, person, state).open_escalations:
             t.status_reason = "not-silent" if since else "escalation-open"
             return
         esc = escalation.open_escalation(
-            s, person_id=person.id, now=now, severity="routine", reason="silence-after-concern",
+            s,
+            person_id=person.id,
+            now=now,
+            severity="routine",
+            reason="silence-after-concern",
             evidence={"event": t.payload.get("event"), "tier": t.payload.get("tier")},
-            rule="pattern.silence-after-concern", cfg=cfg)
+            rule="pattern.silence-after-concern",
+            cfg=cfg,
+        )
         state.open_escalations += 1
         t.status_reason = "escalated"
-        self._decide(s, person, Origin(timer_id=t.id), now, "triage", 1, "escalate", "silence-after-concern",
-                     detail={"severity": "routine", "escalation": esc.id})
-
+        self._decide(
+            s,
+            person,
+            Origin(timer_id=t.id),
+            now,
+            "triage",
+            1,
+            "escalate",
+            "silence-after-concern",
+            detail={"severity": "routine", "escalation": esc.id},
+        )
 
     # ------------------------------------------------------------------ issue 10: learning
     # The learner (orchestrator/learning.py) picks among the gate's allowed channels, a send
@@ -696,9 +1254,19 @@ class Orchestrator:
     def _learning_cfg(self) -> LearningConfig:
         return self.config.learning
 
-    def _learn_send(self, s: Session, person: Person, state: JourneyState, a: Send, origin: Origin,
-                    now: datetime, tpl: TemplateConfig, verdict: gate.Verdict, pfacts: gate.PersonFacts,
-                    detail: dict[str, Any]) -> None:
+    def _learn_send(
+        self,
+        s: Session,
+        person: Person,
+        state: JourneyState,
+        a: Send,
+        origin: Origin,
+        now: datetime,
+        tpl: TemplateConfig,
+        verdict: gate.Verdict,
+        pfacts: gate.PersonFacts,
+        detail: dict[str, Any],
+    ) -> None:
         assert person.id is not None
         cfg = self._learning_cfg()
         committed = self._learn_committed(s, origin)
@@ -715,94 +1283,254 @@ class Orchestrator:
             at = now if verdict.outcome == "send" else verdict.deliver_at
             assert at is not None
             detail["learning"] = info
-            self._learn_execute(s, person, state, a, origin, now, tpl, verdict, pfacts, detail, channel, at,
-                                str(info.get("variant") or "default"))
+            self._learn_execute(
+                s,
+                person,
+                state,
+                a,
+                origin,
+                now,
+                tpl,
+                verdict,
+                pfacts,
+                detail,
+                channel,
+                at,
+                str(info.get("variant") or "default"),
+            )
             return
         segment = self._learn_segment(s, person, pfacts, now)
         earliest = now if verdict.outcome == "send" else verdict.deliver_at
         assert earliest is not None
         windows = learning.window_options(earliest, now, pfacts.timezone, cfg, self._learn_latest(state, a))
         view = learning.DbStats(s, person_key=str(person.id), segment=segment, now=now, cfg=cfg)
-        rng = learning.rng_for(cfg, person.id, a.playbook, a.version, a.subject_ref, a.step, a.template,
-                               origin.tag())
+        rng = learning.rng_for(
+            cfg, person.id, a.playbook, a.version, a.subject_ref, a.step, a.template, origin.tag()
+        )
         choice = learning.choose(
-            view, person_key=str(person.id), segment=segment, channels=list(verdict.allowed),
+            view,
+            person_key=str(person.id),
+            segment=segment,
+            channels=list(verdict.allowed),
             windows=windows or {learning.ASAP: earliest},
             variants_for=lambda c: tpl.variants_for(self.channels[c].template_kind),
-            template=a.template, rng=rng, cfg=cfg, tz=pfacts.timezone)
+            template=a.template,
+            rng=rng,
+            cfg=cfg,
+            tz=pfacts.timezone,
+        )
         detail["learning"] = choice.to_json()
-        self._learn_execute(s, person, state, a, origin, now, tpl, verdict, pfacts, detail, choice.channel,
-                            choice.at, choice.variant)
+        self._learn_execute(
+            s,
+            person,
+            state,
+            a,
+            origin,
+            now,
+            tpl,
+            verdict,
+            pfacts,
+            detail,
+            choice.channel,
+            choice.at,
+            choice.variant,
+        )
 
-    def _learn_execute(self, s: Session, person: Person, state: JourneyState, a: Send, origin: Origin,
-                       now: datetime, tpl: TemplateConfig, verdict: gate.Verdict, pfacts: gate.PersonFacts,
-                       detail: dict[str, Any], channel: str, at: datetime, variant: str) -> None:
+    def _learn_execute(
+        self,
+        s: Session,
+        person: Person,
+        state: JourneyState,
+        a: Send,
+        origin: Origin,
+        now: datetime,
+        tpl: TemplateConfig,
+        verdict: gate.Verdict,
+        pfacts: gate.PersonFacts,
+        detail: dict[str, Any],
+        channel: str,
+        at: datetime,
+        variant: str,
+    ) -> None:
         assert person.id is not None
         info = detail["learning"]
         propensity = info.get("propensity")
         if at <= now:
             # The gate passed the first allowed channel for quiet hours; check the chosen one.
             day, week = self._recent_counts(s, person.id, now)
-            v = gate.evaluate(gate.GateInput(
-                now=now, person=pfacts, template_kinds=frozenset(tpl.kinds()), phi_class=tpl.phi_class,
-                purpose=tpl.purpose or a.purpose, channels=[self.channels[channel]], sent_day=day,
-                sent_week=week, caps=self.caps, quiet_hours=self.quiet, not_after=a.not_after))
+            v = gate.evaluate(
+                gate.GateInput(
+                    now=now,
+                    person=pfacts,
+                    template_kinds=frozenset(tpl.kinds()),
+                    phi_class=tpl.phi_class,
+                    purpose=tpl.purpose or a.purpose,
+                    channels=[self.channels[channel]],
+                    sent_day=day,
+                    sent_week=week,
+                    caps=self.caps,
+                    quiet_hours=self.quiet,
+                    not_after=a.not_after,
+                )
+            )
             if v.outcome == "suppress":
-                self._decide(s, person, origin, now, a.playbook, a.version, "suppress", v.reason,
-                             template=a.template, channel=channel, detail=detail)
+                self._decide(
+                    s,
+                    person,
+                    origin,
+                    now,
+                    a.playbook,
+                    a.version,
+                    "suppress",
+                    v.reason,
+                    template=a.template,
+                    channel=channel,
+                    detail=detail,
+                )
                 return
             if v.outcome == "defer":
                 assert v.deliver_at is not None
                 at = v.deliver_at
         if at > now:
             order = [channel] + [c for c in verdict.allowed if c != channel]
-            s.add(Timer(person_id=person.id, due_at=at, playbook=a.playbook, playbook_version=a.version,
-                        step=a.step, subject_ref=a.subject_ref, created_by_event=origin.event_id,
-                        payload={"kind": "deferred", "template": a.template, "channels": order,
-                                 "not_after": a.not_after.isoformat() if a.not_after else None,
-                                 "learning": {**info, "channel": channel, "at": at.isoformat()}}))
+            s.add(
+                Timer(
+                    person_id=person.id,
+                    due_at=at,
+                    playbook=a.playbook,
+                    playbook_version=a.version,
+                    step=a.step,
+                    subject_ref=a.subject_ref,
+                    created_by_event=origin.event_id,
+                    payload={
+                        "kind": "deferred",
+                        "template": a.template,
+                        "channels": order,
+                        "not_after": a.not_after.isoformat() if a.not_after else None,
+                        "learning": {**info, "channel": channel, "at": at.isoformat()},
+                    },
+                )
+            )
             detail["deliver_at"] = at.isoformat()
             quiet = verdict.outcome == "defer" and at == verdict.deliver_at
-            dec = self._decide(s, person, origin, now, a.playbook, a.version, "defer",
-                               "quiet-hours" if quiet else "learning-window", template=a.template,
-                               channel=channel, detail=detail)
+            dec = self._decide(
+                s,
+                person,
+                origin,
+                now,
+                a.playbook,
+                a.version,
+                "defer",
+                "quiet-hours" if quiet else "learning-window",
+                template=a.template,
+                channel=channel,
+                detail=detail,
+            )
             dec.propensity = propensity
             return
         ch = self.channels[channel]
-        recipient = (pfacts.addresses[ch.address_kind][0] if ch.address_kind in gate.PERSON_FACING
-                     else ch.address_kind)
+        recipient = (
+            pfacts.addresses[ch.address_kind][0] if ch.address_kind in gate.PERSON_FACING else ch.address_kind
+        )
         try:
-            content = templates.render(tpl.with_variant(variant), ch.template_kind, person.language,
-                                       self._context(person, state, a, pfacts.timezone))
+            content = templates.render(
+                tpl.with_variant(variant),
+                ch.template_kind,
+                person.language,
+                self._context(person, state, a, pfacts.timezone),
+            )
         except TemplateError as exc:
             detail["error"] = type(exc).__name__
-            self._decide(s, person, origin, now, a.playbook, a.version, "suppress", "template-error",
-                         template=a.template, channel=channel, detail=detail)
+            self._decide(
+                s,
+                person,
+                origin,
+                now,
+                a.playbook,
+                a.version,
+                "suppress",
+                "template-error",
+                template=a.template,
+                channel=channel,
+                detail=detail,
+            )
             return
         if content is None:
-            self._decide(s, person, origin, now, a.playbook, a.version, "suppress", "no-template-for-channel",
-                         template=a.template, channel=channel, detail=detail)
+            self._decide(
+                s,
+                person,
+                origin,
+                now,
+                a.playbook,
+                a.version,
+                "suppress",
+                "no-template-for-channel",
+                template=a.template,
+                channel=channel,
+                detail=detail,
+            )
             return
-        dec = self._decide(s, person, origin, now, a.playbook, a.version, "send", "allowed",
-                           template=a.template, channel=channel, detail=detail)
+        dec = self._decide(
+            s,
+            person,
+            origin,
+            now,
+            a.playbook,
+            a.version,
+            "send",
+            "allowed",
+            template=a.template,
+            channel=channel,
+            detail=detail,
+        )
         dec.propensity = propensity
         # The same idempotency key as _send's own path.
         key = hashlib.sha256(
             f"{person.id}|{a.playbook}|{a.version}|{a.subject_ref}|{a.step}|{a.template}|{origin.tag()}".encode()
         ).hexdigest()[:32]
-        item = OutboxItem(key=key, decision_id=dec.id, person_id=person.id, channel=channel,
-                          template=a.template, playbook=a.playbook, subject_ref=a.subject_ref,
-                          purpose=tpl.purpose or a.purpose, phi_class=tpl.phi_class, recipient=recipient,
-                          content=content, created_at=now, not_after=a.not_after, next_attempt_at=now)
+        item = OutboxItem(
+            key=key,
+            decision_id=dec.id,
+            person_id=person.id,
+            channel=channel,
+            template=a.template,
+            playbook=a.playbook,
+            subject_ref=a.subject_ref,
+            purpose=tpl.purpose or a.purpose,
+            phi_class=tpl.phi_class,
+            recipient=recipient,
+            content=content,
+            created_at=now,
+            not_after=a.not_after,
+            next_attempt_at=now,
+        )
         s.add(item)
-        record_outreach(state, Outreach(at=now, playbook=a.playbook, template=a.template, channel=channel,
-                                        key=key))
+        record_outreach(
+            state, Outreach(at=now, playbook=a.playbook, template=a.template, channel=channel, key=key)
+        )
         window, segment = str(info.get("window") or learning.ASAP), str(info.get("segment") or "*")
-        outcomes.register(s, decision=dec, item=item, window=window, variant=variant, segment=segment,
-                          propensity=propensity, learned=True, now=now)
-        learning.record(s, self._learning_cfg(), person_key=str(person.id), segment=segment,
-                        arms=learning.arms(channel, window, a.template, variant), now=now, trial=True,
-                        delta=0.0, engaged=0)
+        outcomes.register(
+            s,
+            decision=dec,
+            item=item,
+            window=window,
+            variant=variant,
+            segment=segment,
+            propensity=propensity,
+            learned=True,
+            now=now,
+        )
+        learning.record(
+            s,
+            self._learning_cfg(),
+            person_key=str(person.id),
+            segment=segment,
+            arms=learning.arms(channel, window, a.template, variant),
+            now=now,
+            trial=True,
+            delta=0.0,
+            engaged=0,
+        )
 
     def _learn_committed(self, s: Session, origin: Origin) -> dict[str, Any] | None:
         if origin.timer_id is None:
@@ -815,9 +1543,13 @@ class Orchestrator:
 
     def _learn_segment(self, s: Session, person: Person, pfacts: gate.PersonFacts, now: datetime) -> str:
         reach = [k for k in ("phone", "email") if pfacts.addresses.get(k)]
-        return learning.segment_key(self._learning_cfg(), birth=(person.patient or {}).get("birthDate"),
-                                    language=person.language or self.config.site.language, reach=reach,
-                                    today=now.date())
+        return learning.segment_key(
+            self._learning_cfg(),
+            birth=(person.patient or {}).get("birthDate"),
+            language=person.language or self.config.site.language,
+            reach=reach,
+            today=now.date(),
+        )
 
     def _learn_latest(self, state: JourneyState, a: Send) -> datetime | None:
         """No window after the message's useful life, nor too close to the appointment."""
@@ -837,11 +1569,19 @@ class Orchestrator:
                     r = c.row
                     if not (cfg.enabled and r.learned) or c.new_reward == c.old_reward:
                         continue
-                    learning.record(s, cfg, person_key=str(r.person_id), segment=r.segment or "*",
-                                    arms=learning.arms(r.channel, r.window or learning.ASAP, r.template,
-                                                       r.variant or "default"),
-                                    now=now, trial=False, delta=c.new_reward - c.old_reward,
-                                    engaged=int(c.new_reward > 0) - int(c.old_reward > 0))
+                    learning.record(
+                        s,
+                        cfg,
+                        person_key=str(r.person_id),
+                        segment=r.segment or "*",
+                        arms=learning.arms(
+                            r.channel, r.window or learning.ASAP, r.template, r.variant or "default"
+                        ),
+                        now=now,
+                        trial=False,
+                        delta=c.new_reward - c.old_reward,
+                        engaged=int(c.new_reward > 0) - int(c.old_reward > 0),
+                    )
         except (OperationalError, TransientError):
             raise
         except Exception as exc:  # outcome bookkeeping never blocks the journey itself

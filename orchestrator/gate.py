@@ -154,8 +154,10 @@ def _channel_refusal(inp: GateInput, ch: ChannelFacts) -> str | None:
     if _opted_out(inp.person, ch.id, inp.purpose):
         return "opted-out"
     cap = _cap_for(inp, ch)
-    if cap is not None and inp.mode == "outreach" and (
-        inp.sent_day.get(ch.id, 0) >= cap.per_day or inp.sent_week.get(ch.id, 0) >= cap.per_week
+    if (
+        cap is not None
+        and inp.mode == "outreach"
+        and (inp.sent_day.get(ch.id, 0) >= cap.per_day or inp.sent_week.get(ch.id, 0) >= cap.per_week)
     ):
         return "frequency-cap"
     return None

@@ -265,8 +265,10 @@ def _holds(c: Condition, ctx: Ctx) -> bool:
     if c.no_recent is not None:
         since = ctx.now - parse_duration(c.no_recent.within)
         for sig in ctx.state.signals:
-            if sig.type == c.no_recent.type and sig.at >= since and all(
-                sig.attributes.get(k) == ctx.attributes.get(k) for k in c.no_recent.same
+            if (
+                sig.type == c.no_recent.type
+                and sig.at >= since
+                and all(sig.attributes.get(k) == ctx.attributes.get(k) for k in c.no_recent.same)
             ):
                 return False
         return True
@@ -302,8 +304,17 @@ def run_from(pid: str, pb: PlaybookConfig, index: int, ctx: Ctx) -> list[Action]
                 i += 1
                 continue
             assert st.timeout is not None
-            out.append(Schedule(pid, pb.version, i, ctx.now + parse_duration(st.timeout), ctx.subject_ref, "wait",
-                                {"wait_for": st.wait_for}))
+            out.append(
+                Schedule(
+                    pid,
+                    pb.version,
+                    i,
+                    ctx.now + parse_duration(st.timeout),
+                    ctx.subject_ref,
+                    "wait",
+                    {"wait_for": st.wait_for},
+                )
+            )
             return out
         assert st.send is not None
         due = anchor_time(st.at, ctx) if st.at else ctx.now
@@ -328,15 +339,26 @@ def run_from(pid: str, pb: PlaybookConfig, index: int, ctx: Ctx) -> list[Action]
         elif not_after is not None and ctx.now >= not_after:
             out.append(Suppress(pid, pb.version, i, st.send, "past-useful-life", ctx.subject_ref))
         else:
-            out.append(Send(pid, pb.version, i, st.send, st.channels, ctx.subject_ref, not_after, pb.purpose,
-                            pb.shadow))
+            out.append(
+                Send(
+                    pid,
+                    pb.version,
+                    i,
+                    st.send,
+                    st.channels,
+                    ctx.subject_ref,
+                    not_after,
+                    pb.purpose,
+                    pb.shadow,
+                )
+            )
         i += 1
     return out
 
 
 def _superseded(steps: list[Step], i: int, ctx: Ctx) -> bool:
     """A missed send step is dropped when a later send step of the same template is also due."""
-    for later in steps[i + 1:]:
+    for later in steps[i + 1 :]:
         if later.send is None:
             return False
         if later.send == steps[i].send:

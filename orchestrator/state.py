@@ -70,7 +70,8 @@ class JourneyState(BaseModel):
     def next_appointment(self, now: datetime) -> tuple[str, AppointmentState] | None:
         """The soonest upcoming appointment that is still booked or confirmed."""
         live = [
-            (a.start, ref, a) for ref, a in self.appointments.items()
+            (a.start, ref, a)
+            for ref, a in self.appointments.items()
             if a.start and a.start > now and a.status in ("booked", "confirmed", "pending")
         ]
         if not live:
@@ -106,8 +107,12 @@ APPOINTMENT_STATUS = {
 
 
 def apply(
-    state: JourneyState, etype: str, at: datetime, subject_ref: str | None,
-    subject: dict[str, Any] | None, attributes: dict[str, Any],
+    state: JourneyState,
+    etype: str,
+    at: datetime,
+    subject_ref: str | None,
+    subject: dict[str, Any] | None,
+    attributes: dict[str, Any],
 ) -> JourneyState:
     """Fold one event into ``state`` (returns a new state)."""
     st = state.model_copy(deep=True)
@@ -129,7 +134,9 @@ def apply(
     elif etype.startswith("encounter.") and subject_ref:
         enc = st.encounters.get(subject_ref) or EncounterState()
         period = (subject or {}).get("period", {})
-        enc.admitted_at = _dt(period.get("start")) or enc.admitted_at or (at if etype == "encounter.admitted" else None)
+        enc.admitted_at = (
+            _dt(period.get("start")) or enc.admitted_at or (at if etype == "encounter.admitted" else None)
+        )
         if etype == "encounter.discharged":
             enc.status = "finished"
             enc.discharged_at = _dt(period.get("end")) or at

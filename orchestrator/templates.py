@@ -61,8 +61,9 @@ class TemplateConfig(_Strict):
 
     def variants_for(self, kind: str) -> list[str]:
         """The variants with their own body for channel template ``kind`` ("default" first)."""
-        return [DEFAULT_VARIANT] + [n for n, v in self.variants.items() if kind in ("sms", "email", "text")
-                                    and getattr(v, kind)]
+        return [DEFAULT_VARIANT] + [
+            n for n, v in self.variants.items() if kind in ("sms", "email", "text") and getattr(v, kind)
+        ]
 
     def with_variant(self, name: str | None) -> TemplateConfig:
         """This template with variant ``name``'s bodies in place of the base ones."""
@@ -70,8 +71,6 @@ class TemplateConfig(_Strict):
             return self
         v = self.variants[name]
         return self.model_copy(update={k: getattr(v, k) for k in ("sms", "email", "text") if getattr(v, k)})
-
-
 
 
 def _as_dt(v: Any) -> datetime:
@@ -103,8 +102,9 @@ _TEXT = _env()
 _HTML = _env(autoescape=True)
 
 
-def _bodies(prefix: str, sms: dict[str, str], text: dict[str, str],
-            email: dict[str, EmailBody]) -> list[tuple[str, str, bool]]:
+def _bodies(
+    prefix: str, sms: dict[str, str], text: dict[str, str], email: dict[str, EmailBody]
+) -> list[tuple[str, str, bool]]:
     bodies: list[tuple[str, str, bool]] = []
     for lang, body_text in sms.items():
         bodies.append((f"{prefix}.sms.{lang}", body_text, False))
@@ -153,9 +153,12 @@ def _compiled(text: str, html: bool) -> Template:
     return (_HTML if html else _TEXT).from_string(text)
 
 
-def render(tpl: TemplateConfig, kind: str, language: str | None, context: dict[str, Any]) -> dict[str, str] | None:
+def render(
+    tpl: TemplateConfig, kind: str, language: str | None, context: dict[str, Any]
+) -> dict[str, str] | None:
     """The channel content for ``kind`` ({"text": ...} or email parts), or None if the
     template has no body for that kind. Falls back to English, then to any language."""
+
     def pick(d: dict[str, Any]) -> Any:
         if not d:
             return None
@@ -165,8 +168,10 @@ def render(tpl: TemplateConfig, kind: str, language: str | None, context: dict[s
         body = pick(tpl.email)
         if body is None:
             return None
-        out = {"subject": _compiled(body.subject, False).render(context),
-               "text": _compiled(body.text, False).render(context)}
+        out = {
+            "subject": _compiled(body.subject, False).render(context),
+            "text": _compiled(body.text, False).render(context),
+        }
         if body.html:
             out["html"] = _compiled(body.html, True).render(context)
         return out

@@ -10,8 +10,15 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 _ANCHOR = re.compile(r"^\s*([a-z_.]+)\s*(?:([+-])\s*(\d+\s*[smhdw]))?\s*$")
 
 ANCHORS = frozenset(
-    {"now", "event", "appointment.start", "appointment.end", "encounter.start", "encounter.end",
-     "instructions.delivered"}
+    {
+        "now",
+        "event",
+        "appointment.start",
+        "appointment.end",
+        "encounter.start",
+        "encounter.end",
+        "instructions.delivered",
+    }
 )
 
 
@@ -26,6 +33,8 @@ def parse_anchor(text: str) -> tuple[str, timedelta]:
     """``"appointment.start - 72h"`` -> ("appointment.start", -72h)."""
     m = _ANCHOR.match(text)
     if not m or m.group(1) not in ANCHORS:
-        raise ValueError(f"{text!r} must be one of {sorted(ANCHORS)} optionally followed by + or - a duration")
+        raise ValueError(
+            f"{text!r} must be one of {sorted(ANCHORS)} optionally followed by + or - a duration"
+        )
     offset = parse_duration(m.group(3)) if m.group(3) else timedelta(0)
     return m.group(1), (-offset if m.group(2) == "-" else offset)

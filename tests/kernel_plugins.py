@@ -65,21 +65,32 @@ class JsonMapper:
         if "encounter" in doc:
             subject = {"resourceType": "Encounter", "status": "in-progress", **doc["encounter"]}
         patient = doc.get("patient")
-        return [MappedEvent(type=doc["type"], occurred_at=datetime.fromisoformat(doc["at"]), identifiers=ids,
-                            subject=subject, patient=patient, attributes=doc.get("attributes", {}))]
+        return [
+            MappedEvent(
+                type=doc["type"],
+                occurred_at=datetime.fromisoformat(doc["at"]),
+                identifiers=ids,
+                subject=subject,
+                patient=patient,
+                attributes=doc.get("attributes", {}),
+            )
+        ]
 
 
 class SmsCapture(CaptureChannel):
     name: ClassVar[str] = "test_sms"
     Config: ClassVar[type[ChannelConfig]] = ChannelConfig
-    capabilities: ClassVar[ChannelCaps] = ChannelCaps(template_kind="sms", address_kind="phone", max_phi="none")
+    capabilities: ClassVar[ChannelCaps] = ChannelCaps(
+        template_kind="sms", address_kind="phone", max_phi="none"
+    )
 
 
 class EmailCapture(CaptureChannel):
     name: ClassVar[str] = "test_email"
     Config: ClassVar[type[ChannelConfig]] = ChannelConfig
-    capabilities: ClassVar[ChannelCaps] = ChannelCaps(template_kind="email", address_kind="email",
-                                                      max_phi="limited")
+    capabilities: ClassVar[ChannelCaps] = ChannelCaps(
+        template_kind="email", address_kind="email", max_phi="limited"
+    )
 
 
 def register() -> None:

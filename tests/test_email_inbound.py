@@ -31,7 +31,9 @@ def reply(body: str, subject: str = "Re: Your upcoming visit", mid: str = "<r1@e
 
 def test_reply_is_stored_before_250_and_foreign_recipients_refused(store: Store) -> None:
     port = free_port()
-    conn = SmtpInboundConnector("email", SmtpInboundConfig(port=port, reply_domain="replies.careloop.example"))
+    conn = SmtpInboundConnector(
+        "email", SmtpInboundConfig(port=port, reply_domain="replies.careloop.example")
+    )
 
     def client() -> None:
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
@@ -56,13 +58,21 @@ def test_reply_is_stored_before_250_and_foreign_recipients_refused(store: Store)
 
 
 def test_reply_maps_to_inbound_message_without_quoted_history() -> None:
-    raw = RawMessage(id=1, connector="email", kind="email:inbound", content_type="message/rfc822",
-                     received_at=__import__("datetime").datetime(2026, 3, 2, 15, 0),
-                     body=bytes(reply("C\n\nOn Mon, Care Team wrote:\n> You have a visit")), headers={})
+    raw = RawMessage(
+        id=1,
+        connector="email",
+        kind="email:inbound",
+        content_type="message/rfc822",
+        received_at=__import__("datetime").datetime(2026, 3, 2, 15, 0),
+        body=bytes(reply("C\n\nOn Mon, Care Team wrote:\n> You have a visit")),
+        headers={},
+    )
     [ev] = EmailReplyMapper().map(raw)
     assert ev.type == "message.inbound"
     assert ev.attributes["body"] == "C" and ev.attributes["keyword"] == "confirm"
-    assert [(i.system, i.value, i.kind) for i in ev.identifiers] == [("email", "pat.example@example.org", "email")]
+    assert [(i.system, i.value, i.kind) for i in ev.identifiers] == [
+        ("email", "pat.example@example.org", "email")
+    ]
 
 
 def test_unsubscribe_reply_revokes_email_consent(store: Store) -> None:

@@ -40,16 +40,19 @@ def test_config_check_names_every_bad_field_and_exits_2(tmp_path: Path) -> None:
     for path in ["site.timezone", "site.quiet_hours", "server.port: must be between 1 and 65535"]:
         assert path in text
     # the kernel sections fail first; fix them and the plugin sections are checked too
-    cfg.write_text(BROKEN.replace("Mars/Olympus", "UTC").replace("8am-9pm", "08:00-21:00")
-                   .replace("70000", "8080"))
+    cfg.write_text(
+        BROKEN.replace("Mars/Olympus", "UTC").replace("8am-9pm", "08:00-21:00").replace("70000", "8080")
+    )
     res = runner.invoke(app, ["config", "check", str(cfg)])
     assert res.exit_code == 2
-    for fragment in ["connectors.feed.colour: unknown key",
-                     "connectors.bogus.plugin: unknown plugin 'no_such_plugin' (known:",
-                     "channels.sms.phi_class",
-                     "templates.t1.sms.en: unknown variable 'nickname'",
-                     "playbooks.p1.on.1",
-                     "playbooks.p1.steps.0.at"]:
+    for fragment in [
+        "connectors.feed.colour: unknown key",
+        "connectors.bogus.plugin: unknown plugin 'no_such_plugin' (known:",
+        "channels.sms.phi_class",
+        "templates.t1.sms.en: unknown variable 'nickname'",
+        "playbooks.p1.on.1",
+        "playbooks.p1.steps.0.at",
+    ]:
         assert fragment in text or fragment in res.output, fragment
 
 
@@ -60,12 +63,27 @@ def test_config_check_accepts_the_kernel_test_config() -> None:
 
 def test_replay_cli_writes_contract_report(tmp_path: Path) -> None:
     feed = tmp_path / "f.jsonl"
-    body = {"at": "2026-03-01T14:00:00+00:00", "id": "m1", "type": "appointment.booked", "mrn": "M1",
-            "phone": "+15555550101", "appointment": {"id": "a1", "start": "2026-03-10T15:00:00+00:00"}}
+    body = {
+        "at": "2026-03-01T14:00:00+00:00",
+        "id": "m1",
+        "type": "appointment.booked",
+        "mrn": "M1",
+        "phone": "+15555550101",
+        "appointment": {"id": "a1", "start": "2026-03-10T15:00:00+00:00"},
+    }
     feed.write_text(json.dumps({"at": body["at"], "connector": "feed", "body": body}) + "\n")
     out = tmp_path / "r.json"
-    res = runner.invoke(app, ["replay", str(feed), "--config", str(FIXTURES / "config" / "kernel-test.yaml"),
-                              "--report", str(out)])
+    res = runner.invoke(
+        app,
+        [
+            "replay",
+            str(feed),
+            "--config",
+            str(FIXTURES / "config" / "kernel-test.yaml"),
+            "--report",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     rep = json.loads(out.read_text())
     assert set(rep) >= {"deliveries", "suppressed", "escalations", "events", "people"}
@@ -76,8 +94,17 @@ def test_replay_cli_writes_contract_report(tmp_path: Path) -> None:
 def test_replay_rejects_unknown_connector_naming_it(tmp_path: Path) -> None:
     feed = tmp_path / "f.jsonl"
     feed.write_text(json.dumps({"at": "2026-03-01T14:00:00+00:00", "connector": "nope", "body": "x"}) + "\n")
-    res = runner.invoke(app, ["replay", str(feed), "--config", str(FIXTURES / "config" / "kernel-test.yaml"),
-                              "--report", str(tmp_path / "r.json")])
+    res = runner.invoke(
+        app,
+        [
+            "replay",
+            str(feed),
+            "--config",
+            str(FIXTURES / "config" / "kernel-test.yaml"),
+            "--report",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert res.exit_code == 2 and "unknown connector 'nope'" in res.output
 
 
@@ -91,8 +118,14 @@ def test_explain_and_deadletters_against_a_database(tmp_path: Path, monkeypatch:
     feed = tmp_path / "f.jsonl"
     rows = [
         {"at": "2026-03-01T14:00:00+00:00", "id": "m0", "type": "boom", "mrn": "M1"},
-        {"at": "2026-03-01T14:00:01+00:00", "id": "m1", "type": "appointment.booked", "mrn": "M1",
-         "phone": "+15555550101", "appointment": {"id": "a1", "start": "2026-03-10T15:00:00+00:00"}},
+        {
+            "at": "2026-03-01T14:00:01+00:00",
+            "id": "m1",
+            "type": "appointment.booked",
+            "mrn": "M1",
+            "phone": "+15555550101",
+            "appointment": {"id": "a1", "start": "2026-03-10T15:00:00+00:00"},
+        },
     ]
     feed.write_text("".join(json.dumps({"at": r["at"], "connector": "feed", "body": r}) + "\n" for r in rows))
     lines = read_feed(feed)
@@ -102,7 +135,11 @@ def test_explain_and_deadletters_against_a_database(tmp_path: Path, monkeypatch:
     env = {"CARELOOP_DATABASE_URL": db, "COLUMNS": "200"}
     res = runner.invoke(app, ["explain", "1"], env=env)
     assert res.exit_code == 0
-    assert "appointment.booked" in res.output and "appointment-reminder" in res.output and "allowed" in res.output
+    assert (
+        "appointment.booked" in res.output
+        and "appointment-reminder" in res.output
+        and "allowed" in res.output
+    )
     assert "+1555" not in res.output  # explain shows codes, not contact details
     res = runner.invoke(app, ["deadletters", "list"], env=env)
     assert res.exit_code == 0 and "PermanentError" in res.output

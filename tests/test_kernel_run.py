@@ -46,8 +46,13 @@ def start(cfg: Path, db: str, http: int, log: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARELOOP_")}
     env["CARELOOP_DATABASE_URL"] = db
     with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "careloop.cli", "run", "--config", str(cfg)], cwd=ROOT,
-                                env=env, stdout=out, stderr=out)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "careloop.cli", "run", "--config", str(cfg)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=out,
+        )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:

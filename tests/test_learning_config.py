@@ -30,11 +30,20 @@ def test_learning_is_off_by_default_and_old_configs_need_no_change() -> None:
 
 
 def test_variant_bodies_are_checked_like_the_others() -> None:
-    probs = _problems({"templates": {"t": {**BASE, "variants": {
-        "short": {"sms": {"en": "Hi {{ patient_name }}"}},
-        "html": {"email": {"en": {"subject": "s", "text": "t"}}},
-        "empty": {},
-    }}}})
+    probs = _problems(
+        {
+            "templates": {
+                "t": {
+                    **BASE,
+                    "variants": {
+                        "short": {"sms": {"en": "Hi {{ patient_name }}"}},
+                        "html": {"email": {"en": {"subject": "s", "text": "t"}}},
+                        "empty": {},
+                    },
+                }
+            }
+        }
+    )
     bad_var = "templates.t.variants.short.sms.en: unknown variable 'patient_name'"
     assert any(p.startswith(bad_var) for p in probs)
     assert "templates.t.variants.html.email: the template has no email body to vary" in probs
@@ -48,22 +57,29 @@ def test_windows_must_sit_inside_the_allowed_sending_hours() -> None:
     assert not any(p.startswith("learning.windows.ok") for p in probs)
 
 
-@pytest.mark.parametrize("raw,msg", [
-    ({"rewards": {"opened_twice": 1.0}}, "unknown outcome 'opened_twice'"),
-    ({"rewards": {"replied": 2.0}}, "reward for replied must be between 0 and 1"),
-    ({"windows": {"m": "9am"}}, "must look like 12:00"),
-    ({"segment_by": ["zodiac"]}, "Input should be"),
-    ({"max_exploration": 1.5}, "less than or equal to 1"),
-])
+@pytest.mark.parametrize(
+    "raw,msg",
+    [
+        ({"rewards": {"opened_twice": 1.0}}, "unknown outcome 'opened_twice'"),
+        ({"rewards": {"replied": 2.0}}, "reward for replied must be between 0 and 1"),
+        ({"windows": {"m": "9am"}}, "must look like 12:00"),
+        ({"segment_by": ["zodiac"]}, "Input should be"),
+        ({"max_exploration": 1.5}, "less than or equal to 1"),
+    ],
+)
 def test_bad_learning_settings_are_refused(raw: dict[str, Any], msg: str) -> None:
     with pytest.raises(Exception, match=msg):
         AppConfig.model_validate({"learning": raw})
 
 
 def test_a_variant_renders_its_own_body_and_falls_back_for_other_kinds() -> None:
-    tpl = TemplateConfig.model_validate({
-        "sms": {"en": "long {{ product }}"}, "email": {"en": {"subject": "s", "text": "mail {{ product }}"}},
-        "variants": {"short": {"sms": {"en": "short {{ product }}"}}}})
+    tpl = TemplateConfig.model_validate(
+        {
+            "sms": {"en": "long {{ product }}"},
+            "email": {"en": {"subject": "s", "text": "mail {{ product }}"}},
+            "variants": {"short": {"sms": {"en": "short {{ product }}"}}},
+        }
+    )
     ctx = {"product": "p"}
     assert render(tpl.with_variant("short"), "sms", "en", ctx) == {"text": "short p"}
     assert render(tpl.with_variant("short"), "email", "en", ctx) == {"subject": "s", "text": "mail p"}

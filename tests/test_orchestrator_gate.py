@@ -14,17 +14,26 @@ NOON_NY = datetime(2026, 3, 2, 17, 0, tzinfo=UTC)  # 12:00 in New York
 
 
 def person(**kw: object) -> PersonFacts:
-    base: dict[str, object] = dict(deceased=False, timezone="America/New_York",
-                                   addresses={"phone": ["+15555550101"], "email": ["p@example.test"]},
-                                   opted_out=frozenset())
+    base: dict[str, object] = dict(
+        deceased=False,
+        timezone="America/New_York",
+        addresses={"phone": ["+15555550101"], "email": ["p@example.test"]},
+        opted_out=frozenset(),
+    )
     base.update(kw)
     return PersonFacts(**base)  # type: ignore[arg-type]
 
 
 def gate(**kw: object) -> GateInput:
-    base: dict[str, object] = dict(now=NOON_NY, person=person(), template_kinds=frozenset({"sms", "email", "text"}),
-                                   phi_class="none", purpose="appointment-reminder", channels=[SMS, EMAIL],
-                                   caps={"sms": Cap(1, 3)})
+    base: dict[str, object] = dict(
+        now=NOON_NY,
+        person=person(),
+        template_kinds=frozenset({"sms", "email", "text"}),
+        phi_class="none",
+        purpose="appointment-reminder",
+        channels=[SMS, EMAIL],
+        caps={"sms": Cap(1, 3)},
+    )
     base.update(kw)
     return GateInput(**base)  # type: ignore[arg-type]
 
@@ -35,11 +44,14 @@ def test_allowed_send_picks_first_channel() -> None:
     assert v.allowed == ("sms", "email")
 
 
-@pytest.mark.parametrize("kw,reason", [
-    ({"person": person(deceased=True)}, "deceased"),
-    ({"person": person(open_escalations=1)}, "escalation-open"),
-    ({"person": person(identity_held=True)}, "identity-unresolved"),
-])
+@pytest.mark.parametrize(
+    "kw,reason",
+    [
+        ({"person": person(deceased=True)}, "deceased"),
+        ({"person": person(open_escalations=1)}, "escalation-open"),
+        ({"person": person(identity_held=True)}, "identity-unresolved"),
+    ],
+)
 def test_person_level_refusals(kw: dict[str, object], reason: str) -> None:
     v = evaluate(gate(**kw))
     assert (v.outcome, v.reason) == ("suppress", reason)

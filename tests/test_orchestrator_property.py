@@ -4,8 +4,8 @@ out after a cancel or confirm (until a reschedule re-opens it), none twice, none
 from __future__ import annotations
 
 import asyncio
+import itertools
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from hypothesis import HealthCheck, given, settings
@@ -24,8 +24,11 @@ NY = ZoneInfo("America/New_York")
 KINDS = ["appointment.confirmed", "appointment.cancelled", "appointment.rescheduled", "appointment.noshow"]
 
 events = st.lists(
-    st.tuples(st.sampled_from(KINDS), st.integers(min_value=1, max_value=12 * 24 * 60),
-              st.integers(min_value=-48, max_value=48)),
+    st.tuples(
+        st.sampled_from(KINDS),
+        st.integers(min_value=1, max_value=12 * 24 * 60),
+        st.integers(min_value=-48, max_value=48),
+    ),
     max_size=4,
 )
 
@@ -42,8 +45,14 @@ def feed(evs: list[tuple[str, int, int]]) -> tuple[list[FeedLine], list[tuple[da
         if kind == "appointment.rescheduled":
             start = start + timedelta(hours=shift or 1)
         status = {"appointment.cancelled": "cancelled", "appointment.noshow": "noshow"}.get(kind, "booked")
-        body = {"at": at.isoformat(), "id": f"m{i}", "type": kind, "mrn": "MRN9", "phone": "+15555550109",
-                "appointment": {"id": "a1", "start": start.isoformat(), "status": status}}
+        body = {
+            "at": at.isoformat(),
+            "id": f"m{i}",
+            "type": kind,
+            "mrn": "MRN9",
+            "phone": "+15555550109",
+            "appointment": {"id": "a1", "start": start.isoformat(), "status": status},
+        }
         lines.append(FeedLine(at, "feed", json.dumps(body).encode(), {}))
         timeline.append((at, kind, start))
     return lines, timeline
@@ -59,7 +68,9 @@ def test_reminders_respect_every_ordering(evs: list[tuple[str, int, int]]) -> No
         rep = build_report(rp.store)
     finally:
         rp.close()
-    reminders = [datetime.fromisoformat(d["at"]) for d in rep["deliveries"] if d["template"] == "appointment-reminder"]
+    reminders = [
+        datetime.fromisoformat(d["at"]) for d in rep["deliveries"] if d["template"] == "appointment-reminder"
+    ]
     keys = [d["key"] for d in rep["deliveries"]]
     assert len(keys) == len(set(keys))
     for at in reminders:
@@ -76,5 +87,5 @@ def test_reminders_respect_every_ordering(evs: list[tuple[str, int, int]]) -> No
     starts = {s for _t, k, s in timeline if k in ("appointment.booked", "appointment.rescheduled")}
     assert len(reminders) <= 2 * len(starts)
     sms_days = sorted(reminders)
-    for a, b in zip(sms_days, sms_days[1:], strict=False):
+    for a, b in itertools.pairwise(sms_days):
         assert b - a >= timedelta(hours=24), "two SMS within a day"

@@ -25,15 +25,31 @@ def test_status_callback_marks_outbox_row_delivered_then_read() -> None:
         assert item.status == "captured"
 
         def status(st: str, minutes: int) -> FeedLine:
-            body = {"MessageSid": "SM" + "1" * 32, "MessageStatus": st, "_key": item.key,
-                    "AccountSid": "AC" + "0" * 32, "To": item.recipient, "From": "+15555550199"}
-            return FeedLine(utc(item.created_at) + timedelta(minutes=minutes), "sms", json.dumps(body).encode(), {})
+            body = {
+                "MessageSid": "SM" + "1" * 32,
+                "MessageStatus": st,
+                "_key": item.key,
+                "AccountSid": "AC" + "0" * 32,
+                "To": item.recipient,
+                "From": "+15555550199",
+            }
+            return FeedLine(
+                utc(item.created_at) + timedelta(minutes=minutes), "sms", json.dumps(body).encode(), {}
+            )
 
-        asyncio.run(rp.feed([status("delivered", 1), status("read", 2), status("sent", 3)], horizon=timedelta(0)))
+        asyncio.run(
+            rp.feed([status("delivered", 1), status("read", 2), status("sent", 3)], horizon=timedelta(0))
+        )
         with Session(rp.store.engine) as s:
             row = s.get(OutboxItem, item.id)
-            receipts = [r.status for r in s.exec(select(DeliveryReceipt).where(
-                DeliveryReceipt.outbox_id == item.id).order_by(DeliveryReceipt.id)).all()]
+            receipts = [
+                r.status
+                for r in s.exec(
+                    select(DeliveryReceipt)
+                    .where(DeliveryReceipt.outbox_id == item.id)
+                    .order_by(DeliveryReceipt.id)
+                ).all()
+            ]
         assert row is not None and row.status == "read"  # a late "sent" does not move it back
         assert receipts == ["captured", "delivered", "read", "sent"]
     finally:

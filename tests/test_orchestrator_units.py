@@ -20,12 +20,20 @@ def test_time_zone_from_address_then_phone_then_site() -> None:
 
 
 def test_template_renders_in_recipient_language_with_local_dates() -> None:
-    tpl = TemplateConfig.model_validate({"sms": {"en": "Visit {{ appointment.start | local_date }}",
-                                                 "es": "Cita {{ appointment.start | local_date }}"}})
+    tpl = TemplateConfig.model_validate(
+        {
+            "sms": {
+                "en": "Visit {{ appointment.start | local_date }}",
+                "es": "Cita {{ appointment.start | local_date }}",
+            }
+        }
+    )
     start = datetime(2026, 3, 12, 3, 30, tzinfo=UTC).astimezone(timezones_zone("America/Los_Angeles"))
     out = templates.render(tpl, "sms", "es", {"appointment": {"start": start}})
     assert out == {"text": "Cita Wed Mar 11"}  # 03:30 UTC is the evening before in California
-    assert templates.render(tpl, "sms", "fr", {"appointment": {"start": start}}) == {"text": "Visit Wed Mar 11"}
+    assert templates.render(tpl, "sms", "fr", {"appointment": {"start": start}}) == {
+        "text": "Visit Wed Mar 11"
+    }
 
 
 def timezones_zone(name: str):  # type: ignore[no-untyped-def]
@@ -46,15 +54,22 @@ def test_unknown_template_variable_is_a_config_error() -> None:
     tpl = TemplateConfig.model_validate({"sms": {"en": "Hi {{ first_name }}"}})
     assert templates.check("t", tpl) == [
         "templates.t.sms.en: unknown variable 'first_name' (allowed: appointment, encounter, event, person, "
-        "product, site)"]
+        "product, site)"
+    ]
 
 
-@pytest.mark.parametrize("raw,fragment", [
-    ({"on": "appointment.booked", "steps": [{"send": "x", "wait_for": "appointment.confirmed"}]}, "exactly one"),
-    ({"on": "appointment.booked", "steps": [{"wait_for": "appointment.confirmed"}]}, "needs a timeout"),
-    ({"on": "appointment.booked", "steps": []}, "at least 1"),
-    ({"on": "appointment.booked", "steps": [{"send": "x", "at": "lunchtime"}]}, "must be one of"),
-])
+@pytest.mark.parametrize(
+    "raw,fragment",
+    [
+        (
+            {"on": "appointment.booked", "steps": [{"send": "x", "wait_for": "appointment.confirmed"}]},
+            "exactly one",
+        ),
+        ({"on": "appointment.booked", "steps": [{"wait_for": "appointment.confirmed"}]}, "needs a timeout"),
+        ({"on": "appointment.booked", "steps": []}, "at least 1"),
+        ({"on": "appointment.booked", "steps": [{"send": "x", "at": "lunchtime"}]}, "must be one of"),
+    ],
+)
 def test_playbook_shapes_are_checked(raw: dict[str, object], fragment: str) -> None:
     with pytest.raises(ValidationError) as exc:
         PlaybookConfig.model_validate(raw)

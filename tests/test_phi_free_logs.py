@@ -22,10 +22,22 @@ def test_pipeline_logs_hold_no_phi() -> None:
     # The booking without its SCH segment cannot be mapped: it is dead-lettered, and logged.
     broken = b"\r".join(seg for seg in lines[1].body.split(b"\r") if not seg.startswith(b"SCH"))
     extra = [
-        FeedLine(lines[1].at + timedelta(seconds=1), "adt", broken.replace(b"NW-SIU-0001", b"NW-SIU-BAD"), {}),
-        FeedLine(lines[-1].at + timedelta(minutes=5), "sms",
-                 json.dumps({"From": "+15555550101", "To": "+15555550199", "Body": "STOP Testperson here",
-                             "MessageSid": "SM00000000000000000000000000000002"}).encode(), {}),
+        FeedLine(
+            lines[1].at + timedelta(seconds=1), "adt", broken.replace(b"NW-SIU-0001", b"NW-SIU-BAD"), {}
+        ),
+        FeedLine(
+            lines[-1].at + timedelta(minutes=5),
+            "sms",
+            json.dumps(
+                {
+                    "From": "+15555550101",
+                    "To": "+15555550199",
+                    "Body": "STOP Testperson here",
+                    "MessageSid": "SM00000000000000000000000000000002",
+                }
+            ).encode(),
+            {},
+        ),
     ]
     feed = sorted([*lines, *extra], key=lambda f: f.at)
     rp = Replayer(cfgmod.load(FIXTURES / "config" / "example.yaml"), start=feed[0].at)
