@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy.engine import Engine
@@ -48,7 +50,7 @@ def retry(engine: Engine, id: int) -> str | None:
             return f"dead letter {id}: not found"
         if d.retried_at is not None:
             return f"dead letter {id}: already retried"
-        model = _TABLES.get(d.stage)
+        model: Any = _TABLES.get(d.stage)
         item = s.get(model, d.item_id) if model else None
         if item is None:
             return f"dead letter {id}: its item is gone"

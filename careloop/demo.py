@@ -55,11 +55,11 @@ def main(console: Console) -> int:
             people = s.exec(
                 select(Person).where(col(Person.merged_into).is_(None)).order_by(col(Person.id))
             ).all()
-            for p in people:
-                assert p.id is not None
-                rows = [r for r in timeline(s, p.id) if r[1] != "schedule"]
+            for person in people:
+                assert person.id is not None
+                rows = [r for r in timeline(s, person.id) if r[1] != "schedule"]
                 story = " -> ".join(dict.fromkeys(what for _, kind, what, _ in rows if kind == "event"))
-                table = Table(title=Text(f"person {p.id}: {story}"), title_justify="left")
+                table = Table(title=Text(f"person {person.id}: {story}"), title_justify="left")
                 table.add_column(f"when ({cfg.site.timezone})", no_wrap=True)
                 table.add_column("", no_wrap=True)
                 table.add_column("what", no_wrap=True)

@@ -59,17 +59,19 @@ def audit_jobs(hub: Hub) -> list[dict[str, Any]]:
     cfg = hub.config
     run_checkpoint = checkpoint.job_from_config(hub.store, cfg)
 
-    def prune() -> None:
-        with hub.store.session() as s:
-            n = retention.prune_raw_messages(
-                s, older_than_days=cfg.audit.raw_retention_days, now=hub.store.clock.now()
-            )
-        log.info("raw message retention", extra={"pruned": n})
-
-    return [
-        {"func": run_checkpoint, "trigger": "interval", "seconds": 60, "id": "audit-checkpoint"},
-        {"func": prune, "trigger": "interval", "hours": 24, "id": "raw-retention"},
+    jobs: list[dict[str, Any]] = [
+        {"func": run_checkpoint, "trigger": "interval", "seconds": 60, "id": "audit-checkpoint"}
     ]
+    days = cfg.audit.raw_retention_days
+    if days is not None:  # raw messages are kept for good unless a retention is configured
+
+        def prune() -> None:
+            with hub.store.session() as s:
+                n = retention.prune_raw_messages(s, older_than_days=days, now=hub.store.clock.now())
+            log.info("raw message retention", extra={"pruned": n})
+
+        jobs.append({"func": prune, "trigger": "interval", "hours": 24, "id": "raw-retention"})
+    return jobs
 
 
 class _Server(uvicorn.Server):

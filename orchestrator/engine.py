@@ -338,7 +338,7 @@ class Orchestrator:
         """A send held back by quiet hours: check the journey again, then gate again."""
         template = str(t.payload["template"])
         recheck = playbooks.on_step_timer(t.playbook, pb, t.step, utc(t.due_at), ctx)
-        refusals = [a for a in recheck if isinstance(a, Suppress) and a.step == t.step]
+        refusals: list[Action] = [a for a in recheck if isinstance(a, Suppress) and a.step == t.step]
         if refusals:
             return refusals[:1]
         not_after = t.payload.get("not_after")
