@@ -154,6 +154,7 @@ def test_success_records_a_receipt_and_a_phi_free_disclosure(store: Store, perso
         "template": "appointment-reminder",
         "phi_class": "none",
         "recipient_kind": "phone",
+        "recipient_role": "patient",
         "purpose": "treatment",
         "outcome": "queued",
         "attempt": 1,
