@@ -1,6 +1,6 @@
 """Durable MLLP ingest against a bare asyncio ACK-echo server, in the same run.
 
-Durable: the careloop MLLP listener with BulkIngestSink over SQLite (WAL,
+Durable: the careloop MLLP listener with IngestSink over SQLite (WAL,
 synchronous=FULL as careloop.db sets it): every ACK is sent after its message committed.
 Echo: an asyncio server that frames, reads MSH-10 and answers AA, storing nothing.
 Clients run in a separate process (one socket per connection, each waits for the ACK
@@ -201,8 +201,7 @@ def main() -> None:
 
     from careloop.clock import SystemClock
     from careloop.db import make_engine, upgrade
-    from careloop.ingest_bulk import BulkIngestSink
-    from careloop.pipeline import IngestSink
+    from careloop.ingest import IngestSink
     from careloop.store import Store
     from connectors.hl7v2_mllp import MLLPConfig, MLLPConnector
 
@@ -234,8 +233,7 @@ def main() -> None:
 
         scenarios: list[tuple[str, Any, int]] = [
             ("listener, no store", ThreadOnlySink(), 1),
-            ("durable", BulkIngestSink(store), 1),
-            ("durable, stock IngestSink", IngestSink(store), 4),
+            ("durable", IngestSink(store), 1),
         ]
         for idx, (label, sink, scale) in enumerate(scenarios):
             connector = MLLPConnector("bench", MLLPConfig(plugin="hl7v2_mllp", port=free_port()))

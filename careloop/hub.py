@@ -12,7 +12,7 @@ from sqlalchemy import text
 from careloop.clock import Clock, SystemClock
 from careloop.config import AppConfig
 from careloop.db import database_url, make_engine, upgrade
-from careloop.ingest_bulk import BulkIngestSink
+from careloop.ingest import IngestSink
 from careloop.pipeline import MapStage, Stage, drain, run_stage
 from careloop.store import Store
 from careloop.wiring import MapperRegistry, build_channels, build_connectors, channel_facts, check
@@ -50,8 +50,7 @@ class Hub:
         self.capture = capture
         self.http = httpx.AsyncClient(timeout=10.0)
         deps: dict[str, Any] = {"store": store, "clock": store.clock, "http": self.http, "app_config": config}
-        # Driver-level writes: the same rows and audit records as IngestSink, 3x cheaper.
-        self.sink = BulkIngestSink(store)
+        self.sink = IngestSink(store)
         self.connectors = build_connectors(self.checked, **deps)
         self.channels: dict[str, Channel] = build_channels(self.checked, capture=capture, **deps)
         self.mappers = MapperRegistry(self.connectors)

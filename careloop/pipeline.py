@@ -18,13 +18,14 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
 from careloop import audit_log, identity
 from careloop.clock import utc
 from careloop.errors import CareloopError, SkipMessage, TransientError
-from careloop.model import MappedEvent, PutResult, RawIn
+from careloop.ingest import IngestSink as IngestSink  # the raw sink, re-exported
+from careloop.model import MappedEvent
 from careloop.store import Store
 from careloop.tables import DeadLetter, JourneyEvent, Person, RawMessage, Resource
 
@@ -47,96 +48,6 @@ class Stage(Protocol):
     async def run_once(self) -> int:
         """Process one batch; return how many items were handled (0: nothing to do)."""
         ...
-
-
-# --------------------------------------------------------------------------- ingest
-
-
-class IngestSink:
-    """The RawSink: stores raw messages and their audit records in one commit."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    async def put(self, items: Sequence[RawIn]) -> list[PutResult]:
-        return await asyncio.to_thread(self.put_sync, items)
-
-    def put_sync(self, items: Sequence[RawIn]) -> list[PutResult]:
-        for attempt in range(5):
-            try:
-                with self.store.session() as s:
-                    return self._put(s, items)
-            except DBAPIError as exc:
-                # A concurrent insert of the same dedup key, or a busy database: retry.
-                if attempt == 4:
-                    raise TransientError("the store did not accept the message") from exc
-        raise AssertionError("unreachable")
-
-    def _put(self, s: Session, items: Sequence[RawIn]) -> list[PutResult]:
-        now = self.store.clock.now()
-        out: list[PutResult] = []
-        seen: dict[tuple[str, str], PutResult] = {}
-        for item in items:
-            reply = item.reply
-            key = (item.connector, item.dedup_key) if item.dedup_key else None
-            if key is not None:
-                prior = seen.get(key)
-                if prior is None:
-                    row = s.exec(
-                        select(RawMessage.id, RawMessage.ack).where(
-                            RawMessage.connector == item.connector, RawMessage.dedup_key == item.dedup_key
-                        )
-                    ).first()
-                    if row is not None:
-                        assert row[0] is not None
-                        prior = PutResult(row[0], True, row[1])
-                if prior is not None:
-                    dup = PutResult(prior.raw_id, True, prior.reply)
-                    out.append(dup)
-                    audit_log.append(
-                        s,
-                        at=now,
-                        actor=f"connector:{item.connector}",
-                        action="message.duplicate",
-                        entity=f"raw_message/{prior.raw_id}",
-                        detail={"kind": item.kind},
-                    )
-                    continue
-            raw = RawMessage(
-                connector=item.connector,
-                kind=item.kind,
-                content_type=item.content_type,
-                dedup_key=item.dedup_key,
-                received_at=now,
-                body=item.body,
-                headers=dict(item.headers),
-                ack=reply,
-            )
-            s.add(raw)
-            s.flush()
-            assert raw.id is not None
-            res = PutResult(raw.id, False, reply)
-            if key is not None:
-                seen[key] = res
-            out.append(res)
-            audit_log.append(
-                s,
-                at=now,
-                actor=f"connector:{item.connector}",
-                action="message.receive",
-                entity=f"raw_message/{raw.id}",
-                detail={
-                    "kind": item.kind,
-                    "control_id": _control_id(item.dedup_key),
-                    "bytes": len(item.body),
-                },
-            )
-        return out
-
-
-def _control_id(dedup_key: str | None) -> str | None:
-    # dedup keys end with the sender's control id / delivery id (no PHI).
-    return dedup_key.rsplit("|", 1)[-1] if dedup_key else None
 
 
 # --------------------------------------------------------------------------- mapping

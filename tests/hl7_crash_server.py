@@ -9,7 +9,7 @@ import sys
 
 from careloop.clock import SystemClock
 from careloop.db import make_engine, upgrade
-from careloop.ingest_bulk import BulkIngestSink
+from careloop.ingest import IngestSink
 from careloop.store import Store
 from connectors.hl7v2_mllp import MLLPConfig, MLLPConnector
 
@@ -18,7 +18,7 @@ async def main(db: str, port: int) -> None:
     engine = make_engine(f"sqlite:///{db}")
     upgrade(engine)
     connector = MLLPConnector("adt", MLLPConfig(plugin="hl7v2_mllp", port=port, idle_timeout_s=30))
-    await connector.start(BulkIngestSink(Store(engine, SystemClock())))
+    await connector.start(IngestSink(Store(engine, SystemClock())))
     print("READY", flush=True)
     await asyncio.Event().wait()
 

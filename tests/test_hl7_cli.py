@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from careloop.clock import SystemClock
 from careloop.db import make_engine, upgrade
-from careloop.ingest_bulk import BulkIngestSink
+from careloop.ingest import IngestSink
 from careloop.store import Store
 from careloop.tables import AuditRecord, RawMessage
 from connectors import hl7_cli, messages_cli
@@ -32,7 +32,7 @@ def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Store]:
 
 
 def test_send_prints_each_ack_and_exits_zero_when_all_accepted(db: Store) -> None:
-    srv = BackgroundListener(BulkIngestSink(db))
+    srv = BackgroundListener(IngestSink(db))
     try:
         res = runner.invoke(
             hl7_cli.app, ["send", str(HL7_FIXTURES / "siu_s12_booked.hl7"), "--port", str(srv.port)]
@@ -45,7 +45,7 @@ def test_send_prints_each_ack_and_exits_zero_when_all_accepted(db: Store) -> Non
 
 def test_send_exits_non_zero_on_an_error_ack(tmp_path: Path) -> None:
     broken = make_engine(f"sqlite:///{tmp_path}/broken.db")  # no schema: the store fails
-    srv = BackgroundListener(BulkIngestSink(Store(broken, SystemClock())))
+    srv = BackgroundListener(IngestSink(Store(broken, SystemClock())))
     try:
         res = runner.invoke(
             hl7_cli.app, ["send", str(HL7_FIXTURES / "adt_a01_admit.hl7"), "--port", str(srv.port)]
@@ -67,7 +67,7 @@ def test_send_refuses_a_file_that_is_not_hl7(tmp_path: Path) -> None:
 def _store_samples(store: Store) -> list[int]:
     c = MLLPConnector("adt", MLLPConfig(plugin="hl7v2_mllp"))
     items = c.accept((HL7_FIXTURES / "adt_a01_admit.hl7").read_bytes(), {}) + c.accept(adt("A01", "M2"), {})
-    return [r.raw_id for r in BulkIngestSink(store).put_sync(items)]
+    return [r.raw_id for r in IngestSink(store).put_sync(items)]
 
 
 def test_messages_list_and_show_mask_phi_unless_unmasked(db: Store) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, select
 
-from careloop.ingest_bulk import BulkIngestSink
+from careloop.ingest import IngestSink
 from careloop.store import Store
 from careloop.tables import RawMessage
 from connectors.hl7v2_file import FileConfig, FileConnector
@@ -49,7 +49,7 @@ async def test_files_are_stored_then_moved_to_done_or_error(store: Store, tmp_pa
         _old(inbox / name)
 
     c = FileConnector("files", FileConfig(directory=inbox, min_age_s=5))
-    await c.start(BulkIngestSink(store))
+    await c.start(IngestSink(store))
     try:
         await c.scan_once()
         await c.scan_once()  # nothing left to do: files already moved
@@ -70,7 +70,7 @@ async def test_a_file_seen_again_after_a_crash_is_not_stored_twice(store: Store,
     inbox = tmp_path / "in"
     inbox.mkdir()
     data = (HL7_FIXTURES / "siu_s12_booked.hl7").read_bytes()
-    sink = BulkIngestSink(store)
+    sink = IngestSink(store)
     sink.put_sync(
         FileConnector("files", FileConfig(directory=inbox)).accept(data, {})
     )  # committed, not moved

@@ -21,8 +21,8 @@ from sqlmodel import Session, select
 
 from careloop.clock import SystemClock
 from careloop.db import make_engine, upgrade
-from careloop.ingest_bulk import BulkIngestSink
-from careloop.pipeline import IngestSink, MapStage
+from careloop.ingest import IngestSink
+from careloop.pipeline import MapStage
 from careloop.store import Store
 from careloop.tables import AuditRecord, DeadLetter, RawMessage
 from connectors.hl7v2_mllp import MLLPConfig, MLLPConnector, MLLPFramer
@@ -51,7 +51,7 @@ def free_port() -> int:
 @pytest.fixture
 async def listener(store: Store) -> AsyncIterator[MLLPConnector]:
     c = MLLPConnector("adt", config(idle_timeout_s=5))
-    await c.start(BulkIngestSink(store))
+    await c.start(IngestSink(store))
     yield c
     await c.stop()
 
@@ -153,7 +153,7 @@ async def test_same_control_id_from_another_sender_is_not_a_duplicate(
 @pytest.mark.anyio
 async def test_oversize_message_gets_ar_and_the_stream_stays_in_sync(store: Store) -> None:
     c = MLLPConnector("adt", config(max_message_bytes=2048))
-    await c.start(BulkIngestSink(store))
+    await c.start(IngestSink(store))
     try:
         big = adt("A01", "BIG1", extra=["ZZZ|" + "x" * 5000])
         acks = await exchange(c.port, [adt("A01", "OK1"), big, adt("A01", "OK2")])
@@ -171,7 +171,7 @@ async def test_oversize_message_gets_ar_and_the_stream_stays_in_sync(store: Stor
 @pytest.mark.anyio
 async def test_oversize_frame_arriving_in_pieces_is_discarded_in_sync(store: Store) -> None:
     c = MLLPConnector("adt", config(max_message_bytes=1024))
-    await c.start(BulkIngestSink(store))
+    await c.start(IngestSink(store))
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", c.port)
         big = frame(adt("A01", "BIG2", extra=["ZZZ|" + "y" * 20000]))
@@ -233,7 +233,7 @@ async def test_unreadable_frame_gets_ar_and_is_not_stored(listener: MLLPConnecto
 async def test_store_failure_gets_ae_never_aa(tmp_path: Path) -> None:
     broken = make_engine(f"sqlite:///{tmp_path}/unmigrated.db")  # no tables: every put fails
     c = MLLPConnector("adt", config())
-    await c.start(BulkIngestSink(Store(broken, SystemClock())))
+    await c.start(IngestSink(Store(broken, SystemClock())))
     try:
         acks = await exchange(c.port, [adt("A01", "F1"), siu("S12", "F2", accept_ack="AL", app_ack="NE")])
     finally:
@@ -260,7 +260,7 @@ async def test_stock_ingest_sink_works_too(store: Store) -> None:
 @pytest.mark.anyio
 async def test_idle_connection_is_closed(store: Store) -> None:
     c = MLLPConnector("adt", config(idle_timeout_s=0.3))
-    await c.start(BulkIngestSink(store))
+    await c.start(IngestSink(store))
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", c.port)
         assert await asyncio.wait_for(reader.read(), 5) == b""
@@ -344,7 +344,7 @@ async def test_mutual_tls_accepts_a_client_certificate_and_refuses_none(store: S
     certs = _make_certs(tmp_path)
     tls = {"cert": certs["server_cert"], "key": certs["server_key"], "ca": certs["ca"]}
     c = MLLPConnector("adt", config(tls=tls))
-    await c.start(BulkIngestSink(store))
+    await c.start(IngestSink(store))
     try:
         good = ssl.create_default_context(cafile=str(certs["ca"]))
         good.load_cert_chain(str(certs["client_cert"]), str(certs["client_key"]))
@@ -378,7 +378,7 @@ def test_demo_fixture_files_are_accepted_over_the_wire(tmp_path: Path) -> None:
 
     async def run() -> list[bytes]:
         c = MLLPConnector("adt", config())
-        await c.start(BulkIngestSink(store))
+        await c.start(IngestSink(store))
         try:
             payloads = [
                 (HL7_FIXTURES / n).read_bytes() for n in sorted(p.name for p in HL7_FIXTURES.glob("*.hl7"))
@@ -408,7 +408,7 @@ class _Server:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         asyncio.run_coroutine_threadsafe(
-            self.connector.start(BulkIngestSink(Store(engine, SystemClock()))), self.loop
+            self.connector.start(IngestSink(Store(engine, SystemClock()))), self.loop
         ).result(10)
 
     def close(self) -> None:
@@ -459,7 +459,7 @@ def test_arbitrary_bytes_get_one_reply_per_frame_then_a_clean_close(
 @pytest.mark.anyio
 async def test_connections_over_the_limit_are_closed_at_once(store: Store) -> None:
     c = MLLPConnector("adt", config(max_connections=1))
-    await c.start(BulkIngestSink(store))
+    await c.start(IngestSink(store))
     try:
         r1, w1 = await asyncio.open_connection("127.0.0.1", c.port)
         w1.write(frame(adt("A01", "L1")))

@@ -1,11 +1,11 @@
-"""BulkIngestSink writes what IngestSink writes: same rows, same duplicates, same audit chain."""
+"""The raw sink: the rows it writes, duplicates answered with the first copy, and an audit
+chain that the ORM appender (careloop.audit_log.append) continues."""
 
 from __future__ import annotations
 
 from sqlmodel import Session, select
 
 from careloop import audit_log
-from careloop.ingest_bulk import BulkIngestSink
 from careloop.model import RawIn
 from careloop.pipeline import IngestSink
 from careloop.store import Store
@@ -24,8 +24,8 @@ def item(key: str | None, n: int = 0) -> RawIn:
     )
 
 
-def test_bulk_sink_matches_the_stock_sink_on_rows_duplicates_and_audit(store: Store) -> None:
-    stock, bulk = IngestSink(store), BulkIngestSink(store)
+def test_sink_rows_duplicates_and_audit_chain(store: Store) -> None:
+    stock = bulk = IngestSink(store)
     a = stock.put_sync([item("k1", 1), item("k2", 2), item("k1", 3), item(None, 4)])
     b = bulk.put_sync([item("k4", 5), item("k4", 6), item("k1", 7), item(None, 8)])
     assert [(r.duplicate, r.reply) for r in a] == [
@@ -71,15 +71,16 @@ def test_bulk_sink_matches_the_stock_sink_on_rows_duplicates_and_audit(store: St
     assert head is not None and head.seq == 8 and head.hash == prev
     assert records[4].detail == {"kind": "hl7v2:ADT^A01", "control_id": "k4", "bytes": 9}
 
-    # The stock sink continues the chain the bulk sink left.
-    stock.put_sync([item("k9", 9)])
+    # The ORM appender continues the chain the sink left.
+    with store.session() as s:
+        audit_log.append(s, at=store.clock.now(), actor="test", action="test.append")
     with Session(store.engine) as s:
         last = s.exec(select(AuditRecord).order_by(AuditRecord.seq.desc())).first()  # type: ignore[attr-defined]
     assert last is not None and last.seq == 9 and last.prev_hash == prev
 
 
-def test_bulk_sink_handles_large_groups_and_empty_puts(store: Store) -> None:
-    sink = BulkIngestSink(store)
+def test_sink_handles_large_groups_and_empty_puts(store: Store) -> None:
+    sink = IngestSink(store)
     assert sink.put_sync([]) == []
     res = sink.put_sync([item(f"g{i}", i) for i in range(900)] + [item("g5", 5)])
     assert len(res) == 901 and res[-1].duplicate and res[-1].raw_id == res[5].raw_id

@@ -1,5 +1,5 @@
-"""A faster IngestSink: the same rows and audit records, written with a handful of
-driver-level statements per commit.
+"""The raw sink: stores inbound messages and their audit records in one commit, with a
+handful of driver-level statements per commit.
 
 Why: ``IngestSink._put`` spends 2-4 ms of CPU per message on this class of machine in ORM
 object creation and per-row flushes, and even SQLAlchemy Core costs ~0.4 ms a statement
@@ -19,6 +19,7 @@ the fsync rate. This subclass keeps ``IngestSink``'s contract exactly:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import weakref
@@ -31,7 +32,6 @@ from careloop import audit_log
 from careloop.clock import utc
 from careloop.errors import TransientError
 from careloop.model import PutResult, RawIn
-from careloop.pipeline import IngestSink, _control_id
 from careloop.store import Store
 from careloop.tables import AuditRecord, RawMessage
 
@@ -110,8 +110,13 @@ class _Sql:
         )
 
 
-class BulkIngestSink(IngestSink):
-    """IngestSink with driver-level writes; a drop-in replacement (same tables, same audit).
+class IngestSink:
+    """The RawSink every connector hands its messages to (``connectors.base.RawSink``).
+
+    Each ``put`` is one transaction (committed when it returns); duplicates by (connector,
+    dedup_key), within the batch or already stored, are not stored again and answer the first
+    copy's id and reply; every item gets a ``message.receive`` or ``message.duplicate`` audit
+    record on the same hash chain that ``careloop.audit_log.append`` extends.
 
     It keeps one database connection for its writes (checking a connection out of the pool
     and back costs about a quarter of a small commit's CPU), serialised by a lock; SQLite
@@ -120,7 +125,7 @@ class BulkIngestSink(IngestSink):
     released when the sink is garbage-collected)."""
 
     def __init__(self, store: Store) -> None:
-        super().__init__(store)
+        self.store = store
         self._sql: _Sql | None = None
         self._lock = threading.Lock()
         self._conn: Any = None
@@ -143,6 +148,9 @@ class BulkIngestSink(IngestSink):
         if self._release is not None:
             self._release()  # closes (returns) the connection once
         self._conn, self._release = None, None
+
+    async def put(self, items: Sequence[RawIn]) -> list[PutResult]:
+        return await asyncio.to_thread(self.put_sync, items)
 
     def put_sync(self, items: Sequence[RawIn]) -> list[PutResult]:
         if not items:
@@ -268,6 +276,11 @@ class BulkIngestSink(IngestSink):
         cur.executemany(sql.insert_audit, audits)
         cur.execute(sql.head_update, (seq, prev))
         return out
+
+
+def _control_id(dedup_key: str | None) -> str | None:
+    # dedup keys end with the sender's control id / delivery id (no PHI).
+    return dedup_key.rsplit("|", 1)[-1] if dedup_key else None
 
 
 def _close_quietly(conn: Any) -> None:
