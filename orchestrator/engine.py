@@ -597,13 +597,44 @@ class Orchestrator:
             )
             return
         assert verdict.channel is not None and verdict.recipient is not None
-        ch = self.channels[verdict.channel]
+        self._emit(s, person, state, a, origin, now, tpl, verdict.channel, verdict.recipient, pfacts, detail)
+
+    def _emit(
+        self,
+        s: Session,
+        person: Person,
+        state: JourneyState,
+        a: Send,
+        origin: Origin,
+        now: datetime,
+        tpl: TemplateConfig,
+        channel: str,
+        recipient: str,
+        pfacts: gate.PersonFacts,
+        detail: dict[str, Any],
+        *,
+        variant: str | None = None,
+        propensity: float | None = None,
+    ) -> tuple[Decision, OutboxItem] | None:
+        """Render ``a``'s template for ``channel``, record the send decision and queue the
+        outbox row. The idempotency key depends only on what was decided and why (person,
+        playbook, version, subject, step, template, the event or timer that caused it), so
+        deciding the same thing again can never queue a second message."""
+        assert person.id is not None
+        ch = self.channels[channel]
         try:
             content = templates.render(
-                tpl, ch.template_kind, person.language, self._context(person, state, a, pfacts.timezone)
+                tpl.with_variant(variant),
+                ch.template_kind,
+                person.language,
+                self._context(person, state, a, pfacts.timezone),
             )
         except TemplateError as exc:
             detail["error"] = type(exc).__name__
+            content, refusal = None, "template-error"
+        else:
+            refusal = "no-template-for-channel"
+        if content is None:
             self._decide(
                 s,
                 person,
@@ -612,13 +643,12 @@ class Orchestrator:
                 a.playbook,
                 a.version,
                 "suppress",
-                "template-error",
+                refusal,
                 template=a.template,
-                channel=verdict.channel,
+                channel=channel,
                 detail=detail,
             )
-            return
-        assert content is not None
+            return None
         dec = self._decide(
             s,
             person,
@@ -629,34 +659,34 @@ class Orchestrator:
             "send",
             "allowed",
             template=a.template,
-            channel=verdict.channel,
+            channel=channel,
             detail=detail,
         )
+        dec.propensity = propensity
         key = hashlib.sha256(
             f"{person.id}|{a.playbook}|{a.version}|{a.subject_ref}|{a.step}|{a.template}|{origin.tag()}".encode()
         ).hexdigest()[:32]
-        s.add(
-            OutboxItem(
-                key=key,
-                decision_id=dec.id,
-                person_id=person.id,
-                channel=verdict.channel,
-                template=a.template,
-                playbook=a.playbook,
-                subject_ref=a.subject_ref,
-                purpose=tpl.purpose or a.purpose,
-                phi_class=tpl.phi_class,
-                recipient=verdict.recipient,
-                content=content,
-                created_at=now,
-                not_after=a.not_after,
-                next_attempt_at=now,
-            )
+        item = OutboxItem(
+            key=key,
+            decision_id=dec.id,
+            person_id=person.id,
+            channel=channel,
+            template=a.template,
+            playbook=a.playbook,
+            subject_ref=a.subject_ref,
+            purpose=tpl.purpose or a.purpose,
+            phi_class=tpl.phi_class,
+            recipient=recipient,
+            content=content,
+            created_at=now,
+            not_after=a.not_after,
+            next_attempt_at=now,
         )
+        s.add(item)
         record_outreach(
-            state,
-            Outreach(at=now, playbook=a.playbook, template=a.template, channel=verdict.channel, key=key),
+            state, Outreach(at=now, playbook=a.playbook, template=a.template, channel=channel, key=key)
         )
+        return dec, item
 
     def _decide(
         self,
@@ -1432,82 +1462,24 @@ class Orchestrator:
         recipient = (
             pfacts.addresses[ch.address_kind][0] if ch.address_kind in gate.PERSON_FACING else ch.address_kind
         )
-        try:
-            content = templates.render(
-                tpl.with_variant(variant),
-                ch.template_kind,
-                person.language,
-                self._context(person, state, a, pfacts.timezone),
-            )
-        except TemplateError as exc:
-            detail["error"] = type(exc).__name__
-            self._decide(
-                s,
-                person,
-                origin,
-                now,
-                a.playbook,
-                a.version,
-                "suppress",
-                "template-error",
-                template=a.template,
-                channel=channel,
-                detail=detail,
-            )
-            return
-        if content is None:
-            self._decide(
-                s,
-                person,
-                origin,
-                now,
-                a.playbook,
-                a.version,
-                "suppress",
-                "no-template-for-channel",
-                template=a.template,
-                channel=channel,
-                detail=detail,
-            )
-            return
-        dec = self._decide(
+        emitted = self._emit(
             s,
             person,
+            state,
+            a,
             origin,
             now,
-            a.playbook,
-            a.version,
-            "send",
-            "allowed",
-            template=a.template,
-            channel=channel,
-            detail=detail,
+            tpl,
+            channel,
+            recipient,
+            pfacts,
+            detail,
+            variant=variant,
+            propensity=propensity,
         )
-        dec.propensity = propensity
-        # The same idempotency key as _send's own path.
-        key = hashlib.sha256(
-            f"{person.id}|{a.playbook}|{a.version}|{a.subject_ref}|{a.step}|{a.template}|{origin.tag()}".encode()
-        ).hexdigest()[:32]
-        item = OutboxItem(
-            key=key,
-            decision_id=dec.id,
-            person_id=person.id,
-            channel=channel,
-            template=a.template,
-            playbook=a.playbook,
-            subject_ref=a.subject_ref,
-            purpose=tpl.purpose or a.purpose,
-            phi_class=tpl.phi_class,
-            recipient=recipient,
-            content=content,
-            created_at=now,
-            not_after=a.not_after,
-            next_attempt_at=now,
-        )
-        s.add(item)
-        record_outreach(
-            state, Outreach(at=now, playbook=a.playbook, template=a.template, channel=channel, key=key)
-        )
+        if emitted is None:
+            return
+        dec, item = emitted
         window, segment = str(info.get("window") or learning.ASAP), str(info.get("segment") or "*")
         outcomes.register(
             s,
