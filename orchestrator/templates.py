@@ -11,7 +11,7 @@ from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from jinja2 import StrictUndefined, Template, TemplateSyntaxError, meta
+from jinja2 import StrictUndefined, Template, TemplateSyntaxError, meta, pass_context
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -83,12 +83,46 @@ def _local(v: Any, tz: str | None) -> datetime:
     return dt.astimezone(ZoneInfo(tz)) if tz else dt
 
 
-def _local_date(v: Any, tz: str | None = None) -> str:
-    return _local(v, tz).strftime("%a %b %-d")
+# Dates and times in the reader's language, without depending on the machine's locales.
+_ES_DAYS = ("lunes", "martes", "miércoles", "jueves", "viernes", "sábado", "domingo")
+_ES_MONTHS = (
+    "enero",
+    "febrero",
+    "marzo",
+    "abril",
+    "mayo",
+    "junio",
+    "julio",
+    "agosto",
+    "septiembre",
+    "octubre",
+    "noviembre",
+    "diciembre",
+)
+_EN_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_EN_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
-def _local_time(v: Any, tz: str | None = None) -> str:
-    return _local(v, tz).strftime("%-I:%M %p")
+def _language(ctx: Any) -> str:
+    person = ctx.get("person") if hasattr(ctx, "get") else None
+    lang = person.get("language") if isinstance(person, dict) else None
+    return str(lang or "en").split("-")[0].lower()
+
+
+@pass_context
+def _local_date(ctx: Any, v: Any, tz: str | None = None) -> str:
+    dt = _local(v, tz)
+    if _language(ctx) == "es":
+        return f"{_ES_DAYS[dt.weekday()]} {dt.day} de {_ES_MONTHS[dt.month - 1]}"
+    return f"{_EN_DAYS[dt.weekday()]} {_EN_MONTHS[dt.month - 1]} {dt.day}"
+
+
+@pass_context
+def _local_time(ctx: Any, v: Any, tz: str | None = None) -> str:
+    dt = _local(v, tz)
+    if _language(ctx) == "es":
+        return dt.strftime("%H:%M")
+    return f"{dt.hour % 12 or 12}:{dt.minute:02d} {'AM' if dt.hour < 12 else 'PM'}"
 
 
 def _env(autoescape: bool = False) -> SandboxedEnvironment:
@@ -157,29 +191,38 @@ def render(
     tpl: TemplateConfig, kind: str, language: str | None, context: dict[str, Any]
 ) -> dict[str, str] | None:
     """The channel content for ``kind`` ({"text": ...} or email parts), or None if the
-    template has no body for that kind. Falls back to English, then to any language."""
+    template has no body for that kind. Falls back to English, then to any language; dates
+    and times are written in the language of the body that was chosen."""
+    chosen: list[str] = []
 
     def pick(d: dict[str, Any]) -> Any:
-        if not d:
-            return None
-        return d.get(language or "en") or d.get("en") or next(iter(d.values()))
+        for lang in (language or "en", "en", *d):
+            if d.get(lang):
+                chosen.append(lang)
+                return d[lang]
+        return None
+
+    def ctx() -> dict[str, Any]:
+        given = context.get("person")
+        person: dict[str, Any] = given if isinstance(given, dict) else {}
+        return {**context, "person": {**person, "language": chosen[-1] if chosen else language}}
 
     if kind == "email":
         body = pick(tpl.email)
         if body is None:
             return None
         out = {
-            "subject": _compiled(body.subject, False).render(context),
-            "text": _compiled(body.text, False).render(context),
+            "subject": _compiled(body.subject, False).render(ctx()),
+            "text": _compiled(body.text, False).render(ctx()),
         }
         if body.html:
-            out["html"] = _compiled(body.html, True).render(context)
+            out["html"] = _compiled(body.html, True).render(ctx())
         return out
     if kind == "sms":
         text = pick(tpl.sms)
-        return {"text": _compiled(text, False).render(context)} if text is not None else None
+        return {"text": _compiled(text, False).render(ctx())} if text is not None else None
     # text, fhir, json: any short text the template has
     text = pick(tpl.text) or pick(tpl.sms)
     if text is None and (body := pick(tpl.email)) is not None:
         text = body.text
-    return {"text": _compiled(text, False).render(context)} if text is not None else None
+    return {"text": _compiled(text, False).render(ctx())} if text is not None else None

@@ -30,7 +30,7 @@ def test_template_renders_in_recipient_language_with_local_dates() -> None:
     )
     start = datetime(2026, 3, 12, 3, 30, tzinfo=UTC).astimezone(timezones_zone("America/Los_Angeles"))
     out = templates.render(tpl, "sms", "es", {"appointment": {"start": start}})
-    assert out == {"text": "Cita Wed Mar 11"}  # 03:30 UTC is the evening before in California
+    assert out == {"text": "Cita miércoles 11 de marzo"}  # 03:30 UTC is the evening before in California
     assert templates.render(tpl, "sms", "fr", {"appointment": {"start": start}}) == {
         "text": "Visit Wed Mar 11"
     }
@@ -74,3 +74,21 @@ def test_playbook_shapes_are_checked(raw: dict[str, object], fragment: str) -> N
     with pytest.raises(ValidationError) as exc:
         PlaybookConfig.model_validate(raw)
     assert fragment in str(exc.value)
+
+
+def test_dates_follow_the_language_of_the_body_sent() -> None:
+    start = datetime(2026, 3, 13, 18, 0, tzinfo=UTC).astimezone(timezones_zone("America/New_York"))
+    ctx = {"appointment": {"start": start}, "person": {"language": "es"}}
+    both = TemplateConfig.model_validate(
+        {
+            "sms": {
+                "en": "{{ appointment.start | local_date }} {{ appointment.start | local_time }}",
+                "es": "{{ appointment.start | local_date }} {{ appointment.start | local_time }}",
+            }
+        }
+    )
+    assert templates.render(both, "sms", "es", ctx) == {"text": "viernes 13 de marzo 14:00"}
+    english_only = TemplateConfig.model_validate(
+        {"sms": {"en": "{{ appointment.start | local_date }} {{ appointment.start | local_time }}"}}
+    )
+    assert templates.render(english_only, "sms", "es", ctx) == {"text": "Fri Mar 13 2:00 PM"}
