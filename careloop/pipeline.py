@@ -82,14 +82,7 @@ class MapStage:
                 .limit(self.batch)
                 .with_for_update(skip_locked=True)
             ).all()
-            for raw in raws:
-                try:
-                    with s.begin_nested():
-                        self._map_one(s, raw)
-                except (OperationalError, TransientError):
-                    raise
-                except Exception as exc:  # one bad message never stops the pipeline
-                    dead_letter(s, "map", raw, exc, self.store.clock.now())
+            handle_isolated(s, list(raws), self._map_one, "map", self.store.clock.now)
             return len(raws)
 
     def _map_one(self, s: Session, raw: RawMessage) -> None:
@@ -218,6 +211,40 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, list | tuple):
         return [_jsonable(x) for x in v]
     return v
+
+
+def handle_isolated(
+    s: Session,
+    items: list[Any],
+    handle: Callable[[Session, Any], None],
+    stage: str,
+    now: Callable[[], datetime],
+) -> None:
+    """Handle every item in ``s``'s transaction; one that fails is dead-lettered alone.
+
+    Optimistic: the whole batch runs in one savepoint. Only if an item fails is that
+    savepoint rolled back and the batch redone item by item, each in its own savepoint, so
+    the good items are kept and the bad one is isolated. (A savepoint per item costs more
+    than the work of a small item.) A failure of the store itself is not an item's fault:
+    it propagates, and the worker retries the batch with backoff.
+    """
+    try:
+        with s.begin_nested():
+            for item in items:
+                handle(s, item)
+        return
+    except (OperationalError, TransientError):
+        raise
+    except Exception:
+        pass
+    for item in items:
+        try:
+            with s.begin_nested():
+                handle(s, item)
+        except (OperationalError, TransientError):
+            raise
+        except Exception as exc:  # one bad item never stops the pipeline
+            dead_letter(s, stage, item, exc, now())
 
 
 def dead_letter(s: Session, stage: str, item: Any, exc: BaseException, now: datetime) -> None:

@@ -24,7 +24,7 @@ from careloop import audit_log
 from careloop.clock import utc
 from careloop.config import AppConfig, LearningConfig
 from careloop.errors import TransientError
-from careloop.pipeline import dead_letter
+from careloop.pipeline import handle_isolated
 from careloop.store import Store
 from careloop.tables import (
     Consent,
@@ -119,14 +119,7 @@ class Orchestrator:
     def _batch(self, claim: Any, handle: Any) -> int:
         with self.store.session() as s:
             items = claim(s)
-            for item in items:
-                try:
-                    with s.begin_nested():
-                        handle(s, item)
-                except (OperationalError, TransientError):
-                    raise
-                except Exception as exc:  # one bad item never stops the pipeline
-                    dead_letter(s, "orchestrate", item, exc, self.store.clock.now())
+            handle_isolated(s, items, handle, "orchestrate", self.store.clock.now)
             return len(items)
 
     def _claim_events(self, s: Session) -> list[JourneyEvent]:
