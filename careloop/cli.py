@@ -137,13 +137,17 @@ def demo() -> None:
 
 
 @app.command()
-def explain(person: int, config: ConfigOpt = None) -> None:
+def explain(
+    person: Annotated[str, typer.Argument(help="internal person id, or an identifier as SYSTEM|VALUE")],
+    config: ConfigOpt = None,
+) -> None:
     """One person's timeline: events, and each decision with why it was sent or suppressed."""
-    from careloop.explain import render_timeline
+    from careloop.explain import find_person, render_timeline
 
     engine = _engine(config)
-    if not render_timeline(engine, person, out):
-        _fail([f"person {person}: not found"], code=1)
+    pid = find_person(engine, person)
+    if pid is None or not render_timeline(engine, pid, out):
+        _fail(["person not found"], code=1)  # the argument may be an MRN: not echoed
 
 
 @dead_app.command("list")

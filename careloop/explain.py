@@ -65,6 +65,24 @@ def timeline(s: Session, person_id: int) -> list[tuple[datetime, str, str, str]]
     return rows
 
 
+def find_person(engine: Engine, ref: str) -> int | None:
+    """The surviving person for an internal id or a ``system|value`` identifier."""
+    from careloop.identity import survivor
+
+    with Session(engine) as s:
+        if ref.isdigit():
+            return survivor(s, int(ref)) if s.get(Person, int(ref)) is not None else None
+        system, sep, value = ref.rpartition("|")
+        if not sep:
+            return None
+        pid = s.exec(
+            select(PersonIdentifier.person_id).where(
+                PersonIdentifier.system == system, PersonIdentifier.value == value
+            )
+        ).first()
+        return survivor(s, pid) if pid is not None else None
+
+
 def render_timeline(engine: Engine, person_id: int, console: Console, tz: Any = None) -> bool:
     with Session(engine) as s:
         person = s.get(Person, person_id)

@@ -141,6 +141,10 @@ def test_explain_and_deadletters_against_a_database(tmp_path: Path, monkeypatch:
         and "allowed" in res.output
     )
     assert "+1555" not in res.output  # explain shows codes, not contact details
+    by_mrn = runner.invoke(app, ["explain", "urn:test:mrn|M1"], env=env)
+    assert by_mrn.exit_code == 0 and by_mrn.output == res.output
+    missing = runner.invoke(app, ["explain", "urn:test:mrn|NOPE"], env=env)
+    assert missing.exit_code == 1 and "NOPE" not in missing.output
     res = runner.invoke(app, ["deadletters", "list"], env=env)
     assert res.exit_code == 0 and "PermanentError" in res.output
     res = runner.invoke(app, ["deadletters", "retry", "1"], env=env)
