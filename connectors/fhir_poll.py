@@ -41,6 +41,7 @@ from careloop.tables import FhirSubscriptionState
 from connectors.base import Health, RawSink
 from connectors.fhir_client import FhirClient, SmartAuthConfig, SmartBackendAuth
 from connectors.fhir_notify import parse_instant, resource_item
+from mapping.fhir import FhirMapper
 
 log = logging.getLogger("careloop.connectors.fhir_poll")
 
@@ -62,6 +63,11 @@ class FhirPollConfig(PluginConfig):
     page_size: int = Field(100, ge=1, le=1000)
     timeout_s: float = Field(15.0, gt=0)
     auth: SmartAuthConfig | None = None
+    patient_accepted_confirms: bool = Field(
+        True,
+        description="a booked Appointment with the patient 'accepted' is a confirmation; turn off for"
+        " EHRs that mark patients accepted by default",
+    )
 
 
 class FhirPollConnector:
@@ -108,6 +114,10 @@ class FhirPollConnector:
         self.sink = None
         if self._own_http:
             await self.http.aclose()
+
+    def mapper(self) -> FhirMapper:
+        """This connector's mapper: its server's base URL and its confirmation rule."""
+        return FhirMapper(self.config.base_url, accepted_confirms=self.config.patient_accepted_confirms)
 
     def health(self) -> Health:
         return Health(self.sink is not None, self.last_error or "")

@@ -64,6 +64,7 @@ from connectors.fhir_notify import (
     relative_ref,
     resource_item,
 )
+from mapping.fhir import FhirMapper
 
 log = logging.getLogger("careloop.connectors.fhir_subscription")
 
@@ -119,6 +120,11 @@ class FhirSubscriptionConfig(PluginConfig):
     signature_header: str = "X-Signature"
     endpoint_url: str | None = Field(None, description="URL the EHR posts to; default http://<server>/<path>")
     auth: SmartAuthConfig | None = None
+    patient_accepted_confirms: bool = Field(
+        True,
+        description="a booked Appointment with the patient 'accepted' is a confirmation; turn off for"
+        " EHRs that mark patients accepted by default",
+    )
     subscriptions: list[SubscriptionSpec] = Field(default_factory=list)
     grace_s: float = Field(30.0, ge=0, description="a gap may fill by itself within this time")
     check_interval_s: float = Field(15.0, gt=0)
@@ -189,6 +195,10 @@ class FhirSubscriptionConnector:
         self._tasks.clear()
         if self._own_http:
             await self.http.aclose()
+
+    def mapper(self) -> FhirMapper:
+        """This connector's mapper: its server's base URL and its confirmation rule."""
+        return FhirMapper(self.config.base_url, accepted_confirms=self.config.patient_accepted_confirms)
 
     def health(self) -> Health:
         if not self._started:

@@ -152,8 +152,12 @@ class FhirMapper:
     name: ClassVar[str] = "fhir"
     accepts: ClassVar[frozenset[str]] = frozenset({"fhir:*"})
 
-    def __init__(self, base_url: str | None = None) -> None:
+    def __init__(self, base_url: str | None = None, *, accepted_confirms: bool = True) -> None:
         self.base_url = base_url.rstrip("/") if base_url else None
+        # Whether a booked Appointment whose patient participant is "accepted" counts as the
+        # patient's confirmation. Some EHRs set "accepted" by default at booking; for them
+        # this must be off, or every booking would cancel its own reminders.
+        self.accepted_confirms = accepted_confirms
 
     # ------------------------------------------------------------------ entry
 
@@ -267,7 +271,7 @@ class FhirMapper:
         if status == "booked":
             types = ["appointment.rescheduled" if self._rescheduled(doc) else "appointment.booked"]
             # The patient's own participation accepted: the patient confirmed.
-            if any(p.get("status") == "accepted" for p in patients):
+            if self.accepted_confirms and any(p.get("status") == "accepted" for p in patients):
                 types.append("appointment.confirmed")
         elif status in ("cancelled", "entered-in-error"):
             types = ["appointment.cancelled"]

@@ -318,3 +318,31 @@ def test_notification_bookkeeping_is_skipped_with_reason() -> None:
 def test_unmapped_type_is_skipped() -> None:
     with pytest.raises(SkipMessage, match="Observation"):
         run({"resourceType": "Observation", "id": "o1", "status": "final", "code": {"text": "x"}})
+
+
+def test_patient_accepted_confirms_unless_the_connector_says_it_is_a_default() -> None:
+    import json as _json
+    from datetime import UTC as _UTC
+    from datetime import datetime as _dt
+
+    from careloop.tables import RawMessage as _Raw
+    from mapping.fhir import FhirMapper as _Mapper
+
+    appt = {
+        "resourceType": "Appointment",
+        "id": "a-acc",
+        "status": "booked",
+        "start": "2026-03-12T15:00:00Z",
+        "participant": [{"actor": {"reference": "Patient/p-acc"}, "status": "accepted"}],
+    }
+    raw = _Raw(
+        id=1,
+        connector="ehr",
+        kind="fhir:Appointment",
+        content_type="application/fhir+json",
+        received_at=_dt(2026, 3, 2, tzinfo=_UTC),
+        body=_json.dumps(appt).encode(),
+        headers={},
+    )
+    assert [e.type for e in _Mapper().map(raw)] == ["appointment.booked", "appointment.confirmed"]
+    assert [e.type for e in _Mapper(accepted_confirms=False).map(raw)] == ["appointment.booked"]
