@@ -78,7 +78,6 @@ def head(session: Session) -> AuditHead:
     return _head(session)
 
 
-@event.listens_for(Session, "after_commit")
 @event.listens_for(Session, "after_rollback")
 @event.listens_for(Session, "after_soft_rollback")
 def _forget_head(session: Any, *_: Any) -> None:
@@ -86,6 +85,17 @@ def _forget_head(session: Any, *_: Any) -> None:
     # a savepoint always starts with a flush, so those records belong to it.
     session.info.pop(_HEAD_KEY, None)
     session.info.pop(_BUF_KEY, None)
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget_head_at_end(session: Any, transaction: Any) -> None:
+    # The end of the session's transaction releases the row lock, so the next one reads
+    # the head again. A released savepoint keeps it: its flushed records and the head
+    # stay valid in the enclosing transaction, and re-reading the head per savepoint
+    # costs an ORM load each time (the orchestrator opens one per event).
+    if transaction.parent is None:
+        session.info.pop(_HEAD_KEY, None)
+        session.info.pop(_BUF_KEY, None)
 
 
 @event.listens_for(Session, "before_flush")
@@ -139,4 +149,74 @@ def append(
         }
     )
     head.seq, head.hash = seq, h  # marks the session dirty, so the next flush writes the buffer
+    return Appended(seq, h)
+
+
+_HEAD_T = AuditHead.__table__  # type: ignore[attr-defined]
+
+
+def append_now(
+    session: Session,
+    *,
+    at: datetime,
+    actor: str,
+    action: str,
+    outcome: str = "success",
+    person_id: int | None = None,
+    entity: str | None = None,
+    purpose: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> Appended:
+    """``append``, written at once with three Core statements (read the head with its row
+    lock, insert the record, move the head) instead of an ORM load of the head and a flush.
+
+    For short transactions that append one or two records (the deliver stage settles one
+    item per commit): there the ORM head costs more than the work it audits. The same
+    chain, the same lock; when ``append`` already holds the head in this transaction the
+    record goes through it instead, so the two never disagree about the tip. A later
+    ``append`` in the same transaction re-reads the head (``populate_existing``)."""
+    if session.info.get(_HEAD_KEY) is not None:
+        return append(
+            session,
+            at=at,
+            actor=actor,
+            action=action,
+            outcome=outcome,
+            person_id=person_id,
+            entity=entity,
+            purpose=purpose,
+            detail=detail,
+        )
+    conn = session.connection()
+    row = conn.execute(
+        _HEAD_T.select()
+        .with_only_columns(_HEAD_T.c.seq, _HEAD_T.c.hash)
+        .where(_HEAD_T.c.id == 1)
+        .with_for_update()
+    ).one_or_none()
+    prev_seq, prev = (row[0], row[1]) if row is not None else (0, GENESIS)
+    detail = detail or {}
+    at = utc(at)
+    seq = prev_seq + 1
+    h = chain_hash(prev, canonical(seq, at, actor, action, outcome, person_id, entity, purpose, detail))
+    conn.execute(
+        _TABLE.insert(),
+        {
+            "seq": seq,
+            "at": at,
+            "actor": actor,
+            "action": action,
+            "outcome": outcome,
+            "person_id": person_id,
+            "entity": entity,
+            "purpose": purpose,
+            "detail": detail,
+            "prev_hash": prev,
+            "hash": h,
+        },
+    )
+    if row is None:
+        conn.execute(_HEAD_T.insert(), {"id": 1, "seq": seq, "hash": h})
+    else:
+        conn.execute(_HEAD_T.update().where(_HEAD_T.c.id == 1).values(seq=seq, hash=h))
     return Appended(seq, h)

@@ -22,6 +22,7 @@ from datetime import datetime
 from sqlmodel import Session, and_, col, or_, select
 
 from careloop.model import Identifier
+from careloop.store import attach_inserted
 from careloop.tables import OutboxItem, Person, PersonIdentifier, Resource
 
 CONTACT_KINDS = frozenset({"phone", "email"})
@@ -29,6 +30,9 @@ CONTACT_KINDS = frozenset({"phone", "email"})
 OUTBOX_KIND = "outbox"
 # Strong ids that a contact point may link to an existing person when verified.
 LINKABLE_KINDS = frozenset({"crm"})
+_PERSON = Person.__table__  # type: ignore[attr-defined]
+_IDENT = PersonIdentifier.__table__  # type: ignore[attr-defined]
+_PERSON_COLS = tuple(c.name for c in _PERSON.c if c.name != "id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,12 +142,35 @@ def resolve(session: Session, idents: list[Identifier], now: datetime, *, create
         return Resolution(pid)
     if not create or not idents:
         return Resolution(None, held_reason="unknown-person")
+    return Resolution(_create(session, idents, now), created=True)
+
+
+def _create(session: Session, idents: list[Identifier], now: datetime) -> int:
+    """A new person holding ``idents``: Core inserts (the row with RETURNING for its id, the
+    identifiers in one executemany) instead of ORM objects and a flush. The Person is then
+    attached to the session as a persistent object, so a following ``session.get`` finds
+    it without a query while the caller holds it, and changes to it are flushed as usual."""
     person = Person(created_at=now)
-    session.add(person)
-    session.flush()
-    assert person.id is not None
-    link(session, person.id, idents)
-    return Resolution(person.id, created=True)
+    values = {c: getattr(person, c) for c in _PERSON_COLS}
+    conn = session.connection()
+    person.id = conn.execute(_PERSON.insert().returning(_PERSON.c.id), values).scalar_one()
+    attach_inserted(session, person)
+    rows: dict[tuple[str, str], dict[str, object]] = {}
+    for ident in idents:  # as ``link``: one row per (system, value), verified if any copy is
+        row = rows.setdefault(
+            (ident.system, ident.value),
+            {
+                "person_id": person.id,
+                "kind": ident.kind,
+                "system": ident.system,
+                "value": ident.value,
+                "verified": ident.verified,
+            },
+        )
+        row["verified"] = bool(row["verified"]) or ident.verified
+    if rows:
+        conn.execute(_IDENT.insert(), list(rows.values()))
+    return person.id
 
 
 def merge(session: Session, survivor_id: int, old: list[Identifier]) -> list[int]:

@@ -30,6 +30,7 @@ from careloop.store import Store
 from careloop.tables import DeadLetter, JourneyEvent, Person, RawMessage, Resource
 
 log = logging.getLogger("careloop.pipeline")
+_EVENT = JourneyEvent.__table__  # type: ignore[attr-defined]
 
 
 def describe_error(exc: BaseException) -> str:
@@ -157,28 +158,36 @@ def apply_event(s: Session, raw: RawMessage, index: int, ev: MappedEvent, now: d
                 )
             else:
                 row.body, row.updated_at, row.person_id = ev.subject, now, pid
-    row_ev = JourneyEvent(
-        event_key=f"raw:{raw.id}:{index}",
-        person_id=pid,
-        type=ev.type,
-        occurred_at=utc(ev.occurred_at),
-        recorded_at=now,
-        subject_ref=ev.subject_ref,
-        attributes=_jsonable(ev.attributes),
-        raw_message_id=raw.id,
-        status="pending" if pid is not None else "held",
-        status_reason=res.held_reason,
+    # One Core INSERT ... RETURNING for the id (nothing else reads the row in this
+    # transaction), not an ORM object and a flush of the whole session per event.
+    event_id: int = (
+        s.connection()
+        .execute(
+            _EVENT.insert().returning(_EVENT.c.id),
+            {
+                "event_key": f"raw:{raw.id}:{index}",
+                "person_id": pid,
+                "type": ev.type,
+                "occurred_at": utc(ev.occurred_at),
+                "recorded_at": now,
+                "subject_ref": ev.subject_ref,
+                "attributes": _jsonable(ev.attributes),
+                "raw_message_id": raw.id,
+                "status": "pending" if pid is not None else "held",
+                "status_reason": res.held_reason,
+                "attempts": 0,
+                "next_attempt_at": None,
+            },
+        )
+        .scalar_one()
     )
-    s.add(row_ev)
-    s.flush()
-    assert row_ev.id is not None
     if res.held_reason:
         audit_log.append(
             s,
             at=now,
             actor="identity",
             action="identity.hold",
-            entity=f"journey_event/{row_ev.id}",
+            entity=f"journey_event/{event_id}",
             outcome="held",
             detail={"reason": res.held_reason},
         )
@@ -191,7 +200,7 @@ def apply_event(s: Session, raw: RawMessage, index: int, ev: MappedEvent, now: d
             person_id=pid,
             detail={"identifiers": len(ev.identifiers)},
         )
-    return row_ev.id
+    return event_id
 
 
 def _language(patient: dict[str, Any]) -> str | None:

@@ -44,8 +44,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
+from typing import Protocol
 
-from sqlalchemy import update
 from sqlmodel import Session, col, or_, select
 
 from careloop import audit_log
@@ -57,6 +57,46 @@ from careloop.tables import DeliveryReceipt, OutboxItem
 from channels.base import ABSENT, Channel, DeliveryUncertain, Receipt
 
 log = logging.getLogger("careloop.outbox")
+_OUTBOX = OutboxItem.__table__  # type: ignore[attr-defined]
+_RECEIPT = DeliveryReceipt.__table__  # type: ignore[attr-defined]
+_DISCLOSED_COLS = tuple(
+    _OUTBOX.c[n]
+    for n in (
+        "id",
+        "person_id",
+        "channel",
+        "template",
+        "phi_class",
+        "recipient",
+        "purpose",
+        "playbook",
+        "attempts",
+    )
+)
+
+
+class _Disclosed(Protocol):
+    """What a disclosure record is built from: an ``OutboxItem`` or a row of its columns."""
+
+    @property
+    def id(self) -> int | None: ...
+    @property
+    def person_id(self) -> int: ...
+    @property
+    def channel(self) -> str: ...
+    @property
+    def template(self) -> str: ...
+    @property
+    def phi_class(self) -> str: ...
+    @property
+    def recipient(self) -> str: ...
+    @property
+    def purpose(self) -> str: ...
+    @property
+    def playbook(self) -> str | None: ...
+    @property
+    def attempts(self) -> int: ...
+
 
 # Records one delivery outcome inside a transaction (session, now).
 Settle = Callable[[Session, datetime], None]
@@ -215,20 +255,33 @@ class DeliverStage:
 
     def _claim_in(self, s: Session, item_id: int) -> OutboxItem | None:
         """Move one item to ``sending`` in ``s`` (the caller commits before sending), or
-        cancel it if expired; None if it is no longer pending."""
+        cancel it if expired; None if it is no longer pending.
+
+        A Core ``UPDATE ... RETURNING`` and a detached ``OutboxItem`` built from the row:
+        the item never enters the session, so no ORM load, flush or expunge per item."""
         now = self.store.clock.now()
-        row = s.scalars(
-            update(OutboxItem)
-            .where(col(OutboxItem.id) == item_id, col(OutboxItem.status) == "pending")
-            .values(status="sending", attempts=OutboxItem.attempts + 1, next_attempt_at=now)
-            .returning(OutboxItem),
-            execution_options={"populate_existing": True},
-        ).one_or_none()
-        if row is None:
+        got = (
+            s.connection()
+            .execute(
+                _OUTBOX.update()
+                .where(_OUTBOX.c.id == item_id, _OUTBOX.c.status == "pending")
+                .values(status="sending", attempts=_OUTBOX.c.attempts + 1, next_attempt_at=now)
+                .returning(*_OUTBOX.c)
+            )
+            .mappings()
+            .one_or_none()
+        )
+        if got is None:
             return None
+        row = OutboxItem(**got)
         if row.not_after is not None and utc(row.not_after) < now:
             row.status, row.last_error = "cancelled", "expired: not_after has passed"
             row.attempts -= 1  # not an attempt: nothing was sent
+            s.connection().execute(
+                _OUTBOX.update()
+                .where(_OUTBOX.c.id == row.id)
+                .values(status=row.status, last_error=row.last_error, attempts=row.attempts)
+            )
             audit_log.append(
                 s,
                 at=now,
@@ -240,7 +293,6 @@ class DeliverStage:
                 detail={"channel": row.channel, "template": row.template, "reason": "expired"},
             )
             s.flush()
-        s.expunge(row)
         return row
 
     def _sending(self, s: Session, item: OutboxItem) -> OutboxItem | None:
@@ -250,8 +302,8 @@ class DeliverStage:
         assert row is not None and row.id is not None
         return row if row.status == "sending" else None
 
-    def _disclose(self, s: Session, row: OutboxItem, outcome: str, now: datetime, ok: bool) -> None:
-        audit_log.append(
+    def _disclose(self, s: Session, row: _Disclosed, outcome: str, now: datetime, ok: bool) -> None:
+        audit_log.append_now(
             s,
             at=now,
             actor=f"channel:{row.channel}",
@@ -275,24 +327,36 @@ class DeliverStage:
     def _done_in(
         self, s: Session, now: datetime, item: OutboxItem, receipt: Receipt, recovered: bool
     ) -> None:
-        row = self._sending(s, item)
-        if row is None or row.id is None:
+        # The hot path of every delivery, in Core: a conditional UPDATE (still ``sending``,
+        # else settled elsewhere meanwhile, e.g. by another worker's recovery) returning
+        # what the disclosure record needs, and the receipt row.
+        status = ROW_STATUS.get(receipt.status, "sent")
+        row = (
+            s.connection()
+            .execute(
+                _OUTBOX.update()
+                .where(_OUTBOX.c.id == item.id, _OUTBOX.c.status == "sending")
+                .values(status=status, provider_id=receipt.provider_id, last_error=None)
+                .returning(*_DISCLOSED_COLS)
+            )
+            .one_or_none()
+        )
+        if row is None:
             return
-        row.status = ROW_STATUS.get(receipt.status, "sent")
-        row.provider_id, row.last_error = receipt.provider_id, None
         detail = dict(receipt.detail)
         if recovered:
             detail["recovered"] = True
-        s.add(
-            DeliveryReceipt(
-                outbox_id=row.id,
-                at=now,
-                status=receipt.status,
-                provider_id=receipt.provider_id,
-                detail=detail,
-            )
+        s.connection().execute(
+            _RECEIPT.insert(),
+            {
+                "outbox_id": row.id,
+                "at": now,
+                "status": receipt.status,
+                "provider_id": receipt.provider_id,
+                "detail": detail,
+            },
         )
-        self._disclose(s, row, receipt.status, now, ok=row.status != "failed")
+        self._disclose(s, row, receipt.status, now, ok=status != "failed")
 
     def _retry_in(self, s: Session, now: datetime, item: OutboxItem, exc: BaseException) -> None:
         row = self._sending(s, item)
@@ -450,7 +514,7 @@ def recipient_kind(recipient: str) -> str:
 _recipient_kind = recipient_kind  # the earlier private name
 
 
-def recipient_role(row: OutboxItem) -> str:
+def recipient_role(row: _Disclosed) -> str:
     """Who received it, for the accounting of disclosures: outreach goes to the patient's
     own phone or email; escalation routes and EHR write-back go to the care team."""
     if row.playbook == "escalation" or recipient_kind(row.recipient) in ("fhir", "other"):

@@ -16,6 +16,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from jinja2 import TemplateError
+from sqlalchemy import event as sa_event
 from sqlalchemy import func
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
@@ -25,7 +26,7 @@ from careloop.clock import utc
 from careloop.config import AppConfig, LearningConfig
 from careloop.errors import TransientError
 from careloop.pipeline import handle_isolated
-from careloop.store import Store
+from careloop.store import Store, attach_inserted
 from careloop.tables import (
     Consent,
     Decision,
@@ -55,6 +56,8 @@ from orchestrator.templates import TemplateConfig
 from orchestrator.timeexpr import parse_duration
 
 OPEN_ESCALATION = ("open", "acknowledged")
+_DECISION = Decision.__table__  # type: ignore[attr-defined]
+_NO_STATE_KEY = "careloop.orchestrator.no_state"
 RECEIPT_STATUS = {
     "message.sent": "sent",
     "message.delivered": "delivered",
@@ -119,8 +122,33 @@ class Orchestrator:
     def _batch(self, claim: Any, handle: Any) -> int:
         with self.store.session() as s:
             items = claim(s)
-            handle_isolated(s, items, handle, "orchestrate", self.store.clock.now)
+            held = self._preload(s, items)  # strong refs keep the identity map warm
+            try:
+                handle_isolated(s, items, handle, "orchestrate", self.store.clock.now)
+            finally:
+                s.info.pop(_NO_STATE_KEY, None)
+                del held
             return len(items)
+
+    def _preload(self, s: Session, items: list[Any]) -> list[Any]:
+        """Load the batch's people, journey states and subjects in three queries, so the
+        per-item ``s.get`` calls are answered from the identity map. The returned list
+        holds them (the identity map keeps only weak references to clean objects).
+
+        Journey states that do not exist yet are noted in ``s.info`` so ``_state`` creates
+        them without asking again; the note is dropped on any rollback (a savepoint too,
+        see ``_forget_batch``), after which ``_state`` asks the database as before."""
+        pids = sorted({i.person_id for i in items if i.person_id is not None})
+        if not pids:
+            return []
+        held: list[Any] = list(s.exec(select(Person).where(col(Person.id).in_(pids))).all())
+        rows = list(s.exec(select(JourneyStateRow).where(col(JourneyStateRow.person_id).in_(pids))).all())
+        held.extend(rows)
+        s.info[_NO_STATE_KEY] = set(pids) - {r.person_id for r in rows}
+        refs = sorted({i.subject_ref for i in items if getattr(i, "subject_ref", None)})
+        if refs:
+            held.extend(s.exec(select(Resource).where(col(Resource.ref).in_(refs))).all())
+        return held
 
     def _claim_events(self, s: Session) -> list[JourneyEvent]:
         return list(
@@ -654,8 +682,8 @@ class Orchestrator:
             template=a.template,
             channel=channel,
             detail=detail,
+            propensity=propensity,
         )
-        dec.propensity = propensity
         key = hashlib.sha256(
             f"{person.id}|{a.playbook}|{a.version}|{a.subject_ref}|{a.step}|{a.template}|{origin.tag()}".encode()
         ).hexdigest()[:32]
@@ -695,23 +723,32 @@ class Orchestrator:
         template: str | None = None,
         channel: str | None = None,
         detail: dict[str, Any] | None = None,
+        propensity: float | None = None,
     ) -> Decision:
         assert person.id is not None
-        dec = Decision(
-            person_id=person.id,
-            decided_at=now,
-            event_id=origin.event_id,
-            timer_id=origin.timer_id,
-            playbook=playbook,
-            playbook_version=version,
-            action=action,
-            template=template,
-            channel=channel,
-            reason=reason,
-            detail=detail or {},
+        values: dict[str, Any] = {
+            "person_id": person.id,
+            "decided_at": now,
+            "event_id": origin.event_id,
+            "timer_id": origin.timer_id,
+            "playbook": playbook,
+            "playbook_version": version,
+            "action": action,
+            "template": template,
+            "channel": channel,
+            "reason": reason,
+            "detail": detail or {},
+            "propensity": propensity,
+        }
+        # One Core INSERT ... RETURNING for the id the audit record and the outbox row
+        # need, instead of a flush of the whole session per decision. The row is then
+        # attached as a persistent object, so a later change to it (``propensity``) is
+        # written by the next flush as before.
+        values["id"] = (
+            s.connection().execute(_DECISION.insert().returning(_DECISION.c.id), values).scalar_one()
         )
-        s.add(dec)
-        s.flush()
+        dec = Decision(**values)
+        attach_inserted(s, dec)
         audit_log.append(
             s,
             at=now,
@@ -733,7 +770,12 @@ class Orchestrator:
 
     def _state(self, s: Session, person: Person, now: datetime) -> tuple[JourneyStateRow, JourneyState]:
         assert person.id is not None
-        row = s.get(JourneyStateRow, person.id)
+        missing: set[int] | None = s.info.get(_NO_STATE_KEY)
+        if missing is not None and person.id in missing:
+            missing.discard(person.id)  # created below; later lookups find it (autoflush)
+            row = None
+        else:
+            row = s.get(JourneyStateRow, person.id)
         if row is None:
             row = JourneyStateRow(person_id=person.id, updated_at=now, state={})
             s.add(row)
@@ -1562,3 +1604,10 @@ def _same_subject(timer_subject: str | None, ev: JourneyEvent, state: JourneySta
         latest = state.latest_encounter()
         return latest is not None and latest[0] == timer_subject
     return False
+
+
+@sa_event.listens_for(Session, "after_rollback")
+@sa_event.listens_for(Session, "after_soft_rollback")
+def _forget_batch(session: Any, *_: Any) -> None:
+    # A rolled-back savepoint may have created journey states that are gone again.
+    session.info.pop(_NO_STATE_KEY, None)
