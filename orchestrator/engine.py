@@ -549,34 +549,12 @@ class Orchestrator:
         }
         if a.shadow:
             detail["would"] = verdict.outcome
-            self._decide(
-                s,
-                person,
-                origin,
-                now,
-                a.playbook,
-                a.version,
-                "shadow",
-                f"shadow-{verdict.reason}",
-                template=a.template,
-                channel=verdict.channel,
-                detail=detail,
+            self._decide_step(
+                s, person, origin, now, a, "shadow", f"shadow-{verdict.reason}", verdict.channel, detail
             )
             return
         if verdict.outcome == "suppress":
-            self._decide(
-                s,
-                person,
-                origin,
-                now,
-                a.playbook,
-                a.version,
-                "suppress",
-                verdict.reason,
-                template=a.template,
-                channel=verdict.channel,
-                detail=detail,
-            )
+            self._decide_step(s, person, origin, now, a, "suppress", verdict.reason, verdict.channel, detail)
             return
         # ---- issue 10: the learner picks channel (among verdict.allowed only), window, variant ----
         if verdict.allowed and self._learning_cfg().enabled:
@@ -603,19 +581,7 @@ class Orchestrator:
                 )
             )
             detail["deliver_at"] = verdict.deliver_at.isoformat()
-            self._decide(
-                s,
-                person,
-                origin,
-                now,
-                a.playbook,
-                a.version,
-                "defer",
-                verdict.reason,
-                template=a.template,
-                channel=verdict.channel,
-                detail=detail,
-            )
+            self._decide_step(s, person, origin, now, a, "defer", verdict.reason, verdict.channel, detail)
             return
         assert verdict.channel is not None and verdict.recipient is not None
         self._emit(s, person, state, a, origin, now, tpl, verdict.channel, verdict.recipient, pfacts, detail)
@@ -656,19 +622,7 @@ class Orchestrator:
         else:
             refusal = "no-template-for-channel"
         if content is None:
-            self._decide(
-                s,
-                person,
-                origin,
-                now,
-                a.playbook,
-                a.version,
-                "suppress",
-                refusal,
-                template=a.template,
-                channel=channel,
-                detail=detail,
-            )
+            self._decide_step(s, person, origin, now, a, "suppress", refusal, channel, detail)
             return None
         dec = self._decide(
             s,
@@ -708,6 +662,33 @@ class Orchestrator:
             state, Outreach(at=now, playbook=a.playbook, template=a.template, channel=channel, key=key)
         )
         return dec, item
+
+    def _decide_step(
+        self,
+        s: Session,
+        person: Person,
+        origin: Origin,
+        now: datetime,
+        a: Send,
+        action: str,
+        reason: str,
+        channel: str | None,
+        detail: dict[str, Any],
+    ) -> Decision:
+        """``_decide`` for a send step: its playbook, version and template."""
+        return self._decide(
+            s,
+            person,
+            origin,
+            now,
+            a.playbook,
+            a.version,
+            action,
+            reason,
+            template=a.template,
+            channel=channel,
+            detail=detail,
+        )
 
     def _decide(
         self,
@@ -1439,19 +1420,7 @@ class Orchestrator:
                 )
             )
             if v.outcome == "suppress":
-                self._decide(
-                    s,
-                    person,
-                    origin,
-                    now,
-                    a.playbook,
-                    a.version,
-                    "suppress",
-                    v.reason,
-                    template=a.template,
-                    channel=channel,
-                    detail=detail,
-                )
+                self._decide_step(s, person, origin, now, a, "suppress", v.reason, channel, detail)
                 return
             if v.outcome == "defer":
                 assert v.deliver_at is not None
@@ -1478,18 +1447,16 @@ class Orchestrator:
             )
             detail["deliver_at"] = at.isoformat()
             quiet = verdict.outcome == "defer" and at == verdict.deliver_at
-            dec = self._decide(
+            dec = self._decide_step(
                 s,
                 person,
                 origin,
                 now,
-                a.playbook,
-                a.version,
+                a,
                 "defer",
                 "quiet-hours" if quiet else "learning-window",
-                template=a.template,
-                channel=channel,
-                detail=detail,
+                channel,
+                detail,
             )
             dec.propensity = propensity
             return
