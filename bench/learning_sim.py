@@ -1,5 +1,5 @@
 """Learning simulator (issue 10): a synthetic population with hidden per-person channel and
-time-of-day preferences (some drifting), the same stream of send requests served by four
+time-of-day preferences (some drifting), the same stream of send requests served by several
 policies, every choice routed through the real compliance gate (orchestrator.gate.evaluate)
 at decision time and again at send time, as the orchestrator does.
 
@@ -7,21 +7,42 @@ Policies: ``fixed`` (the site's channel order, send when the playbook says, defa
 ``heuristic`` (the person's most engaged channel so far, untried channels tried first, like
 Braze's Intelligent Channel), ``learner`` (orchestrator.learning with the default
 LearningConfig and the in-memory evidence store) and ``oracle`` (knows every person's current
-true engagement probability for every allowed channel, window and variant).
+true engagement probability for every allowed channel, window and variant). Reference
+points, not contenders: ``oracle-ch`` (knows the person's current best channel only),
+``oracle-seg`` (that, plus the part of the day the person's age band most often prefers) and,
+with ``--informed N``, ``informed``: a learner told the world's generative model exactly,
+inferring each person's hidden preferences by importance sampling (N particles each). It is
+the practical ceiling for learning from outcomes in this world.
 
 Hidden world (per person): engagement probability = channel base rate x time-of-day
 multiplier (1 in the person's preferred part of the day, 0.35-0.75 elsewhere) x variant
-multiplier. Base rates come from the person's age band and language (logit-normal spread,
-15% engage on one channel only); 25% of people swap their SMS and email rates at a random
-time (drift). 4% have opted out of SMS, 1% are deceased (the gate must suppress them).
-The outcome of a send is drawn with a common random number per request, so the policies
-are compared on the same luck. A reply arrives one hour after the send.
+multiplier (default 1, short ~N(1, 0.15): a per-person taste with no population trend).
+Base rates come from the person's age band and language (logit-normal spread, 15% engage on
+one channel only). Drift: a person's SMS and email rates swap at a constant hazard (25%
+within 120 days; a person can swap back later). 4% have opted out of SMS, 1% are deceased
+(the gate must suppress them). The outcome of a send is drawn with a common random number
+per request, so the policies are compared on the same luck. A reply, or else a read
+receipt / open (P = 0.25 + 2.5 x P(engaged), at most 0.95; ``--replies-only`` drops them),
+arrives one hour after the send.
 
-Figures: engagement = engaged / requests (suppressed requests count as 0), over all requests
-and over the trailing window before the 5,000th; regret = the oracle's expected engagements
-minus the policy's; violations = executed sends that break a rule, checked independently of
-the gate (quiet hours in local time, opt-outs, addresses, SMS caps, deceased, a channel the
-gate did not allow). Run: ``.venv/bin/python bench/learning_sim.py [--seeds 11 22 33]``.
+Scale: 300 people (a care-management cohort, or a small practice's actively messaged
+patients) each getting about one send request a week (RATE), so 10,000 requests span about
+240 days. The horizon grows with ``--requests`` at that rate rather than packing more sends
+per person into a fixed 120 days; a real clinic sends appointment reminders less often than
+weekly, so per-person learning here is, if anything, easier than in practice.
+Changes from the first version (2026-11): the horizon now extends past the 5,000th send at a
+fixed weekly rate (previously 5,000 requests in 120 days, and the "after 5,000" figure was
+the trailing 1,000 *before* the 5,000th); drift became a constant hazard (previously 25%
+swapped once between day 30 and 90, which would leave a longer run drift-free).
+
+Figures: engagement = engaged / requests (suppressed requests count as 0). "After N sends"
+(the issue's target, ``--after``, default 5,000) is the engagement on the requests after
+the learner's Nth decision, for every policy over those same requests: its steady state once
+it has learned; "first N" and "all requests" are the cumulative figures including the cold
+start. Regret = the oracle's expected engagements minus the policy's. Violations = executed
+sends that break a rule, checked independently of the gate (quiet hours in local time,
+opt-outs, addresses, SMS caps, deceased, a channel the gate did not allow).
+Run: ``.venv/bin/python bench/learning_sim.py [--seeds 11 22 33] [--informed 300]``.
 """
 
 from __future__ import annotations
@@ -55,7 +76,8 @@ FACTS = {
 ORDER = ["sms", "email"]
 VARIANTS = ["default", "short"]
 START = datetime(2026, 1, 5, 5, 0, tzinfo=UTC)
-DAYS = 120
+RATE = 5000 / (300 * 120)  # send requests per person per day: about one a week
+DRIFT_HAZARD = -math.log(0.75) / 120  # per person per day: 25% swap within 120 days
 PURPOSE = "appointment-reminder"
 TEMPLATE = "appointment-reminder"
 BANDS = {"18-39": (0.35, 1990), "40-64": (0.40, 1970), "65+": (0.25, 1950)}
@@ -93,18 +115,14 @@ class SimPerson:
     opted_out: frozenset[tuple[str, str]]
     deceased: bool
     rates: dict[str, float]
-    rates_after: dict[str, float] | None
-    drift_at: datetime | None
+    swaps: tuple[datetime, ...]  # when the SMS and email rates swap (drift)
     when: dict[str, float]
     variant: dict[str, float]
 
     def prob(self, channel: str, at: datetime, variant: str) -> float:
-        rates = (
-            self.rates_after
-            if self.drift_at is not None and at >= self.drift_at and self.rates_after
-            else self.rates
-        )
-        return min(0.95, rates[channel] * self.when[part_of_day(at)] * self.variant[variant])
+        swapped = sum(1 for t in self.swaps if t <= at) % 2 == 1
+        rate = self.rates[{"sms": "email", "email": "sms"}[channel] if swapped else channel]
+        return min(0.95, rate * self.when[part_of_day(at)] * self.variant[variant])
 
     def facts(self) -> gate.PersonFacts:
         return gate.PersonFacts(
@@ -112,7 +130,16 @@ class SimPerson:
         )
 
 
-def population(rng: random.Random, n: int) -> list[SimPerson]:
+def _swaps(rng: random.Random, days: float) -> tuple[datetime, ...]:
+    out: list[datetime] = []
+    t = rng.expovariate(DRIFT_HAZARD)
+    while t < days:
+        out.append(START + timedelta(days=t))
+        t += rng.expovariate(DRIFT_HAZARD)
+    return tuple(out)
+
+
+def population(rng: random.Random, n: int, days: float) -> list[SimPerson]:
     out = []
     for i in range(n):
         band = rng.choices(list(BANDS), weights=[w for w, _ in BANDS.values()])[0]
@@ -131,7 +158,6 @@ def population(rng: random.Random, n: int) -> list[SimPerson]:
             rates[ch] = _expit(_logit(mean) + rng.gauss(0, 0.9))
         if rng.random() < 0.15:  # engages on one channel only
             rates[rng.choice(ORDER)] *= 0.1
-        drift = rng.random() < 0.25
         pref = rng.choices(PARTS, weights=PREFERRED_PART[band])[0]
         when = {p: (1.0 if p == pref else rng.uniform(0.35, 0.75)) for p in PARTS}
         variant = {"default": 1.0, "short": max(0.6, min(1.4, 1 + rng.gauss(0.0, 0.15)))}
@@ -145,8 +171,7 @@ def population(rng: random.Random, n: int) -> list[SimPerson]:
                 opted_out=frozenset({("sms", "*")}) if rng.random() < 0.04 else frozenset(),
                 deceased=rng.random() < 0.01,
                 rates=rates,
-                rates_after={"sms": rates["email"], "email": rates["sms"]} if drift else None,
-                drift_at=START + timedelta(days=rng.uniform(30, 90)) if drift else None,
+                swaps=_swaps(rng, days),
                 when=when,
                 variant=variant,
             )
@@ -162,8 +187,8 @@ class Request:
     luck: float  # the common random number that decides engagement, for every policy
 
 
-def requests(rng: random.Random, people: list[SimPerson], n: int) -> list[Request]:
-    times = sorted(START + timedelta(seconds=rng.uniform(0, DAYS * 86400)) for _ in range(n))
+def requests(rng: random.Random, people: list[SimPerson], n: int, days: float) -> list[Request]:
+    times = sorted(START + timedelta(seconds=rng.uniform(0, days * 86400)) for _ in range(n))
     return [Request(i, t, rng.randrange(len(people)), rng.random()) for i, t in enumerate(times)]
 
 
@@ -310,6 +335,87 @@ class Learner(Policy):
             self._record(p, opt, at, trial=False, delta=reward, engaged=1)
 
 
+class InformedBayes(Policy):
+    """A reference ceiling, not a contender (``--informed``): a learner told the world's
+    generative model (the priors by age band and language, the one-channel share, the
+    time-of-day and wording spreads, the read model) that infers each person's hidden
+    preferences by importance sampling over ``particles`` draws from that prior, forgets with
+    the default half-life (drift), and sends the option with the best posterior mean. No real
+    learner knows this much; what it cannot reach, none can in this world."""
+
+    name = "informed"
+
+    def __init__(self, cfg: LearningConfig, seed: int, particles: int = 300) -> None:
+        self.rng = random.Random(seed * 31 + 7)
+        self.half_life = cfg.half_life_days or math.inf
+        self.n = particles
+        self.particles: dict[int, list[tuple[dict[str, float], dict[str, float], dict[str, float]]]] = {}
+        self.logw: dict[int, tuple[datetime, list[float]]] = {}
+
+    def _draw(self, p: SimPerson) -> list[tuple[dict[str, float], dict[str, float], dict[str, float]]]:
+        if p.id not in self.particles:
+            rng, out = self.rng, []
+            for _ in range(self.n):
+                rates = {}
+                for ch in ORDER:
+                    mean = BASE[p.band][ch] * ((1.2 if ch == "sms" else 0.8) if p.lang == "es" else 1.0)
+                    rates[ch] = _expit(_logit(mean) + rng.gauss(0, 0.9))
+                if rng.random() < 0.15:
+                    rates[rng.choice(ORDER)] *= 0.1
+                pref = rng.choices(PARTS, weights=PREFERRED_PART[p.band])[0]
+                when = {q: (1.0 if q == pref else rng.uniform(0.35, 0.75)) for q in PARTS}
+                var = {"default": 1.0, "short": max(0.6, min(1.4, 1 + rng.gauss(0.0, 0.15)))}
+                out.append((rates, when, var))
+            self.particles[p.id] = out
+        return self.particles[p.id]
+
+    def _weights(self, p: SimPerson, now: datetime) -> list[float]:
+        if p.id not in self.logw:
+            return [1.0 / self.n] * self.n
+        _, lw = self.logw[p.id]
+        top = max(lw)
+        w = [math.exp(x - top) for x in lw]
+        total = sum(w)
+        return [x / total for x in w]
+
+    def choose(
+        self,
+        p: SimPerson,
+        now: datetime,
+        allowed: list[str],
+        windows: dict[str, datetime],
+        verdict: gate.Verdict,
+        rng: random.Random,
+    ) -> Option:
+        parts = self._draw(p)
+        wts = self._weights(p, now)
+        best, value = (allowed[0], next(iter(windows)), "default"), -1.0
+        for c in allowed:
+            for wn, at in windows.items():
+                part = part_of_day(at)
+                for v in VARIANTS:
+                    val = sum(
+                        wt * min(0.95, r[c] * w[part] * va[v])
+                        for wt, (r, w, va) in zip(wts, parts, strict=True)
+                    )
+                    if val > value:
+                        best, value = (c, wn, v), val
+        return best
+
+    def outcome(self, p: SimPerson, opt: Option, at: datetime, reward: float) -> None:
+        parts = self._draw(p)
+        then, lw = self.logw.get(p.id, (at, [0.0] * self.n))
+        fade = 0.5 ** ((at - then).total_seconds() / 86400 / self.half_life)
+        part = part_of_day(at)
+        new = []
+        for x, (r, w, va) in zip(lw, parts, strict=True):
+            q = min(0.95, r[opt[0]] * w[part] * va[opt[2]])
+            rd = min(0.95, READ_FLOOR + READ_SLOPE * q) if READS else q
+            pr = q if reward >= 1.0 else (rd - q if reward > 0 else 1.0 - rd)
+            new.append(x * fade + math.log(max(pr, 1e-12)))
+        self.logw[p.id] = (at, new)
+
+
 class Oracle(Policy):
     name = "oracle"
 
@@ -348,6 +454,27 @@ class ChannelOracle(Policy):
         return max(allowed, key=lambda c: p.prob(c, at, "default")), learning.ASAP, "default"
 
 
+class SegmentOracle(Policy):
+    """A reference point, not a contender: knows each person's current best channel and the
+    part of the day most people of their age band prefer (the world's PREFERRED_PART), not
+    the person's own; default wording. What pooling alone can reach on time of day."""
+
+    name = "oracle-seg"
+
+    def choose(
+        self,
+        p: SimPerson,
+        now: datetime,
+        allowed: list[str],
+        windows: dict[str, datetime],
+        verdict: gate.Verdict,
+        rng: random.Random,
+    ) -> Option:
+        share = dict(zip(PARTS, PREFERRED_PART[p.band], strict=True))
+        w = max(windows, key=lambda k: share.get(part_of_day(windows[k]), 0.0))
+        return max(allowed, key=lambda c: p.prob(c, windows[w], "default")), w, "default"
+
+
 # ---------------------------------------------------------------------- the run
 
 
@@ -361,6 +488,7 @@ class Result:
     rechecked: int = 0  # a send the gate refused at its (later) send time
     violations: int = 0
     channels: dict[str, int] = field(default_factory=dict)
+    decided: list[int] = field(default_factory=list)  # request index of each decision, in order
 
 
 def _counts(history: list[tuple[datetime, str]], now: datetime) -> tuple[dict[str, int], dict[str, int]]:
@@ -481,40 +609,55 @@ def run(
         if isinstance(policy, Fixed | MostEngaged | ChannelOracle):
             windows = {learning.ASAP: earliest}
         opt = policy.choose(p, req.at, list(v.allowed), windows, v, rng)
+        res.decided.append(req.index)
         push(windows[opt[1]], "send", (req, opt, list(v.allowed), not_after))
     process(reqs[-1].at + timedelta(days=7))
     return res
 
 
+Factory = Callable[[LearningConfig, int], Policy]
+
+
 def one_seed(
-    seed: int, n_people: int, n_requests: int, window: int, policies: list[Callable[[LearningConfig], Policy]]
+    seed: int, n_people: int, n_requests: int, after: int, policies: list[Factory]
 ) -> dict[str, dict[str, float]]:
     cfg = LearningConfig(enabled=True, **OVERRIDES)
+    days = n_requests / (n_people * RATE)
     world = random.Random(seed)
-    people = population(world, n_people)
-    reqs = requests(world, people, n_requests)
+    people = population(world, n_people, days)
+    reqs = requests(world, people, n_requests, days)
     results = {}
     for make in policies:
-        policy = make(cfg)
+        policy = make(cfg, seed)
         t0 = time.perf_counter()
         r = run(policy, people, reqs, cfg, seed)
         results[r.name] = (r, time.perf_counter() - t0)
+    # "after N sends": the requests after the learner's Nth decision, for every policy alike
+    decided = results["learner"][0].decided
+    if len(decided) <= after:
+        raise SystemExit(f"the learner made only {len(decided)} decisions; raise --requests above --after")
+    cut = decided[after - 1] + 1
     oracle_exp = sum(results["oracle"][0].expected)
-    lo = max(0, n_requests - window)
+    oracle_exp_post = sum(results["oracle"][0].expected[cut:])
     out: dict[str, dict[str, float]] = {}
     for name, (r, secs) in results.items():
         out[name] = {
             "engagement": sum(r.engaged) / n_requests,
-            "trailing": sum(r.engaged[lo:]) / (n_requests - lo),
+            "pre": sum(r.engaged[:cut]) / cut,
+            "post": sum(r.engaged[cut:]) / (n_requests - cut),
             "expected": sum(r.expected) / n_requests,
-            "expected_trailing": sum(r.expected[lo:]) / (n_requests - lo),
+            "expected_pre": sum(r.expected[:cut]) / cut,
+            "expected_post": sum(r.expected[cut:]) / (n_requests - cut),
             "regret": oracle_exp - sum(r.expected),
+            "regret_post": oracle_exp_post - sum(r.expected[cut:]),
             "sends": r.sends,
             "suppressed": r.suppressed,
             "rechecked": r.rechecked,
             "violations": r.violations,
             "email_share": r.channels.get("email", 0) / max(1, r.sends),
             "seconds": secs,
+            "cut": cut,
+            "days": days,
         }
     return out
 
@@ -523,73 +666,94 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[11, 22, 33])
     ap.add_argument("--people", type=int, default=300)
-    ap.add_argument("--requests", type=int, default=5000)
     ap.add_argument(
-        "--window", type=int, default=1000, help="trailing requests the 'after N sends' figure uses"
+        "--requests", type=int, default=10000, help="send requests in all (about one a week each)"
+    )
+    ap.add_argument(
+        "--after", type=int, default=5000, help="the 'after N sends' the steady-state figure uses"
     )
     ap.add_argument(
         "--replies-only", action="store_true", help="no read/open receipts: learn from replies alone"
     )
     ap.add_argument("--max-exploration", type=float, default=None)
+    ap.add_argument(
+        "--informed",
+        type=int,
+        default=0,
+        metavar="PARTICLES",
+        help="add the informed-Bayes ceiling with this many particles per person (slow; 300 is plenty)",
+    )
     args = ap.parse_args()
     global READS, OVERRIDES
     READS = not args.replies_only
     if args.max_exploration is not None:
         OVERRIDES["max_exploration"] = args.max_exploration
-    policies: list[Callable[[LearningConfig], Policy]] = [
-        lambda c: Fixed(),
-        lambda c: MostEngaged(),
-        Learner,
-        lambda c: ChannelOracle(),
-        lambda c: Oracle(),
+    policies: list[Factory] = [
+        lambda c, s: Fixed(),
+        lambda c, s: MostEngaged(),
+        lambda c, s: Learner(c),
+        lambda c, s: ChannelOracle(),
+        lambda c, s: SegmentOracle(),
+        lambda c, s: Oracle(),
     ]
+    if args.informed:
+        policies.insert(3, lambda c, s: InformedBayes(c, s, args.informed))
     t0 = time.perf_counter()
-    per_seed = [one_seed(s, args.people, args.requests, args.window, policies) for s in args.seeds]
-    lo, hi = args.requests - args.window + 1, args.requests
+    per_seed = [one_seed(s, args.people, args.requests, args.after, policies) for s in args.seeds]
     first = per_seed[0]
+    f0 = first["learner"]
     print(
-        f"learning_sim: {args.people} people, {args.requests} send requests over {DAYS} days, "
-        f"seed {args.seeds[0]} (of {len(args.seeds)})"
+        f"learning_sim: {args.people} people, {args.requests} send requests over {f0['days']:.0f} days, "
+        f"{'replies only' if args.replies_only else 'replies and read/open receipts'}; seed {args.seeds[0]} "
+        f"(of {len(args.seeds)}); 'after {args.after}' = requests {f0['cut']:.0f}+ "
+        f"(after the learner's {args.after}th decision)"
     )
     print(
-        f"{'policy':10} {'engaged':>8} {f'@{lo}-{hi}':>11} {'E[eng]':>7} {'regret':>7} {'sends':>6} "
-        f"{'supp':>5} {'recheck':>7} {'email%':>6} {'viol':>4} {'secs':>5}"
+        f"{'policy':10} {'engaged':>8} {'pre':>7} {'post':>7} {'E[eng]':>7} {'E[post]':>7} {'regret':>7} "
+        f"{'sends':>6} {'supp':>5} {'recheck':>7} {'email%':>6} {'viol':>4} {'secs':>5}"
     )
     for name, m in first.items():
         print(
-            f"{name:10} {m['engagement']:8.4f} {m['trailing']:11.4f} {m['expected']:7.4f} {m['regret']:7.1f} "
-            f"{m['sends']:6.0f} {m['suppressed']:5.0f} {m['rechecked']:7.0f} {100 * m['email_share']:6.1f} "
-            f"{m['violations']:4.0f} {m['seconds']:5.1f}"
+            f"{name:10} {m['engagement']:8.4f} {m['pre']:7.4f} {m['post']:7.4f} {m['expected']:7.4f} "
+            f"{m['expected_post']:7.4f} {m['regret']:7.1f} {m['sends']:6.0f} {m['suppressed']:5.0f} "
+            f"{m['rechecked']:7.0f} {100 * m['email_share']:6.1f} {m['violations']:4.0f} {m['seconds']:5.1f}"
         )
 
     def spread(f: Callable[[dict[str, dict[str, float]]], float]) -> tuple[float, float, float, float]:
         xs = [f(r) for r in per_seed]
         return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), min(xs), max(xs)
 
+    def ratio(a: str, b: str, key: str) -> Callable[[dict[str, dict[str, float]]], float]:
+        return lambda r: r[a][key] / r[b][key]
+
+    n = args.after
     print(f"over seeds {args.seeds} (mean, sd, min, max):")
     rows = {
-        f"learner/oracle engagement, requests {lo}-{hi}": lambda r: (
-            r["learner"]["trailing"] / r["oracle"]["trailing"]
+        f"learner/oracle engagement, after {n} sends": ratio("learner", "oracle", "post"),
+        f"learner/oracle expected engagement, after {n}": ratio("learner", "oracle", "expected_post"),
+        f"learner/oracle engagement, first {n} (cumulative)": ratio("learner", "oracle", "pre"),
+        "learner/oracle engagement, all requests": ratio("learner", "oracle", "engagement"),
+        "learner/fixed engagement, all requests": ratio("learner", "fixed", "engagement"),
+        f"learner/fixed engagement, first {n}": ratio("learner", "fixed", "pre"),
+        f"learner/fixed engagement, after {n}": ratio("learner", "fixed", "post"),
+        "heuristic/fixed engagement, all requests": ratio("heuristic", "fixed", "engagement"),
+        "oracle-seg/oracle expected, all requests": ratio("oracle-seg", "oracle", "expected"),
+        "oracle-ch/oracle expected, all requests": ratio("oracle-ch", "oracle", "expected"),
+        **(
+            {
+                f"informed/oracle engagement, after {n} sends": ratio("informed", "oracle", "post"),
+                f"informed/oracle expected engagement, after {n}": ratio(
+                    "informed", "oracle", "expected_post"
+                ),
+                "informed/fixed engagement, all requests": ratio("informed", "fixed", "engagement"),
+            }
+            if args.informed
+            else {}
         ),
-        f"learner/oracle expected engagement, {lo}-{hi}": lambda r: (
-            r["learner"]["expected_trailing"] / r["oracle"]["expected_trailing"]
-        ),
-        "learner/oracle engagement, all requests": lambda r: (
-            r["learner"]["engagement"] / r["oracle"]["engagement"]
-        ),
-        "learner/fixed engagement, all requests": lambda r: (
-            r["learner"]["engagement"] / r["fixed"]["engagement"]
-        ),
-        f"learner/fixed engagement, {lo}-{hi}": lambda r: r["learner"]["trailing"] / r["fixed"]["trailing"],
-        "heuristic/fixed engagement, all requests": lambda r: (
-            r["heuristic"]["engagement"] / r["fixed"]["engagement"]
-        ),
-        "learner regret (expected engagements)": lambda r: r["learner"]["regret"],
-        "learner/oracle-ch expected engagement, all requests": lambda r: (
-            r["learner"]["expected"] / r["oracle-ch"]["expected"]
-        ),
-        "heuristic regret": lambda r: r["heuristic"]["regret"],
-        "fixed regret": lambda r: r["fixed"]["regret"],
+        "learner regret (expected engagements), all": lambda r: r["learner"]["regret"],
+        f"learner regret, after {n}": lambda r: r["learner"]["regret_post"],
+        "heuristic regret, all": lambda r: r["heuristic"]["regret"],
+        "fixed regret, all": lambda r: r["fixed"]["regret"],
     }
     stats = {}
     for label, f in rows.items():
@@ -597,10 +761,10 @@ def main() -> int:
         stats[label] = (mean, mn)
         print(f"  {label:48} {mean:8.3f} ± {sd:6.3f}  [{mn:.3f}, {mx:.3f}]")
     violations = sum(int(m["violations"]) for r in per_seed for m in r.values())
-    vs_oracle = stats[f"learner/oracle engagement, requests {lo}-{hi}"][0]
+    vs_oracle = stats[f"learner/oracle engagement, after {n} sends"][0]
     vs_fixed = stats["learner/fixed engagement, all requests"][0]
     print(
-        f"target learner >= 0.90 x oracle after {hi} sends: {vs_oracle:.3f} "
+        f"target learner >= 0.90 x oracle after {n} sends: {vs_oracle:.3f} "
         f"{'MET' if vs_oracle >= 0.9 else 'MISSED'}"
     )
     print(f"target learner >= 1.30 x fixed: {vs_fixed:.3f} {'MET' if vs_fixed >= 1.3 else 'MISSED'}")

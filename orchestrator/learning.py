@@ -16,10 +16,12 @@ with S/F the (half-life decayed) reward mass and N = S + F, m_pop and m_seg the 
 Choice. Thompson sampling as probability matching: P(best) for every option is computed
 by quadrature over the posteriors (``grid`` points), and the chosen option is sampled from
 that distribution after two bounds, so the logged propensity is the exact probability of the choice:
-``max_exploration`` caps the probability of any option other than the posterior-mean best,
-then ``min_propensity`` gives every allowed option a floor (inverse-propensity evaluation
-needs support everywhere; the floor wins over the cap). The joint propensity is the
-product of the three dimensions'.
+``max_exploration`` caps the probability that the decision leaves the posterior-mean best
+option in any dimension (each of the k dimensions that has a choice gets the cap
+1 - (1 - max_exploration)^(1/k), so the product of "stays greedy" is at least
+1 - max_exploration), then ``min_propensity`` gives every allowed option a floor
+(inverse-propensity evaluation needs support everywhere; the floor wins over the cap). The
+joint propensity is the product of the three dimensions'.
 
 Why not MABWiser: its Thompson sampling keeps one flat posterior per arm (no pooled priors
 from population to segment to person), has no per-decision arm set (the gate changes it),
@@ -146,25 +148,37 @@ class DimensionChoice:
             "options": list(self.options),
             "chosen": self.chosen,
             "greedy": self.greedy,
-            "propensity": round(self.propensity, 6),
+            "propensity": self.propensity,  # exact: OPE divides by it
             "p_best": {k: round(v, 4) for k, v in self.p_best.items()},
-            "probs": {k: round(v, 6) for k, v in self.probs.items()},
+            "probs": dict(self.probs),
             "mean": {k: round(v, 4) for k, v in self.means.items()},
             "person": {k: list(v) for k, v in self.person.items()},
         }
 
 
-def bounded_probs(p_best: Mapping[str, float], greedy: str, cfg: LearningConfig) -> dict[str, float]:
-    """Cap exploration (P(not greedy) <= max_exploration), then floor every option."""
+def dimension_cap(max_exploration: float, dimensions: int) -> float:
+    """The per-dimension cap that keeps P(any dimension leaves its mean-best option) within
+    ``max_exploration`` when ``dimensions`` dimensions each have a choice to make."""
+    if dimensions <= 1:
+        return max_exploration
+    return 1.0 - math.pow(1.0 - max_exploration, 1.0 / dimensions)
+
+
+def bounded_probs(
+    p_best: Mapping[str, float], greedy: str, cfg: LearningConfig, cap: float | None = None
+) -> dict[str, float]:
+    """Cap exploration (P(not greedy) <= ``cap``, by default max_exploration), then floor
+    every option."""
+    cap = cfg.max_exploration if cap is None else cap
     probs = dict(p_best)
     k = len(probs)
     if k == 1:
         return {greedy: 1.0}
     explore = 1.0 - probs[greedy]
-    if explore > cfg.max_exploration:
-        scale = cfg.max_exploration / explore
+    if explore > cap:
+        scale = cap / explore
         probs = {o: (p * scale if o != greedy else 0.0) for o, p in probs.items()}
-        probs[greedy] = 1.0 - cfg.max_exploration
+        probs[greedy] = 1.0 - cap
     floor = min(cfg.min_propensity, 1.0 / k)
     return {o: floor + (1.0 - floor * k) * p for o, p in probs.items()}
 
@@ -229,6 +243,7 @@ def choose_dimension(
     options: Iterable[str],
     posts: Mapping[str, Posterior],
     cfg: LearningConfig,
+    cap: float | None = None,
 ) -> DimensionChoice:
     opts = tuple(options)
     if not opts:
@@ -241,7 +256,7 @@ def choose_dimension(
             dimension, opts, {opts[0]: 1.0}, {opts[0]: 1.0}, means, greedy, opts[0], person
         )
     p_best = dict(zip(opts, p_best_exact([posts[o] for o in opts], cfg.grid), strict=True))
-    probs = bounded_probs(p_best, greedy, cfg)
+    probs = bounded_probs(p_best, greedy, cfg, cap)
     return DimensionChoice(dimension, opts, p_best, probs, means, greedy, _sample(rng, probs), person)
 
 
@@ -292,7 +307,7 @@ class Choice:
             "variant": self.variant,
             "template": self.template,
             "segment": self.segment,
-            "propensity": round(self.propensity, 6),
+            "propensity": self.propensity,  # exact: OPE divides by it
             "explain": self.explain(),
             "dims": {k: d.to_json() for k, d in self.dims.items()},
         }
@@ -322,9 +337,13 @@ def choose(
     if not windows:
         raise ValueError("no send window")
 
+    # max_exploration bounds the whole decision: split it over the dimensions that have a choice
+    n_variants = max(len(variants_for(c) or ["default"]) for c in channels)
+    cap = dimension_cap(cfg.max_exploration, sum(n > 1 for n in (len(channels), len(windows), n_variants)))
+
     def dim(name: str, opts: list[str], key: Callable[[str], str] = str) -> DimensionChoice:
         posts = {o: posterior(view, person_key, segment, name, key(o), cfg) for o in opts}
-        return choose_dimension(rng, name, opts, posts, cfg)
+        return choose_dimension(rng, name, opts, posts, cfg, cap)
 
     ch = dim("channel", list(channels))
     win = dim("window", list(windows))
