@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import bindparam, event
 from sqlmodel import Session
 
 from careloop.clock import utc
@@ -22,7 +22,7 @@ from careloop.tables import AuditHead, AuditRecord
 
 GENESIS = "0" * 64
 _HEAD_KEY = "careloop.audit_head"
-_BUF_KEY = "careloop.audit_buffer"
+_TOUCHED_KEY = "careloop.audit_touched"
 _TABLE = AuditRecord.__table__  # type: ignore[attr-defined]
 
 
@@ -61,50 +61,81 @@ def record_hash(r: AuditRecord) -> str:
     return chain_hash(r.prev_hash, body)
 
 
-def _head(session: Session) -> AuditHead:
-    head: AuditHead | None = session.info.get(_HEAD_KEY)
+@dataclass(slots=True)
+class Head:
+    """The chain tip as this transaction sees it (``audit_head`` is written at commit)."""
+
+    seq: int
+    hash: str
+    stored: bool  # whether the ``audit_head`` row exists
+    written: int  # the seq the ``audit_head`` row holds
+
+
+_HEAD_T = AuditHead.__table__  # type: ignore[attr-defined]
+_READ_HEAD = _HEAD_T.select().with_only_columns(_HEAD_T.c.seq, _HEAD_T.c.hash).where(_HEAD_T.c.id == 1)
+_READ_HEAD_LOCKED = _READ_HEAD.with_for_update()
+_LATEST_AFTER = (
+    _TABLE.select()
+    .with_only_columns(_TABLE.c.seq, _TABLE.c.hash)
+    .where(_TABLE.c.seq > bindparam("after"))
+    .order_by(_TABLE.c.seq.desc())
+    .limit(1)
+)
+
+
+def _head(session: Session) -> Head:
+    head: Head | None = session.info.get(_HEAD_KEY)
     if head is None:
-        head = session.get(AuditHead, 1, with_for_update=True, populate_existing=True)
-        if head is None:
-            head = AuditHead(id=1, seq=0, hash=GENESIS)
-            session.add(head)
+        conn = session.connection()
+        row = conn.execute(_READ_HEAD_LOCKED).one_or_none()
+        head = Head(row[0], row[1], True, row[0]) if row is not None else Head(0, GENESIS, False, 0)
+        # Records appended earlier in this transaction (before a savepoint that was rolled
+        # back) are already in the table; the head row catches up with them at commit.
+        later = conn.execute(_LATEST_AFTER, {"after": head.seq}).one_or_none()
+        if later is not None:
+            head.seq, head.hash = later[0], later[1]
         session.info[_HEAD_KEY] = head
     return head
 
 
-def head(session: Session) -> AuditHead:
+def head(session: Session) -> Head:
     """The chain tip, row-locked for the rest of ``session``'s transaction (the same row
     ``append`` uses, so a checkpoint taken in this transaction sees a stable tree)."""
     return _head(session)
 
 
-@event.listens_for(Session, "after_rollback")
 @event.listens_for(Session, "after_soft_rollback")
 def _forget_head(session: Any, *_: Any) -> None:
-    # A rollback (of a savepoint too) discards what was appended since the last flush:
-    # a savepoint always starts with a flush, so those records belong to it.
+    # A rollback (of a savepoint too) removes the records appended inside it from the
+    # table; the next append reads the tip again (head row, then any later record).
     session.info.pop(_HEAD_KEY, None)
-    session.info.pop(_BUF_KEY, None)
 
 
 @event.listens_for(Session, "after_transaction_end")
 def _forget_head_at_end(session: Any, transaction: Any) -> None:
     # The end of the session's transaction releases the row lock, so the next one reads
-    # the head again. A released savepoint keeps it: its flushed records and the head
-    # stay valid in the enclosing transaction, and re-reading the head per savepoint
-    # costs an ORM load each time (the orchestrator opens one per event).
+    # the head again. A released savepoint keeps it: its records and the head stay valid
+    # in the enclosing transaction.
     if transaction.parent is None:
         session.info.pop(_HEAD_KEY, None)
-        session.info.pop(_BUF_KEY, None)
+        session.info.pop(_TOUCHED_KEY, None)
 
 
-@event.listens_for(Session, "before_flush")
-def _write_buffered(session: Any, *_: Any) -> None:
-    # Records go to the database with the rest of the flush, as one executemany of plain
-    # rows: an ORM object per record would cost more than everything else it audits.
-    buf = session.info.pop(_BUF_KEY, None)
-    if buf:
-        session.connection().execute(_TABLE.insert(), buf)
+@event.listens_for(Session, "before_commit")
+def _write_head(session: Any) -> None:
+    # The head row moves once per transaction, not once per record.
+    if not session.info.get(_TOUCHED_KEY):
+        return
+    head = _head(session)
+    if head.seq == head.written:
+        return
+    conn = session.connection()
+    if head.stored:
+        conn.execute(_HEAD_T.update().where(_HEAD_T.c.id == 1).values(seq=head.seq, hash=head.hash))
+    else:
+        conn.execute(_HEAD_T.insert(), {"id": 1, "seq": head.seq, "hash": head.hash})
+        head.stored = True
+    head.written = head.seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,14 +157,18 @@ def append(
     detail: dict[str, Any] | None = None,
 ) -> Appended:
     """Add one audit record to ``session``'s transaction. ``detail`` must hold no PHI
-    beyond identifiers (ids, codes, channel names, reason codes)."""
+    beyond identifiers (ids, codes, channel names, reason codes).
+
+    The record is inserted at once (one Core statement: a savepoint rolled back takes it
+    with it, and nothing is buffered that could be lost); the chain tip stays in the
+    session and the ``audit_head`` row is written when the transaction commits."""
     head = _head(session)
     detail = detail or {}
     at = utc(at)
     seq = head.seq + 1
-    body = canonical(seq, at, actor, action, outcome, person_id, entity, purpose, detail)
-    h = chain_hash(head.hash, body)
-    session.info.setdefault(_BUF_KEY, []).append(
+    h = chain_hash(head.hash, canonical(seq, at, actor, action, outcome, person_id, entity, purpose, detail))
+    session.connection().execute(
+        _TABLE.insert(),
         {
             "seq": seq,
             "at": at,
@@ -146,13 +181,11 @@ def append(
             "detail": detail,
             "prev_hash": head.hash,
             "hash": h,
-        }
+        },
     )
-    head.seq, head.hash = seq, h  # marks the session dirty, so the next flush writes the buffer
+    head.seq, head.hash = seq, h
+    session.info[_TOUCHED_KEY] = True
     return Appended(seq, h)
-
-
-_HEAD_T = AuditHead.__table__  # type: ignore[attr-defined]
 
 
 def append_now(
@@ -167,56 +200,15 @@ def append_now(
     purpose: str | None = None,
     detail: dict[str, Any] | None = None,
 ) -> Appended:
-    """``append``, written at once with three Core statements (read the head with its row
-    lock, insert the record, move the head) instead of an ORM load of the head and a flush.
-
-    For short transactions that append one or two records (the deliver stage settles one
-    item per commit): there the ORM head costs more than the work it audits. The same
-    chain, the same lock; when ``append`` already holds the head in this transaction the
-    record goes through it instead, so the two never disagree about the tip. A later
-    ``append`` in the same transaction re-reads the head (``populate_existing``)."""
-    if session.info.get(_HEAD_KEY) is not None:
-        return append(
-            session,
-            at=at,
-            actor=actor,
-            action=action,
-            outcome=outcome,
-            person_id=person_id,
-            entity=entity,
-            purpose=purpose,
-            detail=detail,
-        )
-    conn = session.connection()
-    row = conn.execute(
-        _HEAD_T.select()
-        .with_only_columns(_HEAD_T.c.seq, _HEAD_T.c.hash)
-        .where(_HEAD_T.c.id == 1)
-        .with_for_update()
-    ).one_or_none()
-    prev_seq, prev = (row[0], row[1]) if row is not None else (0, GENESIS)
-    detail = detail or {}
-    at = utc(at)
-    seq = prev_seq + 1
-    h = chain_hash(prev, canonical(seq, at, actor, action, outcome, person_id, entity, purpose, detail))
-    conn.execute(
-        _TABLE.insert(),
-        {
-            "seq": seq,
-            "at": at,
-            "actor": actor,
-            "action": action,
-            "outcome": outcome,
-            "person_id": person_id,
-            "entity": entity,
-            "purpose": purpose,
-            "detail": detail,
-            "prev_hash": prev,
-            "hash": h,
-        },
+    """The same as ``append`` (kept for callers that settle one item per transaction)."""
+    return append(
+        session,
+        at=at,
+        actor=actor,
+        action=action,
+        outcome=outcome,
+        person_id=person_id,
+        entity=entity,
+        purpose=purpose,
+        detail=detail,
     )
-    if row is None:
-        conn.execute(_HEAD_T.insert(), {"id": 1, "seq": seq, "hash": h})
-    else:
-        conn.execute(_HEAD_T.update().where(_HEAD_T.c.id == 1).values(seq=seq, hash=h))
-    return Appended(seq, h)

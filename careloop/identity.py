@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlmodel import Session, and_, col, or_, select
+from sqlalchemy import bindparam, tuple_
+from sqlmodel import Session, col, select
 
 from careloop.model import Identifier
 from careloop.store import attach_inserted
@@ -63,17 +64,19 @@ def _holders(session: Session, ident: Identifier) -> set[int]:
     return {survivor(session, pid) for pid in rows}
 
 
+_HOLDERS = select(_IDENT.c.system, _IDENT.c.value, _IDENT.c.person_id).where(
+    tuple_(_IDENT.c.system, _IDENT.c.value).in_(bindparam("keys", expanding=True))
+)
+
+
 def _holders_of(session: Session, idents: list[Identifier]) -> dict[tuple[str, str], set[int]]:
-    """Who holds each identifier, in one query (the hot path resolves every event)."""
+    """Who holds each identifier, in one query (the hot path resolves every event): a
+    Core statement built once, so SQLAlchemy compiles it once."""
     out: dict[tuple[str, str], set[int]] = {(i.system, i.value): set() for i in idents}
     if not idents:
         return out
-    cond = or_(
-        *(and_(PersonIdentifier.system == i.system, PersonIdentifier.value == i.value) for i in idents)
-    )
-    for system, value, pid in session.exec(
-        select(PersonIdentifier.system, PersonIdentifier.value, PersonIdentifier.person_id).where(cond)
-    ).all():
+    session.flush()  # identifiers ``link`` added as objects must be seen (a Core read does not autoflush)
+    for system, value, pid in session.connection().execute(_HOLDERS, {"keys": list(out)}):
         out[(system, value)].add(survivor(session, pid))
     return out
 

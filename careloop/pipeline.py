@@ -18,7 +18,9 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
+from sqlalchemy import bindparam
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm.util import identity_key
 from sqlmodel import Session, col, select
 
 from careloop import audit_log, identity
@@ -26,7 +28,7 @@ from careloop.clock import utc
 from careloop.errors import CareloopError, SkipMessage, TransientError
 from careloop.ingest import IngestSink as IngestSink  # the raw sink, re-exported
 from careloop.model import MappedEvent
-from careloop.store import Store
+from careloop.store import Store, write_through
 from careloop.tables import DeadLetter, JourneyEvent, Person, RawMessage, Resource
 
 log = logging.getLogger("careloop.pipeline")
@@ -91,7 +93,7 @@ class MapStage:
         actor = f"connector:{raw.connector}"
         mapper = self.mappers(raw)
         if mapper is None:
-            raw.status, raw.status_reason = "skipped", f"no mapper for {raw.kind}"
+            write_through(s, raw, status="skipped", status_reason=f"no mapper for {raw.kind}")
             audit_log.append(
                 s,
                 at=now,
@@ -104,7 +106,7 @@ class MapStage:
         try:
             events = mapper.map(raw)
         except SkipMessage as skip:
-            raw.status, raw.status_reason = "skipped", str(skip)[:500]
+            write_through(s, raw, status="skipped", status_reason=str(skip)[:500])
             audit_log.append(
                 s,
                 at=now,
@@ -115,7 +117,7 @@ class MapStage:
             )
             return
         ids = [apply_event(s, raw, i, ev, now) for i, ev in enumerate(events)]
-        raw.status, raw.status_reason = "mapped", None
+        write_through(s, raw, status="mapped", status_reason=None)
         audit_log.append(
             s,
             at=now,
@@ -134,30 +136,18 @@ def apply_event(s: Session, raw: RawMessage, index: int, ev: MappedEvent, now: d
         person = s.get(Person, pid)
         assert person is not None
         if ev.patient:
-            person.patient = {**person.patient, **ev.patient, "resourceType": "Patient"}
+            changes: dict[str, Any] = {"patient": {**person.patient, **ev.patient, "resourceType": "Patient"}}
             if ev.patient.get("deceasedBoolean") or ev.patient.get("deceasedDateTime"):
-                person.deceased = True
+                changes["deceased"] = True
             lang = _language(ev.patient)
             if lang:
-                person.language = lang
+                changes["language"] = lang
+            write_through(s, person, **changes)
         if ev.merge_from:
             merged = identity.merge(s, pid, ev.merge_from)
             ev.attributes.setdefault("merged_people", merged)
         if ev.subject and ev.subject_ref:
-            ref = ev.subject_ref
-            row = s.get(Resource, ref)
-            if row is None:
-                s.add(
-                    Resource(
-                        ref=ref,
-                        resource_type=ev.subject["resourceType"],
-                        person_id=pid,
-                        updated_at=now,
-                        body=ev.subject,
-                    )
-                )
-            else:
-                row.body, row.updated_at, row.person_id = ev.subject, now, pid
+            _put_resource(s, ev.subject_ref, ev.subject, pid, now)
     # One Core INSERT ... RETURNING for the id (nothing else reads the row in this
     # transaction), not an ORM object and a flush of the whole session per event.
     event_id: int = (
@@ -201,6 +191,23 @@ def apply_event(s: Session, raw: RawMessage, index: int, ev: MappedEvent, now: d
             detail={"identifiers": len(ev.identifiers)},
         )
     return event_id
+
+
+_RESOURCE = Resource.__table__  # type: ignore[attr-defined]
+_RESOURCE_EXISTS = select(_RESOURCE.c.ref).where(_RESOURCE.c.ref == bindparam("ref"))
+
+
+def _put_resource(s: Session, ref: str, body: dict[str, Any], pid: int, now: datetime) -> None:
+    """Insert or replace the subject's latest version with Core statements. A ``Resource``
+    the session already holds is refreshed too, so the two never disagree."""
+    values = {"resource_type": body["resourceType"], "person_id": pid, "updated_at": now, "body": body}
+    held = s.identity_map.get(identity_key(Resource, ref))
+    if held is not None:
+        write_through(s, held, **values)
+    elif s.connection().execute(_RESOURCE_EXISTS, {"ref": ref}).first() is None:
+        s.connection().execute(_RESOURCE.insert(), {"ref": ref, **values})
+    else:
+        s.connection().execute(_RESOURCE.update().where(_RESOURCE.c.ref == ref).values(**values))
 
 
 def _language(patient: dict[str, Any]) -> str | None:

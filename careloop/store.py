@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import make_transient_to_detached
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session
 
 from careloop.clock import Clock
@@ -49,14 +50,57 @@ def attach_inserted(session: Session, obj: Any) -> None:
     session.info.setdefault(_ATTACHED_KEY, []).append(obj)
 
 
+def insert_object(session: Session, obj: Any) -> Any:
+    """Insert the new ``obj`` at once with one Core INSERT (RETURNING its generated id)
+    and attach it as a persistent, clean object (``attach_inserted``): the same row an
+    ``add`` and a flush would write, without the unit-of-work flush. Returns ``obj``."""
+    table = type(obj).__table__
+    pk = list(table.primary_key.columns)
+    values = {c.name: getattr(obj, c.name) for c in table.columns}
+    auto = [c for c in pk if values.get(c.name) is None]
+    for c in auto:
+        del values[c.name]
+    conn = session.connection()
+    if auto:
+        (col_,) = auto
+        setattr(obj, col_.name, conn.execute(table.insert().returning(col_), values).scalar_one())
+    else:
+        conn.execute(table.insert(), values)
+    attach_inserted(session, obj)
+    return obj
+
+
+_WRITTEN_KEY = "careloop.written"
+
+
+def write_through(session: Session, obj: Any, **values: Any) -> None:
+    """Set ``values`` on the persistent ``obj`` and write them at once with one Core UPDATE
+    by primary key, leaving the object clean: no unit-of-work flush follows for it (on the
+    hot paths a flush costs more than the work). The object is expired if a rollback (a
+    savepoint's too) undoes the UPDATE, so it is read again rather than trusted."""
+    table = type(obj).__table__
+    pk = {c.name: getattr(obj, c.name) for c in table.primary_key.columns}
+    stmt = table.update().values(**values)
+    for name, value in pk.items():
+        stmt = stmt.where(table.c[name] == value)
+    session.connection().execute(stmt)
+    for name, value in values.items():
+        set_committed_value(obj, name, value)
+    session.info.setdefault(_WRITTEN_KEY, []).append(obj)
+
+
 @event.listens_for(Session, "after_soft_rollback")
 def _drop_attached(session: Any, *_: Any) -> None:
     for obj in session.info.pop(_ATTACHED_KEY, []):
         if obj in session:
             session.expunge(obj)
+    for obj in session.info.pop(_WRITTEN_KEY, []):
+        if obj in session:
+            session.expire(obj)
 
 
 @event.listens_for(Session, "after_transaction_end")
 def _forget_attached(session: Any, transaction: Any) -> None:
     if transaction.parent is None:
         session.info.pop(_ATTACHED_KEY, None)
+        session.info.pop(_WRITTEN_KEY, None)

@@ -16,8 +16,9 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from jinja2 import TemplateError
+from sqlalchemy import bindparam, func
 from sqlalchemy import event as sa_event
-from sqlalchemy import func
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
@@ -26,7 +27,7 @@ from careloop.clock import utc
 from careloop.config import AppConfig, LearningConfig
 from careloop.errors import TransientError
 from careloop.pipeline import handle_isolated
-from careloop.store import Store, attach_inserted
+from careloop.store import Store, attach_inserted, insert_object, write_through
 from careloop.tables import (
     Consent,
     Decision,
@@ -78,6 +79,36 @@ RECEIPT_RANK = {
 log = logging.getLogger("careloop.orchestrator")
 SILENCE_KIND = "triage-silence"  # issue 9: a concern that did not escalate, then silence
 LIVE_OUTBOX = ("pending", "sending", "sent", "delivered", "read", "captured", "queued", "unknown")
+
+# The gate's reads, one per send: Core statements built once (compiled once, cached),
+# run by ``_rows`` after a flush of anything still pending in the session.
+_IDENT_T = PersonIdentifier.__table__  # type: ignore[attr-defined]
+_CONSENT_T = Consent.__table__  # type: ignore[attr-defined]
+_ESC_T = Escalation.__table__  # type: ignore[attr-defined]
+_OUTBOX_T = OutboxItem.__table__  # type: ignore[attr-defined]
+_ADDRESSES = (
+    select(_IDENT_T.c.kind, _IDENT_T.c.value)
+    .where(_IDENT_T.c.person_id == bindparam("pid"))
+    .order_by(_IDENT_T.c.verified.desc(), _IDENT_T.c.id)
+)
+_OPTED_OUT = select(_CONSENT_T.c.channel, _CONSENT_T.c.purpose).where(
+    _CONSENT_T.c.person_id == bindparam("pid"), _CONSENT_T.c.status == "opt_out"
+)
+_OPEN_ESCALATIONS = (
+    select(func.count())
+    .select_from(_ESC_T)
+    .where(_ESC_T.c.person_id == bindparam("pid"), _ESC_T.c.status.in_(OPEN_ESCALATION))
+)
+_RECENT_OUTBOX = select(_OUTBOX_T.c.channel, _OUTBOX_T.c.created_at).where(
+    _OUTBOX_T.c.person_id == bindparam("pid"),
+    _OUTBOX_T.c.status.in_(LIVE_OUTBOX),
+    _OUTBOX_T.c.created_at > bindparam("since"),
+)
+
+
+def _rows(s: Session, stmt: Any, **params: Any) -> list[Any]:
+    s.flush()  # a Core read does not autoflush: objects still pending must be seen
+    return list(s.connection().execute(stmt, params).all())
 
 
 @dataclass
@@ -188,9 +219,11 @@ class Orchestrator:
         state = apply(state, ev.type, occurred, ev.subject_ref, subject, ev.attributes)
         state.deceased = state.deceased or person.deceased
         if person.timezone is None or ev.type in ("patient.updated", "patient.merged"):
-            person.timezone = timezones.resolve(
+            tz = timezones.resolve(
                 person.patient, self._addresses(s, person.id or 0).get("phone", []), self.config.site.timezone
             )
+            if tz != person.timezone:
+                write_through(s, person, timezone=tz)
         origin = Origin(event_id=ev.id)
         actions: list[Action] = []
         if ev.type in ("consent.revoked", "consent.granted"):
@@ -210,8 +243,8 @@ class Orchestrator:
         for pid, pb in self.playbooks.items():
             actions.extend(playbooks.on_event(pid, pb, ctx))
         self._execute(s, person, state, actions, origin, now)
-        self._save(srow, state, now)
-        ev.status = "processed"
+        self._save(s, srow, state, now)
+        write_through(s, ev, status="processed")
         audit_log.append(
             s,
             at=now,
@@ -332,7 +365,7 @@ class Orchestrator:
         kind = t.payload.get("kind", "step")
         if kind in (escalation.SLA_KIND, SILENCE_KIND):  # issue 9: escalation queue timers
             self._triage_timer(s, person, state, t, now)
-            self._save(srow, state, now)
+            self._save(s, srow, state, now)
             return
         actions: list[Action]
         if pb is None:
@@ -353,7 +386,7 @@ class Orchestrator:
         else:
             actions = playbooks.on_step_timer(t.playbook, pb, t.step, utc(t.due_at), ctx)
         self._execute(s, person, state, actions, origin, now)
-        self._save(srow, state, now)
+        self._save(s, srow, state, now)
 
     def _deferred(self, t: Timer, pb: PlaybookConfig, ctx: Ctx) -> list[Action]:
         """A send held back by quiet hours: check the journey again, then gate again."""
@@ -394,7 +427,8 @@ class Orchestrator:
             elif isinstance(a, Schedule):
                 assert person.id is not None
                 payload = {"kind": a.kind, **a.payload}
-                s.add(
+                insert_object(
+                    s,
                     Timer(
                         person_id=person.id,
                         due_at=a.due_at,
@@ -404,7 +438,7 @@ class Orchestrator:
                         subject_ref=a.subject_ref,
                         created_by_event=origin.event_id,
                         payload=payload,
-                    )
+                    ),
                 )
                 self._decide(
                     s,
@@ -563,7 +597,8 @@ class Orchestrator:
         # ---- end issue 10 ----
         if verdict.outcome == "defer":
             assert verdict.deliver_at is not None
-            s.add(
+            insert_object(
+                s,
                 Timer(
                     person_id=person.id,
                     due_at=verdict.deliver_at,
@@ -578,7 +613,7 @@ class Orchestrator:
                         "channels": [verdict.channel],
                         "not_after": a.not_after.isoformat() if a.not_after else None,
                     },
-                )
+                ),
             )
             detail["deliver_at"] = verdict.deliver_at.isoformat()
             self._decide_step(s, person, origin, now, a, "defer", verdict.reason, verdict.channel, detail)
@@ -657,7 +692,7 @@ class Orchestrator:
             not_after=a.not_after,
             next_attempt_at=now,
         )
-        s.add(item)
+        insert_object(s, item)
         record_outreach(
             state, Outreach(at=now, playbook=a.playbook, template=a.template, channel=channel, key=key)
         )
@@ -757,15 +792,17 @@ class Orchestrator:
             row = None
         else:
             row = s.get(JourneyStateRow, person.id)
-        if row is None:
+        if row is None:  # inserted by ``_save``, with its first state
             row = JourneyStateRow(person_id=person.id, updated_at=now, state={})
-            s.add(row)
         return row, JourneyState.model_validate(row.state)
 
-    def _save(self, row: JourneyStateRow, state: JourneyState, now: datetime) -> None:
-        row.state = state.model_dump(mode="json")
-        row.version += 1
-        row.updated_at = now
+    def _save(self, s: Session, row: JourneyStateRow, state: JourneyState, now: datetime) -> None:
+        doc, version = state.model_dump(mode="json"), row.version + 1
+        if sa_inspect(row).transient:
+            row.state, row.version, row.updated_at = doc, version, now
+            insert_object(s, row)
+        else:
+            write_through(s, row, state=doc, version=version, updated_at=now)
 
     def _addresses(self, s: Session, person_id: int) -> dict[str, list[str]]:
         # Identifiers change only in the mapping stage, so one read per transaction will do.
@@ -776,50 +813,28 @@ class Orchestrator:
 
     def _read_addresses(self, s: Session, person_id: int) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
-        rows = s.exec(
-            select(PersonIdentifier)
-            .where(PersonIdentifier.person_id == person_id)
-            .order_by(col(PersonIdentifier.verified).desc(), col(PersonIdentifier.id))
-        ).all()
-        for r in rows:
-            if r.kind in ("phone", "email"):
-                out.setdefault(r.kind, []).append(r.value)
-            elif r.kind == "fhir":
-                out.setdefault("fhir", []).append(r.value)
+        for kind, value in _rows(s, _ADDRESSES, pid=person_id):
+            if kind in ("phone", "email", "fhir"):
+                out.setdefault(kind, []).append(value)
         return out
 
     def _person_facts(self, s: Session, person: Person, state: JourneyState) -> gate.PersonFacts:
         assert person.id is not None
-        consents = s.exec(
-            select(Consent).where(Consent.person_id == person.id, Consent.status == "opt_out")
-        ).all()
-        open_esc = s.exec(
-            select(func.count())
-            .select_from(Escalation)
-            .where(Escalation.person_id == person.id, col(Escalation.status).in_(OPEN_ESCALATION))
-        ).one()
         return gate.PersonFacts(
             deceased=person.deceased or state.deceased,
             timezone=person.timezone or self.config.site.timezone,
             addresses=self._addresses(s, person.id),
-            opted_out=frozenset((c.channel, c.purpose) for c in consents),
-            open_escalations=int(open_esc),
+            opted_out=frozenset((c, p) for c, p in _rows(s, _OPTED_OUT, pid=person.id)),
+            open_escalations=int(_rows(s, _OPEN_ESCALATIONS, pid=person.id)[0][0]),
         )
 
     def _recent_counts(
         self, s: Session, person_id: int, now: datetime
     ) -> tuple[dict[str, int], dict[str, int]]:
         week_ago, day_ago = now - timedelta(days=7), now - timedelta(days=1)
-        rows = s.exec(
-            select(OutboxItem.channel, OutboxItem.created_at).where(
-                OutboxItem.person_id == person_id,
-                col(OutboxItem.status).in_(LIVE_OUTBOX),
-                col(OutboxItem.created_at) > week_ago,
-            )
-        ).all()
         day: dict[str, int] = {}
         week: dict[str, int] = {}
-        for channel, created in rows:
+        for channel, created in _rows(s, _RECENT_OUTBOX, pid=person_id, since=week_ago):
             week[channel] = week.get(channel, 0) + 1
             if utc(created) > day_ago:
                 day[channel] = day.get(channel, 0) + 1
