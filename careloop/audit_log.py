@@ -123,8 +123,9 @@ def _forget_head_at_end(session: Any, transaction: Any) -> None:
 
 @event.listens_for(Session, "before_commit")
 def _write_head(session: Any) -> None:
-    # The head row moves once per transaction, not once per record.
-    if not session.info.get(_TOUCHED_KEY):
+    # The head row moves once per transaction, not once per record (this event fires for
+    # a savepoint's release too: the enclosing transaction's commit writes it).
+    if not session.info.get(_TOUCHED_KEY) or session.in_nested_transaction():
         return
     head = _head(session)
     if head.seq == head.written:

@@ -35,6 +35,10 @@ class ChannelCaps:
     max_length: int | None = None
     receipts: bool = False  # the provider reports delivery later (status callbacks)
     can_query_status: bool = False  # ``status()`` can ask the provider about a key
+    # The receiving end de-duplicates on ``item.key`` (FHIR conditional create, Standard
+    # Webhooks ``webhook-id``), so sending an item again can never deliver it twice: the
+    # outbox may then claim several items per commit and resend an interrupted one.
+    idempotent_key: bool = False
 
 
 class DeliveryUncertain(TransientError):

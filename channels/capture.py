@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from careloop.tables import OutboxItem
@@ -25,14 +25,15 @@ class CaptureChannel:
     name: ClassVar[str] = "capture"
     Config: ClassVar[type[ChannelConfig]] = ChannelConfig
     capabilities: ClassVar[ChannelCaps] = ChannelCaps(
-        template_kind="text", address_kind="none", max_phi="full"
+        template_kind="text", address_kind="none", max_phi="full", idempotent_key=True
     )
 
     def __init__(self, id: str, config: ChannelConfig, imitate: ChannelCaps | None = None) -> None:
         self.id, self.config = id, config
         self.captured: dict[str, Captured] = {}
         if imitate is not None:  # in replay, capture stands in for a real channel
-            self.capabilities = imitate  # type: ignore[misc]
+            # What the gate sees is the real channel's; sending twice keeps one (by key).
+            self.capabilities = replace(imitate, idempotent_key=True)  # type: ignore[misc]
 
     async def send(self, item: OutboxItem) -> Receipt:
         self.captured.setdefault(

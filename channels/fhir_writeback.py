@@ -224,7 +224,12 @@ class FhirWritebackChannel:
     name: ClassVar[str] = "fhir_writeback"
     Config: ClassVar[type[FhirWritebackConfig]] = FhirWritebackConfig
     capabilities: ClassVar[ChannelCaps] = ChannelCaps(
-        template_kind="fhir", address_kind="fhir", max_phi="full", receipts=False, can_query_status=True
+        template_kind="fhir",
+        address_kind="fhir",
+        max_phi="full",
+        receipts=False,
+        can_query_status=True,
+        idempotent_key=True,
     )
 
     def __init__(

@@ -6,7 +6,10 @@ Exactly-once in effect, and the choice made where it cannot be guaranteed:
    status = 'pending'``) that is committed *before* the provider call. Only one worker
    wins an item, on SQLite and PostgreSQL alike, without holding a lock across the send;
    and at most one item per worker is in flight, so a crash leaves at most that one
-   in doubt. While an item is ``sending``, ``next_attempt_at`` holds the time the attempt
+   in doubt. Channels whose receiver de-duplicates on the key
+   (``capabilities.idempotent_key``: FHIR conditional create, Standard Webhooks) are the
+   exception: their items are claimed in groups of up to ``group`` per commit, since an
+   interrupted one is simply sent again. While an item is ``sending``, ``next_attempt_at`` holds the time the attempt
    started (the lease start) and ``attempts`` counts it.
 2. Send, then commit the outcome in one transaction with its ``delivery_receipt`` row and
    a ``disclosure`` audit record (channel, template, PHI class, recipient kind, purpose,
@@ -20,6 +23,7 @@ Exactly-once in effect, and the choice made where it cannot be guaranteed:
      is a receipt: the receipt is adopted, nothing is resent;
    - the provider confirms it never got the message (``Receipt(ABSENT)``): the item goes
      back to ``pending`` and is sent again, which is safe;
+   - the receiver de-duplicates on the key (``idempotent_key``): it is sent again;
    - otherwise (no status API, or the provider cannot tell): the item becomes ``unknown``
      for staff review. We never resend blindly: a duplicate reminder is a visible harm, an
      unknown item is a visible, reviewable state.
@@ -167,6 +171,7 @@ class DeliverStage:
         channels: dict[str, Channel],
         batch: int = 50,
         max_attempts: int = 6,
+        group: int = 50,
         *,
         backoff_base: float = 2.0,
         backoff_cap: float = 3600.0,
@@ -175,6 +180,7 @@ class DeliverStage:
         rng: random.Random | None = None,
     ) -> None:
         self.store, self.channels, self.batch, self.max_attempts = store, channels, batch, max_attempts
+        self.group = group  # at most this many ``idempotent_key`` items per claim
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self.sending_lease, self.recover_every = sending_lease, recover_every
         self.rng = rng or random.Random()
@@ -190,27 +196,48 @@ class DeliverStage:
         if time.monotonic() - self._last_recover >= self.recover_every:
             r = await self.recover()
             handled += r.adopted + r.resend + r.unknown
-        ids = await asyncio.to_thread(self._due_ids)
-        settle: Settle | None = None
-        # One transaction per item: it settles the previous item and claims the next, so
-        # the claim is still committed before its send and at most one item is in doubt.
-        for next_id in [*ids, None]:
-            if settle is None and next_id is None:
+        due = await asyncio.to_thread(self._due_ids)
+        settles: list[Settle] = []
+        # One transaction per group: it settles the previous group and claims the next, so
+        # a claim is still committed before its send. A group is one item, or a run of
+        # items for channels whose receiver de-duplicates on the key (``idempotent_key``):
+        # for those an interrupted send is simply sent again, so several may be in doubt.
+        for group in [*self._groups(due), []]:
+            if not settles and not group:
                 break
-            item = await asyncio.to_thread(self._step, settle, next_id)
-            settle = None
-            if item is None:
-                continue  # another worker took it, or it was cancelled meanwhile
-            handled += 1
-            if item.status == "sending":
-                settle = await self._deliver(item)
+            items = await asyncio.to_thread(self._step, settles, group)
+            settles = []
+            for item in items:
+                handled += 1
+                if item.status == "sending":
+                    settles.append(await self._deliver(item))
         return handled
 
-    def _step(self, settle: Settle | None, next_id: int | None) -> OutboxItem | None:
+    def _groups(self, due: list[tuple[int, str]]) -> list[list[int]]:
+        groups: list[list[int]] = []
+        run: list[int] = []
+        for item_id, channel_id in due:
+            channel = self.channels.get(channel_id)
+            if channel is not None and channel.capabilities.idempotent_key:
+                run.append(item_id)
+                if len(run) >= self.group:
+                    groups.append(run)
+                    run = []
+                continue
+            if run:
+                groups.append(run)
+                run = []
+            groups.append([item_id])
+        if run:
+            groups.append(run)
+        return groups
+
+    def _step(self, settles: list[Settle], claim: list[int]) -> list[OutboxItem]:
         with self.store.session() as s:
-            if settle is not None:
-                settle(s, self.store.clock.now())
-            return self._claim_in(s, next_id) if next_id is not None else None
+            now = self.store.clock.now()
+            for settle in settles:
+                settle(s, now)
+            return [item for item_id in claim if (item := self._claim_in(s, item_id)) is not None]
 
     async def _deliver(self, item: OutboxItem) -> Settle:
         """Send ``item``; return how to record the outcome (in the next transaction)."""
@@ -241,17 +268,17 @@ class DeliverStage:
 
     # ------------------------------------------------------------------ transactions
 
-    def _due_ids(self) -> list[int]:
+    def _due_ids(self) -> list[tuple[int, str]]:
         now = self.store.clock.now()
         with self.store.session() as s:
             rows = s.exec(
-                select(OutboxItem.id)
+                select(OutboxItem.id, OutboxItem.channel)
                 .where(OutboxItem.status == "pending")
                 .where(or_(col(OutboxItem.next_attempt_at).is_(None), col(OutboxItem.next_attempt_at) <= now))
                 .order_by(col(OutboxItem.id))
                 .limit(self.batch)
             ).all()
-        return [i for i in rows if i is not None]
+        return [(i, c) for i, c in rows if i is not None]
 
     def _claim_in(self, s: Session, item_id: int) -> OutboxItem | None:
         """Move one item to ``sending`` in ``s`` (the caller commits before sending), or
@@ -412,7 +439,10 @@ class DeliverStage:
                 except Exception as exc:
                     log.warning("outbox %s: status lookup failed: %s", item.id, describe_error(exc))
             if answer is not None and answer.status == ABSENT:
-                await asyncio.to_thread(self._absent, item)
+                await asyncio.to_thread(self._absent, item, "provider confirmed it never got it")
+                report.note("resend", item.key)
+            elif answer is None and channel is not None and channel.capabilities.idempotent_key:
+                await asyncio.to_thread(self._absent, item, "the receiver de-duplicates on the key")
                 report.note("resend", item.key)
             elif answer is not None:
                 await asyncio.to_thread(self._adopt, item, answer)
@@ -450,14 +480,14 @@ class DeliverStage:
                 s.expunge(r)
         return rows
 
-    def _absent(self, item: OutboxItem) -> None:
+    def _absent(self, item: OutboxItem, why: str) -> None:
         now = self.store.clock.now()
         with self.store.session() as s:
             row = self._sending(s, item)
             if row is None:
                 return
             row.status, row.next_attempt_at = "pending", now
-            row.last_error = "interrupted send; provider confirmed it never got it"
+            row.last_error = f"interrupted send; {why}"
             audit_log.append(
                 s,
                 at=now,

@@ -77,7 +77,12 @@ class WebhookChannel:
     name: ClassVar[str] = "webhook"
     Config: ClassVar[type[WebhookConfig]] = WebhookConfig
     capabilities: ClassVar[ChannelCaps] = ChannelCaps(
-        template_kind="json", address_kind="none", max_phi="limited", receipts=False, can_query_status=True
+        template_kind="json",
+        address_kind="none",
+        max_phi="limited",
+        receipts=False,
+        can_query_status=True,
+        idempotent_key=True,
     )
 
     def __init__(self, id: str, config: WebhookConfig, http: httpx.AsyncClient | None = None) -> None:

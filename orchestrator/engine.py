@@ -1549,7 +1549,7 @@ class Orchestrator:
         return min(ends) if ends else None
 
     def _learning_outcomes(self, s: Session, person: Person, ev: JourneyEvent, now: datetime) -> None:
-        if not ev.type.startswith(("message.", "appointment.")):
+        if not outcomes.carries_outcome(ev.type):
             return
         cfg = self._learning_cfg()
         try:

@@ -43,6 +43,7 @@ MESSAGE_EVENTS = {
     "message.clicked": "clicked",
     "message.failed": "failed",
 }
+APPOINTMENT_OUTCOMES = ("appointment.confirmed", "appointment.fulfilled", "appointment.noshow")
 NOT_SENT = ("pending", "cancelled", "dead")  # receipts move a sent item on (delivered, read, ...)
 NOT_OUTREACH = ("triage",)  # answers to the person's own messages are not outreach to learn from
 
@@ -149,13 +150,19 @@ def _targets(s: Session, ev: JourneyEvent, cfg: LearningConfig) -> list[tuple[Ou
         pick = (same or items)[:1]
         outcome = "opted_out" if str(attrs.get("keyword") or "").lower() == "stop" else "replied"
         return [(i, outcome) for i in pick]
-    if ev.type == "appointment.confirmed" and ev.subject_ref:
+    if ev.type == APPOINTMENT_OUTCOMES[0] and ev.subject_ref:
         items = _outreach(s, ev.person_id, at - timedelta(days=cfg.confirm_window_days), at, ev.subject_ref)
         return [(i, "confirmed") for i in items[:1]]
-    if ev.type in ("appointment.fulfilled", "appointment.noshow") and ev.subject_ref:
+    if ev.type in APPOINTMENT_OUTCOMES[1:] and ev.subject_ref:
         items = _outreach(s, ev.person_id, at - timedelta(days=90), at, ev.subject_ref)
         return [(i, ev.type.split(".", 1)[1].replace("fulfilled", "attended")) for i in items]
     return []
+
+
+def carries_outcome(event_type: str) -> bool:
+    """Whether an event of this type can be the outcome of an earlier send (``on_event``
+    finds nothing for any other type)."""
+    return event_type.startswith("message.") or event_type in APPOINTMENT_OUTCOMES
 
 
 def on_event(s: Session, ev: JourneyEvent, cfg: LearningConfig, now: datetime) -> list[Change]:

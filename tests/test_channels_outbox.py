@@ -43,6 +43,7 @@ class ScriptChannel:
         script: list[Any] | None = None,
         status_answer: Receipt | None = None,
         queryable: bool = False,
+        idempotent: bool = False,
     ) -> None:
         self.id, self.config = id, config
         self.script = list(script or [])
@@ -51,9 +52,13 @@ class ScriptChannel:
         self.status_answer = status_answer
         self.on_send: Any = None
         self.send_times: list[float] = []
-        if queryable:
+        if queryable or idempotent:
             self.capabilities = ChannelCaps(
-                template_kind="sms", address_kind="phone", max_phi="none", can_query_status=True
+                template_kind="sms",
+                address_kind="phone",
+                max_phi="none",
+                can_query_status=queryable,
+                idempotent_key=idempotent,
             )  # type: ignore[misc]
 
     async def send(self, item: OutboxItem) -> Receipt:
@@ -256,6 +261,50 @@ def test_interrupted_send_without_a_status_api_becomes_unknown_for_staff(store: 
     assert row.last_error is not None and "staff review" in row.last_error
     [rec] = audits(store, "outbox.recover")
     assert rec.detail == {"channel": "sms", "outcome": "unknown"}
+
+
+def _statuses_seen_at_each_send(store: Store, ch: ScriptChannel) -> list[list[str]]:
+    seen: list[list[str]] = []
+    ch.on_send = lambda item: seen.append([r.status for r in rows(store)])  # another connection
+    return seen
+
+
+def test_one_item_per_claim_unless_the_receiver_dedupes_on_the_key(store: Store, person: int) -> None:
+    add_items(store, person, n=3)
+    ch = ScriptChannel("sms", cfg())
+    seen = _statuses_seen_at_each_send(store, ch)
+    drain(DeliverStage(store, {"sms": ch}))
+    # Each send sees only its own item claimed: the next is claimed after it settles.
+    assert [x.count("sending") for x in seen] == [1, 1, 1]
+    assert [r.status for r in rows(store)] == ["sent"] * 3
+
+
+def test_idempotent_channel_items_are_claimed_in_groups(store: Store, person: int) -> None:
+    add_items(store, person, n=5)
+    ch = ScriptChannel("sms", cfg(), idempotent=True)
+    seen = _statuses_seen_at_each_send(store, ch)
+    drain(DeliverStage(store, {"sms": ch}, group=3))
+    # Groups of 3 then 2, each claimed in one commit before its first send.
+    assert [x.count("sending") for x in seen] == [3, 3, 3, 2, 2]
+    assert sorted(ch.sent) == sorted(r.key for r in rows(store))
+    assert [r.status for r in rows(store)] == ["sent"] * 5
+    assert len(audits(store, "disclosure")) == 5
+
+
+def test_interrupted_send_to_a_deduplicating_receiver_is_sent_again(store: Store, person: int) -> None:
+    add_items(
+        store,
+        person,
+        n=2,
+        status="sending",
+        attempts=1,
+        next_attempt_at=store.clock.now() - timedelta(hours=1),
+    )
+    ch = ScriptChannel("sms", cfg(), idempotent=True)
+    drain(DeliverStage(store, {"sms": ch}))
+    assert [(r.status, r.attempts) for r in rows(store)] == [("sent", 2), ("sent", 2)]
+    assert sorted(ch.sent) == sorted(r.key for r in rows(store))
+    assert [a.detail["outcome"] for a in audits(store, "outbox.recover")] == ["resend", "resend"]
 
 
 def test_inconclusive_provider_lookup_becomes_unknown(store: Store, person: int) -> None:
