@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import bindparam, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
@@ -63,7 +64,7 @@ def insert_object(session: Session, obj: Any) -> Any:
     conn = session.connection()
     if auto:
         (col_,) = auto
-        setattr(obj, col_.name, conn.execute(table.insert().returning(col_), values).scalar_one())
+        setattr(obj, col_.name, conn.execute(_insert_returning(table, col_.name), values).scalar_one())
     else:
         conn.execute(table.insert(), values)
     attach_inserted(session, obj)
@@ -73,17 +74,30 @@ def insert_object(session: Session, obj: Any) -> Any:
 _WRITTEN_KEY = "careloop.written"
 
 
+@functools.lru_cache(maxsize=64)
+def _insert_returning(table: Any, name: str) -> Any:
+    return table.insert().returning(table.c[name])
+
+
+@functools.lru_cache(maxsize=256)
+def _update_statement(table: Any, names: tuple[str, ...]) -> Any:
+    """``UPDATE table SET names... WHERE pk``, built once per table and column set (so
+    SQLAlchemy's statement cache hits instead of a new statement per call)."""
+    stmt = table.update().values({n: bindparam(f"v_{n}") for n in names})
+    for c in table.primary_key.columns:
+        stmt = stmt.where(c == bindparam(f"pk_{c.name}"))
+    return stmt
+
+
 def write_through(session: Session, obj: Any, **values: Any) -> None:
     """Set ``values`` on the persistent ``obj`` and write them at once with one Core UPDATE
     by primary key, leaving the object clean: no unit-of-work flush follows for it (on the
     hot paths a flush costs more than the work). The object is expired if a rollback (a
     savepoint's too) undoes the UPDATE, so it is read again rather than trusted."""
     table = type(obj).__table__
-    pk = {c.name: getattr(obj, c.name) for c in table.primary_key.columns}
-    stmt = table.update().values(**values)
-    for name, value in pk.items():
-        stmt = stmt.where(table.c[name] == value)
-    session.connection().execute(stmt)
+    params = {f"pk_{c.name}": getattr(obj, c.name) for c in table.primary_key.columns}
+    params.update({f"v_{k}": v for k, v in values.items()})
+    session.connection().execute(_update_statement(table, tuple(values)), params)
     for name, value in values.items():
         set_committed_value(obj, name, value)
     session.info.setdefault(_WRITTEN_KEY, []).append(obj)
