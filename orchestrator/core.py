@@ -427,21 +427,7 @@ class EngineCore:
             if isinstance(a, Send):
                 self._send(s, person, state, a, origin, now)
             elif isinstance(a, Schedule):
-                assert person.id is not None
-                payload = {"kind": a.kind, **a.payload}
-                insert_object(
-                    s,
-                    Timer(
-                        person_id=person.id,
-                        due_at=a.due_at,
-                        playbook=a.playbook,
-                        playbook_version=a.version,
-                        step=a.step,
-                        subject_ref=a.subject_ref,
-                        created_by_event=origin.event_id,
-                        payload=payload,
-                    ),
-                )
+                self._timer(s, person, a, origin, a.due_at, {"kind": a.kind, **a.payload})
                 self._decide(
                     s,
                     person,
@@ -597,30 +583,59 @@ class EngineCore:
             self._learn_send(s, person, state, a, origin, now, tpl, verdict, pfacts, detail)
             return
         if verdict.outcome == "defer":
-            assert verdict.deliver_at is not None
-            insert_object(
-                s,
-                Timer(
-                    person_id=person.id,
-                    due_at=verdict.deliver_at,
-                    playbook=a.playbook,
-                    playbook_version=a.version,
-                    step=a.step,
-                    subject_ref=a.subject_ref,
-                    created_by_event=origin.event_id,
-                    payload={
-                        "kind": "deferred",
-                        "template": a.template,
-                        "channels": [verdict.channel],
-                        "not_after": a.not_after.isoformat() if a.not_after else None,
-                    },
-                ),
-            )
+            assert verdict.deliver_at is not None and verdict.channel is not None
+            self._defer(s, person, a, origin, verdict.deliver_at, [verdict.channel])
             detail["deliver_at"] = verdict.deliver_at.isoformat()
             self._decide_step(s, person, origin, now, a, "defer", verdict.reason, verdict.channel, detail)
             return
         assert verdict.channel is not None and verdict.recipient is not None
         self._emit(s, person, state, a, origin, now, tpl, verdict.channel, verdict.recipient, pfacts, detail)
+
+    def _timer(
+        self,
+        s: Session,
+        person: Person,
+        a: Send | Schedule,
+        origin: Origin,
+        due_at: datetime,
+        payload: dict[str, Any],
+    ) -> None:
+        """A durable timer for step ``a`` of its playbook run."""
+        assert person.id is not None
+        insert_object(
+            s,
+            Timer(
+                person_id=person.id,
+                due_at=due_at,
+                playbook=a.playbook,
+                playbook_version=a.version,
+                step=a.step,
+                subject_ref=a.subject_ref,
+                created_by_event=origin.event_id,
+                payload=payload,
+            ),
+        )
+
+    def _defer(
+        self,
+        s: Session,
+        person: Person,
+        a: Send,
+        origin: Origin,
+        at: datetime,
+        channels: list[str],
+        **extra: Any,
+    ) -> None:
+        """Send step ``a`` later, through ``channels`` in this order; the gate checks again
+        when the timer fires."""
+        payload = {
+            "kind": "deferred",
+            "template": a.template,
+            "channels": channels,
+            "not_after": a.not_after.isoformat() if a.not_after else None,
+            **extra,
+        }
+        self._timer(s, person, a, origin, at, payload)
 
     def _emit(
         self,

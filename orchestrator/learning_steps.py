@@ -162,23 +162,8 @@ class LearningSteps(EngineCore):
                 at = v.deliver_at
         if at > now:
             order = [channel] + [c for c in verdict.allowed if c != channel]
-            s.add(
-                Timer(
-                    person_id=person.id,
-                    due_at=at,
-                    playbook=a.playbook,
-                    playbook_version=a.version,
-                    step=a.step,
-                    subject_ref=a.subject_ref,
-                    created_by_event=origin.event_id,
-                    payload={
-                        "kind": "deferred",
-                        "template": a.template,
-                        "channels": order,
-                        "not_after": a.not_after.isoformat() if a.not_after else None,
-                        "learning": {**info, "channel": channel, "at": at.isoformat()},
-                    },
-                )
+            self._defer(
+                s, person, a, origin, at, order, learning={**info, "channel": channel, "at": at.isoformat()}
             )
             detail["deliver_at"] = at.isoformat()
             quiet = verdict.outcome == "defer" and at == verdict.deliver_at
