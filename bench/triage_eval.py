@@ -1,6 +1,7 @@
-"""Triage evaluation: precision and recall per tier on fixtures/triage/eval.jsonl.
+"""Triage evaluation: precision and recall per tier on fixtures/triage/eval.jsonl and each
+later blind set (``fixtures/triage/holdout*.jsonl``).
 
-Prints each split (``dev``, ``holdout``, ``holdout2``) and their union; see
+Prints each split (``dev``, ``holdout``, ``holdout2``, ``holdout3``, ...) and their union; see
 fixtures/triage/EVAL-NOTES.md for how each split was written and used, and which scores
 were blind. Targets (issue 9): recall 1.0 on the emergency tier, overall precision at
 least 0.8 (micro-averaged over the three tiers: a message counts as a true positive when
@@ -23,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from orchestrator.triage import TIERS, assess, load_lexicon
 
-EVAL = Path(__file__).resolve().parent.parent / "fixtures" / "triage" / "eval.jsonl"
+DATA = Path(__file__).resolve().parent.parent / "fixtures" / "triage"
+EVAL = [DATA / "eval.jsonl", *sorted(DATA.glob("holdout*.jsonl"))]
 NOW = datetime(2026, 3, 1, 12, tzinfo=UTC)
 
 
@@ -42,7 +44,9 @@ def _pr(rows: list[tuple[dict[str, object], str | None, str]]) -> dict[str, tupl
 
 def main() -> None:
     lex = load_lexicon()
-    data = [json.loads(line) for line in EVAL.read_text(encoding="utf-8").splitlines() if line.strip()]
+    data = [
+        json.loads(line) for f in EVAL for line in f.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
     t0 = time.perf_counter()
     results = []
     for r in data:
@@ -53,7 +57,8 @@ def main() -> None:
         f"triage eval: {len(data)} messages (lexicon {lex.version}), "
         f"{len(data) / elapsed:.0f} msg/s, {elapsed / len(data) * 1e3:.2f} ms/msg"
     )
-    for split in ("dev", "holdout", "holdout2", "all"):
+    splits = list(dict.fromkeys(str(r["split"]) for r in data))
+    for split in [*splits, "all"]:
         rows = [x for x in results if split == "all" or x[0]["split"] == split]
         pr = _pr(rows)
         intent_ok = sum(1 for r, _, i in rows if i == r["intent"]) / len(rows)

@@ -175,6 +175,7 @@ class Lexicon:
     not_after: tuple[Term, ...]
     clause_breaks: frozenset[str]
     idioms: tuple[Term, ...] = ()
+    not_typos: frozenset[str] = frozenset()
 
 
 def _squash(word: str) -> str:
@@ -250,6 +251,7 @@ class _LexiconSpec(BaseModel):
     rules: list[_RuleSpec]
     intents: dict[str, list[str]]
     idioms: list[str] = Field(default_factory=list)
+    not_typos: list[str] = Field(default_factory=list)
 
     @field_validator("intents")
     @classmethod
@@ -289,6 +291,7 @@ def load_lexicon(path: Path = DEFAULT_LEXICON) -> Lexicon:
         tuple(compile_term(t) for t in neg.not_after),
         frozenset(neg.clause_breaks),
         tuple(compile_term(t) for t in spec.idioms),
+        frozenset(spec.not_typos),
     )
 
 
@@ -311,6 +314,7 @@ class Tokens:
     clause: tuple[int, ...]  # clause number of each word
     variants: tuple[frozenset[str], ...] = ()  # spellings each word may stand for
     fuzzy: bool = False  # also accept one typo in words of five letters or more
+    exact: frozenset[str] = frozenset()  # ordinary words never read as a typo ("doing")
 
 
 def tokenize(text: str, lex: Lexicon) -> Tokens:
@@ -335,7 +339,8 @@ def _part_ok(kind: str, val: Any, toks: Tokens, j: int) -> bool:
     if kind == "word":
         if val in forms:
             return True
-        return toks.fuzzy and len(val) >= 5 and _one_edit(val, toks.words[j])
+        word = toks.words[j]
+        return toks.fuzzy and len(val) >= 5 and word not in toks.exact and _one_edit(val, word)
     if kind == "prefix":
         return any(f.startswith(val) for f in forms)
     return bool(forms & val)  # alt
@@ -567,14 +572,15 @@ def assess(
 
 
 def _without_idioms(toks: Tokens, lex: Lexicon) -> Tokens:
-    """The tokens the red-flag rules see: idioms blanked, one typo tolerated."""
+    """The tokens the red-flag rules see: idioms blanked, one typo tolerated (except in
+    the lexicon's ``not_typos``: ordinary words one edit away from a red-flag word)."""
     words = list(toks.words)
     variants = list(toks.variants)
     for idiom in lex.idioms:
         for start, end in find(idiom, toks):
             words[start:end] = ["_"] * (end - start)
             variants[start:end] = [frozenset({"_"})] * (end - start)
-    return Tokens(tuple(words), toks.clause, tuple(variants), fuzzy=True)
+    return Tokens(tuple(words), toks.clause, tuple(variants), fuzzy=True, exact=lex.not_typos)
 
 
 def _intent(

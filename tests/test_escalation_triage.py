@@ -49,6 +49,21 @@ def test_red_flag_tier_respects_negation_in_both_languages(text: str, tier: str 
     assert assess(text, now=NOW).tier == tier
 
 
+@pytest.mark.parametrize(
+    "text,tier",
+    [
+        ("doing well today, thanks", None),  # "doing" is one edit from "dying"
+        ("cooking dinner, will call back", None),  # ... "cooking" from "choking"
+        ("we painted the nursery this weekend", None),  # ... "painted" from "fainted"
+        ("i feel like im dyng", "emergency"),  # a real typo is still caught
+        ("my chets hurts", "emergency"),
+        ("im chokng", "emergency"),
+    ],
+)
+def test_ordinary_words_are_not_read_as_typos_of_red_flags(text: str, tier: str | None) -> None:
+    assert assess(text, now=NOW).tier == tier
+
+
 def test_negated_rule_is_reported_as_negated_not_matched() -> None:
     a = assess("no chest pain today", now=NOW)
     assert a.rules == () and "em.chest-pain" in a.negated
