@@ -6,6 +6,10 @@ Echo: an asyncio server that frames, reads MSH-10 and answers AA, storing nothin
 Clients run in a separate process (one socket per connection, each waits for the ACK
 before sending the next message, as MLLP senders do) and record send->ACK latency.
 
+"listener, no store" is the same listener with a sink that answers from the same writer
+thread without storing: the listener's own cost. "msg/commit" is how many messages shared
+a commit (group commit across connections).
+
 Run: .venv/bin/python bench/mllp_ingest.py [--messages N]
 Targets (issue 3): >= 1,000 msg/s on 1 connection, >= 2,000 on 4, >= 0.4 of echo.
 """
@@ -126,13 +130,17 @@ class ServerThread:
 
 
 class ThreadOnlySink:
-    """Answers like a sink that stored everything, after the same thread hop as
-    IngestSink.put (asyncio.to_thread): isolates the listener's own cost from the store's."""
+    """Answers like a sink that stored everything, from the same writer thread as
+    IngestSink (the listener calls ``put_sync`` there): isolates the listener's own cost
+    from the store's."""
 
-    async def put(self, items: Any) -> Any:
+    def put_sync(self, items: Any) -> Any:
         from careloop.model import PutResult
 
-        return await asyncio.to_thread(lambda: [PutResult(0, False, i.reply) for i in items])
+        return [PutResult(0, False, i.reply) for i in items]
+
+    async def put(self, items: Any) -> Any:
+        return await asyncio.to_thread(self.put_sync, items)
 
 
 def free_port() -> int:
@@ -182,9 +190,16 @@ def parse_bench() -> list[tuple[str, float]]:
             fn()
         return n / (time.perf_counter() - t)
 
+    from connectors.hl7v2_accept import HL7Acceptor
+    from connectors.hl7v2_mllp import MLLPConfig, MLLPConnector
+
+    connector = MLLPConnector("bench", MLLPConfig(plugin="hl7v2_mllp"))
+    general = HL7Acceptor("bench", connector.clock, "UTC")
     out.append(
-        ("careloop header+decode (ingest hot path)", rate(lambda: decode(msg, read_header(msg)), 20000))
+        ("MLLP accept + ACK (cached MSH shape, hot path)", rate(lambda: connector._accept(msg, {}), 20000))
     )
+    out.append(("HL7Acceptor accept + ACK (general path)", rate(lambda: general.accept(msg, {}), 20000)))
+    out.append(("careloop header+decode", rate(lambda: decode(msg, read_header(msg)), 20000)))
     out.append(("careloop full tokenize (parse_bytes)", rate(lambda: parse_bytes(msg), 20000)))
     out.append(("python-hl7 hl7.parse", rate(lambda: hl7.parse(text), 5000)))
     out.append(("hl7apy parse_message", rate(lambda: parse_message(text.replace("\n", "\r")), 100)))
@@ -241,7 +256,12 @@ def main() -> None:
             for conns in (1, 4):
                 tag = f"S{idx}C{conns}-"  # unique control ids: no scenario sees another's as duplicates
                 run_clients(connector.port, conns, 100, "W" + tag)
-                results[f"{label} x{conns}"] = run_clients(connector.port, conns, n // conns // scale, tag)
+                committer = connector._committer
+                commits_before = committer.commits if committer is not None else 0
+                res = run_clients(connector.port, conns, n // conns // scale, tag)
+                if committer is not None and committer.commits > commits_before:
+                    res["per_commit"] = res["n"] / (committer.commits - commits_before)
+                results[f"{label} x{conns}"] = res
             srv.call(connector.stop())
         engine.dispose()
         floor_after = sqlite_commit_rate(tmp)
@@ -257,9 +277,10 @@ def main() -> None:
         f"disk floor: bare SQLite commits/s (one row, synchronous=FULL) before/after: "
         f"{floor_before:.0f} / {floor_after:.0f}"
     )
-    print(f"{'scenario':32} {'msg/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'scenario':32} {'msg/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'msg/commit':>10}")
     for name, r in results.items():
-        print(f"{name:32} {r['rate']:9.0f} {r['p50'] * 1000:8.2f} {r['p99'] * 1000:8.2f}")
+        per_commit = f"{r['per_commit']:10.1f}" if "per_commit" in r else f"{'':10}"
+        print(f"{name:32} {r['rate']:9.0f} {r['p50'] * 1000:8.2f} {r['p99'] * 1000:8.2f} {per_commit}")
     for conns, target in ((1, 1000), (4, 2000)):
         d, e = results[f"durable x{conns}"]["rate"], results[f"echo x{conns}"]["rate"]
         ratio = d / e
@@ -269,9 +290,9 @@ def main() -> None:
             f"{d:.0f} msg/s (target >= {target}): {verdict} target"
         )
     print()
-    print(f"{'parser (one ADT^A01)':42} {'msg/s':>9}")
-    for name, r in parse_bench():
-        print(f"{name:42} {r:9.0f}")
+    print(f"{'parser (one ADT^A01)':48} {'msg/s':>9}")
+    for name, rate in parse_bench():
+        print(f"{name:48} {rate:9.0f}")
 
 
 if __name__ == "__main__":

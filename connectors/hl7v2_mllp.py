@@ -1,15 +1,21 @@
 """HL7 v2 over MLLP (release 2 framing: VT ... FS CR), TLS and mutual TLS optional.
 
-Commit ACK: a message is acknowledged AA (or CA in enhanced mode) only after
-``sink.put`` returned, i.e. after its bytes are committed; if the store fails the
-sender gets AE (CE), never AA. The ACK is computed before the commit and stored with the
-message, so a duplicate (same MSH-3, MSH-4 and MSH-10) is not stored again and gets the
-very same ACK bytes back.
+Commit ACK: a message is acknowledged AA (or CA in enhanced mode) only after the sink
+committed it; if the store fails the sender gets AE (CE), never AA. The ACK is computed
+before the commit and stored with the message, so a duplicate (same MSH-3, MSH-4 and
+MSH-10) is not stored again and gets the very same ACK bytes back.
 
-Group commit: puts that arrive from any connection while a commit is in flight are
-coalesced into the next single ``sink.put([...])``, so durability costs one fsync per
-group, not per message. Each connection keeps its own order: its frames are acknowledged
-in the order they arrived.
+Group commit: messages that arrive from any connection while a commit is in flight are
+coalesced into the next single ``put``, so durability costs one fsync per group, not per
+message. A sink with ``put_sync`` (``careloop.ingest.IngestSink``) is written by one
+dedicated writer thread; any other sink through its ``async put``. Each connection keeps
+its own order: its frames are acknowledged in the order they arrived.
+
+The hot path is lean on purpose (an MLLP sender waits for each ACK, so every microsecond
+of the listener is latency): an ``asyncio.Protocol`` scans its buffer for VT/FS; a frame
+that is one plain message (the usual case) is read through a cache of its sender's MSH
+shape (``_MSHCache``: encoding, kind, ACK template), everything else goes through
+``HL7Acceptor`` (which the fast path matches byte for byte; tests check it).
 
 Framing faults never desynchronise the stream: bytes before a VT are skipped and
 counted; a frame larger than ``max_message_bytes`` is read to its FS CR and discarded,
@@ -22,11 +28,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
+import re
 import ssl
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -35,9 +47,18 @@ from careloop.config import Port, TimeZoneName
 from careloop.model import PutResult, RawIn
 from careloop.plugins import PluginConfig
 from connectors.base import Health, RawSink
-from connectors.hl7v2_accept import Accepted, HL7Acceptor
-from mapping.hl7v2_ack import AckError, AckStyle, Outcome, build_ack, should_send
-from mapping.hl7v2_parse import Header, HL7FormatError, read_header
+from connectors.hl7v2_accept import CONTENT_TYPE, Accepted, HL7Acceptor, dedup_key
+from mapping.hl7v2_ack import (
+    AckError,
+    AckStyle,
+    AckTemplate,
+    Outcome,
+    ack_template,
+    build_ack,
+    hl7_timestamp,
+    should_send,
+)
+from mapping.hl7v2_parse import CharsetError, Encoding, Header, HL7FormatError, codec_for, read_header
 
 log = logging.getLogger("careloop.connectors.hl7v2_mllp")
 
@@ -97,8 +118,7 @@ class MLLPConfig(PluginConfig):
 # --------------------------------------------------------------------------- framing
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
     content: bytes  # the message bytes, or the first bytes of an oversize frame
     size: int
     oversize: bool = False
@@ -118,6 +138,11 @@ class MLLPFramer:
 
     def feed(self, data: bytes) -> list[Frame]:
         buf = self._buf
+        if not buf and not self._in_frame and data[:1] == VT:
+            # The usual read: exactly one whole frame, nothing left over.
+            j = data.find(FS_CR, 1)
+            if j > 0 and j == len(data) - 2 and j - 1 <= self.max_bytes:
+                return [Frame(data[1:j], j - 1)]
         buf += data
         out: list[Frame] = []
         while True:
@@ -158,55 +183,252 @@ def frame(payload: bytes) -> bytes:
 
 # --------------------------------------------------------------------------- group commit
 
+Done = Callable[[list[PutResult] | None, BaseException | None], None]
+_Waiter = tuple[list[RawIn], Done, object]  # items, callback, source (a connection)
 
-class GroupCommitter:
-    """Coalesces concurrent puts into one ``sink.put`` per commit."""
 
-    def __init__(self, sink: RawSink, max_batch: int = 1000) -> None:
-        self._sink, self._max = sink, max_batch
-        self._waiting: list[tuple[list[RawIn], asyncio.Future[list[PutResult]]]] = []
-        self._task: asyncio.Task[None] | None = None
+@runtime_checkable
+class SyncRawSink(Protocol):
+    """A sink that can also store from a plain thread (``IngestSink``): same contract as
+    ``RawSink.put``, committed when it returns."""
+
+    def put_sync(self, items: Sequence[RawIn]) -> list[PutResult]: ...
+
+
+class ThreadCommitter:
+    """One writer thread: takes every submission queued since its last commit and stores
+    them with one ``put_sync`` (one transaction, one fsync); results go back to the event
+    loop with one ``call_soon_threadsafe`` per commit.
+
+    MLLP senders wait for each ACK, so the connections served by one commit send their next
+    message about one round trip after it. When some of them have not sent yet, the writer
+    waits for them a little (at most half a commit's time, ``max_wait_s`` at most) rather
+    than commit without them and make them wait a whole commit: PostgreSQL's commit_delay
+    with commit_siblings, where the siblings are known. A lone connection never waits."""
+
+    def __init__(
+        self,
+        sink: SyncRawSink,
+        loop: asyncio.AbstractEventLoop,
+        max_batch: int = 1000,
+        max_wait_s: float = 0.002,
+    ) -> None:
+        self._put, self._loop, self._max = sink.put_sync, loop, max_batch
+        self._max_wait = max_wait_s
+        self._commit_s = 0.0  # moving average of a commit's duration
+        self._queue: queue.SimpleQueue[_Waiter | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="mllp-writer", daemon=True)
+        self._thread.start()
         self.commits = 0
 
-    async def put(self, items: list[RawIn]) -> list[PutResult]:
-        fut: asyncio.Future[list[PutResult]] = asyncio.get_running_loop().create_future()
-        self._waiting.append((items, fut))
-        if self._task is None:
-            self._task = asyncio.create_task(self._drain())
-        return await asyncio.shield(fut)
+    def submit(self, items: list[RawIn], done: Done, source: object = None) -> None:
+        self._queue.put((items, done, source))
 
-    async def _drain(self) -> None:
-        try:
-            while self._waiting:
-                batch: list[tuple[list[RawIn], asyncio.Future[list[PutResult]]]] = []
-                n = 0
-                while self._waiting and (not batch or n + len(self._waiting[0][0]) <= self._max):
-                    items, fut = self._waiting.pop(0)
-                    batch.append((items, fut))
-                    n += len(items)
-                await self._commit(batch)
-        finally:
-            self._task = None
+    async def close(self) -> None:
+        self._queue.put(None)
+        await asyncio.to_thread(self._thread.join, 10)
 
-    async def _commit(self, batch: list[tuple[list[RawIn], asyncio.Future[list[PutResult]]]]) -> None:
-        flat = [i for items, _ in batch for i in items]
+    def _run(self) -> None:
+        q = self._queue
+        previous: set[object] = set()  # the sources served by the last commit
+        while True:
+            first = q.get()
+            if first is None:
+                return
+            batch, n, last = [first], len(first[0]), False
+            sources = {first[2]}
+            deadline = 0.0
+            while n < self._max:
+                try:
+                    nxt = q.get_nowait()
+                except queue.Empty:
+                    if previous <= sources:
+                        break
+                    now = time.monotonic()
+                    if not deadline:
+                        deadline = now + min(self._max_wait, self._commit_s / 2)
+                    if now >= deadline:
+                        break
+                    try:
+                        nxt = q.get(timeout=deadline - now)
+                    except queue.Empty:
+                        break
+                if nxt is None:
+                    last = True
+                    break
+                batch.append(nxt)
+                n += len(nxt[0])
+                sources.add(nxt[2])
+            previous = sources
+            started = time.monotonic()
+            self._commit(batch)
+            self._commit_s += (time.monotonic() - started - self._commit_s) / 8
+            if last:
+                return
+
+    def _commit(self, batch: list[_Waiter]) -> None:
+        flat = batch[0][0] if len(batch) == 1 else [i for items, _, _ in batch for i in items]
         try:
-            results = await self._sink.put(flat)
-            self.commits += 1
+            results = self._put(flat)
         except Exception as exc:  # the store failed: every waiter learns it, none gets AA
             if len(batch) > 1:
                 # Retry one by one so that one poisoned message does not fail its neighbours.
                 for one in batch:
+                    self._commit([one])
+                return
+            self._post(batch, None, exc)
+            return
+        self.commits += 1
+        self._post(batch, results, None)
+
+    def _post(self, batch: list[_Waiter], results: list[PutResult] | None, exc: BaseException | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            self._loop.call_soon_threadsafe(_deliver, batch, results, exc)
+
+
+class GroupCommitter:
+    """Coalesces concurrent submissions into one ``await sink.put`` per commit (for sinks
+    without ``put_sync``)."""
+
+    def __init__(self, sink: RawSink, max_batch: int = 1000) -> None:
+        self._sink, self._max = sink, max_batch
+        self._waiting: deque[_Waiter] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self.commits = 0
+
+    def submit(self, items: list[RawIn], done: Done, source: object = None) -> None:
+        self._waiting.append((items, done, source))
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._task), 10)
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                batch: list[_Waiter] = []
+                n = 0
+                while self._waiting and (not batch or n + len(self._waiting[0][0]) <= self._max):
+                    one = self._waiting.popleft()
+                    batch.append(one)
+                    n += len(one[0])
+                await self._commit(batch)
+        finally:
+            self._task = None
+
+    async def _commit(self, batch: list[_Waiter]) -> None:
+        flat = [i for items, _, _ in batch for i in items]
+        try:
+            results = await self._sink.put(flat)
+        except Exception as exc:
+            if len(batch) > 1:
+                for one in batch:
                     await self._commit([one])
                 return
-            if not batch[0][1].done():
-                batch[0][1].set_exception(exc)
+            _deliver(batch, None, exc)
             return
-        pos = 0
-        for items, fut in batch:
-            if not fut.done():
-                fut.set_result(list(results[pos : pos + len(items)]))
-            pos += len(items)
+        self.commits += 1
+        _deliver(batch, results, None)
+
+
+def _deliver(batch: list[_Waiter], results: list[PutResult] | None, exc: BaseException | None) -> None:
+    if results is None:
+        for _, done, _ in batch:
+            done(None, exc)
+        return
+    if len(batch) == 1:
+        batch[0][1](results, None)
+        return
+    pos = 0
+    for items, done, _ in batch:
+        done(results[pos : pos + len(items)], None)
+        pos += len(items)
+
+
+# --------------------------------------------------------------------------- fast accept
+
+# A frame is read by the fast path only if it is one plain message: it starts with MSH,
+# has CR terminators only, no empty or blank segment, no second MSH and no batch segment.
+# Anything else goes to HL7Acceptor (split_messages), which the fast path must equal.
+_NOT_PLAIN = re.compile(rb"\r(?:[\r \t\x0b\x0c]|MSH|[BF][HT]S)")
+_CACHE_SIZE = 512
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """What a sender's MSH decides, apart from MSH-7 (time) and MSH-10 (control id)."""
+
+    enc: Encoding
+    kind: str
+    codec: str | None  # None: MSH-18 names a character set we do not support (slow path)
+    ack: AckTemplate
+
+
+class _MSHCache:
+    """MSH shapes seen on this listener, keyed by the MSH line without MSH-7 and MSH-10."""
+
+    def __init__(self, style: AckStyle, receiver: str) -> None:
+        self.style, self.receiver = style, receiver
+        self.shapes: dict[tuple[str, ...], _Shape] = {}
+        self._ts_key: tuple[datetime, Any] | None = None
+        self._ts = ""
+
+    def timestamp(self, now: datetime) -> str:
+        key = (now.replace(microsecond=0), now.tzinfo)
+        if key != self._ts_key:
+            self._ts_key, self._ts = key, hl7_timestamp(now)
+        return self._ts
+
+    def accept(self, acceptor: HL7Acceptor, content: bytes, strict: bool) -> Accepted | None:
+        """The fast path's ``Accepted`` for one frame, or None when the frame is not a plain
+        message (the caller then uses ``acceptor.accept``)."""
+        if strict or content[:3] != b"MSH" or b"\n" in content or _NOT_PLAIN.search(content):
+            return None
+        end = content.find(b"\r")
+        line = (content if end < 0 else content[:end]).decode("latin-1")
+        if len(line) < 8:
+            return None
+        fs = line[3]
+        parts = line.split(fs)
+        parts.insert(1, fs)
+        key = tuple(parts[1:7] + parts[8:10] + parts[11:])
+        shape = self.shapes.get(key)
+        if shape is None:
+            try:
+                hdr = read_header(content)
+            except HL7FormatError:
+                return None
+            shape = self._shape(hdr)
+            if len(self.shapes) >= _CACHE_SIZE:
+                self.shapes.clear()
+            self.shapes[key] = shape
+        else:
+            hdr = Header(shape.enc, tuple(parts))
+        if shape.codec is None:
+            return None
+        try:
+            content.decode(shape.codec)
+        except UnicodeDecodeError:
+            return None  # the slow path builds the AE with the offending offset
+        now = acceptor.clock.now()
+        reply = shape.ack.render(self.timestamp(now), hdr.control_id) if shape.ack.send else None
+        msg = content if content.endswith(b"\r") else content + b"\r"
+        raw = RawIn(
+            acceptor.id, shape.kind, msg, CONTENT_TYPE, dedup_key(hdr), {"timezone": acceptor.timezone}, reply
+        )
+        return Accepted([raw], headers=[hdr])
+
+    def _shape(self, hdr: Header) -> _Shape:
+        mtype, trigger = hdr.message_type
+        kind = f"hl7v2:{mtype or 'UNKNOWN'}^{trigger}" if trigger else f"hl7v2:{mtype or 'UNKNOWN'}"
+        try:
+            codec: str | None = codec_for(hdr.charset_name)
+        except CharsetError:
+            codec = None
+        return _Shape(hdr.enc, kind[:64], codec, ack_template(hdr, Outcome.OK, self.style, self.receiver))
 
 
 # --------------------------------------------------------------------------- connector
@@ -243,34 +465,46 @@ class MLLPConnector:
         self.stats = _Stats()
         self.port: int = config.port
         self._server: asyncio.Server | None = None
-        self._committer: GroupCommitter | None = None
-        self._conns: set[asyncio.Task[Any]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._committer: ThreadCommitter | GroupCommitter | None = None
+        self._conns: set[_Connection] = set()
         self._acceptor = HL7Acceptor(
             id, self.clock, self.timezone, config.ack_style, config.strict, config.receiving_application
         )
+        self._shapes = _MSHCache(config.ack_style, config.receiving_application)
 
     # ------------------------------------------------------------------ pure part
 
     def accept(self, body: bytes, headers: Mapping[str, str]) -> list[RawIn]:
         """One payload (a message, several, or a batch) -> raw messages with their ACKs.
         Raises ``HL7FormatError`` when the payload holds no readable MSH."""
-        return self._acceptor.accept(body, headers).items
+        return self._accept(body, headers).items
 
     def _accept(self, body: bytes, headers: Mapping[str, str]) -> Accepted:
+        if not headers:
+            fast = self._shapes.accept(self._acceptor, body, self.config.strict)
+            if fast is not None:
+                return fast
         return self._acceptor.accept(body, headers)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, sink: RawSink) -> None:
-        self._committer = GroupCommitter(sink)
-        self._server = await asyncio.start_server(
-            self._on_connection,
-            self.config.host,
-            self.config.port,
-            ssl=self._ssl_context(),
-            backlog=self.config.max_connections,
+        loop = asyncio.get_running_loop()
+        self._committer = (
+            ThreadCommitter(sink, loop) if isinstance(sink, SyncRawSink) else GroupCommitter(sink)
         )
+        try:
+            self._server = await loop.create_server(
+                lambda: _Connection(self),
+                self.config.host,
+                self.config.port,
+                ssl=self._ssl_context(),
+                backlog=self.config.max_connections,
+            )
+        except BaseException:
+            await self._committer.close()  # no writer thread left behind
+            self._committer = None
+            raise
         self.port = self._server.sockets[0].getsockname()[1]
         log.info(
             "connector %s: MLLP listening on %s:%s (tls=%s)",
@@ -283,13 +517,10 @@ class MLLPConnector:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        # Abort the connections: their readers see EOF and their handlers return.
-        for writer in list(self._writers):
-            writer.transport.abort()
-        if self._conns:
-            _, pending = await asyncio.wait(list(self._conns), timeout=5)
-            for task in pending:
-                task.cancel()
+        for conn in list(self._conns):
+            conn.abort()
+        if self._committer is not None:
+            await self._committer.close()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
@@ -321,102 +552,56 @@ class MLLPConnector:
             ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
         return ctx
 
-    # ------------------------------------------------------------------ connections
+    # ------------------------------------------------------------------ frames
 
-    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.stats.open_connections >= self.config.max_connections:
-            self.stats.refused += 1  # over the limit: close at once rather than starve the others
-            writer.close()
-            return
-        task = asyncio.current_task()
-        assert task is not None
-        self._conns.add(task)
-        self._writers.add(writer)
-        self.stats.connections += 1
-        self.stats.open_connections += 1
-        framer = MLLPFramer(self.config.max_message_bytes)
-        try:
-            while True:
-                try:
-                    async with asyncio.timeout(self.config.idle_timeout_s):
-                        data = await reader.read(65536)
-                except TimeoutError:
-                    self.stats.idle_closed += 1
-                    break
-                if not data:
-                    break
-                junk_before = framer.junk_bytes
-                frames = framer.feed(data)
-                self.stats.junk_bytes += framer.junk_bytes - junk_before
-                if frames:
-                    replies = await self._handle(frames)
-                    if replies:
-                        writer.write(b"".join(frame(r) for r in replies))
-                        await writer.drain()
-        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
-            pass
-        except asyncio.CancelledError:
-            pass  # stop() gave up waiting; this task is the connection's top level
-        finally:
-            self.stats.open_connections -= 1
-            self._conns.discard(task)
-            self._writers.discard(writer)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1)
-
-    async def _handle(self, frames: list[Frame]) -> list[bytes]:
-        """Frames of one read, in order -> their replies, in order (one commit for all)."""
+    def _unit(self, frames: list[Frame]) -> _Unit:
+        """Frames of one read, in order -> one unit: what to store, then its replies."""
         self.stats.frames += len(frames)
-        accepted: list[Accepted] = []
-        for fr in frames:
-            accepted.append(self._accept_frame(fr))
-        items = [i for a in accepted for i in a.items]
-        results: list[PutResult] | None = None
-        failed = False
-        if items:
-            assert self._committer is not None, "start() was not called"
-            try:
-                results = await self._committer.put(items)
-            except Exception as exc:
-                failed = True
-                self.stats.store_failures += 1
-                log.warning(
-                    "connector %s: store failed, NACKing %d message(s): %s",
-                    self.id,
-                    len(items),
-                    type(exc).__name__,
-                )
+        if len(frames) == 1:
+            accepted = [self._accept_frame(frames[0])]
+            items = accepted[0].items
+        else:
+            accepted = [self._accept_frame(fr) for fr in frames]
+            items = [i for a in accepted for i in a.items]
+        return _Unit(accepted, items)
+
+    def _replies(self, unit: _Unit, results: list[PutResult] | None) -> list[bytes]:
+        """A unit's replies once its items are stored (``results``) or failed (None)."""
+        stats = self.stats
+        if (
+            results is not None
+            and len(results) == 1
+            and len(unit.accepted) == 1
+            and not unit.accepted[0].batch
+        ):
+            res = results[0]  # one plain message: the usual case
+            if res.duplicate:
+                stats.duplicates += 1
+            else:
+                stats.stored += 1
+            return [res.reply] if res.reply is not None else []
         replies: list[bytes] = []
         pos = 0
         now = self.clock.now()
-        for acc in accepted:
+        style, receiver = self.config.ack_style, self.config.receiving_application
+        for acc in unit.accepted:
             if acc.nack is not None:
                 replies.append(acc.nack)
                 continue
             parts: list[bytes] = []
-            for _item, hdr in zip(acc.items, acc.headers, strict=True):
-                if failed or results is None:
+            for hdr in acc.headers:
+                if results is None:
                     err = AckError(207, "the message could not be stored; send it again")
-                    if should_send(hdr, Outcome.ERROR, self.config.ack_style):
-                        parts.append(
-                            build_ack(
-                                hdr,
-                                Outcome.ERROR,
-                                now,
-                                err,
-                                self.config.ack_style,
-                                self.config.receiving_application,
-                            )
-                        )
-                    self.stats.nacks += 1
+                    if should_send(hdr, Outcome.ERROR, style):
+                        parts.append(build_ack(hdr, Outcome.ERROR, now, err, style, receiver))
+                    stats.nacks += 1
                     continue
                 res = results[pos]
                 pos += 1
                 if res.duplicate:
-                    self.stats.duplicates += 1
+                    stats.duplicates += 1
                 else:
-                    self.stats.stored += 1
+                    stats.stored += 1
                 if res.reply is not None:
                     parts.append(res.reply)
             if parts:
@@ -424,27 +609,202 @@ class MLLPConnector:
         return replies
 
     def _accept_frame(self, fr: Frame) -> Accepted:
-        now = self.clock.now()
-        style = self.config.ack_style
-        if fr.oversize:
+        if not fr.oversize:
+            try:
+                return self._accept(fr.content, {})
+            except HL7FormatError as exc:
+                self.stats.nacks += 1
+                hdr = _try_header(fr.content)
+                err = AckError(exc.code, str(exc), exc.location)
+        else:
             self.stats.oversize += 1
             self.stats.nacks += 1
             hdr = _try_header(fr.content)
             err = AckError(
                 207, f"the message is {fr.size} bytes; the limit is {self.config.max_message_bytes}"
             )
-            return Accepted(
-                [], nack=build_ack(hdr, Outcome.REJECT, now, err, style, self.config.receiving_application)
+        nack = build_ack(
+            hdr,
+            Outcome.REJECT,
+            self.clock.now(),
+            err,
+            self.config.ack_style,
+            self.config.receiving_application,
+        )
+        return Accepted([], nack=nack)
+
+
+class _Unit:
+    """The frames of one read: their accepted messages, and their replies once stored."""
+
+    __slots__ = ("accepted", "conn", "items", "replies")
+
+    def __init__(self, accepted: list[Accepted], items: list[RawIn]) -> None:
+        self.accepted, self.items = accepted, items
+        self.replies: list[bytes] | None = None
+        self.conn: _Connection | None = None
+
+    def stored(self, results: list[PutResult] | None, exc: BaseException | None) -> None:
+        assert self.conn is not None
+        self.conn.stored(self, results, exc)
+
+
+_MAX_UNITS = 64  # units in flight per connection before it stops reading (a pipelining sender)
+
+
+class _Connection(asyncio.Protocol):
+    """One MLLP connection: frames in, ACKs out in arrival order, after their commit."""
+
+    def __init__(self, owner: MLLPConnector) -> None:
+        self.owner = owner
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.framer = MLLPFramer(owner.config.max_message_bytes)
+        self.units: deque[_Unit] = deque()
+        self.open = False
+        self.eof = False
+        self.write_paused = False
+        self.read_paused = False
+        self.last = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------------ transport events
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        owner = self.owner
+        if owner.stats.open_connections >= owner.config.max_connections:
+            owner.stats.refused += 1  # over the limit: close at once rather than starve the others
+            transport.close()
+            return
+        self.open = True
+        owner._conns.add(self)
+        owner.stats.connections += 1
+        owner.stats.open_connections += 1
+        self.last = self.loop.time()
+        self.timer = self.loop.call_at(self.last + owner.config.idle_timeout_s, self._idle)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.open:
+            return
+        self.last = self.loop.time()
+        owner = self.owner
+        framer = self.framer
+        junk = framer.junk_bytes
+        frames = framer.feed(data)
+        if framer.junk_bytes != junk:
+            owner.stats.junk_bytes += framer.junk_bytes - junk
+        if not frames:
+            return
+        try:
+            unit = owner._unit(frames)
+        except Exception as exc:  # a bug, never the sender's fault: drop this connection only
+            log.error("connector %s: MLLP frame handling failed: %s", owner.id, type(exc).__name__)
+            self.abort()
+            return
+        if unit.items:
+            unit.conn = self
+            self.units.append(unit)
+            assert owner._committer is not None, "start() was not called"
+            owner._committer.submit(unit.items, unit.stored, self)
+            if len(self.units) >= _MAX_UNITS:
+                self._reading()
+        else:
+            unit.replies = owner._replies(unit, [])
+            if self.units:
+                self.units.append(unit)
+            else:
+                self._write(unit.replies)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return bool(self.units)  # keep the write side open until the pending ACKs are out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.open:
+            return
+        self.open = False
+        self.owner._conns.discard(self)
+        self.owner.stats.open_connections -= 1
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._reading()
+
+    # ------------------------------------------------------------------ ours
+
+    def stored(self, unit: _Unit, results: list[PutResult] | None, exc: BaseException | None) -> None:
+        owner = self.owner
+        if results is None:
+            owner.stats.store_failures += 1
+            log.warning(
+                "connector %s: store failed, NACKing %d message(s): %s",
+                owner.id,
+                len(unit.items),
+                type(exc).__name__,
             )
         try:
-            return self._accept(fr.content, {})
-        except HL7FormatError as exc:
-            self.stats.nacks += 1
-            hdr = _try_header(fr.content)
-            err = AckError(exc.code, str(exc), exc.location)
-            return Accepted(
-                [], nack=build_ack(hdr, Outcome.REJECT, now, err, style, self.config.receiving_application)
-            )
+            unit.replies = owner._replies(unit, results)
+        except Exception as err:  # a bug: never answer out of order, drop the connection
+            log.error("connector %s: MLLP reply failed: %s", owner.id, type(err).__name__)
+            self.abort()
+            return
+        units = self.units
+        if units[0] is unit and len(units) == 1:
+            units.popleft()
+            out = unit.replies
+        else:
+            out = []
+            while units and units[0].replies is not None:
+                out.extend(units.popleft().replies or ())
+        if self.open:
+            self._write(out)
+            if self.read_paused:
+                self._reading()
+
+    def _write(self, replies: list[bytes]) -> None:
+        transport = self.transport
+        if replies and self.open and transport is not None:
+            if len(replies) == 1:
+                transport.write(VT + replies[0] + FS_CR)
+            else:
+                transport.write(b"".join(VT + r + FS_CR for r in replies))
+        if self.eof and not self.units and transport is not None:
+            transport.close()
+
+    def _reading(self) -> None:
+        transport = self.transport
+        if transport is None or not self.open:
+            return
+        pause = self.write_paused or len(self.units) >= _MAX_UNITS
+        if pause and not self.read_paused:
+            transport.pause_reading()
+        elif not pause and self.read_paused:
+            transport.resume_reading()
+        self.read_paused = pause
+
+    def _idle(self) -> None:
+        if not self.open:
+            return
+        due = self.last + self.owner.config.idle_timeout_s
+        if self.units or self.loop.time() < due:
+            # Still busy, or data came since: look again later.
+            self.timer = self.loop.call_at(max(due, self.loop.time() + 0.05), self._idle)
+            return
+        self.owner.stats.idle_closed += 1
+        assert self.transport is not None
+        self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
 
 
 def _try_header(data: bytes) -> Header | None:

@@ -101,6 +101,71 @@ def hl7_timestamp(at: datetime) -> str:
     return at.strftime("%Y%m%d%H%M%S%z")
 
 
+@dataclass(frozen=True, slots=True)
+class AckTemplate:
+    """An ACK with holes for what changes from one message to the next (the timestamp and
+    the control id): every message of a sender with the same MSH shape shares one, so the
+    MLLP hot path renders an ACK with a few string joins. ``build_ack`` renders through it,
+    so the two cannot drift apart."""
+
+    head: str  # MSH up to MSH-7
+    middle: str  # MSH-8 .. MSH-9, up to MSH-10
+    tail: str  # MSH-11 .. end, then MSA up to MSA-2
+    codec: str
+    enc: Encoding
+    version: tuple[int, ...]
+    send: bool  # should_send: whether this ACK is sent at all (enhanced mode, MSH-15)
+
+    def render(self, timestamp: str, control_id: str, error: AckError | None = None) -> bytes:
+        # Deterministic: the same message always gets byte-identical ACK ids.
+        ack_id = ("A" + control_id)[:199] if control_id else "A" + timestamp
+        text = self.head + timestamp + self.middle + ack_id + self.tail + control_id
+        if error is not None:
+            if self.version < (2, 5):
+                # MSA-3 text message, withdrawn in 2.5+
+                text += self.enc.field + escape(error.message, self.enc)[:80]
+            text += "\r" + _err(error, self.enc, self.version)
+        return (text + "\r").encode(self.codec, errors="replace")
+
+
+def ack_template(
+    header: Header | None, outcome: Outcome, style: AckStyle = "auto", receiver: str = "CARELOOP"
+) -> AckTemplate:
+    """The ACK for ``header`` with the timestamp and control id left open."""
+    enc: Encoding = header.enc if header is not None else DEFAULT_ENCODING
+    fs = enc.field
+    code = ack_code(header, outcome, style)
+    if header is not None:
+        version = header.version or "2.5.1"
+        trigger = header.get(9, 2)
+        sending_app, sending_fac = header.raw(5) or receiver, header.raw(6)
+        receiving_app, receiving_fac = header.raw(3), header.raw(4)
+        processing = header.raw(11) or "P"
+        charset = header.raw(18).split(enc.repetition, 1)[0]
+    else:
+        version, trigger, sending_app, sending_fac = "2.5.1", "", receiver, ""
+        receiving_app = receiving_fac = charset = ""
+        processing = "P"
+    v = version_tuple(version)
+    if v >= (2, 3, 1):
+        msg_type = f"ACK{enc.component}{trigger}{enc.component}ACK" if trigger else "ACK"
+    else:
+        msg_type = f"ACK{enc.component}{trigger}" if trigger else "ACK"
+    enhanced = is_enhanced(header, style)
+    rest = [processing, version, "", "", "NE" if enhanced else "", "NE" if enhanced else "", "", charset]
+    while rest and not rest[-1]:  # version is never empty: the pops stop there
+        rest.pop()
+    return AckTemplate(
+        head=fs.join(["MSH", enc.msh2, sending_app, sending_fac, receiving_app, receiving_fac, ""]),
+        middle=fs.join(["", "", msg_type, ""]),
+        tail=fs.join(["", *rest]) + "\r" + fs.join(["MSA", code, ""]),
+        codec=_codec(charset),
+        enc=enc,
+        version=v,
+        send=should_send(header, outcome, style),
+    )
+
+
 def build_ack(
     header: Header | None,
     outcome: Outcome,
@@ -110,60 +175,8 @@ def build_ack(
     receiver: str = "CARELOOP",
 ) -> bytes:
     """The ACK message for ``header`` (None when the message had no readable MSH)."""
-    enc: Encoding = header.enc if header is not None else DEFAULT_ENCODING
-    fs = enc.field
-    code = ack_code(header, outcome, style)
-    if header is not None:
-        version = header.version or "2.5.1"
-        trigger = header.get(9, 2)
-        sending_app, sending_fac = header.raw(5) or receiver, header.raw(6)
-        receiving_app, receiving_fac = header.raw(3), header.raw(4)
-        control_id = header.control_id
-        processing = header.raw(11) or "P"
-        charset = header.raw(18).split(enc.repetition, 1)[0]
-    else:
-        version, trigger, sending_app, sending_fac = "2.5.1", "", receiver, ""
-        receiving_app = receiving_fac = control_id = charset = ""
-        processing = "P"
-    v = version_tuple(version)
-    if v >= (2, 3, 1):
-        msg_type = f"ACK{enc.component}{trigger}{enc.component}ACK" if trigger else "ACK"
-    else:
-        msg_type = f"ACK{enc.component}{trigger}" if trigger else "ACK"
-    # Deterministic: the same message always gets byte-identical ACK ids.
-    ack_id = ("A" + control_id)[:199] if control_id else "A" + hl7_timestamp(at)
-    enhanced = is_enhanced(header, style)
-    msh = [
-        "MSH",
-        enc.msh2,
-        sending_app,
-        sending_fac,
-        receiving_app,
-        receiving_fac,
-        hl7_timestamp(at),
-        "",
-        msg_type,
-        ack_id,
-        processing,
-        version,
-        "",
-        "",
-        "NE" if enhanced else "",
-        "NE" if enhanced else "",
-        "",
-        charset,
-    ]
-    while msh and not msh[-1]:
-        msh.pop()
-    segments = [fs.join(msh)]
-    msa = ["MSA", code, control_id]
-    if error is not None and v < (2, 5):
-        msa.append(escape(error.message, enc)[:80])  # MSA-3 text message, withdrawn in 2.5+
-    segments.append(fs.join(msa))
-    if error is not None:
-        segments.append(_err(error, enc, v))
-    text = "\r".join(segments) + "\r"
-    return text.encode(_codec(charset), errors="replace")
+    control_id = header.control_id if header is not None else ""
+    return ack_template(header, outcome, style, receiver).render(hl7_timestamp(at), control_id, error)
 
 
 def _err(error: AckError, enc: Encoding, v: tuple[int, ...]) -> str:

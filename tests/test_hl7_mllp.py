@@ -214,6 +214,66 @@ async def test_pipelined_frames_are_acknowledged_in_order(listener: MLLPConnecto
 
 
 @pytest.mark.anyio
+async def test_a_sender_pipelining_hundreds_of_frames_gets_every_ack_in_order(
+    listener: MLLPConnector, store: Store
+) -> None:
+    # More frames in flight than the listener keeps before it stops reading, sent in
+    # pieces that cut frames anywhere, with unreadable frames in between.
+    frames = [frame(adt("A01", f"Q{i}")) if i % 50 else frame(b"PID|no MSH") for i in range(300)]
+    data = b"".join(frames)
+    reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+    for i in range(0, len(data), 1500):
+        writer.write(data[i : i + 1500])
+        await writer.drain()
+    codes = []
+    for _ in range(300):
+        ack = await asyncio.wait_for(reader.readuntil(b"\x1c\r"), 30)
+        codes.append(msa(ack[1:-2]))
+    writer.close()
+    assert codes == [("AA", f"Q{i}") if i % 50 else ("AR", "") for i in range(300)]
+    assert len(stored(store)) == 294
+
+
+class _GatedSink:
+    """IngestSink whose commits wait until the test opens the gate."""
+
+    def __init__(self, inner: IngestSink) -> None:
+        self.inner, self.gate = inner, threading.Event()
+
+    def put_sync(self, items: Any) -> Any:
+        assert self.gate.wait(30)
+        return self.inner.put_sync(items)
+
+    async def put(self, items: Any) -> Any:
+        return await asyncio.to_thread(self.put_sync, items)
+
+
+@pytest.mark.anyio
+async def test_a_connection_stops_reading_while_too_many_of_its_frames_wait_for_a_commit(
+    store: Store,
+) -> None:
+    sink = _GatedSink(IngestSink(store))
+    c = MLLPConnector("adt", config())
+    await c.start(sink)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", c.port)
+        for i in range(100):  # one read each: a unit each
+            writer.write(frame(adt("A01", f"G{i}")))
+            await writer.drain()
+            await asyncio.sleep(0.003)
+        [conn] = c._conns
+        assert conn.read_paused and len(conn.units) == 64
+        sink.gate.set()
+        ids = [msa((await asyncio.wait_for(reader.readuntil(b"\x1c\r"), 30))[1:-2]) for _ in range(100)]
+        writer.close()
+    finally:
+        sink.gate.set()
+        await c.stop()
+    assert ids == [("AA", f"G{i}") for i in range(100)]
+    assert len(stored(store)) == 100
+
+
+@pytest.mark.anyio
 async def test_batch_in_one_frame_gets_a_batch_of_acks(listener: MLLPConnector, store: Store) -> None:
     batch = b"BHS|^~\\&|NWADT\r" + adt("A01", "B1") + siu("S12", "B2") + b"BTS|2\r"
     [reply] = await exchange(listener.port, [batch])
@@ -255,6 +315,49 @@ async def test_stock_ingest_sink_works_too(store: Store) -> None:
         await c.stop()
     assert acks[0] == acks[1] and msa(acks[0]) == ("AA", "K1")
     assert len(stored(store)) == 1
+
+
+class _AsyncOnlySink:
+    """A RawSink with ``put`` alone (no ``put_sync``): stored from the event loop."""
+
+    def __init__(self, inner: IngestSink, fail: bool = False) -> None:
+        self.inner, self.fail, self.calls = inner, fail, 0
+
+    async def put(self, items: Any) -> Any:
+        self.calls += 1
+        if self.fail:
+            raise OSError("disk gone")
+        return await self.inner.put(items)
+
+
+@pytest.mark.anyio
+async def test_a_sink_with_only_async_put_stores_and_answers_duplicates_too(store: Store) -> None:
+    sink = _AsyncOnlySink(IngestSink(store))
+    c = MLLPConnector("adt", config())
+    await c.start(sink)
+    try:
+        results = await asyncio.gather(
+            *(exchange(c.port, [adt("A01", f"AS{k}-{i}") for i in range(15)]) for k in range(3)),
+            exchange(c.port, [adt("A01", "AS0-0")]),
+        )
+    finally:
+        await c.stop()
+    for k, acks in enumerate(results[:3]):
+        assert [msa(a) for a in acks] == [("AA", f"AS{k}-{i}") for i in range(15)]
+    assert results[3] == [results[0][0]]  # the duplicate's ACK is the first copy's
+    assert len(stored(store)) == 45 and c.stats.duplicates == 1 and sink.calls >= 1
+
+
+@pytest.mark.anyio
+async def test_a_failing_async_only_sink_gets_ae(store: Store) -> None:
+    c = MLLPConnector("adt", config())
+    await c.start(_AsyncOnlySink(IngestSink(store), fail=True))
+    try:
+        acks = await exchange(c.port, [adt("A01", "AF1"), adt("A01", "AF2")])
+    finally:
+        await c.stop()
+    assert [msa(a) for a in acks] == [("AE", "AF1"), ("AE", "AF2")]
+    assert c.stats.store_failures == 2 and stored(store) == []
 
 
 @pytest.mark.anyio

@@ -3,9 +3,14 @@ chain that the ORM appender (careloop.audit_log.append) continues."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlmodel import Session, select
 
-from careloop import audit_log
+from careloop import audit_log, ingest
 from careloop.model import RawIn
 from careloop.pipeline import IngestSink
 from careloop.store import Store
@@ -85,3 +90,51 @@ def test_sink_handles_large_groups_and_empty_puts(store: Store) -> None:
     res = sink.put_sync([item(f"g{i}", i) for i in range(900)] + [item("g5", 5)])
     assert len(res) == 901 and res[-1].duplicate and res[-1].raw_id == res[5].raw_id
     assert len({r.raw_id for r in res}) == 900
+
+
+def test_keys_stored_before_are_answered_with_their_first_copy_across_lookup_chunks(store: Store) -> None:
+    sink = IngestSink(store)
+    first = sink.put_sync([item(f"c{i}", i) for i in range(450)])
+    again = sink.put_sync([item(None, 999), *(item(f"c{i}", 1000 + i) for i in reversed(range(450)))])
+    assert not again[0].duplicate
+    assert [(r.raw_id, r.duplicate, r.reply) for r in again[1:]] == [
+        (first[i].raw_id, True, f"ACKc{i}".encode()) for i in reversed(range(450))
+    ]
+    with Session(store.engine) as s:
+        assert len(s.exec(select(RawMessage)).all()) == 451
+
+
+def test_headers_are_stored_as_given_even_when_equal_to_ones_seen_before(store: Store) -> None:
+    sink = IngestSink(store)
+    # 1, 1.0 and True are equal dict keys; their JSON differs, so each must be its own.
+    values: list[object] = ["1", True, 1, 1.0, "1"]
+    ids = []
+    for n, v in enumerate(values):
+        raw = RawIn("adt", "hl7v2:ADT^A01", b"MSH|x", "x/hl7", f"h{n}", {"flag": v}, None)  # type: ignore[dict-item]
+        ids.append(sink.put_sync([raw])[0].raw_id)
+    with Session(store.engine) as s:
+        got = [s.get(RawMessage, i).headers["flag"] for i in ids]  # type: ignore[union-attr]
+    assert got == values and [type(g) for g in got] == [type(v) for v in values]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 10**12),
+    st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=-5))])),
+    st.text(),
+    st.sampled_from(["message.receive", "message.duplicate"]),
+    st.integers(1, 10**12),
+    st.one_of(
+        st.fixed_dictionaries({"kind": st.text()}),
+        st.fixed_dictionaries(
+            {"kind": st.text(), "control_id": st.none() | st.text(), "bytes": st.integers(0, 10**9)}
+        ),
+    ),
+)
+def test_the_sinks_audit_records_hash_the_canonical_form(
+    seq: int, at: datetime, connector: str, action: str, raw_id: int, detail: dict[str, Any]
+) -> None:
+    actor, entity = f"connector:{connector}", f"raw_message/{raw_id}"
+    fast = ingest._canonical(seq, ingest._at_text(at), actor, action, entity, detail)
+    assert fast == audit_log.canonical(seq, at, actor, action, "success", None, entity, None, detail)
+    assert ingest._fast_canonical_ok()

@@ -1,0 +1,128 @@
+"""The MLLP listener's hot path gives exactly what the general path gives: the fast reading
+of plain messages (cached MSH shapes, ACK templates) against ``HL7Acceptor``, and the
+one-whole-frame shortcut of the framer against feeding the same bytes in pieces."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from careloop.clock import VirtualClock
+from connectors.hl7v2_accept import HL7Acceptor
+from connectors.hl7v2_mllp import Frame, MLLPConfig, MLLPConnector, MLLPFramer, frame
+from tests.hl7_support import adt, fixture_messages, siu
+
+AT = datetime(2026, 3, 2, 14, 0, 7, 250000, tzinfo=UTC)
+
+
+def pair(**kw: object) -> tuple[MLLPConnector, HL7Acceptor]:
+    cfg = MLLPConfig(plugin="hl7v2_mllp", timezone="America/New_York", **kw)
+    clock = VirtualClock(AT)
+    c = MLLPConnector("adt", cfg, clock=clock)
+    general = HL7Acceptor(
+        "adt", clock, "America/New_York", cfg.ack_style, cfg.strict, cfg.receiving_application
+    )
+    return c, general
+
+
+def same(c: MLLPConnector, general: HL7Acceptor, body: bytes) -> None:
+    """Both paths agree, twice (the second time the MSH shape comes from the cache)."""
+    for _ in range(2):
+        try:
+            want = general.accept(body, {})
+        except Exception as exc:
+            try:
+                c._accept(body, {})
+            except Exception as refused:
+                assert type(refused) is type(exc) and str(refused) == str(exc)
+            else:
+                raise AssertionError("the fast path accepted what the general path refuses") from None
+            continue
+        got = c._accept(body, {})
+        assert got.items == want.items
+        assert got.headers == want.headers and got.batch == want.batch and got.nack == want.nack
+
+
+def test_fixture_messages_read_the_same_on_both_paths() -> None:
+    c, general = pair()
+    for m in fixture_messages():
+        same(c, general, m)
+        same(c, general, m.rstrip(b"\r"))  # no final terminator
+
+
+def test_ack_modes_charsets_versions_and_odd_headers_read_the_same() -> None:
+    bodies = [adt("A01", "V1", version=v) for v in ("2.3", "2.3.1", "2.4", "2.5", "2.8", "")] + [
+        siu("S12", "M1", accept_ack=a, app_ack=b)
+        for a in ("AL", "NE", "ER", "SU", "")
+        for b in ("AL", "NE", "")
+    ]
+    bodies += [
+        adt("A01", "C1", charset="8859/1"),
+        adt("A01", "C2", charset="UNICODE UTF-8").replace(b"Dora", "Dóra".encode()),
+        adt("A01", "C3", charset="ASCII").replace(b"Dora", "Dóra".encode()),  # AE: not ASCII
+        adt("A01", "C4", charset="KLINGON"),  # AE: unknown character set
+        adt("A01", "C5").replace(b"Dora", b"D\xffra"),  # AE: not UTF-8
+        adt("A01", "E\\T\\1^x~y"),  # control id with escapes, components, repetitions
+        adt("A01", "  "),  # blank control id: no dedup key
+        adt("A01", "L" * 300),  # long control id: hashed dedup key, truncated ACK id
+        b"MSH#*!$%#APP#FAC#CARELOOP#CL#20260302##ADT*A01#X7#P#2.5###AL#NE##8859/1\rPID#1\r",
+        b"MSH|^~\\&|A|B|C|D|2026||ADT^A01|Z1|P|2.5\r\rPID|1\r",  # empty segment
+        b"MSH|^~\\&|A|B|C|D|2026||ADT^A01|Z2|P|2.5\r  \rPID|1\r",  # blank segment
+        b"MSH|^~\\&|A|B|C|D|2026||ADT^A01|Z3|P|2.5\nPID|1\n",  # LF terminators
+        b"MSH|^~\\&|A|B|C|D|2026||ADT^A01|Z4|P|2.5\rMSH|^~\\&|A|B|C|D|2026||ADT^A01|Z5|P|2.5\r",
+        b"MSH|^~\\&|A|B|C|D|2026||ADT^A01|Z6|P|2.5\rBTS|1\r",
+        b"\xef\xbb\xbfMSH|^~\\&|A|B|C|D|2026||ADT^A01|Z7|P|2.5\r",  # BOM
+        b"MSH|^~\\&|A|B",
+        b"MSH|^~\\&\r",
+        b"MSH|^~\\",  # too short
+        b"MSHA^~\\&|A\r",  # alphanumeric separator
+        b"MSH|^^\\&|A|B|C|D|2026||ADT^A01|Z8|P|2.5\r",  # repeated encoding characters
+        b"PID|1||not a message\r",
+    ]
+    for kw in ({}, {"ack_mode": "original"}, {"ack_mode": "enhanced"}, {"receiving_application": "HUB"}):
+        c, general = pair(**kw)
+        for body in bodies:
+            same(c, general, body)
+
+
+_FIELD = st.text(alphabet="AB1 ^~\\&|#.-é", max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_FIELD, min_size=1, max_size=20), st.sampled_from(["\r", "\r\n", "\n"]))
+def test_any_msh_reads_the_same_on_both_paths(fields: list[str], term: str) -> None:
+    c, general = pair()
+    body = ("MSH|^~\\&|" + "|".join(fields) + term + "PID|1" + term).encode()
+    same(c, general, body)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.builds(lambda i: frame(adt("A01", f"F{i}")), st.integers(0, 9)),
+            st.sampled_from([b"\x0b", b"\x1c\r", b"\x1c", b"\r", b"junk", b"\x0b\x1c\r"]),
+            st.builds(lambda n: b"\x0b" + b"x" * n + b"\x1c\r", st.integers(1000, 1100)),
+        ),
+        max_size=8,
+    ),
+    st.integers(1, 700),
+)
+def test_frames_are_the_same_whole_or_in_pieces(pieces: list[bytes], step: int) -> None:
+    data = b"".join(pieces)
+    whole = MLLPFramer(1024)
+    per_piece = MLLPFramer(1024)
+    chunked = MLLPFramer(1024)
+    a = whole.feed(data)
+    b = [f for p in pieces for f in per_piece.feed(p)]
+    c = [f for i in range(0, len(data), step) for f in chunked.feed(data[i : i + step])]
+
+    def seen(frames: list[Frame]) -> list[tuple[bytes, int, bool]]:
+        # Of an oversize frame only its first bytes are kept (to read an MSH for the NACK),
+        # as many as had arrived: they depend on where the reads ended.
+        return [(b"" if f.oversize else f.content, f.size, f.oversize) for f in frames]
+
+    assert seen(a) == seen(b) == seen(c)
+    assert whole.junk_bytes == per_piece.junk_bytes == chunked.junk_bytes
