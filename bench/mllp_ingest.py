@@ -178,7 +178,7 @@ def parse_bench() -> list[tuple[str, float]]:
     import hl7
     from hl7apy.parser import parse_message
 
-    from mapping.hl7v2_parse import decode, parse_bytes, read_header
+    from careloop.hl7v2.parse import decode, parse_bytes, read_header
 
     msg = TEMPLATE
     text = msg.decode()

@@ -15,8 +15,8 @@ from typing import Annotated
 
 import typer
 
-from mapping.hl7v2_ack import Outcome, should_send
-from mapping.hl7v2_parse import HL7FormatError, parse_bytes, read_header, split_messages
+from careloop.hl7v2.ack import Outcome, should_send
+from careloop.hl7v2.parse import HL7FormatError, parse_bytes, read_header, split_messages
 
 app = typer.Typer(no_args_is_help=True, help="HL7 v2 tools.")
 

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from careloop.clock import Clock
+from careloop.hl7v2.ack import AckError, AckStyle, Outcome, build_ack, should_send
+from careloop.hl7v2.parse import CharsetError, Header, decode, is_batch, read_header, split_messages
 from careloop.model import RawIn
-from mapping.hl7v2_ack import AckError, AckStyle, Outcome, build_ack, should_send
-from mapping.hl7v2_parse import CharsetError, Header, decode, is_batch, read_header, split_messages
 
 CONTENT_TYPE = "x-application/hl7-v2+er7"
 

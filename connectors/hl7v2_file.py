@@ -24,11 +24,11 @@ from pydantic import Field
 
 from careloop.clock import Clock, SystemClock
 from careloop.config import TimeZoneName
+from careloop.hl7v2.parse import HL7FormatError
 from careloop.model import RawIn
 from careloop.plugins import PluginConfig
 from connectors.base import Health, RawSink
 from connectors.hl7v2_accept import HL7Acceptor
-from mapping.hl7v2_parse import HL7FormatError
 
 log = logging.getLogger("careloop.connectors.hl7v2_file")
 

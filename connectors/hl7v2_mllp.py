@@ -44,11 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from careloop.clock import Clock, SystemClock
 from careloop.config import Port, TimeZoneName
-from careloop.model import PutResult, RawIn
-from careloop.plugins import PluginConfig
-from connectors.base import Health, RawSink
-from connectors.hl7v2_accept import CONTENT_TYPE, Accepted, HL7Acceptor, dedup_key
-from mapping.hl7v2_ack import (
+from careloop.hl7v2.ack import (
     AckError,
     AckStyle,
     AckTemplate,
@@ -58,7 +54,11 @@ from mapping.hl7v2_ack import (
     hl7_timestamp,
     should_send,
 )
-from mapping.hl7v2_parse import CharsetError, Encoding, Header, HL7FormatError, codec_for, read_header
+from careloop.hl7v2.parse import CharsetError, Encoding, Header, HL7FormatError, codec_for, read_header
+from careloop.model import PutResult, RawIn
+from careloop.plugins import PluginConfig
+from connectors.base import Health, RawSink
+from connectors.hl7v2_accept import CONTENT_TYPE, Accepted, HL7Acceptor, dedup_key
 
 log = logging.getLogger("careloop.connectors.hl7v2_mllp")
 

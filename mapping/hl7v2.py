@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from careloop.errors import PermanentError, SkipMessage
+from careloop.hl7v2.parse import Message, Segment, leaf, parse_bytes
 from careloop.model import Identifier, MappedEvent
 from careloop.tables import RawMessage
 from mapping.hl7v2_fhir import (
@@ -33,7 +34,6 @@ from mapping.hl7v2_fhir import (
     practitioner,
     short_id,
 )
-from mapping.hl7v2_parse import Message, Segment, leaf, parse_bytes
 
 ADT_EVENTS: Final[dict[str, str]] = {
     "A01": "encounter.admitted",

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import phonenumbers
 
-from mapping.hl7v2_parse import Encoding, leaf, unescape
+from careloop.hl7v2.parse import Encoding, leaf, unescape
 
 _DTM: Final = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,4}))?\s*([+-]\d{4})?$")
 

@@ -162,7 +162,7 @@ def segment(ack: bytes, name: str) -> list[str] | None:
 
 def fixture_messages() -> list[bytes]:
     """Every message in fixtures/hl7 (files may hold several)."""
-    from mapping.hl7v2_parse import split_messages
+    from careloop.hl7v2.parse import split_messages
 
     return [m for f in sorted(HL7_FIXTURES.glob("*.hl7")) for m in split_messages(f.read_bytes())]
 

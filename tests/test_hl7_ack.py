@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 
 import pytest
 
+from careloop.hl7v2.ack import AckError, Outcome, build_ack, should_send
+from careloop.hl7v2.parse import parse_bytes, read_header
 from connectors.hl7v2_mllp import MLLPConfig, MLLPConnector
-from mapping.hl7v2_ack import AckError, Outcome, build_ack, should_send
-from mapping.hl7v2_parse import parse_bytes, read_header
 from tests.hl7_support import adt, msa, msh, segment, siu
 
 AT = datetime(2026, 3, 2, 14, 0, tzinfo=UTC)

@@ -555,8 +555,8 @@ def test_arbitrary_bytes_get_one_reply_per_frame_then_a_clean_close(
             except ConnectionError:
                 break
     assert len(replies) == expected
-    for r in replies:
-        assert msa(r)[0] in {"AA", "AE", "AR"}
+    for r in replies:  # original or enhanced mode (garbage may carry an MSH-15)
+        assert msa(r)[0] in {"AA", "AE", "AR", "CA", "CE", "CR"}
 
 
 @pytest.mark.anyio

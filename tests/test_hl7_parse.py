@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from careloop.errors import PermanentError
-from mapping.hl7v2_parse import (
+from careloop.hl7v2.parse import (
     CharsetError,
     Encoding,
     HL7FormatError,
@@ -109,6 +109,13 @@ def test_batch_file_is_split_into_messages_without_envelope() -> None:
 def test_messages_back_to_back_with_lf_are_split() -> None:
     data = (adt("A01", "L1") + adt("A04", "L2")).replace(b"\r", b"\n")
     assert [read_header(p).control_id for p in split_messages(data)] == ["L1", "L2"]
+
+
+@pytest.mark.parametrize("msh", [b"MSH|\x00~\\&|A|B", b"MSH|^ \\&|A|B", b"MSH\t^~\\&\tA"])
+def test_control_characters_and_spaces_are_not_delimiters(msh: bytes) -> None:
+    with pytest.raises(HL7FormatError) as err:
+        read_header(msh + b"\r")
+    assert err.value.code == 102
 
 
 def test_payload_without_msh_is_rejected_without_quoting_it() -> None:

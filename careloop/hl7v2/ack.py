@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import Final, Literal
 
-from mapping.hl7v2_parse import DEFAULT_ENCODING, Encoding, Header, escape
+from careloop.hl7v2.parse import DEFAULT_ENCODING, Encoding, Header, escape
 
 # HL7 table 0357, message error condition codes.
 ERROR_CODES: Final[dict[int, str]] = {
@@ -204,6 +204,6 @@ def _err(error: AckError, enc: Encoding, v: tuple[int, ...]) -> str:
 
 
 def _codec(charset: str) -> str:
-    from mapping.hl7v2_parse import CHARSETS
+    from careloop.hl7v2.parse import CHARSETS
 
     return CHARSETS.get(" ".join(charset.strip().upper().split()), "utf-8")

@@ -104,6 +104,9 @@ def encoding_from_msh(msh: str) -> Encoding:
     chars = msh[4:] if end < 0 else msh[4:end]
     if not chars or fs.isalnum() or any(c.isalnum() or c == fs for c in chars):
         raise HL7FormatError("MSH-2 encoding characters are invalid", 102, "MSH^1^2")
+    if any(not c.isascii() or not c.isprintable() or c.isspace() for c in fs + chars):
+        # A control character or a space cannot be a delimiter (a NUL from a broken sender).
+        raise HL7FormatError("MSH-1/MSH-2 delimiters must be printable ASCII", 102, "MSH^1^2")
     if len(set(chars[:4])) != len(chars[:4]):
         raise HL7FormatError("MSH-2 encoding characters repeat", 102, "MSH^1^2")
     d = DEFAULT_ENCODING
