@@ -1,6 +1,6 @@
 """The auditor HTTP API (``/audit``): queries, disclosures, exports, checkpoints, verification.
 
-Every request needs a bearer JWT with the ``auditor`` role (audit/tokens.py). A refused
+Every request needs a bearer JWT with the ``auditor`` role (careloop/tokens.py). A refused
 request is audited as ``auth.failure`` (the reason and the route only: nothing from the
 token, which may be someone's stolen credential); every served request is audited as
 ``audit.query`` with the token's subject as actor, in the same transaction as the read.
@@ -21,9 +21,9 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from joserfc.jwk import OctKey
 
-from audit import checkpoint, disclosures, fhir_export, query, tokens
+from audit import checkpoint, disclosures, fhir_export, query
 from audit.verify import verify_database
-from careloop import audit_log
+from careloop import audit_log, tokens
 from careloop.clock import utc
 from careloop.config import AppConfig
 from careloop.errors import ConfigError

@@ -17,9 +17,10 @@ from typing import Annotated, NoReturn
 import typer
 from sqlalchemy.engine import Engine
 
-from audit import checkpoint, disclosures, fhir_export, query, retention, tokens
+from audit import checkpoint, disclosures, fhir_export, query, retention
 from audit.records import iter_db, write_jsonl
 from audit.verify import Report, verify_database, verify_export
+from careloop import tokens
 from careloop.clock import SystemClock
 from careloop.config import AppConfig, load
 from careloop.db import database_url, make_engine

@@ -6,6 +6,8 @@ a config enables it (no registration as a side effect of import).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, ClassVar
@@ -74,3 +76,19 @@ def build(cls: Any, id: str, config: PluginConfig, **deps: Any) -> Any:
 
     params = inspect.signature(cls).parameters
     return cls(id, config, **{k: v for k, v in deps.items() if k in params})
+
+
+@dataclass(frozen=True, slots=True)
+class MapperChoice:
+    """A connector's own mapper, named rather than imported: the ``careloop.mappers``
+    plugin ``plugin`` built with ``options`` (plugin packages never import each other;
+    DESIGN.md). A connector offers one through ``mapper_choice()``."""
+
+    plugin: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def build_mapper(choice: MapperChoice) -> Any:
+    """The mapper ``choice`` names; KeyError for an unknown plugin, ConfigError (from the
+    mapper) for bad options."""
+    return load("mapper", choice.plugin)(**dict(choice.options))

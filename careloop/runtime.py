@@ -40,7 +40,8 @@ def backlog(hub: Hub) -> dict[str, int]:
 def ensure_keys(config: AppConfig) -> None:
     """A first start creates the audit keys it needs (0600) and says so; production
     deployments provision them (``careloop audit keygen``, ``careloop token keygen``)."""
-    from audit import checkpoint, tokens
+    from audit import checkpoint
+    from careloop import tokens
 
     signing = tokens.signing_key_path(config)
     if not signing.exists():

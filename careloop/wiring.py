@@ -145,15 +145,17 @@ def build_connectors(checked: Checked, **deps: Any) -> dict[str, Any]:
 
 
 class MapperRegistry:
-    """Finds the mapper for a raw message: the connector's own (``connector.mapper()``)
-    first, else a registered mapper that accepts the message's kind."""
+    """Finds the mapper for a raw message: the connector's own (``mapper_choice()``, a
+    ``plugins.MapperChoice``) first, else a registered mapper that accepts the message's
+    kind."""
 
     def __init__(self, connectors: Mapping[str, Any]) -> None:
         self._by_connector: dict[str, Any] = {}
         for cid, conn in connectors.items():
-            own = getattr(conn, "mapper", None)
+            own = getattr(conn, "mapper_choice", None)
             if callable(own):
-                self._by_connector[cid] = own()
+                choice = own()
+                self._by_connector[cid] = plugins.build_mapper(choice) if choice is not None else None
         self._by_kind: dict[str, Any] = {}
 
     def __call__(self, raw: RawMessage) -> Any:

@@ -35,13 +35,12 @@ from sqlmodel import select
 from careloop.clock import Clock, SystemClock, utc
 from careloop.errors import CareloopError, PermanentError
 from careloop.model import RawIn
-from careloop.plugins import PluginConfig
+from careloop.plugins import MapperChoice, PluginConfig
 from careloop.store import Store
 from careloop.tables import FhirSubscriptionState
 from connectors.base import Health, RawSink
 from connectors.fhir_client import FhirClient, SmartAuthConfig, SmartBackendAuth
 from connectors.fhir_notify import parse_instant, resource_item
-from mapping.fhir import FhirMapper
 
 log = logging.getLogger("careloop.connectors.fhir_poll")
 
@@ -115,9 +114,13 @@ class FhirPollConnector:
         if self._own_http:
             await self.http.aclose()
 
-    def mapper(self) -> FhirMapper:
-        """This connector's mapper: its server's base URL and its confirmation rule."""
-        return FhirMapper(self.config.base_url, accepted_confirms=self.config.patient_accepted_confirms)
+    def mapper_choice(self) -> MapperChoice:
+        """This connector's mapper: ``fhir`` with its server's base URL and its
+        confirmation rule."""
+        return MapperChoice(
+            "fhir",
+            {"base_url": self.config.base_url, "accepted_confirms": self.config.patient_accepted_confirms},
+        )
 
     def health(self) -> Health:
         return Health(self.sink is not None, self.last_error or "")

@@ -48,7 +48,7 @@ from careloop.config import AppConfig
 from careloop.errors import CareloopError, PermanentError
 from careloop.http import operation_outcome
 from careloop.model import RawIn
-from careloop.plugins import PluginConfig
+from careloop.plugins import MapperChoice, PluginConfig
 from careloop.store import Store
 from careloop.tables import FhirSubscriptionState
 from connectors.base import Health, RawSink
@@ -64,7 +64,6 @@ from connectors.fhir_notify import (
     relative_ref,
     resource_item,
 )
-from mapping.fhir import FhirMapper
 
 log = logging.getLogger("careloop.connectors.fhir_subscription")
 
@@ -196,9 +195,13 @@ class FhirSubscriptionConnector:
         if self._own_http:
             await self.http.aclose()
 
-    def mapper(self) -> FhirMapper:
-        """This connector's mapper: its server's base URL and its confirmation rule."""
-        return FhirMapper(self.config.base_url, accepted_confirms=self.config.patient_accepted_confirms)
+    def mapper_choice(self) -> MapperChoice:
+        """This connector's mapper: ``fhir`` with its server's base URL and its
+        confirmation rule."""
+        return MapperChoice(
+            "fhir",
+            {"base_url": self.config.base_url, "accepted_confirms": self.config.patient_accepted_confirms},
+        )
 
     def health(self) -> Health:
         if not self._started:

@@ -15,14 +15,14 @@ import logging
 from collections.abc import Mapping, Sequence
 from email import message_from_bytes
 from email.policy import default as default_policy
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from pydantic import Field
 
 from careloop.config import Port
 from careloop.model import RawIn
-from careloop.plugins import PluginConfig
+from careloop.plugins import MapperChoice, PluginConfig
 from connectors.base import Health, RawSink
 
 log = logging.getLogger("careloop.connectors.smtp_inbound")
@@ -81,10 +81,8 @@ class SmtpInboundConnector:
     def router(self) -> None:
         return None
 
-    def mapper(self) -> Any:
-        from mapping.email_reply import EmailReplyMapper
-
-        return EmailReplyMapper()
+    def mapper_choice(self) -> MapperChoice:
+        return MapperChoice("email_reply")
 
 
 class _Handler:

@@ -43,7 +43,7 @@ from careloop.clock import Clock, SystemClock
 from careloop.config import AppConfig
 from careloop.errors import ConfigError
 from careloop.model import RawIn
-from careloop.plugins import PluginConfig
+from careloop.plugins import MapperChoice, PluginConfig, build_mapper
 from connectors.base import Health, RawSink
 from connectors.signatures import Rejected, Scheme, SignedRequest
 from connectors.signatures import salesforce as sf
@@ -51,7 +51,6 @@ from connectors.signatures.hmac_sha256 import HmacSha256
 from connectors.signatures.hubspot_v3 import HubSpotV3
 from connectors.signatures.standard_webhooks import StandardWebhooks, decode_secret
 from connectors.signatures.stripe_v1 import StripeV1
-from mapping.declarative import DeclarativeMapper, load_spec, resolve_path
 
 log = logging.getLogger("careloop.connectors.webhook")
 
@@ -154,6 +153,13 @@ class _Stats:
     store_failures: int = 0
 
 
+def _mapper_choice(cid: str, config: WebhookConfig, base_dir: Path) -> MapperChoice | None:
+    if config.mapping is None:
+        return None
+    path = config.mapping if config.mapping.is_absolute() else base_dir / config.mapping
+    return MapperChoice("declarative", {"spec_file": path, "where": f"connectors.{cid}.mapping"})
+
+
 class WebhookConnector:
     """Receives signed webhooks at ``path``; see the module docstring for the checks."""
 
@@ -168,11 +174,8 @@ class WebhookConnector:
         self._scheme = _scheme(config)
         self._event_id: ParsedResult = jmespath.compile(config.event_id)
         self._event_type: ParsedResult = jmespath.compile(config.event_type)
-        self._mapper: DeclarativeMapper | None = None
-        if config.mapping is not None:
-            base = app_config.base_dir if app_config is not None else Path(".")
-            path = resolve_path(config.mapping, base)
-            self._mapper = DeclarativeMapper(load_spec(path, f"connectors.{id}.mapping"))
+        base = app_config.base_dir if app_config is not None else Path(".")
+        self._mapper = _mapper_choice(id, config, base)
         self._sink: RawSink | None = None
         self.stats = _Stats()
 
@@ -181,17 +184,19 @@ class WebhookConnector:
     @staticmethod
     def check_config(cid: str, config: WebhookConfig, app: AppConfig) -> list[str]:
         """Problems found beyond the model (the mapping file), each with its dotted path."""
-        if config.mapping is None:
+        choice = _mapper_choice(cid, config, app.base_dir)
+        if choice is None:
             return []
         try:
-            load_spec(resolve_path(config.mapping, app.base_dir), f"connectors.{cid}.mapping")
+            build_mapper(choice)
         except ConfigError as exc:
             return exc.problems
         return []
 
     # ----------------------------------------------------------------- contract
 
-    def mapper(self) -> DeclarativeMapper | None:
+    def mapper_choice(self) -> MapperChoice | None:
+        """The ``declarative`` mapper with this connector's mapping file, if it names one."""
         return self._mapper
 
     def accept(self, body: bytes, headers: Mapping[str, str]) -> Sequence[RawIn]:

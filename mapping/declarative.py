@@ -196,9 +196,17 @@ class DeclarativeMapper:
     SkipMessage (the raw message stays stored, skipped with that reason)."""
 
     name: ClassVar[str] = "declarative"
-    accepts: ClassVar[frozenset[str]] = frozenset({"webhook:*"})
+    # Never chosen by message kind: a webhook connector names it, with its mapping file
+    # (``MapperChoice("declarative", {"spec_file": ..., "where": ...})``).
+    accepts: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, spec: MappingSpec) -> None:
+    def __init__(
+        self, spec: MappingSpec | None = None, *, spec_file: Path | None = None, where: str = "mapping"
+    ) -> None:
+        if spec is None:
+            if spec_file is None:
+                raise ConfigError([f"{where}: a mapping file is required"])
+            spec = load_spec(spec_file, where)
         self.spec = spec
         self._compiled: dict[str, ParsedResult] = {}
 

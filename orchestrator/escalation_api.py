@@ -1,7 +1,7 @@
 """The escalation work queue over HTTP (``/escalations``), for staff.
 
-Every request needs a bearer JWT carrying the ``staff`` role, checked with the audit
-package's token code (audit/tokens.py, the same HS256 key as the auditor API). A refused
+Every request needs a bearer JWT carrying the ``staff`` role, checked with the
+kernel's token code (careloop/tokens.py, the same HS256 key as the auditor API). A refused
 request is audited as ``auth.failure`` (reason and route only); reading an escalation's
 evidence (the patient's message) is audited as ``escalation.view``; every state change is
 audited by orchestrator/escalation.py with the token's subject as actor.
@@ -33,14 +33,14 @@ class FeedbackBody(BaseModel):
 
 
 def router_from_config(store: Store, cfg: AppConfig) -> APIRouter:
-    from audit import tokens
+    from careloop import tokens
 
     return make_router(store, tokens.file_key_source(tokens.token_key_path(cfg)))
 
 
 def make_router(store: Store, key_source: Any) -> APIRouter:
     """The ``/escalations`` router; ``key_source`` is a joserfc OctKey or a callable giving one."""
-    from audit import tokens  # the one token scheme of the deployment (bearer JWT, roles)
+    from careloop import tokens  # the one token scheme of the deployment (bearer JWT, roles)
 
     get_key: Callable[[], Any] = key_source if callable(key_source) else (lambda: key_source)
     router = APIRouter(prefix="/escalations", tags=["escalations"])

@@ -17,7 +17,10 @@ EHR_PATIENT = "http://127.0.0.1:8090/fhir/Patient"
 
 
 class FhirJsonMapper(JsonMapper):
-    """JsonMapper plus ``"fhir_patient": "<id>"`` -> ``Identifier(<base>/Patient, id, kind="fhir")``."""
+    """JsonMapper plus ``"fhir_patient": "<id>"`` -> ``Identifier(<base>/Patient, id, kind="fhir")``.
+    Chosen by ``FhirJsonConnector`` only, never by message kind."""
+
+    accepts: ClassVar[frozenset[str]] = frozenset()
 
     def map(self, raw: RawMessage) -> Sequence[MappedEvent]:
         out = list(super().map(raw))
@@ -31,10 +34,11 @@ class FhirJsonMapper(JsonMapper):
 class FhirJsonConnector(JsonConnector):
     name: ClassVar[str] = "test_json_fhir"
 
-    def mapper(self) -> FhirJsonMapper:
-        return FhirJsonMapper()
+    def mapper_choice(self) -> plugins.MapperChoice:
+        return plugins.MapperChoice("test_json_fhir")
 
 
 def register() -> None:
     register_kernel()
     plugins.add("connector", "test_json_fhir", FhirJsonConnector)
+    plugins.add("mapper", "test_json_fhir", FhirJsonMapper)

@@ -12,10 +12,11 @@ import httpx
 from fastapi import FastAPI
 from joserfc.jwk import OctKey
 
-from audit import query, tokens
+from audit import query
 from audit.api import make_router
 from audit.records import Rec
 from audit.testing import seed
+from careloop import tokens
 from careloop.store import Store
 
 START = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)

@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 from audit.cli import app, token_app
 from audit.testing import SYNTHETIC_NAME, seed
-from audit.tokens import authenticate, load_token_key
 from careloop.clock import VirtualClock
 from careloop.db import make_engine, upgrade
 from careloop.store import Store
+from careloop.tokens import authenticate, load_token_key
 
 START = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 

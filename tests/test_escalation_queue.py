@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from sqlmodel import Session, col, select
 from typer.testing import CliRunner
 
-from audit import tokens
+from careloop import tokens
 from careloop.clock import VirtualClock, utc
 from careloop.store import Store
 from careloop.tables import AuditRecord, Escalation, OutboxItem, Person, PersonIdentifier, Timer

@@ -1,4 +1,5 @@
-"""Bearer tokens for the auditor API: HS256 JWTs signed with a local secret.
+"""Bearer tokens for the HTTP APIs (auditor and staff roles): HS256 JWTs signed with a
+local secret.
 
 JOSE comes from joserfc, which authlib 1.x recommends in place of its deprecated
 ``authlib.jose`` (and installs as its dependency). The secret is 32 random bytes in a file
