@@ -23,7 +23,7 @@ from audit.verify import Report, verify_database, verify_export
 from careloop import tokens
 from careloop.clock import SystemClock
 from careloop.config import AppConfig, load
-from careloop.db import database_url, make_engine
+from careloop.db import database_url, existing_engine
 from careloop.errors import ConfigError
 from careloop.store import Store
 
@@ -43,7 +43,7 @@ def _cfg(path: Path | None) -> AppConfig | None:
 
 
 def _store(cfg: AppConfig | None) -> Store:
-    engine: Engine = make_engine(database_url(cfg.database.url if cfg else None))
+    engine: Engine = existing_engine(database_url(cfg.database.url if cfg else None))
     return Store(engine, SystemClock())
 
 

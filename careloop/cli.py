@@ -50,11 +50,13 @@ def _load(path: Path | None) -> cfgmod.AppConfig:
         raise AssertionError from None
 
 
-def _engine(config: Path | None) -> Any:
-    from careloop.db import database_url, make_engine, upgrade
+def _engine(config: Path | None, *, create: bool = False) -> Any:
+    """The configured database, migrated to the current schema; it must exist unless
+    ``create`` (``db upgrade``): a read must not create an empty one."""
+    from careloop.db import database_url, existing_engine, make_engine, upgrade
 
-    cfg = _load(config)
-    engine = make_engine(database_url(cfg.database.url))
+    url = database_url(_load(config).database.url)
+    engine = make_engine(url) if create else existing_engine(url)
     upgrade(engine)
     return engine
 
@@ -74,7 +76,7 @@ def config_check(file: Path) -> None:
 @db_app.command("upgrade")
 def db_upgrade(config: ConfigOpt = None) -> None:
     """Apply migrations to the configured database (CARELOOP_DATABASE_URL wins)."""
-    _engine(config)
+    _engine(config, create=True)
     out.print("database is up to date")
 
 
@@ -225,7 +227,30 @@ for _mod, _attr, _name in _SUBAPPS:
 
 
 def main() -> None:
-    app()
+    """``careloop``: expected failures (a configuration problem, an unreachable host, a
+    port in use, a missing file, a message that is not HL7) end with one line on stderr and
+    an exit code, never a traceback. The texts are PHI-free by construction: our own errors
+    say what and where, not the data; OS errors name hosts, ports and paths."""
+    from jinja2 import TemplateError
+
+    from careloop.errors import CareloopError
+
+    try:
+        app()
+    except ConfigError as exc:
+        for p in exc.problems:
+            err.print(f"[red]error[/red] {p}", highlight=False)
+        raise SystemExit(2) from None
+    except (CareloopError, OSError, TemplateError) as exc:
+        err.print(f"[red]error[/red] {_describe(exc)}", highlight=False)
+        raise SystemExit(1) from None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return str(exc) or type(exc).__name__
 
 
 if __name__ == "__main__":

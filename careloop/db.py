@@ -12,9 +12,11 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import event
+from sqlalchemy import event, inspect
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import create_engine
+
+from careloop.errors import ConfigError
 
 DEFAULT_URL = "sqlite:///var/careloop.db"
 _MIGRATIONS = Path(__file__).parent / "migrations"
@@ -40,6 +42,31 @@ def make_engine(url: str, *, schema: str | None = None) -> Engine:
     if u.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_immediate)
+    return engine
+
+
+def existing_engine(url: str) -> Engine:
+    """An engine for a careloop database that must already exist (the commands that read
+    it: ``explain``, ``messages``, ``audit verify`` ...). Opening a SQLite file that is not
+    there would create an empty one, and a verifier would then report an empty chain as
+    intact: a ConfigError says where it looked instead."""
+    u = make_url(url)
+    local = u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:"
+    if local and not Path(str(u.database)).exists():
+        raise ConfigError(
+            [
+                f"database: no careloop database at {u.database} (set CARELOOP_DATABASE_URL or "
+                "database.url in --config; `careloop run` or `careloop db upgrade` creates one)"
+            ]
+        )
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        if not inspect(conn).has_table("alembic_version"):
+            engine.dispose()
+            where = f"{u.get_backend_name()} database {u.database or ''}".strip()
+            raise ConfigError(
+                [f"database: {where} holds no careloop schema (`careloop db upgrade` creates it)"]
+            )
     return engine
 
 

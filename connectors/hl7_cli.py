@@ -81,13 +81,19 @@ def send(
         typer.echo(f"{file}: {exc}", err=True)
         raise typer.Exit(2) from None
     failures = 0
-    raw_sock = socket.create_connection((host, port), timeout=timeout)
-    sock: socket.socket = raw_sock
-    if tls or ca or cert:
-        ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
-        if cert:
-            ctx.load_cert_chain(str(cert), str(key) if key else None)
-        sock = ctx.wrap_socket(raw_sock, server_hostname=host)
+    try:
+        raw_sock = socket.create_connection((host, port), timeout=timeout)
+        sock: socket.socket = raw_sock
+        if tls or ca or cert:
+            ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
+            if cert:
+                ctx.load_cert_chain(str(cert), str(key) if key else None)
+            sock = ctx.wrap_socket(raw_sock, server_hostname=host)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        mode = " (TLS)" if tls or ca or cert else ""
+        typer.echo(f"cannot reach an MLLP listener at {host}:{port}{mode}: {reason}", err=True)
+        raise typer.Exit(1) from None
     buf = bytearray()
     with sock:
         for msg in messages:

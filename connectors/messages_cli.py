@@ -32,7 +32,7 @@ _JSON_CLEAR = frozenset({"resourceType", "type", "status", "id", "kind", "occurr
 
 def _engine(config: Path | None) -> Engine:
     from careloop import config as cfgmod
-    from careloop.db import database_url, make_engine, upgrade
+    from careloop.db import database_url, existing_engine, upgrade
     from careloop.errors import ConfigError
 
     url = None
@@ -43,7 +43,7 @@ def _engine(config: Path | None) -> Engine:
             for p in exc.problems:
                 typer.echo(p, err=True)
             raise typer.Exit(2) from None
-    engine = make_engine(database_url(url))
+    engine = existing_engine(database_url(url))
     upgrade(engine)
     return engine
 

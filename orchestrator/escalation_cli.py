@@ -16,7 +16,7 @@ import typer
 from careloop import audit_log
 from careloop.clock import SystemClock
 from careloop.config import load
-from careloop.db import database_url, make_engine
+from careloop.db import database_url, existing_engine
 from careloop.errors import ConfigError
 from careloop.store import Store
 from orchestrator import escalation
@@ -39,7 +39,7 @@ def _store(config: Path | None) -> Store:
             url = load(config).database.url
         except ConfigError as exc:
             _die("\n".join(exc.problems))
-    return Store(make_engine(database_url(url)), SystemClock())
+    return Store(existing_engine(database_url(url)), SystemClock())
 
 
 def _actor() -> str:

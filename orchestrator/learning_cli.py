@@ -20,7 +20,7 @@ from sqlmodel import Session, col, select
 
 from careloop.clock import SystemClock
 from careloop.config import AppConfig, load
-from careloop.db import database_url, make_engine
+from careloop.db import database_url, existing_engine
 from careloop.errors import ConfigError
 from careloop.tables import OutreachOutcome, Person
 from orchestrator import learning, ope
@@ -67,7 +67,7 @@ def evaluate_cmd(
         policies = [(n, ope.policy_named(n)) for n in names]
     except ValueError as exc:
         _die(str(exc))
-    engine = make_engine(database_url(cfg.database.url))
+    engine = existing_engine(database_url(cfg.database.url))
     with Session(engine) as s:
         units = ope.load(s, until=ope.settled_before(SystemClock().now(), settle_hours))
     ests = [ope.evaluate(units, pi, n) for n, pi in policies]
@@ -99,7 +99,7 @@ def evaluate_cmd(
 def show_cmd(person: int, config: ConfigOpt = None) -> None:
     """What the learner believes about PERSON: pooled posterior means and the person's counts."""
     cfg = _config(config)
-    engine = make_engine(database_url(cfg.database.url))
+    engine = existing_engine(database_url(cfg.database.url))
     now = SystemClock().now()
     with Session(engine) as s:
         if s.get(Person, person) is None:

@@ -11,7 +11,7 @@ from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from jinja2 import StrictUndefined, Template, TemplateSyntaxError, meta, pass_context
+from jinja2 import StrictUndefined, Template, TemplateError, TemplateSyntaxError, meta, pass_context
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -176,7 +176,12 @@ def check(name: str, tpl: TemplateConfig) -> list[str]:
         except TemplateSyntaxError as exc:
             problems.append(f"{path}: template syntax error at line {exc.lineno}: {exc.message}")
             continue
-        for var in sorted(meta.find_undeclared_variables(ast) - VARIABLES):
+        try:  # walking the tree compiles it: an unknown filter or test shows here
+            undeclared = meta.find_undeclared_variables(ast)
+        except TemplateError as exc:
+            problems.append(f"{path}: {exc.message or type(exc).__name__}")
+            continue
+        for var in sorted(undeclared - VARIABLES):
             problems.append(f"{path}: unknown variable {var!r} (allowed: {', '.join(sorted(VARIABLES))})")
     return problems
 

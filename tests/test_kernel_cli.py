@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -151,3 +152,42 @@ def test_explain_and_deadletters_against_a_database(tmp_path: Path, monkeypatch:
     assert res.exit_code == 0
     res = runner.invoke(app, ["deadletters", "retry", "1"], env=env)
     assert res.exit_code == 1 and "already retried" in res.output
+
+
+def _careloop(*args: str, cwd: Path) -> tuple[int, str, str]:
+    """The installed command, as an operator runs it (main() and its error handling)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "CARELOOP_DATABASE_URL"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "careloop.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_read_commands_refuse_a_missing_database_instead_of_creating_one(tmp_path: Path) -> None:
+    for args in (["audit", "verify"], ["messages", "list"], ["explain", "1"], ["deadletters", "list"]):
+        code, out, err = _careloop(*args, cwd=tmp_path)
+        assert code == 2, (args, out, err)
+        assert "no careloop database at var/careloop.db" in err
+        assert "Traceback" not in err and "OK" not in out
+    assert not (tmp_path / "var").exists()
+
+
+def test_operator_errors_are_one_line_not_a_traceback(tmp_path: Path) -> None:
+    code, _, err = _careloop(
+        "hl7", "send", str(FIXTURES / "hl7" / "adt_a01_admit.hl7"), "--port", "1", cwd=tmp_path
+    )
+    assert code == 1 and "cannot reach an MLLP listener at 127.0.0.1:1" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("templates:\n  t1: {text: {en: 'Visit {{ appointment.start | nosuchfilter }}'}}\n")
+    code, _, err = _careloop("config", "check", str(cfg), cwd=tmp_path)
+    assert code == 2 and "templates.t1.text.en: No filter named 'nosuchfilter'" in err
+    assert "Traceback" not in err
