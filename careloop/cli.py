@@ -26,6 +26,8 @@ mapping_app = typer.Typer(no_args_is_help=True, help="Mapping of raw messages to
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(dead_app, name="deadletters")
+held_app = typer.Typer(no_args_is_help=True, help="Events held for staff because the person was not certain.")
+app.add_typer(held_app, name="held")
 app.add_typer(mapping_app, name="mapping")
 
 out = Console(soft_wrap=True)
@@ -177,6 +179,29 @@ def dead_retry(id: int, config: ConfigOpt = None) -> None:
     if problem:
         _fail([problem], code=1)
     out.print(f"dead letter {id}: re-queued")
+
+
+@held_app.command("list")
+def held_list(config: ConfigOpt = None) -> None:
+    """Journey events held because linking them to a person would have been a guess."""
+    from careloop.held import list_held
+
+    list_held(_engine(config), out)
+
+
+@held_app.command("assign")
+def held_assign(
+    event: Annotated[int, typer.Argument(help="the held journey event's id")],
+    person: Annotated[int, typer.Argument(help="the internal person id it belongs to")],
+    config: ConfigOpt = None,
+) -> None:
+    """Assign a held EVENT to PERSON and release it to the orchestrator."""
+    from careloop.held import assign
+
+    problem = assign(_engine(config), event, person)
+    if problem:
+        _fail([problem], code=1)
+    out.print(f"event {event}: assigned and released")
 
 
 @mapping_app.command("test")
