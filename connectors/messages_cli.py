@@ -27,6 +27,7 @@ app = typer.Typer(no_args_is_help=True, help="Stored raw messages: list, show (m
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="config file (for database.url)")]
 REPROCESSABLE = frozenset({"skipped", "dead", "error"})
 _HL7_CLEAR = frozenset({"MSH", "EVN", "BHS", "BTS", "FHS", "FTS"})
+RAW_STATUSES = ("pending", "mapped", "skipped", "error", "dead")
 _JSON_CLEAR = frozenset({"resourceType", "type", "status", "id", "kind", "occurred_at"})
 
 
@@ -60,6 +61,9 @@ def list_messages(
     config: ConfigOpt = None,
 ) -> None:
     """List stored messages (no PHI: ids, kinds, statuses, control ids, reasons)."""
+    if status is not None and status not in RAW_STATUSES:
+        typer.echo(f"--status: {status!r} is not one of {', '.join(RAW_STATUSES)}", err=True)
+        raise typer.Exit(2)
     engine = _engine(config)
     with Session(engine) as s:
         q = select(RawMessage).order_by(col(RawMessage.id).desc()).limit(limit)

@@ -20,6 +20,7 @@ from careloop.db import database_url, existing_engine
 from careloop.errors import ConfigError
 from careloop.store import Store
 from orchestrator import escalation
+from orchestrator.triage import TIERS
 
 app = typer.Typer(
     help="Escalations: the staff work queue (list, show, ack, resolve, report).", no_args_is_help=True
@@ -50,10 +51,16 @@ def _actor() -> str:
 def list_cmd(
     config: ConfigOpt = None,
     status: Annotated[list[str] | None, typer.Option(help="open|acknowledged|resolved")] = None,
-    severity: str | None = None,
+    severity: Annotated[str | None, typer.Option(help="emergency|urgent|routine")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The queue, most severe first (open and acknowledged unless --status says otherwise)."""
+    # A misspelt filter must not show an empty queue while emergencies wait.
+    for value in status or []:
+        if value not in escalation.STATUSES:
+            _die(f"--status: {value!r} is not one of {', '.join(escalation.STATUSES)}")
+    if severity is not None and severity not in TIERS:
+        _die(f"--severity: {severity!r} is not one of {', '.join(TIERS)}")
     store = _store(config)
     with store.session() as s:
         rows = escalation.list_escalations(s, status=status or list(escalation.OPEN), severity=severity)

@@ -191,3 +191,13 @@ def test_operator_errors_are_one_line_not_a_traceback(tmp_path: Path) -> None:
     code, _, err = _careloop("config", "check", str(cfg), cwd=tmp_path)
     assert code == 2 and "templates.t1.text.en: No filter named 'nosuchfilter'" in err
     assert "Traceback" not in err
+
+
+def test_a_misspelt_filter_is_refused_rather_than_showing_an_empty_queue(tmp_path: Path) -> None:
+    for args, allowed in (
+        (["escalations", "list", "--status", "Resolved"], "open, acknowledged, resolved"),
+        (["escalations", "list", "--severity", "Emergency"], "emergency, urgent, routine"),
+        (["messages", "list", "--status", "bogus"], "pending, mapped, skipped, error, dead"),
+    ):
+        code, _, err = _careloop(*args, cwd=tmp_path)
+        assert code == 2 and allowed in err, (args, err)
