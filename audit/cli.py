@@ -23,7 +23,7 @@ from audit.verify import Report, verify_database, verify_export
 from careloop import tokens
 from careloop.clock import SystemClock
 from careloop.config import AppConfig, load
-from careloop.db import database_url, existing_engine
+from careloop.db import database_url, existing_engine, private_file
 from careloop.errors import ConfigError
 from careloop.store import Store
 
@@ -206,6 +206,7 @@ def export(
     """Export records (JSON Lines, for `verify --export`), a FHIR AuditEvent Bundle, or checkpoints."""
     cfg = _cfg(config)
     store = _store(cfg)
+    private_file(out)  # audit records name people and what was disclosed to them
     with store.session() as s:
         if fmt == "jsonl":
             with out.open("w", encoding="utf-8") as fp:

@@ -124,6 +124,9 @@ def replay(
         return
     finally:
         rp.close()
+    from careloop.db import private_file
+
+    private_file(report)  # the report names people's identifiers
     report.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     out.print(
         f"{len(lines)} signals: {len(doc['deliveries'])} deliveries, {len(doc['suppressed'])} suppressed, "

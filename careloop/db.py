@@ -34,7 +34,7 @@ def make_engine(url: str, *, schema: str | None = None) -> Engine:
     kwargs: dict[str, Any] = {}
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
-            Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+            private_file(Path(u.database), make_parent=True)
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     elif schema:
         kwargs["connect_args"] = {"options": f"-csearch_path={schema}"}
@@ -43,6 +43,16 @@ def make_engine(url: str, *, schema: str | None = None) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_immediate)
     return engine
+
+
+def private_file(path: Path, *, make_parent: bool = False) -> None:
+    """Create ``path`` readable by the owner only, if it is not there yet (and its folder,
+    with ``make_parent``): the database holds PHI (SQLite gives its -wal and -shm files the
+    same mode), and so do reports and exports."""
+    if make_parent:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
 
 
 def existing_engine(url: str) -> Engine:

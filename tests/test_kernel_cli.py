@@ -201,3 +201,15 @@ def test_a_misspelt_filter_is_refused_rather_than_showing_an_empty_queue(tmp_pat
     ):
         code, _, err = _careloop(*args, cwd=tmp_path)
         assert code == 2 and allowed in err, (args, err)
+
+
+def test_the_database_and_exports_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    code, _, err = _careloop("db", "upgrade", cwd=tmp_path)
+    assert code == 0, err
+    assert (tmp_path / "var" / "careloop.db").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "var").stat().st_mode & 0o777 == 0o700
+    code, _, err = _careloop("audit", "export", "--out", "records.jsonl", cwd=tmp_path)
+    assert code == 0, err
+    assert (tmp_path / "records.jsonl").stat().st_mode & 0o777 == 0o600
+    code, _, err = _careloop("audit", "export", "--out", "no/such/dir/x.jsonl", cwd=tmp_path)
+    assert code == 1 and "No such file or directory" in err and "Traceback" not in err
