@@ -9,8 +9,8 @@ Exactly-once in effect, and the choice made where it cannot be guaranteed:
    in doubt. Channels whose receiver de-duplicates on the key
    (``capabilities.idempotent_key``: FHIR conditional create, Standard Webhooks) are the
    exception: their items are claimed in groups of up to ``group`` per commit, since an
-   interrupted one is simply sent again. While an item is ``sending``, ``next_attempt_at`` holds the time the attempt
-   started (the lease start) and ``attempts`` counts it.
+   interrupted one is simply sent again. While an item is ``sending``, ``next_attempt_at``
+   holds the time the attempt started (the lease start) and ``attempts`` counts it.
 2. Send, then commit the outcome in one transaction with its ``delivery_receipt`` row and
    a ``disclosure`` audit record (channel, template, PHI class, recipient kind, purpose,
    outcome; never the address or the text).

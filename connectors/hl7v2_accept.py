@@ -5,6 +5,13 @@ each with its kind (``hl7v2:<MSH-9.1>^<MSH-9.2>``), its dedup key (``MSH-3|MSH-4
 and the ACK to send once it is committed (stored with it, so a duplicate gets the same
 bytes). Messages whose bytes do not decode in their MSH-18 character set (or that fail
 ``strict`` structure validation) are still kept, with an AE ACK carrying the ERR.
+Messages whose MSH is unusable (``header_error``: MSH-12 missing or unsupported, MSH-9 or
+MSH-10 missing, MSH-7 invalid) are kept too, with an AR (CR in enhanced mode) ACK.
+
+A message kept with an error has the header ``hl7_error`` (the table 0357 code) and
+``hl7_ack`` (the acknowledgment code, e.g. AR), and a dedup key over its bytes as well
+as its control id: the same bytes sent again are a duplicate (same ACK back), a
+corrected message sent again under the same control id is not.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from careloop.clock import Clock
-from careloop.hl7v2.ack import AckError, AckStyle, Outcome, build_ack, should_send
+from careloop.hl7v2.ack import AckError, AckStyle, Outcome, ack_code, build_ack, header_error, should_send
 from careloop.hl7v2.parse import CharsetError, Header, decode, is_batch, read_header, split_messages
 from careloop.model import RawIn
 
@@ -53,14 +60,16 @@ class HL7Acceptor:
         out = Accepted([], batch=len(messages) > 1 or is_batch(body))
         for msg in messages:
             hdr = read_header(msg)
-            error: AckError | None = None
-            try:
-                decode(msg, hdr)
-            except CharsetError as exc:
-                error = AckError(exc.code, str(exc), exc.location)
-            if error is None and self.strict:
-                error = strict_check(msg)
-            outcome = Outcome.OK if error is None else Outcome.ERROR
+            error = header_error(hdr)
+            outcome = Outcome.OK if error is None else Outcome.REJECT
+            if error is None:
+                try:
+                    decode(msg, hdr)
+                except CharsetError as exc:
+                    error = AckError(exc.code, str(exc), exc.location)
+                if error is None and self.strict:
+                    error = strict_check(msg)
+                outcome = Outcome.OK if error is None else Outcome.ERROR
             reply = (
                 build_ack(hdr, outcome, now, error, style, self.receiving_application)
                 if should_send(hdr, outcome, style)
@@ -69,9 +78,15 @@ class HL7Acceptor:
             mtype, trigger = hdr.message_type
             kind = f"hl7v2:{mtype or 'UNKNOWN'}^{trigger}" if trigger else f"hl7v2:{mtype or 'UNKNOWN'}"
             hdrs = {"timezone": self.timezone, **dict(headers)}
+            key = dedup_key(hdr)
+            rejected = None
             if error is not None:
                 hdrs["hl7_error"] = str(error.code)
-            out.items.append(RawIn(self.id, kind[:64], msg, CONTENT_TYPE, dedup_key(hdr), hdrs, reply))
+                hdrs["hl7_ack"] = ack = ack_code(hdr, outcome, style)
+                key = error_dedup_key(hdr, msg)
+                where = f" at {error.location}" if error.location else ""
+                rejected = f"refused ({ack}): {error.message} (HL7 table 0357 code {error.code}{where})"
+            out.items.append(RawIn(self.id, kind[:64], msg, CONTENT_TYPE, key, hdrs, reply, rejected))
             out.headers.append(hdr)
         return out
 
@@ -86,6 +101,13 @@ def dedup_key(hdr: Header) -> str | None:
         # Keep the control id readable at the end (the audit log shows it).
         key = "sha256:" + hashlib.sha256(key.encode()).hexdigest() + "|" + ctrl[:150]
     return key
+
+
+def error_dedup_key(hdr: Header, message: bytes) -> str:
+    """The dedup key of a message kept with an error ACK: ``sha256:<hex>|MSH-10``, the hash
+    over ``MSH-3|MSH-4`` and the message's bytes."""
+    digest = hashlib.sha256(f"{hdr.raw(3)}|{hdr.raw(4)}|".encode("latin-1", "replace") + message)
+    return "sha256:" + digest.hexdigest() + "|" + hdr.control_id.strip()[:150]
 
 
 def strict_check(message: bytes) -> AckError | None:

@@ -15,7 +15,8 @@ The hot path is lean on purpose (an MLLP sender waits for each ACK, so every mic
 of the listener is latency): an ``asyncio.Protocol`` scans its buffer for VT/FS; a frame
 that is one plain message (the usual case) is read through a cache of its sender's MSH
 shape (``_MSHCache``: encoding, kind, ACK template), everything else goes through
-``HL7Acceptor`` (which the fast path matches byte for byte; tests check it).
+``HL7Acceptor`` (which the fast path matches byte for byte apart from the ACK's own
+unique control id; tests check it), and so does any message that gets an AE or AR.
 
 Framing faults never desynchronise the stream: bytes before a VT are skipped and
 counted; a frame larger than ``max_message_bytes`` is read to its FS CR and discarded,
@@ -52,6 +53,8 @@ from careloop.hl7v2.ack import (
     ack_template,
     build_ack,
     hl7_timestamp,
+    message_error,
+    shape_error,
     should_send,
 )
 from careloop.hl7v2.parse import CharsetError, Encoding, Header, HL7FormatError, codec_for, read_header
@@ -365,6 +368,7 @@ class _Shape:
     kind: str
     codec: str | None  # None: MSH-18 names a character set we do not support (slow path)
     ack: AckTemplate
+    ok: bool  # no ``shape_error`` (MSH-9, MSH-12): False sends every message to the slow path
 
 
 class _MSHCache:
@@ -407,8 +411,8 @@ class _MSHCache:
             self.shapes[key] = shape
         else:
             hdr = Header(shape.enc, tuple(parts))
-        if shape.codec is None:
-            return None
+        if shape.codec is None or not shape.ok or message_error(hdr) is not None:
+            return None  # the slow path builds the AE/AR with its ERR
         try:
             content.decode(shape.codec)
         except UnicodeDecodeError:
@@ -428,7 +432,8 @@ class _MSHCache:
             codec: str | None = codec_for(hdr.charset_name)
         except CharsetError:
             codec = None
-        return _Shape(hdr.enc, kind[:64], codec, ack_template(hdr, Outcome.OK, self.style, self.receiver))
+        ack = ack_template(hdr, Outcome.OK, self.style, self.receiver)
+        return _Shape(hdr.enc, kind[:64], codec, ack, shape_error(hdr) is None)
 
 
 # --------------------------------------------------------------------------- connector

@@ -153,6 +153,21 @@ def msa(ack: bytes) -> tuple[str, str]:
     raise AssertionError("no MSA segment")
 
 
+def ack_id(ack: bytes) -> str:
+    """The ACK's own control id (its MSH-10)."""
+    line = ack.split(b"\r", 1)[0].decode("latin-1")
+    return line.split(line[3])[9]
+
+
+def without_ack_id(ack: bytes) -> bytes:
+    """The ACK with its own control id (unique per ACK) blanked, to compare two ACKs."""
+    head, sep, rest = ack.partition(b"\r")
+    fs = head[3:4]
+    parts = head.split(fs)
+    parts[9] = b"*"
+    return fs.join(parts) + sep + rest
+
+
 def segment(ack: bytes, name: str) -> list[str] | None:
     for line in ack.split(b"\r"):
         if line.startswith(name.encode()):
@@ -179,7 +194,7 @@ class BackgroundListener:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        self.connector = MLLPConnector("adt", MLLPConfig(plugin="hl7v2_mllp", port=port, **config))  # type: ignore[arg-type]
+        self.connector = MLLPConnector("adt", MLLPConfig(plugin="hl7v2_mllp", port=port, **config))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()

@@ -15,7 +15,7 @@ AT = datetime(2026, 3, 2, 14, 0, tzinfo=UTC)
 
 
 def connector(**kw: object) -> MLLPConnector:
-    return MLLPConnector("adt", MLLPConfig(plugin="hl7v2_mllp", **kw))  # type: ignore[arg-type]
+    return MLLPConnector("adt", MLLPConfig(plugin="hl7v2_mllp", **kw))
 
 
 def test_ack_echoes_control_id_and_swaps_sender_and_receiver() -> None:

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from sqlalchemy import func
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from careloop.clock import SystemClock
 from careloop.db import make_engine
@@ -146,7 +146,7 @@ def test_sigkill_during_a_stream_loses_nothing_acked_and_maps_each_message_once(
         print(f"mapping phase {time.monotonic() - t1:.1f}s")
         with Session(engine) as s:
             per_raw = s.exec(
-                select(JourneyEvent.raw_message_id, func.count()).group_by(JourneyEvent.raw_message_id)
+                select(JourneyEvent.raw_message_id, func.count()).group_by(col(JourneyEvent.raw_message_id))
             ).all()
             controls = Counter(e.attributes["control_id"] for e in s.exec(select(JourneyEvent)).all())
         assert len(per_raw) == MESSAGES and all(n == 1 for _, n in per_raw)

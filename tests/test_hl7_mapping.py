@@ -252,7 +252,7 @@ def test_undecodable_stored_message_is_a_permanent_error_without_phi() -> None:
 
 def test_demo_fixtures_map_with_new_york_offsets() -> None:
     c = MLLPConnector("adt", MLLPConfig(plugin="hl7v2_mllp", timezone="America/New_York"))
-    seen = {}
+    seen: dict[str, list[MappedEvent]] = {}
     for name in ("siu_s12_booked", "siu_s15_cancelled", "adt_a01_admit", "adt_a03_discharge"):
         for raw_in in c.accept((HL7_FIXTURES / f"{name}.hl7").read_bytes(), {}):
             ev = map_one(raw_in.body)

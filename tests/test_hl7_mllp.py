@@ -374,7 +374,7 @@ async def test_idle_connection_is_closed(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_unmapped_and_undecodable_messages_are_stored_then_skipped_or_dead_lettered(
+async def test_unmapped_and_undecodable_messages_are_stored_then_skipped_or_kept_as_errors(
     listener: MLLPConnector, store: Store
 ) -> None:
     oru = (msh("ORU^R01", "R1") + "\rPID|1||X^^^NWH\rOBX|1|NM|1^HR^LN||72\r").encode()
@@ -385,10 +385,12 @@ async def test_unmapped_and_undecodable_messages_are_stored_then_skipped_or_dead
     await MapStage(store, lambda raw: mapper).run_once()
     rows = {r.dedup_key.rsplit("|", 1)[-1]: r for r in stored(store) if r.dedup_key}
     assert rows["R1"].status == "skipped" and rows["R1"].status_reason == "message type ORU^R01 is not mapped"
-    assert rows["BAD"].status == "dead" and rows["BAD"].body == bad  # kept for inspection
+    # Refused with AE: kept for inspection with the reason, never handed to the mapper.
+    assert rows["BAD"].status == "error" and rows["BAD"].body == bad
+    assert rows["BAD"].status_reason is not None and "MSH^1^18" in rows["BAD"].status_reason
     assert rows["S1"].status == "mapped"
     with Session(store.engine) as s:
-        assert s.exec(select(func.count()).select_from(DeadLetter)).one() == 1
+        assert s.exec(select(func.count()).select_from(DeadLetter)).one() == 0
 
 
 def _make_certs(tmp: Path) -> dict[str, Path]:

@@ -1,6 +1,7 @@
 """The MLLP listener's hot path gives exactly what the general path gives: the fast reading
 of plain messages (cached MSH shapes, ACK templates) against ``HL7Acceptor``, and the
-one-whole-frame shortcut of the framer against feeding the same bytes in pieces."""
+one-whole-frame shortcut of the framer against feeding the same bytes in pieces. The one
+difference allowed: each ACK has its own control id (its MSH-10), unique."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from careloop.clock import VirtualClock
-from connectors.hl7v2_accept import HL7Acceptor
+from careloop.model import RawIn
+from connectors.hl7v2_accept import Accepted, HL7Acceptor
 from connectors.hl7v2_mllp import Frame, MLLPConfig, MLLPConnector, MLLPFramer, frame
-from tests.hl7_support import adt, fixture_messages, siu
+from tests.hl7_support import ack_id, adt, fixture_messages, siu, without_ack_id
 
 AT = datetime(2026, 3, 2, 14, 0, 7, 250000, tzinfo=UTC)
 
@@ -41,8 +43,23 @@ def same(c: MLLPConnector, general: HL7Acceptor, body: bytes) -> None:
                 raise AssertionError("the fast path accepted what the general path refuses") from None
             continue
         got = c._accept(body, {})
-        assert got.items == want.items
+        assert comparable(got.items) == comparable(want.items)
         assert got.headers == want.headers and got.batch == want.batch and got.nack == want.nack
+        ids = [ack_id(r) for a in (got, want) for r in replies(a)]
+        assert len(set(ids)) == len(ids) and all(0 < len(i) <= 20 for i in ids)
+
+
+def replies(a: Accepted) -> list[bytes]:
+    return [r.reply for r in a.items if r.reply is not None] + ([a.nack] if a.nack else [])
+
+
+def comparable(items: list[RawIn]) -> list[RawIn]:
+    return [
+        RawIn(i.connector, i.kind, i.body, i.content_type, i.dedup_key, i.headers, without_ack_id(i.reply))
+        if i.reply is not None
+        else i
+        for i in items
+    ]
 
 
 def test_fixture_messages_read_the_same_on_both_paths() -> None:
@@ -80,6 +97,17 @@ def test_ack_modes_charsets_versions_and_odd_headers_read_the_same() -> None:
         b"MSHA^~\\&|A\r",  # alphanumeric separator
         b"MSH|^^\\&|A|B|C|D|2026||ADT^A01|Z8|P|2.5\r",  # repeated encoding characters
         b"PID|1||not a message\r",
+        # AR/CR: the fast path declines them, the general path builds the ERR
+        adt("A01", ""),  # no control id
+        adt("A01", "R1", version="9.9"),
+        adt("A01", "R2", version="V2.4"),  # accepted, echoed as 2.4
+        adt("A01", "R3", version="2.5.1^USA"),
+        adt("A01", "R4", ts="20261340"),
+        adt("A01", "R5", ts=""),  # required from v2.5
+        adt("A01", "R6", ts="", version="2.4"),  # optional before
+        adt("A01", "R7", ts="", accept_ack="ER", app_ack="NE"),
+        adt("A01", "R8", version="0", accept_ack="NE", app_ack="NE"),
+        b"MSH|^~\\&|A|B|C|D|2026|||Z9|P|2.5\rPID|1\r",  # no message type
     ]
     for kw in ({}, {"ack_mode": "original"}, {"ack_mode": "enhanced"}, {"receiving_application": "HUB"}):
         c, general = pair(**kw)
@@ -88,12 +116,26 @@ def test_ack_modes_charsets_versions_and_odd_headers_read_the_same() -> None:
 
 
 _FIELD = st.text(alphabet="AB1 ^~\\&|#.-é", max_size=6)
+# MSH-7, MSH-9, MSH-10, MSH-12 (fields[4], [6], [7], [9]): valid or not, so that both the
+# accepted and the rejected reading are exercised.
+_MSH7 = st.sampled_from(["20260302", "202603021015-0500", "", "2026X", "20260230"]) | _FIELD
+_MSH9 = st.sampled_from(["ADT^A01", "SIU^S12^SIU_S12", "", "^A01"]) | _FIELD
+_MSH10 = st.sampled_from(["C1", "C\\T\\2", " ", ""]) | _FIELD
+_MSH12 = st.sampled_from(["2.5.1", "2.3", "V2.4", "9.9", "", "2.5^X"]) | _FIELD
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(_FIELD, min_size=1, max_size=20), st.sampled_from(["\r", "\r\n", "\n"]))
-def test_any_msh_reads_the_same_on_both_paths(fields: list[str], term: str) -> None:
+@given(
+    st.lists(_FIELD, min_size=1, max_size=20),
+    st.tuples(_MSH7, _MSH9, _MSH10, _MSH12),
+    st.sampled_from(["\r", "\r\n", "\n"]),
+)
+def test_any_msh_reads_the_same_on_both_paths(
+    fields: list[str], header: tuple[str, str, str, str], term: str
+) -> None:
     c, general = pair()
+    if len(fields) >= 10:
+        fields[4], fields[6], fields[7], fields[9] = header
     body = ("MSH|^~\\&|" + "|".join(fields) + term + "PID|1" + term).encode()
     same(c, general, body)
 
@@ -126,3 +168,18 @@ def test_frames_are_the_same_whole_or_in_pieces(pieces: list[bytes], step: int) 
 
     assert seen(a) == seen(b) == seen(c)
     assert whole.junk_bytes == per_piece.junk_bytes == chunked.junk_bytes
+
+
+def test_the_fast_path_reads_valid_messages_and_declines_rejected_ones() -> None:
+    c, general = pair()
+    for body in [
+        *fixture_messages(),
+        adt("A01", "V1", version="V2.4"),
+        adt("A01", "V2", ts="", version="2.4"),
+    ]:
+        assert c._shapes.accept(general, body, False) is not None
+    for body in [adt("A01", ""), adt("A01", "V3", version="9.9"), adt("A01", "V4", ts="2026-03-02")]:
+        for _ in range(2):  # the second time from the cached shape
+            assert c._shapes.accept(general, body, False) is None
+            [raw] = c._accept(body, {}).items
+            assert raw.reply is not None and raw.reply.split(b"\r")[1].startswith(b"MSA|AR|")

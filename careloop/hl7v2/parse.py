@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Final
 
 from careloop.errors import PermanentError
@@ -317,6 +318,43 @@ def parse_bytes(data: bytes) -> Message:
     """Decode (BOM, MSH-18) and parse one message."""
     text, charset = decode(data)
     return parse_text(text, charset)
+
+
+# --------------------------------------------------------------------------- header values
+
+# HL7 table 0104, the version ids careloop reads (MSH-12.1).
+SUPPORTED_VERSIONS: Final = frozenset(
+    {"2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.1", "2.8.2"}
+)
+
+# DTM: YYYY[MM[DD[HH[MM[SS[.S[S[S[S]]]]]]]]][+/-ZZZZ]. The same reading as the mapper's
+# ``parse_dtm`` (mapping/hl7v2_fhir.py), so a value accepted here is one it can read.
+_DTM: Final = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,4}))?\s*([+-]\d{4})?$")
+
+
+def normalize_version(value: str) -> str | None:
+    """MSH-12.1 as a supported version id, or None. Known vendor spellings are read:
+    surrounding spaces, a leading ``V`` ("V2.4") and trailing ``.0`` ("2.5.0")."""
+    v = value.strip().upper()
+    if v.startswith("V"):
+        v = v[1:].lstrip()
+    while v not in SUPPORTED_VERSIONS and v.endswith(".0"):
+        v = v[:-2]
+    return v if v in SUPPORTED_VERSIONS else None
+
+
+def is_dtm(value: str) -> bool:
+    """Whether ``value`` is a valid HL7 DTM (a real calendar date and time, an offset
+    within +/-14:59)."""
+    m = _DTM.match(value.strip())
+    if not m:
+        return False
+    y, mo, d, h, mi, s, _, off = m.groups()
+    try:
+        datetime(int(y), int(mo or 1), int(d or 1), int(h or 0), int(mi or 0), int(s or 0))
+    except ValueError:
+        return False
+    return not off or (int(off[1:3]) <= 14 and int(off[3:5]) <= 59)
 
 
 # --------------------------------------------------------------------------- bytes level
