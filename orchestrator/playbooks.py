@@ -304,12 +304,21 @@ def run_from(pid: str, pb: PlaybookConfig, index: int, ctx: Ctx) -> list[Action]
                 i += 1
                 continue
             assert st.timeout is not None
+            # The wait began when the triggering event happened (a message that arrives
+            # late must not stretch it), unless this run has just sent something.
+            began = ctx.now
+            if (
+                ctx.event_at is not None
+                and ctx.event_at < ctx.now
+                and not any(isinstance(a, Send) for a in out)
+            ):
+                began = ctx.event_at
             out.append(
                 Schedule(
                     pid,
                     pb.version,
                     i,
-                    ctx.now + parse_duration(st.timeout),
+                    began + parse_duration(st.timeout),
                     ctx.subject_ref,
                     "wait",
                     {"wait_for": st.wait_for},

@@ -92,3 +92,24 @@ def test_dates_follow_the_language_of_the_body_sent() -> None:
         {"sms": {"en": "{{ appointment.start | local_date }} {{ appointment.start | local_time }}"}}
     )
     assert templates.render(english_only, "sms", "es", ctx) == {"text": "Fri Mar 13 2:00 PM"}
+
+
+def test_a_wait_counts_from_when_its_event_happened_not_when_it_arrived() -> None:
+    from datetime import timedelta
+
+    from orchestrator.playbooks import Ctx, Schedule, on_event
+    from orchestrator.state import JourneyState
+
+    pb = PlaybookConfig.model_validate(
+        {
+            "on": "encounter.discharged",
+            "steps": [
+                {"wait_for": "discharge_instructions.delivered", "timeout": "48h", "on_timeout": "escalate"}
+            ],
+        }
+    )
+    discharged = datetime(2026, 3, 2, 15, tzinfo=UTC)
+    for arrived in (discharged, discharged + timedelta(days=30)):  # on time, and a month late
+        ctx = Ctx(JourneyState(), arrived, "Encounter/e1", "encounter.discharged", discharged)
+        [wait] = on_event("discharge-survey", pb, ctx)
+        assert isinstance(wait, Schedule) and wait.due_at == discharged + timedelta(hours=48)
