@@ -105,8 +105,14 @@ class Hub:
             detail["database"] = "ok"
         except Exception as exc:  # readiness reports, it does not raise
             detail["database"] = type(exc).__name__
+        down = detail["database"] != "ok"
         for cid, conn in self.connectors.items():
             h = conn.health()
-            detail[f"connector:{cid}"] = "ok" if h.ok else (h.detail or "down")
-        ok = self.started and all(v == "ok" for v in detail.values())
-        return ok, detail
+            # A connector that works but is degraded (its EHR subscriptions not in place yet)
+            # says why without failing readiness: the hub still takes everything else in.
+            if h.ok:
+                detail[f"connector:{cid}"] = f"degraded: {h.detail}" if h.detail else "ok"
+            else:
+                detail[f"connector:{cid}"] = h.detail or "down"
+                down = True
+        return self.started and not down, detail

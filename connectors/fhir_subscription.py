@@ -170,6 +170,8 @@ class FhirSubscriptionConnector:
         self._check_lock = asyncio.Lock()
         self._started = False
         self.manage_error: str | None = None
+        self._manage_failures = 0
+        self._manage_next: datetime | None = None  # no new attempt before (backoff)
 
     # ------------------------------------------------------------------ contract
 
@@ -514,7 +516,8 @@ class FhirSubscriptionConnector:
         if self.store is None or self.sink is None:
             return
         async with self._check_lock:
-            if self._needs_manage():
+            due = self._manage_next is None or self.clock.now() >= self._manage_next
+            if due and self._needs_manage():
                 await self._manage_logged()
             now = self.clock.now()
             grace = timedelta(seconds=self.config.grace_s)
@@ -848,11 +851,20 @@ class FhirSubscriptionConnector:
     async def _manage_logged(self) -> None:
         try:
             await self.manage()
-            self.manage_error = None
+            self.manage_error, self._manage_failures, self._manage_next = None, 0, None
         except CareloopError as exc:
-            self.manage_error = "subscriptions not in place; retrying"
+            # Retried with backoff (15 s doubling to 15 min): an EHR that is down for hours
+            # must not fill the log, and readiness shows why (``health``).
+            self._manage_failures += 1
+            wait = min(900.0, 15.0 * 2 ** (self._manage_failures - 1))
+            self._manage_next = self.clock.now() + timedelta(seconds=wait)
+            self.manage_error = f"subscriptions not in place ({exc}); retrying in {wait:.0f} s"
             log.warning(
-                "connector %s: could not create/update subscriptions on the EHR, will retry: %s", self.id, exc
+                "connector %s: could not place subscriptions on the EHR (attempt %d), retry in %.0f s: %s",
+                self.id,
+                self._manage_failures,
+                wait,
+                exc,
             )
 
     async def manage(self) -> list[str]:

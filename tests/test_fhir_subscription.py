@@ -340,9 +340,12 @@ async def test_manager_survives_an_unreachable_ehr_then_creates_subscriptions(st
         conn = FhirSubscriptionConnector("ehr", cfg, store=store, http=http)
         await conn.start(IngestSink(store))
         await conn.settle()
-        assert conn.health().ok and "retrying" in conn.health().detail
-        await conn.check()  # still unreachable: logs and carries on
-        assert conn.states() == []
+        assert conn.health().ok and "retrying in 15 s" in conn.health().detail
+        await conn.check()  # within the backoff: no new attempt, no new warning
+        assert conn.states() == [] and "retrying in 15 s" in conn.health().detail
+        conn._manage_next = None  # the backoff has passed
+        await conn.check()  # still unreachable: logs, backs off further, carries on
+        assert conn.states() == [] and "retrying in 30 s" in conn.health().detail
         await conn.stop()
     assert json.dumps(conn.subscription_resource(cfg.subscriptions[0])).count(SECRET) == 1
 
