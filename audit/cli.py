@@ -336,6 +336,9 @@ def token_issue(
         secret = tokens.load_token_key(path)
     except ConfigError as exc:
         _die("\n".join(exc.problems))
-    typer.echo(tokens.issue(secret, subject=subject, roles=role, ttl=ttl))
+    try:
+        typer.echo(tokens.issue(secret, subject=subject, roles=role, ttl=ttl))
+    except ConfigError as exc:
+        _die("\n".join(exc.problems))
     expires = datetime.now(UTC) + timedelta(seconds=ttl)
     typer.echo(f"expires {expires.isoformat(timespec='seconds')}", err=True)

@@ -8,6 +8,8 @@ import sys
 from datetime import UTC, datetime
 
 _STD = set(vars(logging.makeLogRecord({})))
+# Extras other libraries attach that do not belong in JSON logs (uvicorn's ANSI-coloured copy).
+_DROP = frozenset({"color_message"})
 
 
 class JsonFormatter(logging.Formatter):
@@ -18,7 +20,13 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        doc.update({k: v for k, v in vars(record).items() if k not in _STD and not k.startswith("_")})
+        doc.update(
+            {
+                k: v
+                for k, v in vars(record).items()
+                if k not in _STD and not k.startswith("_") and k not in _DROP
+            }
+        )
         if record.exc_info and record.exc_info[0] is not None:
             doc["error"] = record.exc_info[0].__name__  # the type only: messages may quote data
         return json.dumps(doc, default=str)
@@ -30,5 +38,5 @@ def setup(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("uvicorn.access", "httpx", "httpcore", "apscheduler.executors.default"):
+    for noisy in ("uvicorn.access", "httpx", "httpcore", "apscheduler"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -94,8 +94,15 @@ def file_key_source(path: Path) -> Callable[[], OctKey]:
     return source
 
 
+# The roles the HTTP APIs check: ``auditor`` (/audit) and ``staff`` (/escalations).
+ROLES = ("auditor", "staff")
+
+
 def issue(key: OctKey, *, subject: str, roles: list[str], ttl: int = 3600, now: float | None = None) -> str:
     """A signed token for ``subject`` with ``roles``, valid for ``ttl`` seconds."""
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown:
+        raise ConfigError([f"--role: unknown role(s) {', '.join(unknown)} (known: {', '.join(ROLES)})"])
     iat = int(now if now is not None else time.time())
     claims = {
         "iss": ISSUER,

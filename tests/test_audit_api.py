@@ -55,7 +55,7 @@ def test_requests_without_a_valid_auditor_token_are_refused_and_audited(store: S
     before = len(_audits(store, "auth.failure"))
     c = _client(store, key)
     expired = tokens.issue(key, subject="old", roles=["auditor"], ttl=60, now=time.time() - 3600)
-    wrong_role = tokens.issue(key, subject="ops", roles=["operator"])
+    wrong_role = tokens.issue(key, subject="ops", roles=["staff"])  # a real role, not this API's
     other_key = tokens.issue(OctKey.generate_key(256), subject="x", roles=["auditor"])
     cases = [
         ({}, 401, "missing"),

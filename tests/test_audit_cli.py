@@ -84,3 +84,5 @@ def test_token_keygen_and_issue(db: Store, tmp_path: Path) -> None:
     token = res.stdout.strip().splitlines()[0]
     who = authenticate(token, load_token_key(tmp_path / "var/keys/audit-token.key"), role="auditor")
     assert who.subject == "jane"
+    res = r.invoke(token_app, ["issue", "--role", "wizard"])
+    assert res.exit_code == 2 and "unknown role(s) wizard (known: auditor, staff)" in res.output

@@ -213,3 +213,15 @@ def test_the_database_and_exports_are_readable_by_their_owner_only(tmp_path: Pat
     assert (tmp_path / "records.jsonl").stat().st_mode & 0o777 == 0o600
     code, _, err = _careloop("audit", "export", "--out", "no/such/dir/x.jsonl", cwd=tmp_path)
     assert code == 1 and "No such file or directory" in err and "Traceback" not in err
+
+
+def test_json_logs_carry_no_terminal_colour_codes() -> None:
+    import logging
+
+    from careloop.logs import JsonFormatter
+
+    rec = logging.makeLogRecord(
+        {"msg": "Started server", "color_message": "\x1b[32mStarted\x1b[0m", "stage": "map"}
+    )
+    doc = json.loads(JsonFormatter().format(rec))
+    assert doc["msg"] == "Started server" and doc["stage"] == "map" and "color_message" not in doc
