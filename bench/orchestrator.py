@@ -140,14 +140,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=3000)
     ap.add_argument("--latency-messages", type=int, default=300)
-    ap.add_argument("--rate", type=float, default=150.0, help="arrivals/s for the latency run")
+    ap.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="arrivals/s for the latency run (default: half the throughput just measured, so the "
+        "latency is that of a hub keeping up, not of a growing queue)",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         base = baseline(args.messages, tmp)
         elapsed, _ = pipeline_run(args.messages, tmp)
+        eps = args.messages / elapsed
+        args.rate = args.rate or max(1.0, round(eps / 2))
         lat = latency_run(args.latency_messages, args.rate, tmp)
-    eps = args.messages / elapsed
     base_eps = args.messages / base
     print(
         f"pipeline: {args.messages} SIU^S12 -> {args.messages} events, decisions, deliveries "
