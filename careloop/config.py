@@ -91,8 +91,32 @@ def _default_caps() -> dict[str, CapConfig]:
     return {"sms": CapConfig(per_day=1, per_week=3), "voice": CapConfig(per_day=1, per_week=3)}
 
 
+_PURPOSE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def _purposes(v: list[str]) -> list[str]:
+    for p in v:
+        if not _PURPOSE.fullmatch(p):
+            raise ValueError(f"{p!r} is not a purpose name such as marketing (lower case, no '*')")
+    if len(set(v)) != len(v):
+        raise ValueError("lists a purpose twice")
+    return v
+
+
 class ComplianceConfig(Strict):
+    """Rules the compliance gate (orchestrator/gate.py) applies to every outbound item."""
+
     frequency_caps: dict[str, CapConfig] = Field(default_factory=_default_caps)
+    # TCPA: marketing texts need prior express written consent; HIPAA: marketing needs an
+    # authorization. Treatment and operations messages (reminders) need neither.
+    opt_in_required: Annotated[list[str], AfterValidator(_purposes)] = Field(
+        default_factory=lambda: ["marketing"],
+        description="purposes sent only to people with a recorded opt-in for that channel and "
+        "purpose (a consent.granted event); others are suppressed with reason no-consent",
+    )
+    opt_in_max_age_days: int | None = Field(
+        None, ge=1, description="an opt-in older than this many days no longer counts (None: never expires)"
+    )
 
 
 def _clock_time(v: str) -> str:

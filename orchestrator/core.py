@@ -94,8 +94,9 @@ _ADDRESSES = (
     .where(_IDENT_T.c.person_id == bindparam("pid"))
     .order_by(_IDENT_T.c.verified.desc(), _IDENT_T.c.id)
 )
-_OPTED_OUT = select(_CONSENT_T.c.channel, _CONSENT_T.c.purpose).where(
-    _CONSENT_T.c.person_id == bindparam("pid"), _CONSENT_T.c.status == "opt_out"
+# One row per (channel, purpose): the latest opt-in or opt-out for it (see ``_consent``).
+_CONSENTS = select(_CONSENT_T.c.channel, _CONSENT_T.c.purpose, _CONSENT_T.c.status, _CONSENT_T.c.at).where(
+    _CONSENT_T.c.person_id == bindparam("pid")
 )
 _OPEN_ESCALATIONS = (
     select(func.count())
@@ -107,6 +108,15 @@ _RECENT_OUTBOX = select(_OUTBOX_T.c.channel, _OUTBOX_T.c.created_at).where(
     _OUTBOX_T.c.status.in_(LIVE_OUTBOX),
     _OUTBOX_T.c.created_at > bindparam("since"),
 )
+
+
+def _opt_in_rules(config: AppConfig) -> dict[str, Any]:
+    """The gate's rule 8 (no-consent) settings, from ``compliance``."""
+    days = config.compliance.opt_in_max_age_days
+    return {
+        "opt_in_required": frozenset(config.compliance.opt_in_required),
+        "opt_in_max_age": timedelta(days=days) if days is not None else None,
+    }
 
 
 def _rows(s: Session, stmt: Any, **params: Any) -> list[Any]:
@@ -142,6 +152,7 @@ class EngineCore:
         self.playbooks, self.templates, self.channels = playbooks, templates, channels
         self.quiet = gate.parse_quiet_hours(config.site.quiet_hours)
         self.caps = {k: gate.Cap(v.per_day, v.per_week) for k, v in config.compliance.frequency_caps.items()}
+        self.opt_in = _opt_in_rules(config)  # the gate's rule 8, for every GateInput
         # Event types some playbook step waits for: only those need a look at pending waits.
         self._wait_types = {st.wait_for for pb in playbooks.values() for st in pb.steps if st.wait_for}
 
@@ -259,7 +270,10 @@ class EngineCore:
 
     def _derive_confirmation(self, s: Session, ev: JourneyEvent, state: JourneyState, now: datetime) -> None:
         """A "C" reply confirms the person's next upcoming appointment: recorded as an
-        event of its own so the journey log says what happened and why."""
+        event of its own so the journey log says what happened and why. Never from an
+        ``unverified`` reply (its sender is only as good as a forgeable From header)."""
+        if ev.attributes.get("unverified"):
+            return
         nxt = state.next_appointment(now)
         if nxt is None:
             return
@@ -317,11 +331,40 @@ class EngineCore:
         channel = str(ev.attributes.get("channel", "*"))
         purpose = str(ev.attributes.get("purpose", "*"))
         status = "opt_out" if ev.type == "consent.revoked" else "opt_in"
+        if status == "opt_in" and ev.attributes.get("unverified"):
+            # An opt-in from a sender we could not authenticate is not consent; an opt-out
+            # always is honoured (stopping is safe).
+            audit_log.append(
+                s,
+                at=now,
+                actor="orchestrator",
+                action="consent.opt_in",
+                outcome="skipped",
+                person_id=person.id,
+                purpose=purpose,
+                detail={"channel": channel, "reason": "unverified"},
+            )
+            return
+        # The consent counts from when it was given (a backlog must not make it look newer),
+        # and an older statement arriving late does not overturn a newer one.
+        given = min(utc(ev.occurred_at), now)
         row = s.exec(
             select(Consent).where(
                 Consent.person_id == person.id, Consent.channel == channel, Consent.purpose == purpose
             )
         ).first()
+        if row is not None and utc(row.at) > given:
+            audit_log.append(
+                s,
+                at=now,
+                actor="orchestrator",
+                action=f"consent.{status}",
+                outcome="skipped",
+                person_id=person.id,
+                purpose=purpose,
+                detail={"channel": channel, "reason": "superseded-by-newer"},
+            )
+            return
         if row is None:
             assert person.id is not None
             s.add(
@@ -330,12 +373,12 @@ class EngineCore:
                     channel=channel,
                     purpose=purpose,
                     status=status,
-                    at=now,
+                    at=given,
                     source=str(ev.attributes.get("source", ev.type)),
                 )
             )
         else:
-            row.status, row.at = status, now
+            row.status, row.at = status, given
         audit_log.append(
             s,
             at=now,
@@ -562,6 +605,7 @@ class EngineCore:
                 caps=self.caps,
                 quiet_hours=self.quiet,
                 not_after=a.not_after,
+                **self.opt_in,
             )
         )
         detail: dict[str, Any] = {
@@ -836,12 +880,14 @@ class EngineCore:
 
     def _person_facts(self, s: Session, person: Person, state: JourneyState) -> gate.PersonFacts:
         assert person.id is not None
+        consents = _rows(s, _CONSENTS, pid=person.id)
         return gate.PersonFacts(
             deceased=person.deceased or state.deceased,
             timezone=person.timezone or self.config.site.timezone,
             addresses=self._addresses(s, person.id),
-            opted_out=frozenset((c, p) for c, p in _rows(s, _OPTED_OUT, pid=person.id)),
+            opted_out=frozenset((c, p) for c, p, status, _ in consents if status == "opt_out"),
             open_escalations=int(_rows(s, _OPEN_ESCALATIONS, pid=person.id)[0][0]),
+            opted_in={(c, p): utc(at) for c, p, status, at in consents if status == "opt_in"},
         )
 
     def _recent_counts(

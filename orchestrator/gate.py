@@ -10,20 +10,27 @@ to the next allowed local time) or suppress, always with a reason code. Rules, i
 Per candidate channel, in preference order (the first that passes is used):
 4. ``no-template-for-channel``; 5. ``phi-exceeds-channel`` (minimum necessary);
 6. ``no-address``; 7. ``opted-out`` (channel and purpose, or everything);
-8. ``frequency-cap`` (per person and channel, per day and per week).
+8. ``no-consent``: a purpose listed in ``GateInput.opt_in_required`` (marketing: TCPA prior
+   express written consent, HIPAA authorization) goes only with a recorded opt-in that names
+   that purpose, for the channel or for every channel (``"*"``), younger than
+   ``opt_in_max_age`` when that is set. A blanket opt-in (purpose ``"*"``: an SMS START, a
+   FHIR Consent without a purpose) lifts an opt-out but is not consent to marketing. An
+   opt-out always wins over an opt-in (rule 7 comes first: a STOP after the opt-in, or a
+   STOP for everything, refuses with ``opted-out``). Other purposes need no opt-in;
+9. ``frequency-cap`` (per person and channel, per day and per week).
 Then for the chosen channel:
-9. quiet hours in the recipient's local time: ``defer`` to the window's next opening, or
+10. quiet hours in the recipient's local time: ``defer`` to the window's next opening, or
    ``quiet-hours-past-useful-life`` when that opening is after the message's useful life.
 
 Replies (``GateInput.mode``; orchestrator/triage.py decides them, issue 9) are answers to a
 message the person has just sent, not automated outreach:
-- ``reply`` (the HELP answer): skips rule 2 (escalation-open), rule 8 (frequency caps) and
-  rule 9 (quiet hours: the person wrote to us this minute); every other rule holds.
+- ``reply`` (the HELP answer): skips rule 2 (escalation-open), rule 9 (frequency caps) and
+  rule 10 (quiet hours: the person wrote to us this minute); every other rule holds.
 - ``safety`` (the emergency safety reply, "call 911"): as ``reply``, and also skips rule 3
   (identity-unresolved), because the reply carries no PHI and must reach whoever wrote; it
   is refused unless the template's ``phi_class`` is ``none`` (``safety-reply-not-phi-free``).
   It never skips rule 1 (deceased), opt-outs (rule 7: the provider would refuse anyway, and
-  the escalation still reaches a human), address or PHI rules.
+  the escalation still reaches a human), opt-in requirements (rule 8), address or PHI rules.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ class PersonFacts:
     addresses: dict[str, list[str]]  # address kind -> addresses, best first
     opted_out: frozenset[tuple[str, str]]  # (channel or "*", purpose or "*")
     open_escalations: int = 0
+    # (channel or "*", purpose or "*") -> when the opt-in was recorded (aware, UTC)
+    opted_in: dict[tuple[str, str], datetime] = field(default_factory=dict)
     identity_held: bool = False
 
 
@@ -74,6 +83,10 @@ class GateInput:
     quiet_hours: tuple[time, time] = (time(8), time(21))
     not_after: datetime | None = None
     mode: str = "outreach"  # outreach|reply|safety (see the module docstring)
+    # Purposes that need a recorded opt-in (rule 8); the default is the config's, so that a
+    # caller that leaves it out still never sends marketing without consent.
+    opt_in_required: frozenset[str] = frozenset({"marketing"})
+    opt_in_max_age: timedelta | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +120,20 @@ def next_allowed(now: datetime, tz: str, window: tuple[time, time]) -> datetime:
 
 def _opted_out(p: PersonFacts, channel: str, purpose: str) -> bool:
     return any(k in p.opted_out for k in ((channel, purpose), (channel, "*"), ("*", purpose), ("*", "*")))
+
+
+def _consented(inp: GateInput, channel: str) -> bool:
+    """Rule 8: an opt-in on record for ``channel`` and the purpose, recent enough."""
+    if inp.purpose not in inp.opt_in_required:
+        return True
+    times = [
+        at
+        for k in ((channel, inp.purpose), ("*", inp.purpose))
+        if (at := inp.person.opted_in.get(k)) is not None
+    ]
+    if not times:
+        return False
+    return inp.opt_in_max_age is None or inp.now - max(times) <= inp.opt_in_max_age
 
 
 def _cap_for(inp: GateInput, ch: ChannelFacts) -> Cap | None:
@@ -153,6 +180,8 @@ def _channel_refusal(inp: GateInput, ch: ChannelFacts) -> str | None:
         return "no-address"
     if _opted_out(inp.person, ch.id, inp.purpose):
         return "opted-out"
+    if not _consented(inp, ch.id):
+        return "no-consent"
     cap = _cap_for(inp, ch)
     if (
         cap is not None

@@ -152,6 +152,7 @@ class LearningSteps(EngineCore):
                     caps=self.caps,
                     quiet_hours=self.quiet,
                     not_after=a.not_after,
+                    **self.opt_in,
                 )
             )
             if v.outcome == "suppress":

@@ -6,6 +6,7 @@ with SLA timers (``orchestrator/escalation.py``)."""
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -109,6 +110,12 @@ class TriageSteps(EngineCore):
             burst_within=parse_duration(cfg.burst_within),
         )
         p = triage.plan(a, cfg, keyword)
+        unverified = bool(ev.attributes.get("unverified"))
+        if unverified:
+            # A sender we could not authenticate (an email reply without a valid reply
+            # token): a possible emergency still reaches staff and an opt-out is still
+            # honoured, but nothing is confirmed, cancelled or answered on the person's behalf.
+            p = replace(p, derive=None, help_reply=False)
         summary = a.to_json()  # codes and rule ids only: fit for the audit log
         self._decide(s, person, origin, now, "triage", 1, "triage", a.intent, detail=summary)
         if p.derive == "confirm" and keyword != "confirm":  # the keyword path derived it already
@@ -149,6 +156,8 @@ class TriageSteps(EngineCore):
                 "matched": a.evidence,
                 "safety_reply": reply,
             }
+            if unverified:
+                evidence["unverified"] = True
             esc, opened = escalation.open_or_join(
                 s,
                 person_id=person.id,
@@ -344,6 +353,7 @@ class TriageSteps(EngineCore):
                 caps=self.caps,
                 quiet_hours=self.quiet,
                 mode=mode,
+                **self.opt_in,
             )
         )
         detail: dict[str, Any] = {

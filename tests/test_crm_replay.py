@@ -1,6 +1,8 @@
 """CRM signals through replay (the real pipeline on a virtual clock, channels capturing),
 with the example playbooks: a refund for a product suppresses the discount offer for
-that product, not for another; CRM contacts link to the patients the HL7 feed created."""
+that product, not for another; CRM contacts link to the patients the HL7 feed created.
+Offers are marketing, so each feed first records the person's opt-in, as the CRM sends it
+(``consent.granted`` with data.channel and data.purpose; see fixtures/mapping/crm.yaml)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,14 @@ def crm(at: str, eid: str, etype: str, product: str, **contact: Any) -> str:
     return json.dumps({"at": at, "connector": "crm", "body": body})
 
 
+def crm_consent(at: str, eid: str, etype: str = "consent.granted", **contact: Any) -> str:
+    """The CRM's record of an SMS marketing opt-in (or, with consent.revoked, its withdrawal)."""
+    contact = contact or {"mrn": "NW100003", "email": "carla.fictivo@example.org"}
+    data = {"channel": "sms", "purpose": "marketing"}
+    body = {"id": eid, "type": etype, "occurred_at": at, "contact": contact, "data": data}
+    return json.dumps({"at": at, "connector": "crm", "body": body})
+
+
 def adt(at: str) -> str:
     return json.dumps({"at": at, "connector": "adt", "body": ADMIT})
 
@@ -46,6 +56,7 @@ def test_refund_suppresses_discount_offer_for_that_product_only(tmp_path: Path) 
         tmp_path,
         [
             adt("2026-03-02T08:15:00-05:00"),
+            crm_consent("2026-03-02T09:00:00-05:00", "evt_c1"),
             crm("2026-03-03T10:00:00-05:00", "evt_r1", "refund.initiated", "dental-plan"),
             crm("2026-03-04T10:00:00-05:00", "evt_o1", "offer.eligible", "dental-plan"),
             crm("2026-03-05T10:00:00-05:00", "evt_o2", "offer.eligible", "vision-plan"),
@@ -61,7 +72,11 @@ def test_refund_suppresses_discount_offer_for_that_product_only(tmp_path: Path) 
     assert len(rep["people"]) == 1
     [(person, idents)] = rep["people"].items()
     assert "NWH|NW100003" in idents and "phone|+15555550103" in idents
-    assert {e["type"] for e in rep["events"]} >= {"crm.refund.initiated", "crm.offer.eligible"}
+    assert {e["type"] for e in rep["events"]} >= {
+        "consent.granted",
+        "crm.refund.initiated",
+        "crm.offer.eligible",
+    }
     assert all(e["person"] == person for e in rep["events"])
 
 
@@ -69,6 +84,7 @@ def test_offer_without_refund_is_delivered_and_refund_after_30_days_no_longer_bl
     rep = run_feed(
         tmp_path,
         [
+            crm_consent("2026-01-02T10:00:00-05:00", "evt_c1", mrn="NW100001", phone="+15555550101"),
             crm(
                 "2026-01-05T10:00:00-05:00",
                 "evt_r1",
@@ -100,11 +116,16 @@ def test_replayed_crm_delivery_counts_once(tmp_path: Path) -> None:
         mrn="NW100002",
         phone="+15555550102",
     )
+    consent = crm_consent("2026-03-04T09:00:00-05:00", "evt_c1", mrn="NW100002", phone="+15555550102")
     rep = run_feed(
         tmp_path,
-        [line, line.replace('"at": "2026-03-04T10:00:00-05:00"', '"at": "2026-03-04T10:01:00-05:00"')],
+        [
+            consent,
+            line,
+            line.replace('"at": "2026-03-04T10:00:00-05:00"', '"at": "2026-03-04T10:01:00-05:00"'),
+        ],
     )
-    assert [e["type"] for e in rep["events"]] == ["crm.offer.eligible"]
+    assert [e["type"] for e in rep["events"]] == ["consent.granted", "crm.offer.eligible"]
     assert len(rep["deliveries"]) == 1
 
 

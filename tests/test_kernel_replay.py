@@ -146,6 +146,13 @@ def test_refund_suppresses_offer_for_that_product_only(tmp_path: Path) -> None:
     rep = run_feed(
         tmp_path,
         [
+            line(  # offers are marketing: they go only with an opt-in on record
+                "2026-03-01T13:00:00+00:00",
+                id="c0",
+                type="consent.granted",
+                attributes={"channel": "sms", "purpose": "marketing"},
+                **WHO,
+            ),
             line(
                 "2026-03-01T14:00:00+00:00",
                 id="c1",

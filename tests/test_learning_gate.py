@@ -45,12 +45,14 @@ def gate_inputs(draw: st.DrawFn) -> gate.GateInput:
     if draw(st.booleans()):
         addresses["email"] = ["x@example.test"]
     opted = draw(st.sets(st.sampled_from([("sms", "*"), ("email", "*"), ("*", "marketing"), ("*", "*")])))
+    opted_in = draw(st.sets(st.sampled_from([("sms", "marketing"), ("email", "*"), ("*", "marketing")])))
     person = gate.PersonFacts(
         deceased=draw(st.booleans()),
         timezone="America/New_York",
         addresses=addresses,
         opted_out=frozenset(opted),
         open_escalations=draw(st.sampled_from([0, 0, 0, 1])),
+        opted_in=dict.fromkeys(opted_in, datetime(2026, 3, 1, tzinfo=UTC)),
     )
     order = draw(st.permutations(CHANNELS))
     now = datetime(2026, 3, 2, tzinfo=UTC) + timedelta(minutes=draw(st.integers(0, 7 * 24 * 60)))
@@ -124,6 +126,7 @@ def people(draw: st.DrawFn) -> dict[str, Any]:
         "phone": draw(st.booleans()),
         "email": draw(st.booleans()),
         "opt_out": draw(st.sets(st.sampled_from(["sms", "email", "*"]), max_size=2)),
+        "opt_in": draw(st.sampled_from([True, True, True, False])),  # marketing consent on record
         "deceased": draw(st.sampled_from([False, False, False, True])),
         "pref_sms": draw(st.floats(0.0, 1.0)),  # learned evidence that pushes toward a channel
         "hours": draw(st.lists(st.integers(0, 23), min_size=1, max_size=4)),  # local hour of each offer
@@ -171,6 +174,16 @@ def _run_person(w: _World, p: dict[str, Any]) -> None:
                     row.successes, row.failures, row.updated_at = 40 * share, 40 * (1 - share), t0
                     s.add(row)
             s.commit()
+        if p["opt_in"]:  # before any opt-out: a later STOP must still win
+            await rp.signal(
+                _feed(
+                    t0,
+                    id=f"g{w.n}-optin",
+                    type="consent.granted",
+                    attributes={"channel": "*", "purpose": "marketing"},
+                    **who,
+                )
+            )
         for i, ch in enumerate(sorted(p["opt_out"])):
             t = t0 + timedelta(minutes=1 + i)
             await rp.advance(t)
@@ -224,7 +237,7 @@ def _check_invariants(engine: Engine, mrn: str, p: dict[str, Any]) -> None:
                 select(Consent).where(Consent.person_id == pid, Consent.status == "opt_out")
             ).all()
         }
-    if p["deceased"]:
+    if p["deceased"] or not p["opt_in"]:
         assert items == []
     sms_times: list[datetime] = []
     for item in items:
@@ -260,6 +273,7 @@ def test_strong_preference_for_an_opted_out_channel_still_gets_only_the_allowed_
         "phone": True,
         "email": True,
         "opt_out": {"sms"},
+        "opt_in": True,
         "deceased": False,
         "pref_sms": 1.0,
         "hours": [2, 10, 13, 22],

@@ -37,6 +37,9 @@ def _rounds(engine: Engine, n: int, replies_on: str | None) -> tuple[Replayer, l
     sent: list[OutboxItem] = []
 
     async def go() -> None:
+        # Offers are marketing: the person's opt-in is on record first (the gate's no-consent rule).
+        consent = {"channel": "*", "purpose": "marketing"}
+        await rp.signal(_line(START, id="opt-in", type="consent.granted", attributes=consent, **WHO))
         for i in range(n):
             at = START + timedelta(days=i)
             await rp.advance(at)
