@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from careloop.errors import ConfigError
 
@@ -84,6 +84,30 @@ class AuditConfig(Strict):
 class CapConfig(Strict):
     per_day: int = Field(ge=0)
     per_week: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _week_holds_a_day(self) -> CapConfig:
+        if self.per_day > self.per_week:
+            raise ValueError(f"per_day ({self.per_day}) cannot exceed per_week ({self.per_week})")
+        return self
+
+
+class DeliveryConfig(Strict):
+    """How the outbox (channels/outbox.py) retries a transient failure (a provider or relay
+    that is down): exponential backoff with jitter from ``retry_base_seconds`` up to
+    ``retry_cap_seconds`` between attempts, at most ``max_attempts`` sends, then the item is
+    dead-lettered. The defaults ride out an outage of a few hours (an escalation email must
+    not be given up after a minute)."""
+
+    max_attempts: int = Field(10, ge=1, le=100)
+    retry_base_seconds: float = Field(30.0, gt=0)
+    retry_cap_seconds: float = Field(3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _cap_holds_the_base(self) -> DeliveryConfig:
+        if self.retry_cap_seconds < self.retry_base_seconds:
+            raise ValueError("retry_cap_seconds cannot be less than retry_base_seconds")
+        return self
 
 
 def _default_caps() -> dict[str, CapConfig]:
@@ -195,6 +219,7 @@ class AppConfig(Strict):
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     compliance: ComplianceConfig = Field(default_factory=ComplianceConfig)
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     connectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     channels: dict[str, dict[str, Any]] = Field(default_factory=dict)
     templates: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -57,7 +57,14 @@ class Hub:
         self.orchestrator = Orchestrator(
             store, config, self.checked.playbooks, self.checked.templates, channel_facts(self.channels)
         )
-        self.deliver = DeliverStage(store, self.channels)
+        retry = config.delivery
+        self.deliver = DeliverStage(
+            store,
+            self.channels,
+            max_attempts=retry.max_attempts,
+            backoff_base=retry.retry_base_seconds,
+            backoff_cap=retry.retry_cap_seconds,
+        )
         self.stages: list[Stage] = [MapStage(store, self.mappers), self.orchestrator, self.deliver]
         # Periodic work the plugins ask for (pollers, heartbeat watchdogs): APScheduler
         # add_job keyword arguments, e.g. {"func": ..., "trigger": "interval", "seconds": 30, "id": ...}.

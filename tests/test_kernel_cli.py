@@ -225,3 +225,39 @@ def test_json_logs_carry_no_terminal_colour_codes() -> None:
     )
     doc = json.loads(JsonFormatter().format(rec))
     assert doc["msg"] == "Started server" and doc["stage"] == "map" and "color_message" not in doc
+
+
+def test_config_check_names_impossible_caps_and_retry_settings(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "compliance: {frequency_caps: {sms: {per_day: 5, per_week: 2}}}\n"
+        "delivery: {retry_base_seconds: 600, retry_cap_seconds: 60, max_attempts: 0}\n"
+    )
+    res = runner.invoke(app, ["config", "check", str(cfg)])
+    assert res.exit_code == 2
+    for fragment in (
+        "compliance.frequency_caps.sms: per_day (5) cannot exceed per_week (2)",
+        "delivery.max_attempts",
+    ):
+        assert fragment in res.output, (fragment, res.output)
+    cfg.write_text("delivery: {retry_base_seconds: 600, retry_cap_seconds: 60}\n")
+    res = runner.invoke(app, ["config", "check", str(cfg)])
+    assert (
+        res.exit_code == 2
+        and "delivery: retry_cap_seconds cannot be less than retry_base_seconds" in res.output
+    )
+
+
+def test_the_hub_retries_deliveries_as_configured(tmp_path: Path) -> None:
+    from careloop.clock import SystemClock
+    from careloop.config import AppConfig
+    from careloop.db import make_engine
+    from careloop.hub import Hub
+    from careloop.store import Store
+
+    store = Store(make_engine(f"sqlite:///{tmp_path}/h.db"), SystemClock())
+    hub = Hub(AppConfig.model_validate({}), store=store)
+    assert (hub.deliver.max_attempts, hub.deliver.backoff_base, hub.deliver.backoff_cap) == (10, 30.0, 3600.0)
+    cfg = {"delivery": {"max_attempts": 4, "retry_base_seconds": 5, "retry_cap_seconds": 50}}
+    hub = Hub(AppConfig.model_validate(cfg), store=store)
+    assert (hub.deliver.max_attempts, hub.deliver.backoff_base, hub.deliver.backoff_cap) == (4, 5.0, 50.0)
