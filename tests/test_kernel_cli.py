@@ -256,8 +256,9 @@ def test_the_hub_retries_deliveries_as_configured(tmp_path: Path) -> None:
     from careloop.store import Store
 
     store = Store(make_engine(f"sqlite:///{tmp_path}/h.db"), SystemClock())
-    hub = Hub(AppConfig.model_validate({}), store=store)
+    bare = {"site": {"channels": []}}
+    hub = Hub(AppConfig.model_validate(bare), store=store)
     assert (hub.deliver.max_attempts, hub.deliver.backoff_base, hub.deliver.backoff_cap) == (10, 30.0, 3600.0)
-    cfg = {"delivery": {"max_attempts": 4, "retry_base_seconds": 5, "retry_cap_seconds": 50}}
+    cfg = {**bare, "delivery": {"max_attempts": 4, "retry_base_seconds": 5, "retry_cap_seconds": 50}}
     hub = Hub(AppConfig.model_validate(cfg), store=store)
     assert (hub.deliver.max_attempts, hub.deliver.backoff_base, hub.deliver.backoff_cap) == (4, 5.0, 50.0)
