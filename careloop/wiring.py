@@ -60,6 +60,22 @@ def _plugin_section(
     return out
 
 
+def _port_clashes(app: AppConfig, connectors: Mapping[str, tuple[type[Any], Any]]) -> list[str]:
+    """Two listeners of this hub on one TCP port: the second would fail only at start."""
+    taken: dict[int, str] = {app.server.port: "server.port"}
+    out = []
+    for cid, (_cls, cfg) in connectors.items():
+        port = getattr(cfg, "port", None)
+        if not isinstance(port, int) or port == 0:
+            continue
+        where = f"connectors.{cid}.port"
+        if port in taken:
+            out.append(f"{where}: {port} is already {taken[port]}")
+        else:
+            taken[port] = where
+    return out
+
+
 def check(app: AppConfig) -> Checked:
     """Validate every section; raise ConfigError listing all problems."""
     problems: list[str] = []
@@ -70,6 +86,7 @@ def check(app: AppConfig) -> Checked:
         extra = getattr(cls, "check_config", None)
         if extra is not None:
             problems.extend(extra(cid, cfg, app))
+    problems.extend(_port_clashes(app, checked.connectors))
     checked.channels = _plugin_section("channel", "channels", app.channels, problems)
     for name, raw in app.templates.items():
         try:

@@ -262,3 +262,17 @@ def test_the_hub_retries_deliveries_as_configured(tmp_path: Path) -> None:
     cfg = {**bare, "delivery": {"max_attempts": 4, "retry_base_seconds": 5, "retry_cap_seconds": 50}}
     hub = Hub(AppConfig.model_validate(cfg), store=store)
     assert (hub.deliver.max_attempts, hub.deliver.backoff_base, hub.deliver.backoff_cap) == (4, 5.0, 50.0)
+
+
+def test_config_check_names_two_listeners_on_one_port(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "server: {port: 2575}\nsite: {channels: []}\nconnectors:\n"
+        "  adt: {plugin: hl7v2_mllp, port: 2575}\n  lab: {plugin: hl7v2_mllp, port: 2577}\n"
+        "  rad: {plugin: hl7v2_mllp, port: 2577}\n  any: {plugin: hl7v2_mllp, port: 0}\n"
+    )
+    res = runner.invoke(app, ["config", "check", str(cfg)])
+    assert res.exit_code == 2
+    assert "connectors.adt.port: 2575 is already server.port" in res.output
+    assert "connectors.rad.port: 2577 is already connectors.lab.port" in res.output
+    assert "connectors.any" not in res.output  # 0: the OS picks a free port
