@@ -130,7 +130,9 @@ class MapStage:
 
 def apply_event(s: Session, raw: RawMessage, index: int, ev: MappedEvent, now: datetime) -> int:
     """Resolve the person, update person and subject, and store one journey event."""
-    res = identity.resolve(s, ev.identifiers, now)
+    # A sender the connector could not authenticate (an email reply without a valid reply
+    # token: ``unverified``) may name an existing person but never creates one.
+    res = identity.resolve(s, ev.identifiers, now, create=not ev.attributes.get("unverified"))
     pid = res.person_id
     if pid is not None:
         person = s.get(Person, pid)

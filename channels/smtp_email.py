@@ -4,7 +4,11 @@ Each item becomes one MIME message: ``multipart/alternative`` with the text and,
 template has one, the HTML body; ``From``/``Reply-To`` from config; ``List-Unsubscribe``
 (an https URL, with ``List-Unsubscribe-Post: List-Unsubscribe=One-Click`` per RFC 8058,
 and/or a mailto) so mailbox providers show an unsubscribe button; ``Auto-Submitted:
-auto-generated`` (RFC 3834) so auto-responders stay quiet. The ``Message-ID`` is derived
+auto-generated`` (RFC 3834) so auto-responders stay quiet. With ``reply_to`` set, the
+``Reply-To`` is ``<local>+<token>@<domain>`` where the token names this outbox item under
+an HMAC keyed by ``reply_secret`` (careloop/reply_token.py): the inbound connector, given
+the same secret, links a reply to the person the message went to rather than to whoever
+its forgeable ``From`` header claims. The ``Message-ID`` is derived
 from the outbox key (``<co-<sha256(key)[:32]>@domain>``), so a resend after a crash carries
 the same id and is recognizable (and collapsed by providers that de-duplicate on it).
 
@@ -31,6 +35,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from careloop import reply_token
 from careloop.clock import Clock, SystemClock
 from careloop.errors import PermanentError, TransientError
 from careloop.tables import OutboxItem
@@ -40,6 +45,7 @@ from channels.twilio_sms import LOOPBACK, check_url
 log = logging.getLogger("careloop.channels.smtp_email")
 
 Security = Literal["starttls", "tls", "none"]
+ESCALATION_PURPOSE = "escalation"  # orchestrator/escalation.py: notices to staff
 
 
 def _email(v: str) -> str:
@@ -61,7 +67,10 @@ class SmtpEmailConfig(ChannelConfig):
     ca_file: str | None = Field(None, description="PEM file of CAs to trust (private CA)")
     from_address: str = Field(description="envelope and header sender")
     from_name: str | None = None
-    reply_to: str | None = None
+    reply_to: str | None = Field(None, description="reply address; each message gets its own +token")
+    reply_secret: SecretStr | None = Field(
+        None, min_length=16, description="HMAC key of reply tokens; the inbound connector's reply_secret"
+    )
     message_id_domain: str | None = Field(None, description="right side of Message-ID; default: from domain")
     list_unsubscribe_url: str | None = Field(None, description="https URL; '{key}' -> outbox key")
     list_unsubscribe_mailto: str | None = None
@@ -90,6 +99,11 @@ class SmtpEmailConfig(ChannelConfig):
             raise ValueError("security: refusing to send the password unencrypted; use starttls or tls")
         if self.security == "none" and self.host not in LOOPBACK:
             raise ValueError("security: 'none' is allowed only towards 127.0.0.1/localhost")
+        if self.reply_to and self.reply_secret is None:
+            raise ValueError("reply_secret: required with reply_to (replies are verified by their token)")
+        room = reply_token.MAX_LOCAL_PART - 1 - reply_token.HEX_KEY_TOKEN_CHARS
+        if self.reply_to and len(self.reply_to.rsplit("@", 1)[0]) > room:
+            raise ValueError("reply_to: local part too long to carry a reply token")
         return self
 
 
@@ -114,6 +128,15 @@ class SmtpEmailChannel:
     def message_id(self, key: str) -> str:
         return f"<co-{hashlib.sha256(key.encode()).hexdigest()[:32]}@{self._domain}>"
 
+    def reply_address(self, key: str) -> str:
+        """``reply_to`` tagged with the reply token of outbox ``key``."""
+        cfg = self.config
+        assert cfg.reply_to and cfg.reply_secret
+        tagged = reply_token.address(cfg.reply_to, cfg.reply_secret.get_secret_value().encode(), key)
+        if tagged is None:  # a key too long for a local part (house keys are 32 hex: never)
+            raise PermanentError(f"channel {self.id}: outbox key too long for a reply token")
+        return tagged
+
     def build(self, item: OutboxItem) -> EmailMessage:
         """The MIME message for ``item`` (pure; no I/O)."""
         c = item.content
@@ -131,8 +154,11 @@ class SmtpEmailChannel:
         msg["Subject"] = subject
         msg["Date"] = format_datetime(self.clock.now())
         msg["Message-ID"] = self.message_id(item.key)
-        if cfg.reply_to:
-            msg["Reply-To"] = cfg.reply_to
+        if cfg.reply_to and cfg.reply_secret:
+            # An escalation notice goes to staff about a patient: a staff reply must not act
+            # as the patient's, so it carries no token (its replies arrive unverified).
+            tagged = item.purpose != ESCALATION_PURPOSE
+            msg["Reply-To"] = self.reply_address(item.key) if tagged else cfg.reply_to
         unsub = []
         if cfg.list_unsubscribe_url:
             unsub.append(f"<{cfg.list_unsubscribe_url.replace('{key}', item.key)}>")
@@ -189,7 +215,9 @@ class SmtpEmailChannel:
                 if code not in (250, 251):
                     raise smtplib.SMTPRecipientsRefused({rcpt: (code, b"")})
                 phase = "data"  # from here on the server may have the message
-                code, _ = smtp.data(msg.as_bytes())
+                # CRLF line ends: smtplib sends bytes as given, and bare LFs are refused by
+                # strict servers (RFC 5321 2.3.8) or read as one over-long line.
+                code, _ = smtp.data(msg.as_bytes(policy=msg.policy.clone(linesep="\r\n")))
                 if code != 250:  # smtplib returns the final reply instead of raising
                     raise smtplib.SMTPDataError(code, b"")
                 phase = "quit"

@@ -5,6 +5,13 @@ is stored before the server answers 250, so a message the relay was told we acce
 never lost; a store failure answers 451 and the relay retries. Only recipients in
 ``reply_domain`` are accepted (550 otherwise), and messages over ``max_message_bytes`` are
 refused (552) before they are stored.
+
+Replies are authenticated by the token in the address they were sent to (our emails'
+``Reply-To`` is ``<local>+<token>@<reply_domain>``, careloop/reply_token.py): the
+envelope recipients are kept with the message (header ``rcpt_to``) and the
+``email_reply`` mapper, given the same ``reply_secret`` as the sending channel, links a
+reply with a valid token to the message it answers. Anything else is only as good as its
+forgeable ``From`` header and is mapped as unverified.
 """
 
 from __future__ import annotations
@@ -15,18 +22,19 @@ import logging
 from collections.abc import Mapping, Sequence
 from email import message_from_bytes
 from email.policy import default as default_policy
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
-from pydantic import Field
+from pydantic import Field, SecretStr
 
-from careloop.config import Port
+from careloop.config import AppConfig, Port
 from careloop.model import RawIn
 from careloop.plugins import MapperChoice, PluginConfig
 from connectors.base import Health, RawSink
 
 log = logging.getLogger("careloop.connectors.smtp_inbound")
 KIND = "email:inbound"
+RCPT_HEADER = "rcpt_to"  # the SMTP envelope recipients, comma-separated
 
 
 class SmtpInboundConfig(PluginConfig):
@@ -35,6 +43,12 @@ class SmtpInboundConfig(PluginConfig):
     port: Port = 2526
     reply_domain: str = Field(description="the domain our Reply-To addresses use; other recipients get 550")
     max_message_bytes: int = Field(512 * 1024, ge=1024)
+    reply_secret: SecretStr | None = Field(
+        None,
+        min_length=16,
+        description="HMAC key of reply tokens: the same as the smtp_email channel's; "
+        "without it every reply is unverified (only opt-outs are honoured)",
+    )
 
 
 class SmtpInboundConnector:
@@ -48,10 +62,35 @@ class SmtpInboundConnector:
         self._server: asyncio.base_events.Server | None = None
         self._sink: RawSink | None = None
 
+    def __repr__(self) -> str:
+        return f"SmtpInboundConnector(id={self.id!r}, port={self.config.port})"
+
+    @staticmethod
+    def check_config(cid: str, cfg: SmtpInboundConfig, app: AppConfig) -> list[str]:
+        """The smtp_email channels whose ``reply_to`` is in our domain must sign their reply
+        tokens with our ``reply_secret``, or every reply would arrive unverified."""
+        problems = []
+        mine = cfg.reply_secret.get_secret_value() if cfg.reply_secret else None
+        for chid, raw in app.channels.items():
+            if not isinstance(raw, dict) or raw.get("plugin") != "smtp_email":
+                continue
+            reply_to = str(raw.get("reply_to") or "")
+            if not reply_to.lower().endswith("@" + cfg.reply_domain.lower()):
+                continue
+            if mine is None:
+                problems.append(f"connectors.{cid}.reply_secret: required: channel {chid} sends replies here")
+            elif raw.get("reply_secret") != mine:
+                problems.append(
+                    f"connectors.{cid}.reply_secret: differs from channels.{chid}.reply_secret "
+                    "(replies would not verify)"
+                )
+        return problems
+
     def accept(self, body: bytes, headers: Mapping[str, str]) -> Sequence[RawIn]:
         msg = message_from_bytes(body, policy=default_policy)
         mid = str(msg.get("Message-ID", "")).strip() or hashlib.sha256(body).hexdigest()
-        return [RawIn(self.id, KIND, body, "message/rfc822", dedup_key=mid[:255])]
+        keep = {RCPT_HEADER: headers[RCPT_HEADER][:2000]} if headers.get(RCPT_HEADER) else {}
+        return [RawIn(self.id, KIND, body, "message/rfc822", dedup_key=mid[:255], headers=keep)]
 
     async def start(self, sink: RawSink) -> None:
         self._sink = sink
@@ -82,7 +121,10 @@ class SmtpInboundConnector:
         return None
 
     def mapper_choice(self) -> MapperChoice:
-        return MapperChoice("email_reply")
+        options: dict[str, Any] = {}
+        if self.config.reply_secret is not None:
+            options["reply_secret"] = self.config.reply_secret  # a SecretStr: repr stays masked
+        return MapperChoice("email_reply", options)
 
 
 class _Handler:
@@ -101,7 +143,8 @@ class _Handler:
         data = envelope.original_content or b""
         assert self.conn._sink is not None
         try:
-            await self.conn._sink.put(self.conn.accept(data, {}))
+            rcpts = {RCPT_HEADER: ", ".join(envelope.rcpt_tos)}
+            await self.conn._sink.put(self.conn.accept(data, rcpts))
         except Exception as exc:  # the relay keeps the message and retries
             log.warning(
                 "smtp message not stored", extra={"connector": self.conn.id, "error": type(exc).__name__}

@@ -145,6 +145,8 @@ def _targets(s: Session, ev: JourneyEvent, cfg: LearningConfig) -> list[tuple[Ou
     if ev.person_id is None:
         return []
     if ev.type == "message.inbound":
+        if attrs.get("unverified"):  # a sender we could not authenticate teaches nothing
+            return []
         items = _outreach(s, ev.person_id, at - timedelta(hours=cfg.reply_window_hours), at)
         same = [i for i in items if i.channel == attrs.get("channel")]
         pick = (same or items)[:1]

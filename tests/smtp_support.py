@@ -65,6 +65,7 @@ class Received:
     message: EmailMessage
     tls: bool
     authenticated: bool
+    bare_lf: bool = False  # a line ended in LF alone (RFC 5321 2.3.8 forbids it)
 
 
 @dataclass
@@ -87,7 +88,9 @@ class Handler:
         if self.data_reply:
             return self.data_reply
         content = envelope.original_content or b""
-        msg = message_from_bytes(content, policy=policy.default)
+        # Stored as a mailbox would, with local line ends; whether the wire had bare LFs is kept.
+        bare_lf = b"\n" in content.replace(b"\r\n", b"")
+        msg = message_from_bytes(content.replace(b"\r\n", b"\n"), policy=policy.default)
         assert isinstance(msg, EmailMessage)
         self.received.append(
             Received(
@@ -96,6 +99,7 @@ class Handler:
                 msg,
                 session.ssl is not None,
                 bool(session.authenticated),
+                bare_lf,
             )
         )
         return "250 Message accepted for delivery"

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import pytest
 
+from careloop import reply_token
 from careloop.errors import PermanentError
 from careloop.store import Store
 from careloop.tables import OutboxItem, Person
@@ -23,9 +24,10 @@ from tests.smtp_support import PASSWORD, USER, Handler, self_signed, silent_serv
 RCPT = "pat.example@example.net"
 TEXT = "Your visit on March 5 is confirmed.\nReply to this email with questions."
 HTML = "<p>Your visit on <b>March 5</b> is confirmed.</p>"
+REPLY_SECRET = "reply-token-secret-for-channel-tests"
 
 
-def email_item(key: str, to: str = RCPT, html: str | None = HTML) -> OutboxItem:
+def email_item(key: str, to: str = RCPT, html: str | None = HTML, purpose: str = "treatment") -> OutboxItem:
     content: dict[str, Any] = {"subject": "Your upcoming visit", "text": TEXT}
     if html:
         content["html"] = html
@@ -35,7 +37,7 @@ def email_item(key: str, to: str = RCPT, html: str | None = HTML) -> OutboxItem:
         person_id=1,
         channel="email",
         template="appointment-prep",
-        purpose="treatment",
+        purpose=purpose,
         phi_class="limited",
         recipient=to,
         content=content,
@@ -52,6 +54,7 @@ def config(port: int, **kw: Any) -> dict[str, Any]:
         "from_address": "reminders@clinic.example.org",
         "from_name": "Example Clinic",
         "reply_to": "frontdesk@clinic.example.org",
+        "reply_secret": REPLY_SECRET,
         "list_unsubscribe_url": "https://clinic.example.org/unsubscribe?key={key}",
         "list_unsubscribe_mailto": "unsubscribe@clinic.example.org",
         **kw,
@@ -60,7 +63,7 @@ def config(port: int, **kw: Any) -> dict[str, Any]:
 
 class TestSmtpEmailConformance(ChannelConformance):
     channel_class = SmtpEmailChannel
-    secrets = (PASSWORD,)
+    secrets = (PASSWORD, REPLY_SECRET)
     provider_loggers = ("mail.log",)
     bad_configs: ClassVar[list[tuple[dict[str, Any], str]]] = [
         ({"from_address": "not-an-address"}, "from_address"),
@@ -70,6 +73,9 @@ class TestSmtpEmailConformance(ChannelConformance):
         ({"security": "ssl3"}, "security"),
         ({"list_unsubscribe_url": "http://clinic.example.org/u"}, "list_unsubscribe_url"),
         ({"reply_to": "nobody"}, "reply_to"),
+        ({"reply_secret": None}, "reply_secret"),
+        ({"reply_secret": "too-short"}, "reply_secret"),
+        ({"reply_to": "a-very-long-mailbox-name@clinic.example.org"}, "reply_to"),
     ]
 
     @pytest.fixture(autouse=True)
@@ -143,10 +149,15 @@ def test_email_over_starttls_with_auth_is_read_back_from_the_server(certs: Path)
     assert [r.rcpt_tos for r in handler.received] == [[RCPT], ["sam.example@example.net"]]
     first, second = handler.received
     assert first.tls and first.authenticated and first.mail_from == "reminders@clinic.example.org"
+    assert not first.bare_lf and not second.bare_lf
     msg = first.message
     assert msg["From"] == "Example Clinic <reminders@clinic.example.org>"
     assert msg["To"] == RCPT and msg["Subject"] == "Your upcoming visit"
-    assert msg["Reply-To"] == "frontdesk@clinic.example.org"
+    # Each message's Reply-To names its outbox item under the reply secret.
+    tokens = [reply_token.token_of(str(r.message["Reply-To"])) for r in handler.received]
+    assert str(msg["Reply-To"]).startswith("frontdesk+") and msg["Reply-To"].endswith("@clinic.example.org")
+    assert [reply_token.verify(REPLY_SECRET.encode(), t or "") for t in tokens] == ["email-1", "email-2"]
+    assert reply_token.verify(b"some-other-secret-value", tokens[0] or "") is None
     assert msg["Message-ID"] == receipts[0].provider_id
     assert msg["Message-ID"].startswith("<co-") and msg["Message-ID"].endswith("@clinic.example.org>")
     assert msg["List-Unsubscribe"] == (
@@ -265,3 +276,26 @@ def test_outbox_delivers_email_and_records_the_message_id(store: Store, person: 
     assert {r.status for r in rows} == {"sent"}
     assert {r.provider_id for r in rows} == {h.message["Message-ID"] for h in handler.received}
     assert len(handler.received) == 3
+
+
+def test_reply_token_survives_lowercasing_and_rejects_tampering() -> None:
+    key = "0123456789abcdef0123456789abcdef"  # the house format: 32 hex
+    secret = REPLY_SECRET.encode()
+    addr = reply_token.address("reply@replies.careloop.example", secret, key)
+    assert addr is not None and len(addr.split("@")[0]) <= 64
+    token = reply_token.token_of(addr)
+    assert token is not None
+    assert reply_token.verify(secret, token.upper()) == key  # mail systems may change case
+    flipped = token[:-1] + ("a" if token[-1] != "a" else "b")
+    assert reply_token.verify(secret, flipped) is None
+    other = reply_token.make(secret, "fedcba9876543210fedcba9876543210")
+    assert reply_token.verify(secret, token[:27] + other[27:]) is None  # another item's MAC
+    assert reply_token.verify(secret, "h" + "a" * 40) is None
+
+
+def test_escalation_notices_to_staff_carry_no_reply_token() -> None:
+    handler = Handler()
+    with smtp_server(handler) as port:
+        send_all(config(port), email_item("esc-1", purpose="escalation"))
+    [got] = handler.received
+    assert got.message["Reply-To"] == "frontdesk@clinic.example.org"
