@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from careloop import config as cfgmod
 from careloop.errors import ConfigError
@@ -38,7 +39,7 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="careloop
 
 def _fail(problems: list[str], code: int = 2) -> None:
     for p in problems:
-        err.print(f"[red]error[/red] {p}", highlight=False)
+        err.print(f"[red]error[/red] {escape(p)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -267,17 +268,21 @@ def main() -> None:
         app()
     except ConfigError as exc:
         for p in exc.problems:
-            err.print(f"[red]error[/red] {p}", highlight=False)
+            err.print(f"[red]error[/red] {escape(p)}", highlight=False)
         raise SystemExit(2) from None
     except (CareloopError, OSError, TemplateError) as exc:
-        err.print(f"[red]error[/red] {_describe(exc)}", highlight=False)
+        err.print(f"[red]error[/red] {escape(_describe(exc))}", highlight=False)
         raise SystemExit(1) from None
 
 
 def _describe(exc: BaseException) -> str:
+    from jinja2 import TemplateError
+
     if isinstance(exc, OSError) and exc.strerror:
         where = f": {exc.filename}" if exc.filename else ""
         return f"{exc.strerror}{where}"
+    if isinstance(exc, TemplateError):  # a rendering error may quote a value: the type only
+        return f"template error ({type(exc).__name__})"
     return str(exc) or type(exc).__name__
 
 

@@ -442,8 +442,14 @@ class DeliverStage:
                 await asyncio.to_thread(self._absent, item, "provider confirmed it never got it")
                 report.note("resend", item.key)
             elif answer is None and channel is not None and channel.capabilities.idempotent_key:
-                await asyncio.to_thread(self._absent, item, "the receiver de-duplicates on the key")
-                report.note("resend", item.key)
+                if item.attempts >= self.max_attempts:
+                    # Every attempt ended in doubt (a receiver that times out after taking
+                    # the request): staff review, not an endless claim-doubt-resend loop.
+                    await asyncio.to_thread(self._unknown, item)
+                    report.note("unknown", item.key)
+                else:
+                    await asyncio.to_thread(self._absent, item, "the receiver de-duplicates on the key")
+                    report.note("resend", item.key)
             elif answer is not None:
                 await asyncio.to_thread(self._adopt, item, answer)
                 report.note("adopted", item.key)

@@ -307,6 +307,17 @@ def test_interrupted_send_to_a_deduplicating_receiver_is_sent_again(store: Store
     assert [a.detail["outcome"] for a in audits(store, "outbox.recover")] == ["resend", "resend"]
 
 
+def test_a_deduplicated_item_always_in_doubt_goes_to_staff_not_round_and_round(
+    store: Store, person: int
+) -> None:
+    old = store.clock.now() - timedelta(hours=1)
+    add_items(store, person, status="sending", attempts=6, next_attempt_at=old)
+    ch = ScriptChannel("sms", cfg(), idempotent=True)
+    drain(DeliverStage(store, {"sms": ch}, max_attempts=6))
+    [row] = rows(store)
+    assert (row.status, row.attempts) == ("unknown", 6) and ch.sent == []
+
+
 def test_inconclusive_provider_lookup_becomes_unknown(store: Store, person: int) -> None:
     add_items(
         store, person, status="sending", attempts=1, next_attempt_at=store.clock.now() - timedelta(hours=1)

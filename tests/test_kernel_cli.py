@@ -276,3 +276,11 @@ def test_config_check_names_two_listeners_on_one_port(tmp_path: Path) -> None:
     assert "connectors.adt.port: 2575 is already server.port" in res.output
     assert "connectors.rad.port: 2577 is already connectors.lab.port" in res.output
     assert "connectors.lab" not in res.output.replace("already connectors.lab", "")
+
+
+def test_error_text_with_brackets_is_printed_as_is(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("templates:\n  'r[/x]': {text: {en: 'Hi {{ nickname }}'}}\n")
+    code, _, err = _careloop("config", "check", str(cfg), cwd=tmp_path)
+    assert code == 2 and "templates.r[/x].text.en: unknown variable 'nickname'" in err
+    assert "Traceback" not in err
