@@ -187,29 +187,3 @@ def append(
     head.seq, head.hash = seq, h
     session.info[_TOUCHED_KEY] = True
     return Appended(seq, h)
-
-
-def append_now(
-    session: Session,
-    *,
-    at: datetime,
-    actor: str,
-    action: str,
-    outcome: str = "success",
-    person_id: int | None = None,
-    entity: str | None = None,
-    purpose: str | None = None,
-    detail: dict[str, Any] | None = None,
-) -> Appended:
-    """The same as ``append`` (kept for callers that settle one item per transaction)."""
-    return append(
-        session,
-        at=at,
-        actor=actor,
-        action=action,
-        outcome=outcome,
-        person_id=person_id,
-        entity=entity,
-        purpose=purpose,
-        detail=detail,
-    )

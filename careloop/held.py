@@ -62,7 +62,7 @@ def assign(engine: Engine, event_id: int, person_id: int) -> str | None:
     """Assign held event ``event_id`` to ``person_id`` and release it; a problem, or None."""
     now = SystemClock().now()
     with Session(engine) as s:
-        ev = s.get(JourneyEvent, event_id)
+        ev = s.get(JourneyEvent, event_id, with_for_update=True)  # two staff, one event
         if ev is None or ev.status != "held":
             return f"event {event_id}: not a held event"
         if s.get(Person, person_id) is None:

@@ -56,12 +56,7 @@ def survivor(session: Session, person_id: int) -> int:
 
 
 def _holders(session: Session, ident: Identifier) -> set[int]:
-    rows = session.exec(
-        select(PersonIdentifier.person_id).where(
-            PersonIdentifier.system == ident.system, PersonIdentifier.value == ident.value
-        )
-    ).all()
-    return {survivor(session, pid) for pid in rows}
+    return _holders_of(session, [ident])[(ident.system, ident.value)]
 
 
 _HOLDERS = select(_IDENT.c.system, _IDENT.c.value, _IDENT.c.person_id).where(

@@ -112,6 +112,8 @@ class _Sql:
         self.head = "SELECT seq, hash FROM audit_head WHERE id = 1" + (" FOR UPDATE" if self.pg else "")
         self.head_insert = f"INSERT INTO audit_head (id, seq, hash) VALUES (1, {ph}, {ph})"
         self.head_update = f"UPDATE audit_head SET seq = {ph}, hash = {ph} WHERE id = 1"
+        # As audit_log._head: a record past the head row (the row is written at commit) wins.
+        self.latest_after = f"SELECT seq, hash FROM audit_record WHERE seq > {ph} ORDER BY seq DESC LIMIT 1"
         self.ph = ph
 
     def dups(self, n: int) -> str:
@@ -274,6 +276,10 @@ class IngestSink:
             cur.execute(sql.head_insert, (seq, prev))
         else:
             seq, prev = row[0], row[1]
+        cur.execute(sql.latest_after, (seq,))
+        later = cur.fetchone()
+        if later is not None:
+            seq, prev = later[0], later[1]
         out: list[PutResult] = []
         audits: list[tuple[Any, ...]] = []
         fast_canonical = _fast_canonical_ok()

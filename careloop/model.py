@@ -101,8 +101,8 @@ class RawIn:
     dedup_key: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     reply: bytes | None = None  # stored with the message, answered again to a duplicate
-    # Why the connector refused it (its NACK said so): kept for inspection with status
-    # ``error`` and this PHI-free reason, never mapped.
+    # Why the connector did not accept it for processing (its NACK told the sender so):
+    # kept for inspection with status ``error`` and this PHI-free reason, never mapped.
     rejected: str | None = None
 
 

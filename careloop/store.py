@@ -97,7 +97,9 @@ def write_through(session: Session, obj: Any, **values: Any) -> None:
     table = type(obj).__table__
     params = {f"pk_{c.name}": getattr(obj, c.name) for c in table.primary_key.columns}
     params.update({f"v_{k}": v for k, v in values.items()})
-    session.connection().execute(_update_statement(table, tuple(values)), params)
+    result = session.connection().execute(_update_statement(table, tuple(values)), params)
+    if result.rowcount != 1:  # a row that is not there (deleted, or never inserted): a bug
+        raise RuntimeError(f"write_through: {table.name} row not found for update")
     for name, value in values.items():
         set_committed_value(obj, name, value)
     session.info.setdefault(_WRITTEN_KEY, []).append(obj)

@@ -330,7 +330,7 @@ class DeliverStage:
         return row if row.status == "sending" else None
 
     def _disclose(self, s: Session, row: _Disclosed, outcome: str, now: datetime, ok: bool) -> None:
-        audit_log.append_now(
+        audit_log.append(
             s,
             at=now,
             actor=f"channel:{row.channel}",

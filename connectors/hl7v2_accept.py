@@ -8,10 +8,12 @@ bytes). Messages whose bytes do not decode in their MSH-18 character set (or tha
 Messages whose MSH is unusable (``header_error``: MSH-12 missing or unsupported, MSH-9 or
 MSH-10 missing, MSH-7 invalid) are kept too, with an AR (CR in enhanced mode) ACK.
 
-A message kept with an error has the header ``hl7_error`` (the table 0357 code) and
-``hl7_ack`` (the acknowledgment code, e.g. AR), and a dedup key over its bytes as well
-as its control id: the same bytes sent again are a duplicate (same ACK back), a
-corrected message sent again under the same control id is not.
+A message kept with an error (AE or AR) is stored with status ``error`` and the reason
+(``RawIn.rejected``), never mapped: the sender was told it was not processed. It has the
+header ``hl7_error`` (the table 0357 code) and ``hl7_ack`` (the acknowledgment code), and
+a dedup key over its bytes as well as its control id: the same bytes sent again are a
+duplicate (same ACK back), a corrected message sent again under the same control id is
+not.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ class HL7Acceptor:
                 hdrs["hl7_ack"] = ack = ack_code(hdr, outcome, style)
                 key = error_dedup_key(hdr, msg)
                 where = f" at {error.location}" if error.location else ""
-                rejected = f"refused ({ack}): {error.message} (HL7 table 0357 code {error.code}{where})"
+                rejected = f"not processed ({ack}): {error.message} (HL7 table 0357 code {error.code}{where})"
             out.items.append(RawIn(self.id, kind[:64], msg, CONTENT_TYPE, key, hdrs, reply, rejected))
             out.headers.append(hdr)
         return out

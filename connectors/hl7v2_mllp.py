@@ -338,17 +338,16 @@ class GroupCommitter:
 
 
 def _deliver(batch: list[_Waiter], results: list[PutResult] | None, exc: BaseException | None) -> None:
-    if results is None:
-        for _, done, _ in batch:
-            done(None, exc)
-        return
-    if len(batch) == 1:
-        batch[0][1](results, None)
-        return
+    """Hand each waiting connection its results. One connection's failure in its callback
+    must not leave the others of the same commit waiting for ACKs forever."""
     pos = 0
     for items, done, _ in batch:
-        done(results[pos : pos + len(items)], None)
+        part = None if results is None else results[pos : pos + len(items)]
         pos += len(items)
+        try:
+            done(part, None if results is not None else exc)
+        except Exception as err:  # that connection is broken; the rest still get their ACKs
+            log.error("MLLP: delivering a commit's result to a connection failed: %s", type(err).__name__)
 
 
 # --------------------------------------------------------------------------- fast accept

@@ -138,3 +138,28 @@ def test_the_sinks_audit_records_hash_the_canonical_form(
     fast = ingest._canonical(seq, ingest._at_text(at), actor, action, entity, detail)
     assert fast == audit_log.canonical(seq, at, actor, action, "success", None, entity, None, detail)
     assert ingest._fast_canonical_ok()
+
+
+def test_a_head_row_behind_the_records_is_caught_up_not_collided_with(store: Store) -> None:
+    """The head row is written at commit; if it ever lags the records (a commit path that
+    skipped it), the sink continues the chain from the newest record, as audit_log does."""
+    from audit.verify import verify_database
+
+    sink = IngestSink(store)
+    sink.put_sync([item("a", 1)])
+    with Session(store.engine) as s:
+        audit_log.append(s, at=store.clock.now(), actor="test", action="test.extra")
+        s.flush()
+        head = s.get(AuditHead, 1)
+        assert head is not None
+        lagging = (head.seq, head.hash)
+        s.commit()
+    with Session(store.engine) as s:  # put the head row back one record
+        head = s.get(AuditHead, 1)
+        assert head is not None and head.seq == lagging[0] + 1
+        prev = s.exec(select(AuditRecord).where(AuditRecord.seq == lagging[0])).one()
+        head.seq, head.hash = prev.seq, prev.hash
+        s.commit()
+    results = sink.put_sync([item("b", 2)])
+    assert [r.duplicate for r in results] == [False]
+    assert verify_database(store.engine).ok
