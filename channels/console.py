@@ -20,7 +20,7 @@ class ConsoleChannel:
     name: ClassVar[str] = "console"
     Config: ClassVar[type[ConsoleConfig]] = ConsoleConfig
     capabilities: ClassVar[ChannelCaps] = ChannelCaps(
-        template_kind="text", address_kind="none", max_phi="full", idempotent_key=True
+        template_kind="text", address_kind="none", max_phi="full"
     )
 
     def __init__(self, id: str, config: ConsoleConfig, console: Console | None = None) -> None:

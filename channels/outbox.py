@@ -220,7 +220,7 @@ class DeliverStage:
             channel = self.channels.get(channel_id)
             if channel is not None and channel.capabilities.idempotent_key:
                 run.append(item_id)
-                if len(run) >= self.group:
+                if len(run) >= self._group_size(channel):
                     groups.append(run)
                     run = []
                 continue
@@ -231,6 +231,14 @@ class DeliverStage:
         if run:
             groups.append(run)
         return groups
+
+    def _group_size(self, channel: Channel) -> int:
+        """At most ``group``, and few enough that a rate-limited channel sends the whole
+        group well within the lease (else recovery would resend what is still queued here)."""
+        rate = getattr(getattr(channel, "config", None), "rate_per_second", None)
+        if not rate or getattr(channel, "name", None) == "capture":
+            return self.group
+        return max(1, min(self.group, int(rate * self.sending_lease.total_seconds() / 2)))
 
     def _step(self, settles: list[Settle], claim: list[int]) -> list[OutboxItem]:
         with self.store.session() as s:

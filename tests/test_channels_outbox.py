@@ -291,6 +291,13 @@ def test_idempotent_channel_items_are_claimed_in_groups(store: Store, person: in
     assert len(audits(store, "disclosure")) == 5
 
 
+def test_a_rate_limited_channel_claims_no_more_than_it_can_send_within_the_lease(store: Store) -> None:
+    stage = DeliverStage(store, {}, group=50, sending_lease=timedelta(minutes=5))
+    assert stage._group_size(ScriptChannel("a", cfg(), idempotent=True)) == 50
+    assert stage._group_size(ScriptChannel("b", cfg(rate=0.1), idempotent=True)) == 15  # 150 s of sends
+    assert stage._group_size(ScriptChannel("c", cfg(rate=0.001), idempotent=True)) == 1
+
+
 def test_interrupted_send_to_a_deduplicating_receiver_is_sent_again(store: Store, person: int) -> None:
     add_items(
         store,
