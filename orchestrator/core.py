@@ -274,14 +274,21 @@ class EngineCore:
         ``unverified`` reply (its sender is only as good as a forgeable From header)."""
         if ev.attributes.get("unverified"):
             return
+        self._derive_for_next_appointment(s, ev, state, now, "confirm", "appointment.confirmed")
+
+    def _derive_for_next_appointment(
+        self, s: Session, ev: JourneyEvent, state: JourneyState, now: datetime, what: str, etype: str
+    ) -> None:
+        """Record ``etype`` for the person's next upcoming appointment, derived from reply
+        ``ev``, as an event of its own (processed after ``ev``, like any other)."""
         nxt = state.next_appointment(now)
         if nxt is None:
             return
         s.add(
             JourneyEvent(
-                event_key=f"derived:{ev.id}:confirm",
+                event_key=f"derived:{ev.id}:{what}",
                 person_id=ev.person_id,
-                type="appointment.confirmed",
+                type=etype,
                 occurred_at=ev.occurred_at,
                 recorded_at=now,
                 subject_ref=nxt[0],

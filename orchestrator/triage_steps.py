@@ -224,21 +224,7 @@ class TriageSteps(EngineCore):
 
     def _triage_derive_cancel(self, s: Session, ev: JourneyEvent, state: JourneyState, now: datetime) -> None:
         """A "cancel" reply cancels the person's next upcoming appointment (like "C" confirms it)."""
-        nxt = state.next_appointment(now)
-        if nxt is None:
-            return
-        s.add(
-            JourneyEvent(
-                event_key=f"derived:{ev.id}:cancel",
-                person_id=ev.person_id,
-                type="appointment.cancelled",
-                occurred_at=ev.occurred_at,
-                recorded_at=now,
-                subject_ref=nxt[0],
-                attributes={"source": "reply", "reply_event": ev.id},
-                raw_message_id=ev.raw_message_id,
-            )
-        )
+        self._derive_for_next_appointment(s, ev, state, now, "cancel", "appointment.cancelled")
 
     def _triage_writeback(
         self,
