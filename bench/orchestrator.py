@@ -170,7 +170,7 @@ def main() -> None:
         p50 = statistics.median(lat)
         p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
         print(
-            f"decision latency at {args.rate:.0f} arrivals/s ({len(lat)} events, workers polling): "
+            f"decision latency at {args.rate:.0f} arrivals/s ({len(lat)} events, stage workers running): "
             f"p50 {p50:.1f} ms, p99 {p99:.1f} ms"
         )
 

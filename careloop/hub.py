@@ -86,8 +86,20 @@ class Hub:
         for cid, conn in self.connectors.items():
             await conn.start(self.sink)
             log.info("connector %s started", cid)
+        # Each stage wakes the next when it produced work; the sink wakes the first.
+        wakes = [asyncio.Event() for _ in self.stages]
+        loop = asyncio.get_running_loop()
+
+        def nudge() -> None:
+            loop.call_soon_threadsafe(wakes[0].set)
+
+        self.sink.on_commit = nudge
         self._tasks = [
-            asyncio.create_task(run_stage(st, self._stop), name=f"stage:{st.name}") for st in self.stages
+            asyncio.create_task(
+                run_stage(st, self._stop, wake=wakes[i], then=wakes[i + 1] if i + 1 < len(wakes) else None),
+                name=f"stage:{st.name}",
+            )
+            for i, st in enumerate(self.stages)
         ]
         self.started = True
 
@@ -95,6 +107,7 @@ class Hub:
         """Stop taking input, let the workers finish the batch in hand, then close."""
         for conn in self.connectors.values():
             await conn.stop()
+        self.sink.on_commit = None
         self._stop.set()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)

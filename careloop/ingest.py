@@ -149,6 +149,9 @@ class IngestSink:
         self._release: weakref.finalize[Any, Any] | None = None
         # Converted ``headers`` by content: a connector sends the same few again and again.
         self._headers: dict[tuple[tuple[str, str], ...], Any] = {}
+        # Called (from the committing thread) after a commit that stored something new, so
+        # the mapping stage starts at once instead of at its next poll (Hub.start sets it).
+        self.on_commit: Callable[[], None] | None = None
 
     def close(self) -> None:
         with self._lock:
@@ -189,6 +192,9 @@ class IngestSink:
                             cur.execute("BEGIN IMMEDIATE")
                         out = self._put_raw(cur, self._sql, items)
                         conn.commit()
+                        if self.on_commit is not None and any(not r.duplicate for r in out):
+                            with contextlib.suppress(Exception):  # committed: a nudge is optional
+                                self.on_commit()
                         return out
                     except BaseException:
                         with contextlib.suppress(Exception):

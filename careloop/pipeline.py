@@ -10,7 +10,6 @@ store rolls the batch back and the worker retries with backoff.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import traceback
@@ -289,8 +288,22 @@ def dead_letter(s: Session, stage: str, item: Any, exc: BaseException, now: date
 # --------------------------------------------------------------------------- workers
 
 
-async def run_stage(stage: Stage, stop: asyncio.Event, idle: float = 0.2, max_backoff: float = 30.0) -> None:
-    """Run ``stage`` until ``stop`` is set; finish the batch in hand before leaving."""
+async def run_stage(
+    stage: Stage,
+    stop: asyncio.Event,
+    idle: float = 0.2,
+    max_backoff: float = 30.0,
+    *,
+    wake: asyncio.Event | None = None,
+    then: asyncio.Event | None = None,
+) -> None:
+    """Run ``stage`` until ``stop`` is set; finish the batch in hand before leaving.
+
+    With nothing to do it sleeps ``idle`` seconds (longer after store failures), or until
+    ``wake`` is set: the stage before it (or the raw sink) sets it when it produced work,
+    so an item moves through the stages without waiting for their polls. After handling
+    something it sets ``then``, the next stage's ``wake``. Polling stays as the fallback
+    (timers fall due without anyone waking the stage, other processes write too)."""
     backoff = idle
     while not stop.is_set():
         try:
@@ -300,9 +313,23 @@ async def run_stage(stage: Stage, stop: asyncio.Event, idle: float = 0.2, max_ba
             log.warning("stage %s: transient failure, retrying: %s", stage.name, describe_error(exc))
             n = 0
             backoff = min(max_backoff, backoff * 2) * (0.5 + random.random() / 2)
+        if n > 0 and then is not None:
+            then.set()
         if n == 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=backoff)
+            await _sleep(stop, wake, backoff)
+
+
+async def _sleep(stop: asyncio.Event, wake: asyncio.Event | None, timeout: float) -> None:
+    waits = [asyncio.ensure_future(stop.wait())]
+    if wake is not None:
+        waits.append(asyncio.ensure_future(wake.wait()))
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+        if wake is not None:
+            wake.clear()
 
 
 async def drain(stages: Sequence[Stage], max_rounds: int = 10_000) -> None:
