@@ -14,15 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlmodel import Session
-
 from careloop.clock import SystemClock
 from careloop.db import make_engine, upgrade
 from careloop.store import Store
-from careloop.tables import OutboxItem, Person
 from channels.base import ChannelConfig
 from channels.capture import CaptureChannel
 from channels.outbox import DeliverStage
+from channels.testing import seed_sms_outbox
 from channels.twilio_loopback import ACCOUNT_SID, AUTH_TOKEN, TwilioLoopback
 from channels.twilio_sms import TwilioSmsChannel, TwilioSmsConfig
 
@@ -30,27 +28,7 @@ from channels.twilio_sms import TwilioSmsChannel, TwilioSmsConfig
 def seed(folder: Path, n: int) -> Store:
     engine = make_engine(f"sqlite:///{folder}/bench.db")
     upgrade(engine)
-    now = SystemClock().now()
-    with Session(engine) as s:
-        p = Person(created_at=now)
-        s.add(p)
-        s.flush()
-        assert p.id is not None
-        for i in range(n):
-            s.add(
-                OutboxItem(
-                    key=f"bench-{i}",
-                    person_id=p.id,
-                    channel="sms",
-                    template="appointment-reminder",
-                    purpose="treatment",
-                    phi_class="none",
-                    recipient=f"+1555{i:07d}",
-                    content={"text": "Reminder: your visit is tomorrow. Reply C to confirm."},
-                    created_at=now,
-                )
-            )
-        s.commit()
+    seed_sms_outbox(engine, [f"bench-{i}" for i in range(n)])
     return Store(engine, SystemClock())
 
 

@@ -36,10 +36,13 @@ from typing import Any, ClassVar, Literal, TypeVar
 import httpx
 import pytest
 from pydantic import ValidationError
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
+from careloop.clock import SystemClock
 from careloop.config import format_errors
 from careloop.errors import PermanentError, TransientError
-from careloop.tables import OutboxItem
+from careloop.tables import OutboxItem, Person
 from channels.base import Channel, Receipt
 
 Behaviour = Literal["ok", "throttled", "server_error", "timeout", "rejected"]
@@ -233,3 +236,29 @@ class ChannelConformance:
     def test_different_keys_deliver_separately(self) -> None:
         _, delivered = run(self._send("ok", ["conf-a", "conf-b"]))
         assert delivered == 2
+
+
+def seed_sms_outbox(engine: Engine, keys: Sequence[str]) -> None:
+    """One synthetic person with a pending SMS reminder for each of ``keys``: the load for
+    outbox crash tests and benchmarks. The schema must exist."""
+    now = SystemClock().now()
+    with Session(engine) as s:
+        person = Person(created_at=now)
+        s.add(person)
+        s.flush()
+        assert person.id is not None
+        for i, key in enumerate(keys):
+            s.add(
+                OutboxItem(
+                    key=key,
+                    person_id=person.id,
+                    channel="sms",
+                    template="appointment-reminder",
+                    purpose="treatment",
+                    phi_class="none",
+                    recipient=f"+1555{i:07d}",
+                    content={"text": "Reminder: your visit is tomorrow. Reply C to confirm."},
+                    created_at=now,
+                )
+            )
+        s.commit()

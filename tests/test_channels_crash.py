@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, select
 
-from careloop.clock import SystemClock
 from careloop.db import make_engine, upgrade
-from careloop.tables import DeliveryReceipt, OutboxItem, Person
+from careloop.tables import DeliveryReceipt, OutboxItem
+from channels.testing import seed_sms_outbox
 from channels.twilio_loopback import FakeTwilio
 from tests.conftest import ROOT
 
@@ -32,27 +32,7 @@ WORKER = ROOT / "tests" / "outbox_crash_worker.py"
 def _seed(url: str) -> None:
     engine = make_engine(url)
     upgrade(engine)
-    now = SystemClock().now()
-    with Session(engine) as s:
-        person = Person(created_at=now)
-        s.add(person)
-        s.flush()
-        assert person.id is not None
-        for i in range(N):
-            s.add(
-                OutboxItem(
-                    key=f"crash-{i:04d}",
-                    person_id=person.id,
-                    channel="sms",
-                    template="appointment-reminder",
-                    purpose="treatment",
-                    phi_class="none",
-                    recipient=f"+1555{i:07d}",
-                    content={"text": "Reminder: your visit is tomorrow. Reply C to confirm."},
-                    created_at=now,
-                )
-            )
-        s.commit()
+    seed_sms_outbox(engine, [f"crash-{i:04d}" for i in range(N)])
     engine.dispose()
 
 
