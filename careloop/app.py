@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from audit import api as audit_api
 from careloop.http import CODES as _CODES
 from careloop.http import operation_outcome
 from careloop.hub import Hub
+from careloop.metrics import render as render_metrics
 from orchestrator import escalation_api
 
 
@@ -34,6 +36,11 @@ def create_app(hub: Hub) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "alive"}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        text = await asyncio.to_thread(render_metrics, hub.store.engine)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/readyz")
     async def readyz() -> Any:
