@@ -1,8 +1,8 @@
-"""``careloop audit ...`` (``app``) and ``careloop token ...`` (``token_app``).
+"""'careloop audit ...' ('app') and 'careloop token ...' ('token_app').
 
-Keys live where the config says (``audit.signing_key``, ``audit.token_key``), by default in
-``var/keys/``. Auditor reads made here are audited like API reads, with the operating-system
-user as actor (``cli:<user>``).
+Keys live where the config says ('audit.signing_key', 'audit.token_key'), by default in
+'var/keys/'. Auditor reads made here are audited like API reads, with the operating-system
+user as actor ('cli:<user>').
 """
 
 from __future__ import annotations

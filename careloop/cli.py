@@ -1,4 +1,4 @@
-"""The ``careloop`` command line."""
+"""The 'careloop' command line."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _load(path: Path | None) -> cfgmod.AppConfig:
 
 def _engine(config: Path | None, *, create: bool = False) -> Any:
     """The configured database, migrated to the current schema; it must exist unless
-    ``create`` (``db upgrade``): a read must not create an empty one."""
+    'create' ('db upgrade'): a read must not create an empty one."""
     from careloop.db import database_url, existing_engine, make_engine, upgrade
 
     url = database_url(_load(config).database.url)
@@ -160,7 +160,7 @@ def explain(
 
 @dead_app.command("list")
 def dead_list(config: ConfigOpt = None, all_: Annotated[bool, typer.Option("--all")] = False) -> None:
-    """Dead letters not yet retried (``--all`` for every one)."""
+    """Dead letters not yet retried ('--all' for every one)."""
     from careloop.deadletters import list_rows
 
     list_rows(_engine(config), out, include_retried=all_)
@@ -256,7 +256,7 @@ for _mod, _attr, _name in _SUBAPPS:
 
 
 def main() -> None:
-    """``careloop``: expected failures (a configuration problem, an unreachable host, a
+    """'careloop': expected failures (a configuration problem, an unreachable host, a
     port in use, a missing file, a message that is not HL7) end with one line on stderr and
     an exit code, never a traceback. The texts are PHI-free by construction: our own errors
     say what and where, not the data; OS errors name hosts, ports and paths."""

@@ -1,4 +1,4 @@
-"""``careloop channels ...``: channel tools (mounted by careloop/cli.py)."""
+"""'careloop channels ...': channel tools (mounted by careloop/cli.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def twilio_loopback(
     ] = EXAMPLE_ACCOUNT_SID,
 ) -> None:
     """Run a Twilio-compatible Messages API on 127.0.0.1 that keeps messages in memory and
-    sends nothing (the example deployment's ``sms`` channel points at it)."""
+    sends nothing (the example deployment's 'sms' channel points at it)."""
     server = TwilioLoopback(account_sid=account_sid, auth_token=None)
     base = server.start(port)
     typer.echo(f"Twilio-compatible loopback listening on {base} (account {account_sid}); Ctrl-C stops it")

@@ -1,4 +1,4 @@
-"""``careloop fhir ...``: the state of the hub's FHIR subscriptions and pollers."""
+"""'careloop fhir ...': the state of the hub's FHIR subscriptions and pollers."""
 
 from __future__ import annotations
 

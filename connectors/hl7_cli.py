@@ -1,4 +1,4 @@
-"""``careloop hl7 send FILE --host --port``: an MLLP client that checks each ACK.
+"""'careloop hl7 send FILE --host --port': an MLLP client that checks each ACK.
 
 Sends every message of FILE (single, back-to-back or batch; LF or CR separated; BOM
 tolerated) on one connection, waits for each acknowledgment, prints one line per message
@@ -23,7 +23,7 @@ app = typer.Typer(no_args_is_help=True, help="HL7 v2 tools.")
 
 @app.callback()
 def _group() -> None:
-    """HL7 v2 tools (a group, so that ``send`` keeps its name when more commands come)."""
+    """HL7 v2 tools (a group, so that 'send' keeps its name when more commands come)."""
 
 
 VT, FS_CR = b"\x0b", b"\x1c\r"

@@ -1,9 +1,9 @@
-"""``careloop messages list|show|reprocess``: look at stored raw messages, safely.
+"""'careloop messages list|show|reprocess': look at stored raw messages, safely.
 
-``list`` shows ids, kinds, statuses and control ids only. ``show`` masks every value that
+'list' shows ids, kinds, statuses and control ids only. 'show' masks every value that
 may be PHI (all HL7 fields outside MSH/EVN, all JSON values outside a few structural keys)
-unless ``--unmask`` is given; an unmasked view is itself recorded in the audit log.
-``reprocess`` puts skipped/dead/error messages back to ``pending`` (recorded in the audit
+unless '--unmask' is given; an unmasked view is itself recorded in the audit log.
+'reprocess' puts skipped/dead/error messages back to 'pending' (recorded in the audit
 log); already mapped messages are refused, since their events exist.
 """
 

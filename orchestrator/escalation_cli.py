@@ -1,7 +1,7 @@
-"""``careloop escalations ...``: the work queue from the command line.
+"""'careloop escalations ...': the work queue from the command line.
 
 Changes made here are audited like API changes, with the operating-system user as actor
-(``cli:<user>``); ``show`` (which prints the patient's message) is audited as a view.
+('cli:<user>'); 'show' (which prints the patient's message) is audited as a view.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""``careloop learning ...`` (issue 10): offline policy evaluation and the learned state.
+"""'careloop learning ...' (issue 10): offline policy evaluation and the learned state.
 
-``evaluate`` estimates, from the logged learned sends and their outcomes, what other
-policies would have earned (IPS, SNIPS, doubly robust; orchestrator/ope.py). ``show PERSON``
+'evaluate' estimates, from the logged learned sends and their outcomes, what other
+policies would have earned (IPS, SNIPS, doubly robust; orchestrator/ope.py). 'show PERSON'
 prints what the learner believes about one person: the pooled posterior of every option it
 has evidence for, with the person's own counts. Both read only; neither prints PHI.
 """
