@@ -80,7 +80,7 @@ def subscriptions(
     """Status of every FHIR subscription the hub knows: server id, status, event counters,
     gaps, last contact."""
     from careloop import config as cfgmod
-    from careloop.db import database_url, make_engine, upgrade
+    from careloop.db import database_url, existing_engine, upgrade
 
     try:
         cfg = cfgmod.load(config)
@@ -88,10 +88,10 @@ def subscriptions(
         for p in exc.problems:
             Console(stderr=True).print(f"[red]error[/red] {p}", highlight=False)
         raise typer.Exit(2) from None
-    engine = make_engine(database_url(cfg.database.url))
+    engine = existing_engine(database_url(cfg.database.url))
     upgrade(engine)
     data = rows(engine, cfg.connectors)
-    out = Console()
+    out = Console() if sys.stdout.isatty() else Console(width=200)  # piped: do not cut columns
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return
