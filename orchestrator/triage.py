@@ -176,6 +176,7 @@ class Lexicon:
     clause_breaks: frozenset[str]
     idioms: tuple[Term, ...] = ()
     not_typos: frozenset[str] = frozenset()
+    paperwork: frozenset[str] = frozenset()
 
 
 def _squash(word: str) -> str:
@@ -252,6 +253,7 @@ class _LexiconSpec(BaseModel):
     intents: dict[str, list[str]]
     idioms: list[str] = Field(default_factory=list)
     not_typos: list[str] = Field(default_factory=list)
+    paperwork: list[str] = Field(default_factory=list)
 
     @field_validator("intents")
     @classmethod
@@ -292,6 +294,7 @@ def load_lexicon(path: Path = DEFAULT_LEXICON) -> Lexicon:
         frozenset(neg.clause_breaks),
         tuple(compile_term(t) for t in spec.idioms),
         frozenset(spec.not_typos),
+        frozenset(spec.paperwork),
     )
 
 
@@ -546,8 +549,11 @@ def assess(
                         neg.append(rule.id)
                     continue
                 matched.setdefault(rule.id, []).append(" ".join(flags.words[start:end]))
-                if TIER_RANK[rule.tier] > TIER_RANK[best]:
-                    best = rule.tier
+                tier = rule.tier
+                if tier == "emergency" and _about_paperwork(flags, start, lex):
+                    tier = "urgent"  # staff still see it; no "call 911" to a question about a form
+                if TIER_RANK[tier] > TIER_RANK[best]:
+                    best = tier
     tier_of = {r.id: r.tier for r in lex.rules}
     rules = tuple(sorted(matched, key=lambda r: (-TIER_RANK[tier_of[r]], r)))
     score = sentiment(text)
@@ -569,6 +575,13 @@ def assess(
         lex.version,
         {r: matched[r] for r in rules},
     )
+
+
+def _about_paperwork(toks: Tokens, start: int, lex: Lexicon) -> bool:
+    """Whether the clause of the match at ``start`` is about a form or a history ("the form
+    asks about chest pain", "family history: stroke"): the lexicon's ``paperwork`` words."""
+    clause = toks.clause[start]
+    return any(toks.clause[i] == clause and w in lex.paperwork for i, w in enumerate(toks.words))
 
 
 def _without_idioms(toks: Tokens, lex: Lexicon) -> Tokens:

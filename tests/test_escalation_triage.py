@@ -64,6 +64,21 @@ def test_ordinary_words_are_not_read_as_typos_of_red_flags(text: str, tier: str 
     assert assess(text, now=NOW).tier == tier
 
 
+@pytest.mark.parametrize(
+    "text,tier",
+    [
+        ("the form asks about chest pain, is that for me or family history?", "urgent"),
+        ("adding my family history of stroke", "urgent"),
+        ("family hx: dad had a stroke", "emergency"),  # the colon starts a clause: not dampened
+        ("el formulario pregunta si he tenido convulsiones", "urgent"),
+        ("my chest pain is back, filling out the form now", "emergency"),  # another clause
+        ("I have chest pain", "emergency"),
+    ],
+)
+def test_a_red_flag_about_a_form_or_history_reaches_staff_without_a_911_reply(text: str, tier: str) -> None:
+    assert assess(text, now=NOW).tier == tier
+
+
 def test_negated_rule_is_reported_as_negated_not_matched() -> None:
     a = assess("no chest pain today", now=NOW)
     assert a.rules == () and "em.chest-pain" in a.negated
