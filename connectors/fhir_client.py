@@ -28,6 +28,7 @@ from joserfc.jwk import ECKey, RSAKey
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from careloop.errors import PermanentError, TransientError
+from careloop.plugins import MapperChoice, PluginConfig
 
 FHIR_JSON = "application/fhir+json"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -53,6 +54,26 @@ class SmartAuthConfig(BaseModel):
         if self.private_key_file is not None:
             return self.private_key_file.read_bytes()
         raise PermanentError("SMART auth: private_key or private_key_file is required")
+
+
+class FhirServerConfig(PluginConfig):
+    """What every FHIR connector says about its server: where it is, how to authenticate,
+    and how its Appointments are read (the ``fhir`` mapper's options)."""
+
+    base_url: str
+    auth: SmartAuthConfig | None = None
+    timeout_s: float = Field(15.0, gt=0)
+    patient_accepted_confirms: bool = Field(
+        True,
+        description="a booked Appointment with the patient 'accepted' is a confirmation; turn off for"
+        " EHRs that mark patients accepted by default",
+    )
+
+    def mapper_choice(self) -> MapperChoice:
+        """The ``fhir`` mapper with this server's base URL and its confirmation rule."""
+        return MapperChoice(
+            "fhir", {"base_url": self.base_url, "accepted_confirms": self.patient_accepted_confirms}
+        )
 
 
 class SmartBackendAuth:

@@ -35,21 +35,20 @@ from sqlmodel import select
 from careloop.clock import Clock, SystemClock, utc
 from careloop.errors import CareloopError, PermanentError
 from careloop.model import RawIn
-from careloop.plugins import MapperChoice, PluginConfig
+from careloop.plugins import MapperChoice
 from careloop.store import Store
 from careloop.tables import FhirSubscriptionState
 from connectors.base import Health, RawSink
-from connectors.fhir_client import FhirClient, SmartAuthConfig, SmartBackendAuth
+from connectors.fhir_client import FhirClient, FhirServerConfig, SmartBackendAuth
 from connectors.fhir_notify import parse_instant, resource_item
 
 log = logging.getLogger("careloop.connectors.fhir_poll")
 
 
-class FhirPollConfig(PluginConfig):
+class FhirPollConfig(FhirServerConfig):
     """Poll ``base_url`` for changed resources of ``resource_types``."""
 
     plugin: str = "fhir_poll"
-    base_url: str
     resource_types: list[str] = Field(
         default_factory=lambda: ["Appointment", "Encounter", "Patient"], min_length=1
     )
@@ -60,13 +59,6 @@ class FhirPollConfig(PluginConfig):
     overlap_s: float = Field(300.0, ge=0)
     initial_lookback_s: float = Field(86400.0, ge=0, description="first poll looks back this far")
     page_size: int = Field(100, ge=1, le=1000)
-    timeout_s: float = Field(15.0, gt=0)
-    auth: SmartAuthConfig | None = None
-    patient_accepted_confirms: bool = Field(
-        True,
-        description="a booked Appointment with the patient 'accepted' is a confirmation; turn off for"
-        " EHRs that mark patients accepted by default",
-    )
 
 
 class FhirPollConnector:
@@ -115,12 +107,7 @@ class FhirPollConnector:
             await self.http.aclose()
 
     def mapper_choice(self) -> MapperChoice:
-        """This connector's mapper: ``fhir`` with its server's base URL and its
-        confirmation rule."""
-        return MapperChoice(
-            "fhir",
-            {"base_url": self.config.base_url, "accepted_confirms": self.config.patient_accepted_confirms},
-        )
+        return self.config.mapper_choice()
 
     def health(self) -> Health:
         return Health(self.sink is not None, self.last_error or "")

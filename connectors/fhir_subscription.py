@@ -48,11 +48,11 @@ from careloop.config import AppConfig
 from careloop.errors import CareloopError, PermanentError
 from careloop.http import operation_outcome
 from careloop.model import RawIn
-from careloop.plugins import MapperChoice, PluginConfig
+from careloop.plugins import MapperChoice
 from careloop.store import Store
 from careloop.tables import FhirSubscriptionState
 from connectors.base import Health, RawSink
-from connectors.fhir_client import FhirClient, SmartAuthConfig, SmartBackendAuth
+from connectors.fhir_client import FhirClient, FhirServerConfig, SmartBackendAuth
 from connectors.fhir_notify import (
     BASE_HEADER,
     FHIR_JSON,
@@ -103,12 +103,11 @@ class SubscriptionSpec(BaseModel):
         return sorted({f.split("?", 1)[0] for f in self.filters if "?" in f})
 
 
-class FhirSubscriptionConfig(PluginConfig):
+class FhirSubscriptionConfig(FhirServerConfig):
     """A rest-hook endpoint at ``path`` for the FHIR server at ``base_url``."""
 
     plugin: str = "fhir_subscription"
     path: str = Field("/fhir/ehr", pattern=r"^/[A-Za-z0-9/_.-]*[A-Za-z0-9_.-]$")
-    base_url: str
     secret: SecretStr = Field(
         description="shared secret: sent by the server in secret_header, or used "
         "as the HMAC key of X-Signature"
@@ -118,17 +117,10 @@ class FhirSubscriptionConfig(PluginConfig):
     )
     signature_header: str = "X-Signature"
     endpoint_url: str | None = Field(None, description="URL the EHR posts to; default http://<server>/<path>")
-    auth: SmartAuthConfig | None = None
-    patient_accepted_confirms: bool = Field(
-        True,
-        description="a booked Appointment with the patient 'accepted' is a confirmation; turn off for"
-        " EHRs that mark patients accepted by default",
-    )
     subscriptions: list[SubscriptionSpec] = Field(default_factory=list)
     grace_s: float = Field(30.0, ge=0, description="a gap may fill by itself within this time")
     check_interval_s: float = Field(15.0, gt=0)
     overlap_s: float = Field(60.0, ge=0, description="search recovery looks back this much further")
-    timeout_s: float = Field(15.0, gt=0)
     fetch_id_only: bool = True
     default_heartbeat_s: int | None = Field(
         None,
@@ -198,12 +190,7 @@ class FhirSubscriptionConnector:
             await self.http.aclose()
 
     def mapper_choice(self) -> MapperChoice:
-        """This connector's mapper: ``fhir`` with its server's base URL and its
-        confirmation rule."""
-        return MapperChoice(
-            "fhir",
-            {"base_url": self.config.base_url, "accepted_confirms": self.config.patient_accepted_confirms},
-        )
+        return self.config.mapper_choice()
 
     def health(self) -> Health:
         if not self._started:
