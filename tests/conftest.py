@@ -20,6 +20,8 @@ from careloop.store import Store
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
 CORPUS = ROOT.parent / "shared" / "corpus"
+# Tests over the public examples run where that folder is (beside the checkout), else skip.
+needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"no public corpus at {CORPUS}")
 PG_URL = os.environ.get("CARELOOP_TEST_DATABASE_URL")
 
 ENGINES = ["sqlite"] + (["postgresql"] if PG_URL else [])

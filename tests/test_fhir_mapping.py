@@ -13,7 +13,7 @@ from careloop.errors import PermanentError, SkipMessage
 from careloop.model import Identifier, MappedEvent
 from careloop.tables import RawMessage
 from mapping.fhir import BASE_HEADER, FhirMapper
-from tests.conftest import CORPUS
+from tests.conftest import CORPUS, needs_corpus
 
 BASE = "http://ehr.test/fhir"
 R4 = CORPUS / "fhir-r4" / "examples"
@@ -47,6 +47,7 @@ def patient_ref(pid: str) -> Identifier:
 CORPUS_FILES = sorted(p for p in R4.glob("*.json") if p.name.split("-", 1)[0] in MAPPED)
 
 
+@needs_corpus
 def test_corpus_has_the_examples_we_promise_to_cover() -> None:
     kinds = {p.name.split("-", 1)[0] for p in CORPUS_FILES}
     assert kinds == set(MAPPED)
@@ -69,6 +70,7 @@ def test_every_corpus_example_is_mapped_or_skipped_with_a_reason(path: Path) -> 
             assert ev.subject_ref == f"{ev.subject['resourceType']}/{json.loads(body)['id']}"
 
 
+@needs_corpus
 def test_corpus_outcomes_per_type() -> None:
     seen: dict[str, set[str]] = {}
     for path in CORPUS_FILES:

@@ -24,7 +24,7 @@ from careloop.store import Store
 from careloop.tables import AuditRecord, JourneyEvent, RawMessage
 from careloop.wiring import MapperRegistry
 from connectors.fhir_subscription import FhirSubscriptionConfig, FhirSubscriptionConnector
-from tests.conftest import CORPUS
+from tests.conftest import CORPUS, needs_corpus
 from tests.fhir_local_server import Event, LocalFhirServer, serve
 
 SECRET = "s3cret-for-tests"
@@ -133,6 +133,7 @@ async def test_every_corpus_notification_is_accepted_and_mapped_or_skipped(hub: 
         assert any(raw.kind == "fhir:Encounter" and raw.status == "mapped" for raw in raws)
 
 
+@needs_corpus
 def test_corpus_notification_set_is_complete() -> None:
     assert len(NOTIFICATIONS) == 22  # 10 R5 + 12 backport R4 (incl. the bare $status Parameters)
 
@@ -188,6 +189,7 @@ async def test_empty_ping_is_stored_and_answered(hub: Hub) -> None:
 # ---------------------------------------------------------------- dedup
 
 
+@needs_corpus
 @pytest.mark.anyio
 async def test_repeated_event_number_is_stored_once(hub: Hub) -> None:
     body = (CORPUS / "fhir-r4-backport" / "json" / "r4-notification-full-resource.json").read_bytes()
