@@ -7,6 +7,9 @@ default at ./var/careloop.db; ``CARELOOP_DATABASE_URL`` selects PostgreSQL or an
 from __future__ import annotations
 
 import os
+import sqlite3
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,7 @@ def make_engine(url: str, *, schema: str | None = None) -> Engine:
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
             private_file(Path(u.database), make_parent=True)
-        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30, "factory": SQLiteConnection}
     elif schema:
         kwargs["connect_args"] = {"options": f"-csearch_path={schema}"}
     engine = create_engine(url, **kwargs)
@@ -93,7 +96,81 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 def _sqlite_begin_immediate(conn: Any) -> None:
     # Writers take the write lock up front: no deadlock-prone read-to-write upgrades.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    dbapi = conn.connection.dbapi_connection
+    if isinstance(dbapi, SQLiteConnection):  # through SQLAlchemy, which wraps the driver's errors
+        dbapi.begin_immediate(lambda: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+    else:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+_WRITE_TIMEOUT_S = 30.0  # then SQLite's own busy handler decides
+_writers: dict[str, threading.Lock] = {}
+_writers_lock = threading.Lock()
+
+
+class SQLiteConnection(sqlite3.Connection):
+    """A sqlite3 connection whose ``BEGIN IMMEDIATE`` first queues on a per-file lock in
+    this process, released when the transaction ends (commit, rollback or close).
+
+    Why: SQLite lets one writer in at a time, and a writer that finds the file locked
+    polls, sleeping 1, 2, 5 ... up to 100 ms between tries (sqlite3's busy handler), so a
+    stage thread could sleep tens of milliseconds after the lock was already free. The
+    pipeline's stages, the MLLP writer and the API all write from threads of one process:
+    waiting on a Python lock instead wakes the next writer as soon as the previous one
+    committed. Other processes (the CLI beside a running hub) still meet SQLite's own
+    busy handler, as before, and so does a writer still queued after ``_WRITE_TIMEOUT_S``
+    (the queue only orders this process's writers; SQLite keeps the last word on locking).
+    In-memory databases are private to their connection and queue on nothing."""
+
+    def __init__(self, database: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(database, *args, **kwargs)
+        name = os.fspath(database)
+        self._writer: threading.Lock | None = None
+        self._holding = False
+        if name and name != ":memory:" and not name.startswith("file:"):
+            key = os.path.realpath(name)
+            with _writers_lock:
+                self._writer = _writers.setdefault(key, threading.Lock())
+
+    def begin_immediate(self, begin: Callable[[], object] | None = None) -> None:
+        """``BEGIN IMMEDIATE`` (by calling ``begin`` when given), after this process's other
+        writers to the same file."""
+        writer = self._writer
+        if writer is not None and not self._holding:
+            self._holding = writer.acquire(timeout=_WRITE_TIMEOUT_S)
+        try:
+            if begin is None:
+                self.execute("BEGIN IMMEDIATE")
+            else:
+                begin()
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        if self._holding:
+            self._holding = False
+            assert self._writer is not None
+            self._writer.release()
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        finally:
+            if self.in_transaction is False:
+                self._release()
+
+    def rollback(self) -> None:
+        try:
+            super().rollback()
+        finally:
+            self._release()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._release()
 
 
 def alembic_config(engine: Engine) -> AlembicConfig:

@@ -40,6 +40,7 @@ from sqlalchemy.engine import Engine
 
 from careloop import audit_log
 from careloop.clock import utc
+from careloop.db import SQLiteConnection
 from careloop.errors import TransientError
 from careloop.model import PutResult, RawIn
 from careloop.store import Store
@@ -188,7 +189,9 @@ class IngestSink:
                 try:
                     cur = conn.cursor()
                     try:
-                        if not self._sql.pg:
+                        if isinstance(conn, SQLiteConnection):
+                            conn.begin_immediate()
+                        elif not self._sql.pg:
                             cur.execute("BEGIN IMMEDIATE")
                         out = self._put_raw(cur, self._sql, items)
                         conn.commit()
