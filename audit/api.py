@@ -16,12 +16,14 @@ import json
 from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from joserfc.jwk import OctKey
 
 from audit import checkpoint, disclosures, fhir_export, query
+from audit.records import format_time
 from audit.verify import verify_database
 from careloop import audit_log, tokens
 from careloop.clock import utc
@@ -151,11 +153,13 @@ def make_router(store: Store, key_source: KeySource | OctKey) -> APIRouter:
         )
         with store.session() as s:
             page = query.run_query(s, q, actor=who.subject, at=store.clock.now(), via="api", kind="fhir")
-        doc = fhir_export.bundle(page.records, at=store.clock.now())
+        doc = fhir_export.bundle(page.records, at=store.clock.now(), person_id=person)
         if page.next_after is not None:
-            doc["link"] = [
-                {"relation": "next", "url": f"audit/export/fhir?after={page.next_after}&limit={limit}"}
-            ]
+            # The next page must keep the filters, or it would go on with everyone's records.
+            given = {"person": person, "action": action, "since": _q(since), "until": _q(until)}
+            params = {k: v for k, v in given.items() if v is not None}
+            params.update(after=page.next_after, limit=limit)
+            doc["link"] = [{"relation": "next", "url": f"audit/export/fhir?{urlencode(params)}"}]
         return _json(doc, media_type="application/fhir+json")
 
     @router.get("/checkpoints")
@@ -179,6 +183,10 @@ def make_router(store: Store, key_source: KeySource | OctKey) -> APIRouter:
 
 def _t(dt: datetime | None) -> datetime | None:
     return None if dt is None else utc(dt)
+
+
+def _q(dt: datetime | None) -> str | None:
+    return None if dt is None else format_time(dt)
 
 
 def _iso(dt: datetime) -> str:

@@ -215,6 +215,13 @@ def make_checkpoint(
         return prev
     if prev is not None and prev.tree_size > head.seq:
         raise PermanentError("audit checkpoint is ahead of the chain head")
+    if prev is not None and not SignedCheckpoint.from_row(prev).frontier_ok():
+        # The frontier is not under the signature; building on a forged one would have us
+        # sign a wrong root over intact records.
+        raise PermanentError(
+            f"audit checkpoint {prev.tree_size}: its frontier does not match its root; "
+            "run `careloop audit verify`"
+        )
     acc = (
         merkle.Accumulator(prev.tree_size, (bytes.fromhex(h) for h in prev.frontier))
         if prev

@@ -91,6 +91,8 @@ def verify(
         keys = [checkpoint.load_public_key(public_key)] if public_key else []
     except ConfigError as exc:
         _die("\n".join(exc.problems))
+    if export is not None and not export.is_file():
+        _die(f"{export}: file not found")  # a usage error (2), not a failed verification (1)
     cfg = _cfg(config)
     if not keys and export is None:
         path = tokens.signing_key_path(cfg)
@@ -122,7 +124,10 @@ def _print_report(rep: Report, as_json: bool) -> None:
     for w in rep.warnings:
         typer.echo(f"warning: {w}")
     fb = rep.first_bad
-    if fb is not None:
+    if fb is not None and fb.last is not None:
+        # A signed root that does not match says only that some record in its range changed.
+        typer.echo(f"FIRST BAD RECORD: somewhere in seq {fb.seq}..{fb.last} ({fb.kind}): {fb.message}")
+    elif fb is not None:
         typer.echo(f"FIRST BAD RECORD: seq {fb.seq} ({fb.kind}): {fb.message}")
     for f in rep.faults:
         typer.echo(f"fault: {f}")
@@ -214,7 +219,7 @@ def export(
             filters: dict[str, object] = {}
         elif fmt == "fhir":
             q = query.AuditQuery(person_id=person, since=_time(since), until=_time(until))
-            doc = fhir_export.bundle(query.iter_all(s, q), at=store.clock.now())
+            doc = fhir_export.bundle(query.iter_all(s, q), at=store.clock.now(), person_id=person)
             if validate:
                 fhir_export.validate(doc)
             out.write_text(json.dumps(doc, indent=1), encoding="utf-8")

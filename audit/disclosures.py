@@ -41,12 +41,18 @@ PURPOSES: dict[str, tuple[str, str]] = {
     "appointment-reminder": ("appointment reminder (treatment)", "treatment"),
     "appointment-prep": ("visit preparation instructions (treatment)", "treatment"),
     "care-coordination": ("care coordination (treatment)", "treatment"),
+    # Built in, not from templates: the notice to the care team when a reply is escalated
+    # (orchestrator/escalation.py) and the safety reply to the patient that goes with it.
+    "escalation": ("escalation of the patient's message to the care team (treatment)", "treatment"),
+    "safety": ("safety instructions after an urgent message (treatment)", "treatment"),
     "payment": ("payment", "payment"),
     "operations": ("health care operations", "operations"),
     "survey": ("patient experience survey (quality assessment, operations)", "operations"),
     "discharge-survey": ("discharge survey (quality assessment, operations)", "operations"),
     "marketing": ("marketing", "marketing"),
     "discount-offer": ("product offer (marketing)", "marketing"),
+    # Not a disclosure purpose: auditors' own reads (audit.query), coded for the FHIR export.
+    "audit": ("compliance audit", "compliance"),
 }
 _SELF = frozenset({"patient", "self", "individual"})
 _TPO = frozenset({"treatment", "payment", "operations"})

@@ -32,6 +32,7 @@ ACTION_SYSTEM = "urn:careloop:audit-action"
 ENTITY_SYSTEM = "urn:careloop:entity"
 RECORD_SYSTEM = "urn:careloop:audit-record"
 RECIPIENT_SYSTEM = "urn:careloop:recipient-kind"
+RECIPIENT_ROLE_SYSTEM = "urn:careloop:recipient-role"
 _NS = uuid.UUID("0e6f4c1e-3d0f-5b51-9c1d-6a7f2b8e4c10")
 
 # action -> (DICOM event type code, display, FHIR action code C/R/U/D/E)
@@ -40,19 +41,44 @@ _TYPES: dict[str, tuple[str, str, str]] = {
     "message.duplicate": ("110107", "Import", "E"),
     "person.create": ("110110", "Patient Record", "C"),
     "identity.hold": ("110110", "Patient Record", "E"),
+    "person.view": ("110110", "Patient Record", "R"),
     "disclosure": ("110106", "Export", "R"),
     "audit.query": ("110112", "Query", "E"),
     "auth.failure": ("110114", "User Authentication", "E"),
     "retention.prune": ("110100", "Application Activity", "D"),
 }
 _DEFAULT_TYPE = ("110100", "Application Activity", "E")
-_ACT_REASON = {"treatment": "TREAT", "payment": "HPAYMT", "operations": "HOPERAT", "marketing": "HMARKT"}
+# Actions only people take (through the CLI or a bearer token, whose subject is the actor);
+# the rest are the hub's own stages, connectors and channels.
+_HUMAN_ACTIONS = frozenset(
+    {
+        "audit.query",
+        "escalation.view",
+        "escalation.acknowledge",
+        "escalation.resolve",
+        "escalation.feedback",
+        "message.view",
+        "message.reprocess",
+        "person.view",
+        "identity.assign",
+        "held.list",
+        "item.retry",
+    }
+)
+_ACT_REASON = {
+    "treatment": "TREAT",
+    "payment": "HPAYMT",
+    "operations": "HOPERAT",
+    "marketing": "HMARKT",
+    "compliance": "HCOMPL",
+}
 # Detail keys that are codes or ids by the audit contract; everything else stays out.
 _DETAIL_KEYS = (
     "kind",
     "control_id",
     "channel",
     "recipient_kind",
+    "recipient_role",
     "phi_class",
     "reason",
     "playbook",
@@ -75,10 +101,14 @@ def _coding(system: str, code: str, display: str | None = None) -> dict[str, Any
     return c
 
 
-def audit_event(rec: Rec) -> dict[str, Any]:
-    """One audit record as a minimal AuditEvent (a plain dict, JSON-ready)."""
+def audit_event(rec: Rec, *, about: int | None = None) -> dict[str, Any]:
+    """One audit record as a minimal AuditEvent (a plain dict, JSON-ready).
+
+    ``about`` is the patient the record was selected for, when it carries no person id of
+    its own (a message is received before anyone knows whose it is): the event still names
+    its patient."""
     code, display, action = _TYPES.get(rec.action, _DEFAULT_TYPE)
-    human = rec.action == "audit.query"
+    human = rec.action in _HUMAN_ACTIONS or rec.actor.startswith("cli:")
     agents: list[dict[str, Any]] = [
         {
             "type": {
@@ -93,20 +123,28 @@ def audit_event(rec: Rec) -> dict[str, Any]:
         }
     ]
     entities: list[dict[str, Any]] = []
-    if rec.person_id is not None:
+    patient = rec.person_id if rec.person_id is not None else about
+    if patient is not None:
         entities.append(
             {
-                "what": {"identifier": {"system": PERSON_SYSTEM, "value": str(rec.person_id)}},
+                "what": {"identifier": {"system": PERSON_SYSTEM, "value": str(patient)}},
                 "type": _coding(ENTITY_TYPE, "1", "Person"),
                 "role": _coding(OBJECT_ROLE, "1", "Patient"),
             }
         )
     if rec.action == "disclosure":
-        kind = str(rec.detail.get("recipient_kind") or "unknown")
+        # Who received it: the patient or the care team (recipient_role); older records
+        # name only the kind of address (phone, email, fhir).
+        role = rec.detail.get("recipient_role")
+        who = (
+            {"system": RECIPIENT_ROLE_SYSTEM, "value": str(role)}
+            if role
+            else {"system": RECIPIENT_SYSTEM, "value": str(rec.detail.get("recipient_kind") or "unknown")}
+        )
         agents.append(
             {
                 "type": {"coding": [_coding(DCM, "110152", "Destination Role ID")]},
-                "who": {"identifier": {"system": RECIPIENT_SYSTEM, "value": kind}},
+                "who": {"identifier": who},
                 "requestor": False,
             }
         )
@@ -164,11 +202,13 @@ def audit_event(rec: Rec) -> dict[str, Any]:
     return ev
 
 
-def bundle(recs: Iterable[Rec], *, at: datetime) -> dict[str, Any]:
-    """A ``collection`` Bundle of AuditEvents (fullUrls are stable per record)."""
+def bundle(recs: Iterable[Rec], *, at: datetime, person_id: int | None = None) -> dict[str, Any]:
+    """A ``collection`` Bundle of AuditEvents (fullUrls are stable per record). ``person_id``:
+    the patient the records were selected for (``AuditQuery.person_id``), named in each
+    event that does not carry a person of its own."""
     entries = []
     for r in recs:
-        ev = audit_event(r)
+        ev = audit_event(r, about=person_id)
         entries.append({"fullUrl": f"urn:uuid:{uuid.uuid5(_NS, f'{r.seq}:{r.hash}')}", "resource": ev})
     return {"resourceType": "Bundle", "type": "collection", "timestamp": format_time(at), "entry": entries}
 

@@ -11,6 +11,9 @@ names it by its position in the sequence 1..n:
 - ``unreadable``   the export line does not parse;
 - ``truncated`` / ``extra``  the records end before or after the chain head / a checkpoint.
 
+Checkpoints themselves can be ``bad_signature``, ``unknown_key`` (signed by a key not given),
+or ``bad_frontier`` (the unsigned frontier stored with them does not fold to the signed root).
+
 Rewriting history *and* re-hashing everything after it passes the chain check; it is caught by
 ``root_mismatch`` against a signed checkpoint, which names the range of records it covers, and
 by ``inconsistent`` when an earlier checkpoint the auditor kept is not a prefix of the log.
@@ -47,7 +50,12 @@ class Fault:
     last: int | None = None  # set when the fault only bounds the bad record to seq..last
 
     def __str__(self) -> str:
-        where = f"record {self.seq}: " if self.seq is not None else ""
+        if self.seq is None:
+            where = ""
+        elif self.last is not None:
+            where = f"records {self.seq}..{self.last}: "
+        else:
+            where = f"record {self.seq}: "
         return f"{self.kind}: {where}{self.message}"
 
 
@@ -89,7 +97,9 @@ class Report:
             "checkpoints_checked": self.checkpoints_checked,
             "signatures_checked": self.signatures_checked,
             "consistency_proofs": self.consistency_proofs,
-            "first_bad": None if fb is None else {"seq": fb.seq, "kind": fb.kind, "message": fb.message},
+            "first_bad": None
+            if fb is None
+            else {"seq": fb.seq, "last": fb.last, "kind": fb.kind, "message": fb.message},
             "faults": [
                 {"kind": f.kind, "seq": f.seq, "last": f.last, "message": f.message} for f in self.faults
             ],
@@ -126,6 +136,7 @@ def verify_records(
     forged = _check_signatures(rep, all_cps, public_keys)
     # A checkpoint whose signature fails is reported as forged; its root says nothing about the records.
     all_cps = [c for c in all_cps if id(c) not in forged]
+    _check_frontiers(rep, all_cps)
     checkpoints = [c for c in checkpoints if id(c) not in forged]
     saved = [c for c in saved if id(c) not in forged]
     anchor = _Anchor(0, GENESIS, ())
@@ -279,6 +290,21 @@ def _check_signatures(
     return bad
 
 
+def _check_frontiers(rep: Report, cps: Sequence[SignedCheckpoint]) -> None:
+    """The frontier is stored beside the signature, not under it, and the next checkpoint is
+    built on it: one that does not fold to the signed root would have the hub sign a wrong
+    tree over intact records."""
+    for cp in cps:
+        if cp.frontier and not cp.frontier_ok():
+            rep.faults.append(
+                Fault(
+                    "bad_frontier",
+                    None,
+                    f"checkpoint at size {cp.tree_size}: the stored frontier does not match the signed root",
+                )
+            )
+
+
 def _check_consistency(
     rep: Report, saved: Sequence[SignedCheckpoint], hub: Sequence[SignedCheckpoint], leaves: list[bytes]
 ) -> None:
@@ -324,6 +350,12 @@ def verify_database(
         with bind.connect() as conn:
             return verify_database(conn, saved=saved, public_keys=public_keys)
     conn = bind
+    # Read the checkpoints first: a checkpoint is signed only over records whose head row is
+    # already committed, so every checkpoint seen here is at or below the head read next, and
+    # one beyond the records means they were cut off (even if the head row was moved back too).
+    cp_t = AuditCheckpoint.__table__  # type: ignore[attr-defined]
+    rows = conn.execute(select(cp_t).order_by(cp_t.c.tree_size)).all()
+    cps = [SignedCheckpoint.from_row(AuditCheckpoint.model_validate(r._mapping)) for r in rows]
     # Read the newest seq before the head: an honest append commits both together, so any
     # record beyond the head seen here is an insertion, not a race with a writer.
     newest = conn.execute(select(func.max(col(AuditRecord.seq)))).scalar() or 0
@@ -331,9 +363,6 @@ def verify_database(
         select(col(AuditHead.seq), col(AuditHead.hash)).where(col(AuditHead.id) == 1)
     ).first()
     head = (head_row[0], head_row[1]) if head_row else (0, GENESIS)
-    cp_t = AuditCheckpoint.__table__  # type: ignore[attr-defined]
-    rows = conn.execute(select(cp_t).where(cp_t.c.tree_size <= head[0]).order_by(cp_t.c.tree_size)).all()
-    cps = [SignedCheckpoint.from_row(AuditCheckpoint.model_validate(r._mapping)) for r in rows]
     first = conn.execute(select(func.min(col(AuditRecord.seq)))).scalar()
     start = None
     if first is not None and first > 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
 import importlib
 import json
 import sys
@@ -149,11 +150,14 @@ def explain(
     person: Annotated[str, typer.Argument(help="internal person id, or an identifier as SYSTEM|VALUE")],
     config: ConfigOpt = None,
 ) -> None:
-    """One person's timeline: events, and each decision with why it was sent or suppressed."""
-    from careloop.explain import find_person, render_timeline
+    """One person's timeline: events, and each decision with why it was sent or suppressed.
+    Showing it is an access to the person's record, audited as ``person.view``."""
+    from careloop.explain import audit_view, find_person, render_timeline
 
     engine = _engine(config)
     pid = find_person(engine, person)
+    if pid is not None:
+        audit_view(engine, pid, f"cli:{getpass.getuser()}")
     if pid is None or not render_timeline(engine, pid, out):
         _fail(["person not found"], code=1)  # the argument may be an MRN: not echoed
 

@@ -83,6 +83,25 @@ def find_person(engine: Engine, ref: str) -> int | None:
         return survivor(s, pid) if pid is not None else None
 
 
+def audit_view(engine: Engine, person_id: int, actor: str) -> None:
+    """Record that ``actor`` is shown ``person_id``'s timeline (HIPAA: every access to PHI),
+    committed before anything is shown."""
+    from careloop import audit_log
+    from careloop.clock import SystemClock
+
+    with Session(engine) as s:
+        audit_log.append(
+            s,
+            at=SystemClock().now(),
+            actor=actor,
+            action="person.view",
+            person_id=person_id,
+            entity=f"person/{person_id}",
+            detail={"view": "timeline"},
+        )
+        s.commit()
+
+
 def render_timeline(engine: Engine, person_id: int, console: Console, tz: Any = None) -> bool:
     with Session(engine) as s:
         person = s.get(Person, person_id)

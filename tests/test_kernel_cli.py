@@ -146,6 +146,17 @@ def test_explain_and_deadletters_against_a_database(tmp_path: Path, monkeypatch:
     assert by_mrn.exit_code == 0 and by_mrn.output == res.output
     missing = runner.invoke(app, ["explain", "urn:test:mrn|NOPE"], env=env)
     assert missing.exit_code == 1 and "NOPE" not in missing.output
+    # Each showing is an access to the record, audited (the miss showed nothing).
+    from sqlmodel import Session, select
+
+    from careloop.db import make_engine
+    from careloop.tables import AuditRecord
+
+    engine = make_engine(db)
+    with Session(engine) as s:
+        views = s.exec(select(AuditRecord).where(AuditRecord.action == "person.view")).all()
+    engine.dispose()
+    assert [(v.person_id, v.entity, v.actor.startswith("cli:")) for v in views] == [(1, "person/1", True)] * 2
     res = runner.invoke(app, ["deadletters", "list"], env=env)
     assert res.exit_code == 0 and "PermanentError" in res.output
     res = runner.invoke(app, ["deadletters", "retry", "1"], env=env)
