@@ -10,6 +10,7 @@ that accept one; remember it otherwise). Errors cross the boundary as careloop e
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -58,6 +59,35 @@ class Receipt:
     status: str
     provider_id: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+
+
+class SentMemory:
+    """The receipts of the keys this process sent, newest ``capacity`` only.
+
+    It answers a repeated ``send`` and a ``status`` asked soon after a send whose outcome
+    was not committed (recovery comes after the outbox's lease, minutes later). Bounded, so
+    a hub that runs for months does not keep every key it ever sent: an evicted key is
+    answered from the provider (where it can be asked) or becomes ``unknown`` like any
+    interrupted send, never sent blindly."""
+
+    def __init__(self, capacity: int = 50_000) -> None:
+        self.capacity = capacity
+        self._receipts: OrderedDict[str, Receipt] = OrderedDict()
+
+    def get(self, key: str) -> Receipt | None:
+        return self._receipts.get(key)
+
+    def __setitem__(self, key: str, receipt: Receipt) -> None:
+        self._receipts[key] = receipt
+        self._receipts.move_to_end(key)
+        while len(self._receipts) > self.capacity:
+            self._receipts.popitem(last=False)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._receipts
+
+    def __len__(self) -> int:
+        return len(self._receipts)
 
 
 class ChannelConfig(PluginConfig):

@@ -42,7 +42,7 @@ from careloop.clock import Clock, SystemClock, utc
 from careloop.errors import PermanentError
 from careloop.tables import Escalation, OutboxItem
 from channels import _http
-from channels.base import ABSENT, ChannelCaps, ChannelConfig, Receipt
+from channels.base import ABSENT, ChannelCaps, ChannelConfig, Receipt, SentMemory
 from channels.twilio_sms import check_url
 
 log = logging.getLogger("careloop.channels.fhir_writeback")
@@ -243,7 +243,7 @@ class FhirWritebackChannel:
         self.clock = clock or SystemClock()
         self._own_http = http is None
         self._http = http or _http.new_client()
-        self._sent: dict[str, Receipt] = {}
+        self._sent = SentMemory()
 
     def __repr__(self) -> str:
         return f"FhirWritebackChannel(id={self.id!r}, base_url={self.config.base_url!r})"
@@ -311,10 +311,22 @@ class FhirWritebackChannel:
         )
         _http.check(resp, what)
         bundle = _http.json_body(resp, what)
-        entries = [e.get("resource", {}) for e in bundle.get("entry") or [] if isinstance(e, dict)]
+        # Only a resource of ours counts: a searchset may also carry OperationOutcome entries
+        # (search mode "outcome", e.g. a warning), and a server that ignores the identifier
+        # parameter answers with unrelated resources. Taking either for ours would mark a
+        # write-back that never happened as delivered.
+        entries = [
+            r
+            for e in bundle.get("entry") or []
+            if isinstance(e, dict)
+            and isinstance(r := e.get("resource"), dict)
+            and r.get("resourceType") == rtype
+            and _has_identifier(r, OUTBOX_SYSTEM, item.key)
+        ]
         if not entries:
             return Receipt(ABSENT)  # conditional create makes a resend safe
-        return Receipt("delivered", provider_id=f"{rtype}/{entries[0].get('id')}", detail={"recovered": True})
+        rid = entries[0].get("id")
+        return Receipt("delivered", provider_id=f"{rtype}/{rid}" if rid else None, detail={"recovered": True})
 
     async def record_escalation(self, escalation: Escalation, patient_ref: str) -> Receipt:
         """Write a Task for ``escalation`` now, outside the outbox (idempotent per escalation id)."""
@@ -335,6 +347,13 @@ class FhirWritebackChannel:
     async def aclose(self) -> None:
         if self._own_http:
             await self._http.aclose()
+
+
+def _has_identifier(resource: dict[str, Any], system: str, value: str) -> bool:
+    return any(
+        isinstance(i, dict) and i.get("system") == system and i.get("value") == value
+        for i in resource.get("identifier") or []
+    )
 
 
 def _created_id(resp: httpx.Response, rtype: str) -> str | None:

@@ -4,7 +4,9 @@ Each item becomes one MIME message: ``multipart/alternative`` with the text and,
 template has one, the HTML body; ``From``/``Reply-To`` from config; ``List-Unsubscribe``
 (an https URL, with ``List-Unsubscribe-Post: List-Unsubscribe=One-Click`` per RFC 8058,
 and/or a mailto) so mailbox providers show an unsubscribe button; ``Auto-Submitted:
-auto-generated`` (RFC 3834) so auto-responders stay quiet. With ``reply_to`` set, the
+auto-generated`` (RFC 3834) so auto-responders stay quiet. Escalation notices to staff carry
+neither a reply token nor List-Unsubscribe: their outbox row is the patient's, and a staff
+member's reply or unsubscribe must not act for the patient. With ``reply_to`` set, the
 ``Reply-To`` is ``<local>+<token>@<domain>`` where the token names this outbox item under
 an HMAC keyed by ``reply_secret`` (careloop/reply_token.py): the inbound connector, given
 the same secret, links a reply to the person the message went to rather than to whoever
@@ -16,8 +18,10 @@ SMTP cannot be asked afterwards whether a message went out: ``status()`` answers
 an interrupted send becomes ``unknown`` for staff review (see channels/outbox.py). A
 connection dropped or timing out after the DATA command started is ``DeliveryUncertain``
 for the same reason; failures before it are plain transient errors. SMTP replies map by
-class: 4xx transient, 5xx permanent. Errors carry the reply code only: servers often
-echo the address in their text.
+class: 4xx transient, 5xx permanent, each by the command that drew it (MAIL's reply is
+checked, not left to surface as RCPT's "503 need MAIL"); once the server has answered 250
+to the message, nothing after it (a QUIT refused or dropped) is a failure. Errors carry
+the reply code only: servers often echo the address in their text.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import logging
 import smtplib
 import socket
 import ssl
+from email import policy as email_policy
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, formataddr
@@ -39,13 +44,17 @@ from careloop import reply_token
 from careloop.clock import Clock, SystemClock
 from careloop.errors import PermanentError, TransientError
 from careloop.tables import OutboxItem
-from channels.base import ChannelCaps, ChannelConfig, DeliveryUncertain, Receipt
+from channels.base import ChannelCaps, ChannelConfig, DeliveryUncertain, Receipt, SentMemory
 from channels.twilio_sms import LOOPBACK, check_url
 
 log = logging.getLogger("careloop.channels.smtp_email")
 
 Security = Literal["starttls", "tls", "none"]
 ESCALATION_PURPOSE = "escalation"  # orchestrator/escalation.py: notices to staff
+# Bodies in 7-bit transfer encodings (quoted-printable or base64 for non-ASCII text, such as
+# the Spanish templates): the default policy would send raw 8-bit bytes, which RFC 6152
+# allows only to a server that advertises 8BITMIME and with MAIL ... BODY=8BITMIME.
+MIME_POLICY = email_policy.default.clone(cte_type="7bit")
 
 
 def _email(v: str) -> str:
@@ -119,7 +128,7 @@ class SmtpEmailChannel:
     def __init__(self, id: str, config: SmtpEmailConfig, clock: Clock | None = None) -> None:
         self.id, self.config = id, config
         self.clock = clock or SystemClock()
-        self._sent: dict[str, Receipt] = {}
+        self._sent = SentMemory()
         self._domain = config.message_id_domain or config.from_address.rsplit("@", 1)[1]
 
     def __repr__(self) -> str:
@@ -148,21 +157,23 @@ class SmtpEmailChannel:
         except ValueError:
             raise PermanentError(f"channel {self.id}: recipient is not an email address") from None
         cfg = self.config
-        msg = EmailMessage()
+        msg = EmailMessage(policy=MIME_POLICY)
         msg["From"] = formataddr((cfg.from_name, cfg.from_address)) if cfg.from_name else cfg.from_address
         msg["To"] = item.recipient
         msg["Subject"] = subject
         msg["Date"] = format_datetime(self.clock.now())
         msg["Message-ID"] = self.message_id(item.key)
+        # An escalation notice goes to staff about a patient: a staff reply must not act as
+        # the patient's, so it carries no token (its replies arrive unverified); nor may a
+        # staff member's unsubscribe button (one-click, keyed by this outbox item, whose
+        # person is the patient) opt the patient out. Staff notices are no mailing list.
+        to_staff = item.purpose == ESCALATION_PURPOSE
         if cfg.reply_to and cfg.reply_secret:
-            # An escalation notice goes to staff about a patient: a staff reply must not act
-            # as the patient's, so it carries no token (its replies arrive unverified).
-            tagged = item.purpose != ESCALATION_PURPOSE
-            msg["Reply-To"] = self.reply_address(item.key) if tagged else cfg.reply_to
+            msg["Reply-To"] = cfg.reply_to if to_staff else self.reply_address(item.key)
         unsub = []
-        if cfg.list_unsubscribe_url:
+        if cfg.list_unsubscribe_url and not to_staff:
             unsub.append(f"<{cfg.list_unsubscribe_url.replace('{key}', item.key)}>")
-        if cfg.list_unsubscribe_mailto:
+        if cfg.list_unsubscribe_mailto and not to_staff:
             unsub.append(f"<mailto:{cfg.list_unsubscribe_mailto}?subject=unsubscribe>")
         if unsub:
             msg["List-Unsubscribe"] = ", ".join(unsub)
@@ -210,7 +221,13 @@ class SmtpEmailChannel:
                     phase = "auth"
                     smtp.login(cfg.username, cfg.password.get_secret_value())
                 phase = "mail"
-                smtp.mail(cfg.from_address)
+                # smtplib returns MAIL's reply instead of raising: a refused MAIL (451 while
+                # the server is busy) would otherwise surface as RCPT's "503 need MAIL
+                # first", a permanent error, and the message be dead-lettered.
+                code, _ = smtp.mail(cfg.from_address)
+                if code != 250:
+                    raise smtplib.SMTPSenderRefused(code, b"", cfg.from_address)
+                phase = "rcpt"
                 code, _ = smtp.rcpt(rcpt)
                 if code not in (250, 251):
                     raise smtplib.SMTPRecipientsRefused({rcpt: (code, b"")})
@@ -229,6 +246,10 @@ class SmtpEmailChannel:
             code = next(iter(exc.recipients.values()))[0]
             raise _by_code(code, f"{what}: recipient refused ({code})") from None
         except smtplib.SMTPResponseException as exc:
+            if phase == "quit":
+                # The server took the message (250 after DATA); a QUIT answered with
+                # anything but 221 is no failure, and a retry would deliver it twice.
+                return
             raise _by_code(exc.smtp_code, f"{what}: {phase} refused ({exc.smtp_code})") from None
         except ssl.SSLCertVerificationError:
             raise PermanentError(f"{what}: server TLS certificate not trusted (see ca_file)") from None

@@ -19,7 +19,9 @@ count deliveries per outbox key. Nothing is sent anywhere and nothing is logged 
 
 Test controls: ``fail_with`` (status codes answered to the next POSTs), ``delay``
 (seconds to wait after recording, before answering), ``hang_at`` (the Nth POST is
-recorded and then never answered until ``release()``).
+recorded and then never answered until ``release()``), ``garble_next`` (the next N accepted
+POSTs are recorded and answered 201 with a body that is not JSON, as a proxy's error page
+or a truncated response would be).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class FakeTwilio:
         self.fail_with: list[int] = []
         self.delay = 0.0
         self.hang_at: int | None = None
+        self.garble_next = 0
         self.hung = threading.Event()  # set once the hanging request was recorded
         self._release = threading.Event()
         self.now: Callable[[], datetime] = lambda: datetime.now(UTC)
@@ -221,9 +224,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _send(self, status: int, doc: dict[str, Any]) -> None:
-        body = json.dumps(doc).encode()
+        self._send_raw(status, json.dumps(doc).encode(), "application/json")
+
+    def _send_raw(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -257,6 +262,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, _error(20404, "The requested resource was not found", 404))
             return
         status, doc = self.owner.create(dict(parse_qsl(raw, keep_blank_values=True)))
+        with self.owner.lock:
+            garble = status == 201 and self.owner.garble_next > 0
+            if garble:
+                self.owner.garble_next -= 1
+        if garble:
+            self._send_raw(201, b"<html><body>upstream reset</body></html>", "text/html")
+            return
         if self.owner.delay:
             threading.Event().wait(self.owner.delay)
         # the client may have been killed while we held its request: that is the crash test

@@ -8,6 +8,12 @@ Wire format (Twilio REST API 2010-04-01): a form POST to
 ``{status_callback_url}/status?key=<outbox key>`` so each delivery report names its
 outbox row (the ``twilio_sms_inbound`` connector stores it as ``_key``).
 
+Errors: as ``channels/_http.py`` (429, 5xx, timeouts transient; other 4xx permanent), except
+the Twilio codes in ``TRANSIENT_CODES`` (21611, the sender's queue is full), which are
+transient whatever the HTTP status. Once Twilio has answered 2xx the message exists: an
+answer that cannot be read (not JSON, no sid) is ``DeliveryUncertain``, settled by the
+lookup below, never retried blindly.
+
 Idempotency and crash recovery, honestly: Twilio's Messages API has no idempotency key,
 and the message SID is only known once Twilio answers, so it cannot be committed before
 the call. Within one process the channel remembers the keys it sent. After a crash the
@@ -38,10 +44,10 @@ import httpx
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from careloop.clock import utc
-from careloop.errors import PermanentError
+from careloop.errors import PermanentError, TransientError
 from careloop.tables import OutboxItem
 from channels import _http
-from channels.base import ABSENT, ChannelCaps, ChannelConfig, Receipt
+from channels.base import ABSENT, ChannelCaps, ChannelConfig, DeliveryUncertain, Receipt, SentMemory
 from channels.sms_encoding import DEFAULT_MAX_SEGMENTS, check_sms_length, measure, template_estimate
 
 log = logging.getLogger("careloop.channels.twilio_sms")
@@ -62,6 +68,13 @@ STATUS_MAP = {
     "failed": "failed",
     "canceled": "failed",
 }
+
+
+# Twilio error codes that a 4xx carries for a condition that passes: 21611, the sender's
+# queue holds more than its validity period of messages ("slow down your sending rate";
+# https://www.twilio.com/docs/api/errors/21611). Dead-lettering would drop every message
+# of a large batch; retrying with backoff lets the queue drain first.
+TRANSIENT_CODES = frozenset({"21611"})
 
 
 def check_url(v: str, *, loopback_http: bool = True) -> str:
@@ -140,7 +153,7 @@ class TwilioSmsChannel:
         self._own_http = http is None
         self._http = http or _http.new_client()
         self._auth = httpx.BasicAuth(config.account_sid, config.auth_token.get_secret_value())
-        self._sent: dict[str, Receipt] = {}
+        self._sent = SentMemory()
         self._messages = f"{config.base_url}/2010-04-01/Accounts/{config.account_sid}/Messages"
 
     def __repr__(self) -> str:
@@ -203,12 +216,21 @@ class TwilioSmsChannel:
             timeout=self.config.timeout_seconds,
             uncertain=True,
         )
+        code = None if resp.is_success else _http.provider_code(resp)
+        if code in TRANSIENT_CODES:
+            raise TransientError(f"{what}: HTTP {resp.status_code} (provider code {code})")
         _http.check(resp, what)
-        msg = _http.json_body(resp, what)
+        # From here on Twilio has accepted the message: an answer we cannot read (a proxy's
+        # page, a truncated body, no sid) must not be retried as if nothing had been sent,
+        # nor dead-lettered (a dead letter's retry sends again). ``DeliveryUncertain`` keeps
+        # the item ``sending`` and recovery's lookup adopts the message or marks it unknown.
+        try:
+            msg = _http.json_body(resp, what)
+        except TransientError:
+            raise DeliveryUncertain(f"{what}: provider answered {resp.status_code} without JSON") from None
         sid = msg.get("sid")
         if not isinstance(sid, str) or not sid.startswith(("SM", "MM")):
-            # Twilio accepted something; do not resend blindly: the outbox marks it unknown.
-            raise PermanentError(f"{what}: provider answered {resp.status_code} without a message sid")
+            raise DeliveryUncertain(f"{what}: provider answered {resp.status_code} without a message sid")
         receipt = Receipt(
             STATUS_MAP.get(str(msg.get("status")), "queued"),
             provider_id=sid,

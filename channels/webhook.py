@@ -31,7 +31,7 @@ from pydantic import Field, SecretStr, field_validator
 from careloop.errors import PermanentError
 from careloop.tables import OutboxItem
 from channels import _http
-from channels.base import ABSENT, ChannelCaps, ChannelConfig, Receipt
+from channels.base import ABSENT, ChannelCaps, ChannelConfig, Receipt, SentMemory
 from channels.twilio_sms import check_url
 
 log = logging.getLogger("careloop.channels.webhook")
@@ -89,7 +89,7 @@ class WebhookChannel:
         self.id, self.config = id, config
         self._own_http = http is None
         self._http = http or _http.new_client()
-        self._sent: dict[str, Receipt] = {}
+        self._sent = SentMemory()
 
     def __repr__(self) -> str:
         return f"WebhookChannel(id={self.id!r})"
