@@ -3,8 +3,9 @@
 A payload (one message, several, or an FHS/BHS batch) becomes one ``RawIn`` per message,
 each with its kind (``hl7v2:<MSH-9.1>^<MSH-9.2>``), its dedup key (``MSH-3|MSH-4|MSH-10``)
 and the ACK to send once it is committed (stored with it, so a duplicate gets the same
-bytes). Messages whose bytes do not decode in their MSH-18 character set (or that fail
-``strict`` structure validation) are still kept, with an AE ACK carrying the ERR.
+bytes). Messages whose bytes do not decode in their MSH-18 character set, that hold a
+segment whose id cannot be read (``parse.check_segments``: the mapper could not parse them),
+or that fail ``strict`` structure validation, are still kept, with an AE ACK carrying the ERR.
 Messages whose MSH is unusable (``header_error``: MSH-12 missing or unsupported, MSH-9 or
 MSH-10 missing, MSH-7 invalid) are kept too, with an AR (CR in enhanced mode) ACK.
 
@@ -24,7 +25,15 @@ from dataclasses import dataclass, field
 
 from careloop.clock import Clock
 from careloop.hl7v2.ack import AckError, AckStyle, Outcome, ack_code, build_ack, header_error, should_send
-from careloop.hl7v2.parse import CharsetError, Header, decode, is_batch, read_header, split_messages
+from careloop.hl7v2.parse import (
+    Header,
+    HL7FormatError,
+    check_segments,
+    decode,
+    is_batch,
+    read_header,
+    split_messages,
+)
 from careloop.model import RawIn
 
 CONTENT_TYPE = "x-application/hl7-v2+er7"
@@ -66,8 +75,9 @@ class HL7Acceptor:
             outcome = Outcome.OK if error is None else Outcome.REJECT
             if error is None:
                 try:
-                    decode(msg, hdr)
-                except CharsetError as exc:
+                    text, _ = decode(msg, hdr)
+                    check_segments(text, hdr.enc)
+                except HL7FormatError as exc:  # CharsetError, or a segment that cannot be read
                     error = AckError(exc.code, str(exc), exc.location)
                 if error is None and self.strict:
                     error = strict_check(msg)

@@ -2,9 +2,10 @@
 
 Each ``*.hl7`` file is read, its messages are committed to the store, and only then is the
 file moved to ``done/`` (every message accepted) or ``error/`` (unreadable, or a message
-answered AE, e.g. undecodable bytes; those messages are still stored for inspection). An
-unreadable file is not stored; a PHI-free reason is written next to it in ``error/``. If the
-store fails the file stays where it is and is tried again on the next scan. A crash between
+answered AE or AR, e.g. undecodable bytes, also when the file is seen again; those messages
+are still stored for inspection). An unreadable file is not stored; a PHI-free reason is
+written next to it in ``error/``. If the store fails the file stays where it is and is tried
+again on the next scan. A crash between
 the commit and the move is harmless: the file is read again and its messages are
 duplicates (same MSH-3, MSH-4, MSH-10), which are not stored twice.
 """
@@ -132,20 +133,24 @@ class FileConnector:
                 moved += 1
                 continue
             try:
-                results = await self._sink.put(accepted.items)
+                await self._sink.put(accepted.items)
             except Exception as exc:
                 self.store_failures += 1
                 log.warning(
                     "connector %s: store failed for a file, will retry: %s", self.id, type(exc).__name__
                 )
                 return moved
-            errors = [
-                item
-                for item, res in zip(accepted.items, results, strict=True)
-                if "hl7_error" in item.headers and not res.duplicate
-            ]
+            # A message kept with an error ACK has a dedup key over its bytes, so the same file
+            # seen again (a crash before the move, a file dropped twice) holds duplicates of
+            # those error messages: it goes to error/ again, as the first time.
+            acks = sorted({item.headers["hl7_ack"] for item in accepted.items if "hl7_error" in item.headers})
+            errors = sum("hl7_error" in item.headers for item in accepted.items)
             if errors:
-                self._move(path, self.error_dir, f"{len(errors)} message(s) stored with an error ACK (AE)")
+                self._move(
+                    path,
+                    self.error_dir,
+                    f"{errors} message(s) stored with an error ACK ({', '.join(acks)})",
+                )
             else:
                 self._move(path, self.done_dir, None)
             moved += 1

@@ -144,7 +144,7 @@ class MLLPFramer:
         if not buf and not self._in_frame and data[:1] == VT:
             # The usual read: exactly one whole frame, nothing left over.
             j = data.find(FS_CR, 1)
-            if j > 0 and j == len(data) - 2 and j - 1 <= self.max_bytes:
+            if j > 0 and j == len(data) - 2 and j - 1 <= self.max_bytes and data.find(VT, 1, j) < 0:
                 return [Frame(data[1:j], j - 1)]
         buf += data
         out: list[Frame] = []
@@ -159,6 +159,23 @@ class MLLPFramer:
                 del buf[: i + 1]
                 self._in_frame, self._oversize, self._head, self._dropped = True, False, b"", 0
             j = buf.find(FS_CR)
+            k = buf.find(VT, 0, j if j >= 0 else len(buf))
+            if k >= 0:
+                # A new frame starts before this one ended. A frame closed by FS alone (its
+                # CR lost) is whole and is read; anything else is an unterminated fragment,
+                # skipped and counted with its VT. Either way the next frame is not swallowed.
+                size = self._dropped + k
+                if k > 0 and buf[k - 1] == FS[0]:
+                    size -= 1
+                    if self._oversize or size > self.max_bytes:
+                        out.append(Frame(self._head or bytes(buf[:_HEAD_KEEP]), size, oversize=True))
+                    else:
+                        out.append(Frame(bytes(buf[: k - 1]), size))
+                else:
+                    self.junk_bytes += size + 1
+                del buf[:k]
+                self._in_frame = False
+                continue
             if j < 0:
                 if self._oversize or len(buf) > self.max_bytes + 1:
                     if not self._oversize:
@@ -368,6 +385,9 @@ class _Shape:
     codec: str | None  # None: MSH-18 names a character set we do not support (slow path)
     ack: AckTemplate
     ok: bool  # no ``shape_error`` (MSH-9, MSH-12): False sends every message to the slow path
+    # A segment that does not start with a valid id (three upper-case letters or digits,
+    # then the field separator or the segment's end): the slow path answers it AE.
+    bad_segment: re.Pattern[bytes]
 
 
 class _MSHCache:
@@ -416,6 +436,8 @@ class _MSHCache:
             content.decode(shape.codec)
         except UnicodeDecodeError:
             return None  # the slow path builds the AE with the offending offset
+        if shape.bad_segment.search(content) is not None:
+            return None  # a stray line, a lost VT/FS: the slow path answers AE (parse.check_segments)
         now = acceptor.clock.now()
         reply = shape.ack.render(self.timestamp(now), hdr.control_id) if shape.ack.send else None
         msg = content if content.endswith(b"\r") else content + b"\r"
@@ -432,7 +454,9 @@ class _MSHCache:
         except CharsetError:
             codec = None
         ack = ack_template(hdr, Outcome.OK, self.style, self.receiver)
-        return _Shape(hdr.enc, kind[:64], codec, ack, shape_error(hdr) is None)
+        fs = re.escape(hdr.enc.field.encode("latin-1"))
+        bad = re.compile(rb"\r(?!\Z|[A-Z][A-Z0-9]{2}(?:" + fs + rb"|\r|\Z))")
+        return _Shape(hdr.enc, kind[:64], codec, ack, shape_error(hdr) is None, bad)
 
 
 # --------------------------------------------------------------------------- connector

@@ -20,6 +20,7 @@ from sqlmodel import Session, col, select
 
 from careloop import audit_log
 from careloop.clock import SystemClock
+from careloop.hl7v2.parse import BOM, CHARSETS, HL7FormatError, read_header
 from careloop.tables import RawMessage
 
 app = typer.Typer(no_args_is_help=True, help="Stored raw messages: list, show (masked), reprocess.")
@@ -29,6 +30,39 @@ REPROCESSABLE = frozenset({"skipped", "dead", "error"})
 _HL7_CLEAR = frozenset({"MSH", "EVN", "BHS", "BTS", "FHS", "FTS"})
 RAW_STATUSES = ("pending", "mapped", "skipped", "error", "dead")
 _JSON_CLEAR = frozenset({"resourceType", "type", "status", "id", "kind", "occurred_at"})
+# Segments whose first field is a Set ID (SI, at most 4 digits), kept in clear. Elsewhere
+# SEG-1 can be PHI even when it is all digits: MRG-1 is the prior MRN, SCH-1 the placer
+# appointment id, PD1-1 the living dependency.
+_SET_ID_FIRST = frozenset(
+    [
+        "PID",
+        "PV1",
+        "NK1",
+        "AL1",
+        "IAM",
+        "DG1",
+        "PR1",
+        "GT1",
+        "IN1",
+        "IN3",
+        "ROL",
+        "OBR",
+        "OBX",
+        "NTE",
+        "TQ1",
+        "TQ2",
+        "RGS",
+        "AIS",
+        "AIG",
+        "AIL",
+        "AIP",
+        "DB1",
+        "UB1",
+        "SPM",
+        "CON",
+        "TXA",
+    ]
+)
 
 
 def _engine(config: Path | None) -> Engine:
@@ -93,8 +127,10 @@ def mask_hl7(text: str) -> str:
             continue
         sep = line[3]
         fields = line.split(sep)
+        set_id = name in _SET_ID_FIRST
         masked = [fields[0]] + [
-            f if (i == 1 and f.isdigit()) or not f else "***" for i, f in enumerate(fields[1:], start=1)
+            f if not f or (i == 1 and set_id and f.isdigit() and len(f) <= 4) else "***"
+            for i, f in enumerate(fields[1:], start=1)
         ]
         out.append(sep.join(masked))
     return "\n".join(out)
@@ -110,11 +146,26 @@ def mask_json(value: Any, key: str = "") -> Any:
     return "***"
 
 
+def hl7_text(data: bytes) -> str:
+    """HL7 v2 bytes as text in the character set their MSH-18 names (an 8859/1 message is
+    not UTF-8); bytes that do not decode (a message kept with an AE) show as U+FFFD."""
+    data = data[len(BOM) :] if data.startswith(BOM) else data
+    codec = "utf-8"
+    try:
+        start = data.find(b"MSH")
+        if start >= 0:
+            codec = CHARSETS.get(" ".join(read_header(data[start:]).charset_name.split()), "utf-8")
+    except HL7FormatError:
+        pass
+    return data.decode(codec, errors="replace")
+
+
 def render_body(row: RawMessage, unmask: bool) -> str:
     body = bytes(row.body)
-    text = body.decode("utf-8", errors="replace")
     if row.kind.startswith("hl7v2:") or body.lstrip(b"\xef\xbb\xbf").startswith(b"MSH"):
+        text = hl7_text(body)
         return text.replace("\r", "\n").strip() if unmask else mask_hl7(text)
+    text = body.decode("utf-8", errors="replace")
     try:
         doc = json.loads(text)
     except ValueError:
@@ -156,7 +207,7 @@ def show(
     )
     typer.echo(render_body(row, unmask))
     if row.ack:
-        typer.echo("\nack:\n" + bytes(row.ack).decode("utf-8", errors="replace").replace("\r", "\n").strip())
+        typer.echo("\nack:\n" + hl7_text(bytes(row.ack)).replace("\r", "\n").strip())
 
 
 @app.command("reprocess")

@@ -82,12 +82,13 @@ _CLASS: Final = {
 }
 _ACTCODE: Final = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 
-# SCH-25 filler status (table 0278) -> Appointment.status (V2-to-FHIR ConceptMap).
+# SCH-25 filler status (table 0278) -> Appointment.status (V2-to-FHIR ConceptMap). The IG
+# leaves Dc, Blocked and Overbook unmapped: Dc is read as cancelled, Blocked and Overbook as booked.
 FILLER_STATUS: Final[dict[str, str]] = {
     "PENDING": "pending",
     "WAITLIST": "waitlist",
     "BOOKED": "booked",
-    "STARTED": "arrived",
+    "STARTED": "checked-in",
     "COMPLETE": "fulfilled",
     "CANCELLED": "cancelled",
     "DC": "cancelled",
@@ -468,12 +469,16 @@ def _appointment(ctx: _Ctx, sch: Segment, trigger: str, idents: list[Identifier]
 
 
 def _timing(ctx: _Ctx, sch: Segment) -> tuple[datetime | None, datetime | None]:
-    """Start and end: TQ1-7/8, else SCH-11 (TQ .4/.5), else the first AIS-4 plus duration."""
+    """Start and end: TQ1-7/8 (TQ1-6 duration when TQ1-8 is empty), else SCH-11 (TQ .4/.5),
+    else the first AIS-4 plus duration; SCH-9/10 last for a missing end."""
     msg, enc, cs = ctx.msg, ctx.enc, ctx.cs
     tq1 = msg.segment("TQ1")
     start = end = None
     if tq1 is not None:
         start, end = ctx.dtm(tq1.get(7)), ctx.dtm(tq1.get(8))
+        if start is not None and end is None:
+            duration = tq1.raw_rep(6)  # TQ1-6 service duration (CQ: quantity^units)
+            end = _plus(start, leaf(duration, 1, 1, enc, cs), leaf(duration, 2, 1, enc, cs))
     if start is None:
         tq = sch.raw_rep(11)
         start, end = ctx.dtm(leaf(tq, 4, 1, enc, cs)), ctx.dtm(leaf(tq, 5, 1, enc, cs))

@@ -241,6 +241,10 @@ def contact_point(rep: str, enc: Encoding, charset: str, business: bool) -> dict
     c = comps(rep, enc, charset, 12)
     use_code, equip = c[1].strip().upper(), c[2].strip().upper()
     email = c[3].strip()
+    if not email and "@" in c[0]:
+        # The address in XTN-1, as v2.2 senders (and many later ones) write it: a phone
+        # number never holds an "@".
+        email = c[0].strip()
     out: dict[str, Any]
     if email and "@" in email and (equip in ("INTERNET", "X.400", "") or use_code == "NET"):
         out = {"system": "email", "value": email.lower()}

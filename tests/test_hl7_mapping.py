@@ -200,7 +200,7 @@ def test_appointment_id_is_stable_across_the_appointment_lifecycle() -> None:
     [
         ("Pending", "pending"),
         ("Waitlist", "waitlist"),
-        ("Started", "arrived"),
+        ("Started", "checked-in"),  # V2-to-FHIR ConceptMap table-hl70278-to-appointmentstatus
         ("Complete", "fulfilled"),
         ("Noshow", "noshow"),
         ("Deleted", "entered-in-error"),

@@ -183,3 +183,28 @@ def test_the_fast_path_reads_valid_messages_and_declines_rejected_ones() -> None
             assert c._shapes.accept(general, body, False) is None
             [raw] = c._accept(body, {}).items
             assert raw.reply is not None and raw.reply.split(b"\r")[1].startswith(b"MSA|AR|")
+
+
+def test_a_message_with_a_line_that_is_not_a_segment_gets_the_same_ae_on_both_paths() -> None:
+    c, general = pair()
+    for junk in (b"this line is not a segment\r", b"pid|1\r", b"PI\r", b"P1d|x\r", b"\x0bPID|1\r"):
+        body = adt("A01", "G1") + junk
+        same(c, general, body)
+        [raw] = c._accept(body, {}).items
+        assert raw.reply is not None and raw.reply.split(b"\r")[1] == b"MSA|AE|G1"
+    # Segments with no fields, Z-segments and a message without its last CR stay on the fast path.
+    for ok in (adt("A01", "G2") + b"ZPD|x\r", adt("A01", "G3") + b"PV2\r", adt("A01", "G4").rstrip(b"\r")):
+        assert c._shapes.accept(general, ok, False) is not None
+
+
+def test_a_frame_closed_by_fs_alone_does_not_swallow_the_next_frame() -> None:
+    one, two = adt("A01", "O4"), adt("A01", "O5")
+    for data in (b"\x0b" + one + b"\x1c" + frame(two), b"\x0b" + one + frame(two)):
+        whole, chunked = MLLPFramer(1 << 20), MLLPFramer(1 << 20)
+        got = whole.feed(data)
+        assert [f for i in range(0, len(data), 7) for f in chunked.feed(data[i : i + 7])] == got
+        assert whole.junk_bytes == chunked.junk_bytes
+        if data[len(one) + 1 : len(one) + 2] == b"\x1c":  # FS without its CR: the message is whole
+            assert [f.content for f in got] == [one, two] and whole.junk_bytes == 0
+        else:  # no end at all: a fragment, skipped and counted with its VT
+            assert [f.content for f in got] == [two] and whole.junk_bytes == len(one) + 1

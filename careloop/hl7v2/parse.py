@@ -305,8 +305,26 @@ def parse_text(text: str, charset: str = "utf-8") -> Message:
     segs = [Segment(line, enc, charset) for line in lines]
     for i, s in enumerate(segs):
         if not _valid_segment_id(s.name):
-            raise HL7FormatError(f"segment {i + 1} has an invalid segment id", 100, f"{i + 1}")
+            raise segment_id_error(i + 1)
     return Message(segs, enc, charset)
+
+
+def segment_id_error(position: int) -> HL7FormatError:
+    # No ERL location: its first component is a segment id, and this one is not readable.
+    return HL7FormatError(f"segment {position} has an invalid segment id", 100)
+
+
+def check_segments(text: str, enc: Encoding) -> None:
+    """Raise the ``HL7FormatError`` that ``parse_text`` would raise for a segment id that
+    is not three upper-case letters or digits (a stray line, a lost VT/FS, ...), so that
+    the ingest path can answer it with an error ACK instead of AA."""
+    position = 0
+    for line in text.replace("\r\n", "\r").replace("\n", "\r").split("\r"):
+        if not line.strip():
+            continue
+        position += 1
+        if not _valid_segment_id(line.split(enc.field, 1)[0]):
+            raise segment_id_error(position)
 
 
 def _valid_segment_id(name: str) -> bool:
@@ -387,7 +405,9 @@ class Header:
 
     @property
     def control_id(self) -> str:
-        return self.get(10)
+        # As written, escapes and all: MSA-2 must echo MSH-10 exactly, and an unescaped
+        # "\F\" or "\T\" would put a delimiter into the ACK.
+        return self.raw(10)
 
     @property
     def version(self) -> str:
