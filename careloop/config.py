@@ -38,6 +38,12 @@ def _tz(v: str) -> str:
 def _hours(v: str) -> str:
     if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-4]):[0-5]\d", v):
         raise ValueError("must look like 08:00-21:00")
+    start, end = v.split("-")
+    if start >= end:  # same-width zero-padded text: compares as the times do
+        raise ValueError(
+            "is the allowed sending window (like 08:00-21:00): its start must be before its end "
+            "on the same day, not the quiet period"
+        )
     return v
 
 
@@ -140,6 +146,12 @@ class ComplianceConfig(Strict):
     )
     opt_in_max_age_days: int | None = Field(
         None, ge=1, description="an opt-in older than this many days no longer counts (None: never expires)"
+    )
+    shared_contact: Literal["hold", "send"] = Field(
+        "hold",
+        description="a phone or email that several people's records hold (a family phone): hold "
+        "the item for staff with reason identity-unresolved, or send (a pediatric practice that "
+        "texts parents about each child)",
     )
 
 

@@ -64,6 +64,7 @@ class Hub:
             max_attempts=retry.max_attempts,
             backoff_base=retry.retry_base_seconds,
             backoff_cap=retry.retry_cap_seconds,
+            check=self.orchestrator.send_check,
         )
         self.stages: list[Stage] = [MapStage(store, self.mappers), self.orchestrator, self.deliver]
         # Periodic work the plugins ask for (pollers, heartbeat watchdogs): APScheduler
@@ -131,7 +132,8 @@ class Hub:
             # A connector that works but is degraded (its EHR subscriptions not in place yet)
             # says why without failing readiness: the hub still takes everything else in.
             if h.ok:
-                detail[f"connector:{cid}"] = f"degraded: {h.detail}" if h.detail else "ok"
+                state = "degraded" if h.degraded else "ok"
+                detail[f"connector:{cid}"] = f"{state}: {h.detail}" if h.detail else state
             else:
                 detail[f"connector:{cid}"] = h.detail or "down"
                 down = True

@@ -113,3 +113,13 @@ class PutResult:
     raw_id: int
     duplicate: bool
     reply: bytes | None  # the reply stored with the first copy (an HL7 ACK), if any
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A send-time check's answer that keeps an outbox item back (channels/outbox.py
+    ``SendCheck``): ``until`` a later time (it stays pending; not counted as an attempt),
+    or for good (``until`` None: cancelled)."""
+
+    reason: str  # a compliance gate reason code (orchestrator/gate.py)
+    until: datetime | None = None

@@ -35,6 +35,11 @@ so a fleet of workers does not retry in lock-step) up to ``max_attempts``, then 
 lettered; permanent errors dead-letter at once. Each channel may be rate limited
 (``ChannelConfig.rate_per_second``), a token bucket per channel. Items past ``not_after``
 are cancelled with reason ``expired`` instead of being sent late.
+
+Every claim, first attempt or retry, is first put to the ``check`` the runtime wires in
+(``SendCheck``; the orchestrator's compliance gate): an item that a death, a STOP or an
+open escalation since its decision has made unsendable is cancelled with that reason, and
+one whose retry fell into the recipient's quiet hours waits for the next allowed time.
 """
 
 from __future__ import annotations
@@ -48,13 +53,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlmodel import Session, col, or_, select
 
 from careloop import audit_log
 from careloop.clock import utc
 from careloop.errors import PermanentError, TransientError
+from careloop.model import Hold
 from careloop.pipeline import dead_letter, describe_error
 from careloop.store import Store
 from careloop.tables import DeliveryReceipt, OutboxItem
@@ -77,6 +83,15 @@ _DISCLOSED_COLS = tuple(
         "attempts",
     )
 )
+
+
+class SendCheck(Protocol):
+    """Asked in the claiming transaction just before an item is sent, on its first attempt
+    and on every retry (a provider outage, a dead letter put back), so that what changed
+    since the decision still counts: a death, a STOP, quiet hours reached while the item
+    waited. None sends. The orchestrator's compliance gate answers (Hub wires it)."""
+
+    def __call__(self, s: Session, item: OutboxItem, now: datetime) -> Hold | None: ...
 
 
 class _Disclosed(Protocol):
@@ -178,12 +193,14 @@ class DeliverStage:
         sending_lease: timedelta = timedelta(minutes=5),
         recover_every: float = 60.0,
         rng: random.Random | None = None,
+        check: SendCheck | None = None,
     ) -> None:
         self.store, self.channels, self.batch, self.max_attempts = store, channels, batch, max_attempts
         self.group = group  # at most this many ``idempotent_key`` items per claim
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self.sending_lease, self.recover_every = sending_lease, recover_every
         self.rng = rng or random.Random()
+        self.check = check
         self._buckets: dict[str, TokenBucket] = {}
         self._last_recover = -math.inf
 
@@ -309,6 +326,9 @@ class DeliverStage:
         if got is None:
             return None
         row = OutboxItem(**got)
+        hold = self.check(s, row, now) if self.check is not None else None
+        if hold is not None:
+            return self._hold_in(s, row, hold, now)
         if row.not_after is not None and utc(row.not_after) < now:
             row.status, row.last_error = "cancelled", "expired: not_after has passed"
             row.attempts -= 1  # not an attempt: nothing was sent
@@ -328,6 +348,34 @@ class DeliverStage:
                 detail={"channel": row.channel, "template": row.template, "reason": "expired"},
             )
             s.flush()
+        return row
+
+    def _hold_in(self, s: Session, row: OutboxItem, hold: Hold, now: datetime) -> OutboxItem:
+        """Keep ``row`` back as ``hold`` says (its claim was not an attempt)."""
+        row.attempts -= 1
+        if hold.until is not None:
+            row.status, row.next_attempt_at = "pending", hold.until
+            values: dict[str, Any] = {"next_attempt_at": hold.until}
+            action, detail = "outbox.defer", {"reason": hold.reason, "until": utc(hold.until).isoformat()}
+        else:
+            row.status, row.last_error = "cancelled", hold.reason
+            values = {"last_error": hold.reason}
+            action, detail = "outbox.cancel", {"reason": hold.reason}
+        s.connection().execute(
+            _OUTBOX.update()
+            .where(_OUTBOX.c.id == row.id)
+            .values(status=row.status, attempts=row.attempts, **values)
+        )
+        audit_log.append(
+            s,
+            at=now,
+            actor="deliver",
+            action=action,
+            person_id=row.person_id,
+            entity=f"outbox/{row.id}",
+            purpose=row.purpose,
+            detail={"channel": row.channel, "template": row.template, **detail},
+        )
         return row
 
     def _sending(self, s: Session, item: OutboxItem) -> OutboxItem | None:

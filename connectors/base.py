@@ -27,8 +27,13 @@ class RawSink(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Health:
+    """``ok``: the connector takes messages in. ``degraded``: it does, but something it
+    manages is not in place (an EHR subscription, the last poll); ``detail`` says what, or
+    carries plain counters when all is well."""
+
     ok: bool
     detail: str = ""
+    degraded: bool = False
 
 
 class Connector(Protocol):

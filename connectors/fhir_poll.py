@@ -110,7 +110,7 @@ class FhirPollConnector:
         return self.config.mapper_choice()
 
     def health(self) -> Health:
-        return Health(self.sink is not None, self.last_error or "")
+        return Health(self.sink is not None, self.last_error or "", degraded=bool(self.last_error))
 
     def router(self) -> APIRouter | None:
         return None

@@ -195,7 +195,7 @@ class FhirSubscriptionConnector:
     def health(self) -> Health:
         if not self._started:
             return Health(False, "not started")
-        return Health(True, self.manage_error or "")
+        return Health(True, self.manage_error or "", degraded=bool(self.manage_error))
 
     def jobs(self) -> list[dict[str, Any]]:
         return [

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -30,6 +30,7 @@ from sqlmodel import Session, col, select
 from careloop import audit_log
 from careloop.clock import utc
 from careloop.config import AppConfig, LearningConfig
+from careloop.model import Hold
 from careloop.pipeline import handle_isolated
 from careloop.store import Store, attach_inserted, insert_object, write_through
 from careloop.tables import (
@@ -60,6 +61,9 @@ from orchestrator.state import JourneyState, Outreach, apply, record_outreach
 from orchestrator.templates import TemplateConfig
 
 OPEN_ESCALATION = ("open", "acknowledged")
+# An item sent this soon after its decision, on its first attempt, is not gated again in
+# full at send time (``send_check``): what could change meanwhile cancels it as it happens.
+_FRESH = timedelta(minutes=5)
 _DECISION = Decision.__table__  # type: ignore[attr-defined]
 _NO_STATE_KEY = "careloop.orchestrator.no_state"
 RECEIPT_STATUS = {
@@ -94,6 +98,24 @@ _ADDRESSES = (
     .where(_IDENT_T.c.person_id == bindparam("pid"))
     .order_by(_IDENT_T.c.verified.desc(), _IDENT_T.c.id)
 )
+# The person's phone numbers and emails that another live (unmerged) person also holds.
+_OTHER_IDENT, _PERSON_T = _IDENT_T.alias("other"), Person.__table__  # type: ignore[attr-defined]
+_SHARED = (
+    select(_IDENT_T.c.value)
+    .distinct()
+    .join(
+        _OTHER_IDENT,
+        (_OTHER_IDENT.c.system == _IDENT_T.c.system)
+        & (_OTHER_IDENT.c.value == _IDENT_T.c.value)
+        & (_OTHER_IDENT.c.person_id != _IDENT_T.c.person_id),
+    )
+    .join(_PERSON_T, _PERSON_T.c.id == _OTHER_IDENT.c.person_id)
+    .where(
+        _IDENT_T.c.person_id == bindparam("pid"),
+        _IDENT_T.c.kind.in_(sorted(gate.PERSON_FACING)),
+        _PERSON_T.c.merged_into.is_(None),
+    )
+)
 # One row per (channel, purpose): the latest opt-in or opt-out for it (see ``_consent``).
 _CONSENTS = select(_CONSENT_T.c.channel, _CONSENT_T.c.purpose, _CONSENT_T.c.status, _CONSENT_T.c.at).where(
     _CONSENT_T.c.person_id == bindparam("pid")
@@ -126,8 +148,13 @@ def _rows(s: Session, stmt: Any, **params: Any) -> list[Any]:
 
 @dataclass
 class Origin:
+    """What a decision comes from: an event, or a timer. ``attributes``: the triggering
+    event's attributes that later steps of the same run still need (the product an offer is
+    about, the keys of ``no_recent.same`` conditions); timers carry them in their payload."""
+
     event_id: int | None = None
     timer_id: int | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)
 
     def tag(self) -> str:
         return f"e{self.event_id}" if self.event_id is not None else f"t{self.timer_id}"
@@ -153,8 +180,17 @@ class EngineCore:
         self.quiet = gate.parse_quiet_hours(config.site.quiet_hours)
         self.caps = {k: gate.Cap(v.per_day, v.per_week) for k, v in config.compliance.frequency_caps.items()}
         self.opt_in = _opt_in_rules(config)  # the gate's rule 8, for every GateInput
+        self.kind_of = {cid: ch.template_kind for cid, ch in channels.items()}  # the gate's rule 9
         # Event types some playbook step waits for: only those need a look at pending waits.
         self._wait_types = {st.wait_for for pb in playbooks.values() for st in pb.steps if st.wait_for}
+        # Event attributes a run's later steps (timers) still need: see ``Origin``.
+        self._carried = {"product"} | {
+            key
+            for pb in playbooks.values()
+            for c in [*pb.when, *(c for st in pb.steps for c in st.when)]
+            if c.no_recent is not None
+            for key in c.no_recent.same
+        }
 
     # ------------------------------------------------------------------ stage loop
 
@@ -233,13 +269,16 @@ class EngineCore:
         occurred = utc(ev.occurred_at)
         state = apply(state, ev.type, occurred, ev.subject_ref, subject, ev.attributes)
         state.deceased = state.deceased or person.deceased
-        if person.timezone is None or ev.type in ("patient.updated", "patient.merged"):
+        # Every event may come with new demographics (an ADT or SIU carries the PID): a
+        # person who moved gets the quiet hours of where they live now.
+        if person.patient is not None or person.timezone is None:
             tz = timezones.resolve(
                 person.patient, self._addresses(s, person.id or 0).get("phone", []), self.config.site.timezone
             )
             if tz != person.timezone:
                 write_through(s, person, timezone=tz)
-        origin = Origin(event_id=ev.id)
+        carried = {k: ev.attributes[k] for k in self._carried if k in ev.attributes}
+        origin = Origin(event_id=ev.id, attributes=carried)
         actions: list[Action] = []
         if ev.type in ("consent.revoked", "consent.granted"):
             self._consent(s, person, ev, now)
@@ -322,7 +361,10 @@ class EngineCore:
         if item is None or item.id is None:
             return
         new = RECEIPT_STATUS[ev.type]
-        if RECEIPT_RANK.get(new, 0) > RECEIPT_RANK.get(item.status, 0):
+        # A row still ``sending`` belongs to the deliver stage until it settles the send
+        # (provider id, receipt, disclosure record): a report that beats the settle (a send
+        # that timed out, a fast callback) is kept as a receipt and leaves the row alone.
+        if item.status != "sending" and RECEIPT_RANK.get(new, 0) > RECEIPT_RANK.get(item.status, 0):
             item.status = new
         s.add(
             DeliveryReceipt(
@@ -399,7 +441,9 @@ class EngineCore:
             # STOP takes effect at once: nothing still queued for that channel goes out.
             q = select(OutboxItem).where(OutboxItem.person_id == person.id, OutboxItem.status == "pending")
             for item in s.exec(q).all():
-                if channel in ("*", item.channel) and purpose in ("*", item.purpose):
+                # A STOP names the channel's kind (``sms``) or the deployment's id for it.
+                names = ("*", item.channel, self.kind_of.get(item.channel))
+                if channel in names and purpose in ("*", item.purpose):
                     self._cancel_outbox(s, item, "opted-out", now)
 
     # ------------------------------------------------------------------ timers
@@ -411,8 +455,9 @@ class EngineCore:
         assert person is not None and t.id is not None
         srow, state = self._state(s, person, now)
         state.deceased = state.deceased or person.deceased
-        ctx = Ctx(state, now, t.subject_ref)
-        origin = Origin(timer_id=t.id)
+        carried = dict(t.payload.get("attributes") or {})
+        ctx = Ctx(state, now, t.subject_ref, attributes=carried)
+        origin = Origin(timer_id=t.id, attributes=carried)
         pb = self.playbooks.get(t.playbook)
         kind = t.payload.get("kind", "step")
         if kind in (escalation.SLA_KIND, SILENCE_KIND):  # escalation queue timers
@@ -537,6 +582,74 @@ class EngineCore:
             if a.subject_ref is None or item.subject_ref == a.subject_ref:
                 self._cancel_outbox(s, item, a.reason, now)
 
+    # ------------------------------------------------------------------ send time
+
+    def send_check(self, s: Session, item: OutboxItem, now: datetime) -> Hold | None:
+        """The gate again, just before an item is sent (channels/outbox.py ``SendCheck``):
+        on a retry, a dead letter put back or an item that waited in a backlog, everything
+        the decision-time gate checked (a death, a STOP, an open escalation, consent, quiet
+        hours; not the frequency caps, which counted this item when it was decided). A
+        first attempt that never failed, moments after its decision, rechecks only what
+        time alone changes: quiet hours, and a death recorded on the person (a STOP or an
+        escalation meanwhile cancelled it already). Notices to staff (purpose
+        ``escalation``) are not messages to the person and pass."""
+        ch = self.channels.get(item.channel)
+        person = s.get(Person, item.person_id)
+        if item.purpose == "escalation" or ch is None or person is None:
+            return None
+        mode = (
+            ("safety" if item.purpose == "safety" else "reply") if item.playbook == "triage" else "outreach"
+        )
+        if item.attempts <= 1 and item.last_error is None and now - utc(item.created_at) < _FRESH:
+            if person.deceased:
+                return self._send_time_cancel(s, item, now, "deceased")
+            if mode != "outreach" or ch.address_kind not in gate.PERSON_FACING:
+                return None
+            at = gate.next_allowed(now, person.timezone or self.config.site.timezone, self.quiet)
+            if at == now:
+                return None
+            if item.not_after is not None and at >= utc(item.not_after):
+                return self._send_time_cancel(s, item, now, "quiet-hours-past-useful-life")
+            return Hold("quiet-hours", at)
+        _, state = self._state(s, person, now)
+        verdict = gate.evaluate(
+            gate.GateInput(
+                now=now,
+                person=self._person_facts(s, person, state),
+                template_kinds=frozenset({ch.template_kind}),
+                phi_class=item.phi_class,
+                purpose=item.purpose,
+                channels=[ch],
+                kind_of=self.kind_of,
+                quiet_hours=self.quiet,
+                not_after=utc(item.not_after) if item.not_after is not None else None,
+                mode=mode,
+                **self.opt_in,
+            )
+        )
+        if verdict.outcome == "send":
+            return None
+        if verdict.outcome == "defer":
+            return Hold(verdict.reason, verdict.deliver_at)
+        return self._send_time_cancel(s, item, now, verdict.reason)
+
+    def _send_time_cancel(self, s: Session, item: OutboxItem, now: datetime, reason: str) -> Hold:
+        """The decision that cancels ``item`` at send time (the deliver stage updates the row
+        and audits it), so ``explain`` and replay reports show why it never went."""
+        s.add(
+            Decision(
+                person_id=item.person_id,
+                decided_at=now,
+                playbook=item.playbook or "-",
+                action="cancel",
+                template=item.template,
+                channel=item.channel,
+                reason=reason,
+                detail={"outbox": item.id, "when": "send-time"},
+            )
+        )
+        return Hold(reason)
+
     def _cancel_outbox(self, s: Session, item: OutboxItem, reason: str, now: datetime) -> None:
         item.status, item.last_error = "cancelled", reason
         s.add(
@@ -610,6 +723,7 @@ class EngineCore:
                 sent_day=day,
                 sent_week=week,
                 caps=self.caps,
+                kind_of=self.kind_of,
                 quiet_hours=self.quiet,
                 not_after=a.not_after,
                 **self.opt_in,
@@ -653,6 +767,8 @@ class EngineCore:
     ) -> None:
         """A durable timer for step ``a`` of its playbook run."""
         assert person.id is not None
+        if origin.attributes:
+            payload = {**payload, "attributes": origin.attributes}
         insert_object(
             s,
             Timer(
@@ -716,7 +832,7 @@ class EngineCore:
                 tpl.with_variant(variant),
                 ch.template_kind,
                 person.language,
-                self._context(person, state, a, pfacts.timezone),
+                self._context(person, state, a, pfacts.timezone, origin),
             )
         except TemplateError as exc:
             detail["error"] = type(exc).__name__
@@ -895,7 +1011,15 @@ class EngineCore:
             opted_out=frozenset((c, p) for c, p, status, _ in consents if status == "opt_out"),
             open_escalations=int(_rows(s, _OPEN_ESCALATIONS, pid=person.id)[0][0]),
             opted_in={(c, p): utc(at) for c, p, status, at in consents if status == "opt_in"},
+            shared=self._shared(s, person.id),
         )
+
+    def _shared(self, s: Session, person_id: int) -> frozenset[str]:
+        """The person's addresses another person also holds (the gate holds sends there),
+        unless ``compliance.shared_contact`` says to send anyway."""
+        if self.config.compliance.shared_contact == "send":
+            return frozenset()
+        return frozenset(value for (value,) in _rows(s, _SHARED, pid=person_id))
 
     def _recent_counts(
         self, s: Session, person_id: int, now: datetime
@@ -909,7 +1033,9 @@ class EngineCore:
                 day[channel] = day.get(channel, 0) + 1
         return day, week
 
-    def _context(self, person: Person, state: JourneyState, a: Send, tz: str) -> dict[str, Any]:
+    def _context(
+        self, person: Person, state: JourneyState, a: Send, tz: str, origin: Origin | None = None
+    ) -> dict[str, Any]:
         zone = ZoneInfo(tz)
         ctx: dict[str, Any] = {
             "site": {"timezone": self.config.site.timezone},
@@ -932,8 +1058,11 @@ class EngineCore:
                 "discharged_at": enc.discharged_at.astimezone(zone) if enc.discharged_at else None,
                 "status": enc.status,
             }
+        # The product this run is about (its triggering event's), else the latest mentioned.
         recent = [sig for sig in state.signals if sig.attributes.get("product")]
-        if recent:
+        if origin is not None and origin.attributes.get("product"):
+            ctx["product"] = origin.attributes["product"]
+        elif recent:
             ctx["product"] = recent[-1].attributes.get("product")
         return ctx
 

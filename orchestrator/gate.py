@@ -9,7 +9,14 @@ to the next allowed local time) or suppress, always with a reason code. Rules, i
 3. ``identity-unresolved``: an ambiguous identity is held for staff.
 Per candidate channel, in preference order (the first that passes is used):
 4. ``no-template-for-channel``; 5. ``phi-exceeds-channel`` (minimum necessary);
-6. ``no-address``; 7. ``opted-out`` (channel and purpose, or everything);
+6. ``no-address``; then ``identity-unresolved`` again when every address the person has for
+   that channel is also another person's (``PersonFacts.shared``: a family phone; a message
+   there could reach the wrong person, and a STOP from it could not be attributed): the item
+   is held for staff unless another channel reaches the person alone;
+7. ``opted-out`` (channel and purpose, or everything);
+   a consent names a channel by its id or by its kind: a Twilio STOP, a FHIR Consent and
+   a CRM opt-in say ``sms`` or ``email`` whatever the deployment calls its channel, so a
+   channel matches both its configured id and its ``template_kind`` (rules 7 and 8);
 8. ``no-consent``: a purpose listed in ``GateInput.opt_in_required`` (marketing: TCPA prior
    express written consent, HIPAA authorization) goes only with a recorded opt-in that names
    that purpose, for the channel or for every channel (``"*"``), younger than
@@ -17,7 +24,9 @@ Per candidate channel, in preference order (the first that passes is used):
    FHIR Consent without a purpose) lifts an opt-out but is not consent to marketing. An
    opt-out always wins over an opt-in (rule 7 comes first: a STOP after the opt-in, or a
    STOP for everything, refuses with ``opted-out``). Other purposes need no opt-in;
-9. ``frequency-cap`` (per person and channel, per day and per week).
+9. ``frequency-cap`` (per person, per day and per week): a cap keyed by a channel id counts
+   that channel's sends; one keyed by a kind (``sms``) counts every channel of that kind
+   (``GateInput.kind_of``), so two SMS channels do not double the limit.
 Then for the chosen channel:
 10. quiet hours in the recipient's local time: ``defer`` to the window's next opening, or
    ``quiet-hours-past-useful-life`` when that opening is after the message's useful life.
@@ -61,6 +70,8 @@ class PersonFacts:
     # (channel or "*", purpose or "*") -> when the opt-in was recorded (aware, UTC)
     opted_in: dict[tuple[str, str], datetime] = field(default_factory=dict)
     identity_held: bool = False
+    # Addresses (phone numbers, emails) that another person's record also holds (rule 6).
+    shared: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +91,8 @@ class GateInput:
     sent_day: dict[str, int] = field(default_factory=dict)  # channel -> sends in the last 24 h
     sent_week: dict[str, int] = field(default_factory=dict)
     caps: dict[str, Cap] = field(default_factory=dict)  # keyed by channel id or template kind
+    # Every configured channel's kind, by id: a cap keyed by kind counts all of them (rule 9).
+    kind_of: dict[str, str] = field(default_factory=dict)
     quiet_hours: tuple[time, time] = (time(8), time(21))
     not_after: datetime | None = None
     mode: str = "outreach"  # outreach|reply|safety (see the module docstring)
@@ -101,14 +114,30 @@ class Verdict:
 
 
 def parse_quiet_hours(text: str) -> tuple[time, time]:
+    """``site.quiet_hours``: the *allowed* sending window ("08:00-21:00"). A window that is
+    empty or crosses midnight ("21:00-08:00", most likely the quiet period written where
+    the allowed one belongs) is refused: read literally it would send at night, and the
+    gate could never find an opening for it (every item deferred a day at a time until
+    its useful life ran out)."""
     start, end = text.split("-")
     h, m = (int(x) for x in start.split(":"))
     eh, em = (int(x) for x in end.split(":"))
-    return time(h, m), (time(23, 59, 59) if eh == 24 else time(eh, em))
+    window = time(h, m), (time(23, 59, 59) if eh == 24 else time(eh, em))
+    _check_window(window)
+    return window
+
+
+def _check_window(window: tuple[time, time]) -> None:
+    if window[0] >= window[1]:
+        raise ValueError(
+            "quiet_hours is the allowed sending window (like 08:00-21:00): its start must be "
+            "before its end on the same day"
+        )
 
 
 def next_allowed(now: datetime, tz: str, window: tuple[time, time]) -> datetime:
     """``now`` if it is inside the local window, else the window's next opening."""
+    _check_window(window)
     local = now.astimezone(ZoneInfo(tz))
     start, end = window
     if start <= local.time() < end:
@@ -118,26 +147,32 @@ def next_allowed(now: datetime, tz: str, window: tuple[time, time]) -> datetime:
     return opening.astimezone(now.tzinfo)
 
 
-def _opted_out(p: PersonFacts, channel: str, purpose: str) -> bool:
-    return any(k in p.opted_out for k in ((channel, purpose), (channel, "*"), ("*", purpose), ("*", "*")))
+def _names(ch: ChannelFacts) -> tuple[str, ...]:
+    """How a consent may name ``ch``: its id, its kind (``sms``, ``email``), or every channel."""
+    return tuple(dict.fromkeys((ch.id, ch.template_kind, "*")))
 
 
-def _consented(inp: GateInput, channel: str) -> bool:
-    """Rule 8: an opt-in on record for ``channel`` and the purpose, recent enough."""
+def _opted_out(p: PersonFacts, ch: ChannelFacts, purpose: str) -> bool:
+    return any((c, pur) in p.opted_out for c in _names(ch) for pur in (purpose, "*"))
+
+
+def _consented(inp: GateInput, ch: ChannelFacts) -> bool:
+    """Rule 8: an opt-in on record for ``ch`` and the purpose, recent enough."""
     if inp.purpose not in inp.opt_in_required:
         return True
-    times = [
-        at
-        for k in ((channel, inp.purpose), ("*", inp.purpose))
-        if (at := inp.person.opted_in.get(k)) is not None
-    ]
+    times = [at for c in _names(ch) if (at := inp.person.opted_in.get((c, inp.purpose))) is not None]
     if not times:
         return False
     return inp.opt_in_max_age is None or inp.now - max(times) <= inp.opt_in_max_age
 
 
-def _cap_for(inp: GateInput, ch: ChannelFacts) -> Cap | None:
-    return inp.caps.get(ch.id) or inp.caps.get(ch.template_kind)
+def _cap_for(inp: GateInput, ch: ChannelFacts) -> tuple[Cap, bool] | None:
+    """The cap for ``ch`` and whether it is keyed by kind (counting every channel of it)."""
+    if (cap := inp.caps.get(ch.id)) is not None:
+        return cap, False
+    if (cap := inp.caps.get(ch.template_kind)) is not None:
+        return cap, True
+    return None
 
 
 def evaluate(inp: GateInput) -> Verdict:
@@ -158,7 +193,7 @@ def evaluate(inp: GateInput) -> Verdict:
         if why is not None:
             tried.append((ch.id, why))
             continue
-        recipient = p.addresses[ch.address_kind][0] if ch.address_kind in PERSON_FACING else ch.address_kind
+        recipient = _recipient(inp, ch)
         if ch.address_kind not in PERSON_FACING:
             return Verdict("send", "allowed", ch.id, recipient, inp.now, tuple(tried), allowed)
         at = inp.now if reply else next_allowed(inp.now, p.timezone, inp.quiet_hours)
@@ -171,22 +206,45 @@ def evaluate(inp: GateInput) -> Verdict:
     return Verdict("suppress", reason, None, None, None, tuple(tried))
 
 
+def _usable(inp: GateInput, ch: ChannelFacts) -> list[str]:
+    """The person's addresses for ``ch``, best first, without those another person shares
+    (the safety reply goes to whoever wrote, shared or not)."""
+    have = inp.person.addresses.get(ch.address_kind, [])
+    if inp.mode == "safety" or not inp.person.shared:
+        return have
+    return [a for a in have if a not in inp.person.shared]
+
+
+def _recipient(inp: GateInput, ch: ChannelFacts) -> str:
+    return _usable(inp, ch)[0] if ch.address_kind in PERSON_FACING else ch.address_kind
+
+
+def _sent(counts: dict[str, int], inp: GateInput, ch: ChannelFacts, by_kind: bool) -> int:
+    if not by_kind:
+        return counts.get(ch.id, 0)
+    return sum(n for c, n in counts.items() if inp.kind_of.get(c, c) == ch.template_kind or c == ch.id)
+
+
 def _channel_refusal(inp: GateInput, ch: ChannelFacts) -> str | None:
     if ch.template_kind not in inp.template_kinds:
         return "no-template-for-channel"
     if PHI_ORDER[inp.phi_class] > PHI_ORDER[ch.max_phi]:
         return "phi-exceeds-channel"
-    if ch.address_kind in PERSON_FACING and not inp.person.addresses.get(ch.address_kind):
-        return "no-address"
-    if _opted_out(inp.person, ch.id, inp.purpose):
+    if ch.address_kind in PERSON_FACING:
+        if not inp.person.addresses.get(ch.address_kind):
+            return "no-address"
+        if not _usable(inp, ch):
+            return "identity-unresolved"
+    if _opted_out(inp.person, ch, inp.purpose):
         return "opted-out"
-    if not _consented(inp, ch.id):
+    if not _consented(inp, ch):
         return "no-consent"
-    cap = _cap_for(inp, ch)
-    if (
-        cap is not None
-        and inp.mode == "outreach"
-        and (inp.sent_day.get(ch.id, 0) >= cap.per_day or inp.sent_week.get(ch.id, 0) >= cap.per_week)
-    ):
-        return "frequency-cap"
+    capped = _cap_for(inp, ch)
+    if capped is not None and inp.mode == "outreach":
+        cap, by_kind = capped
+        if (
+            _sent(inp.sent_day, inp, ch, by_kind) >= cap.per_day
+            or _sent(inp.sent_week, inp, ch, by_kind) >= cap.per_week
+        ):
+            return "frequency-cap"
     return None

@@ -150,6 +150,7 @@ class LearningSteps(EngineCore):
                     sent_day=day,
                     sent_week=week,
                     caps=self.caps,
+                    kind_of=self.kind_of,
                     quiet_hours=self.quiet,
                     not_after=a.not_after,
                     **self.opt_in,

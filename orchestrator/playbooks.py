@@ -268,7 +268,7 @@ def _holds(c: Condition, ctx: Ctx) -> bool:
             if (
                 sig.type == c.no_recent.type
                 and sig.at >= since
-                and all(sig.attributes.get(k) == ctx.attributes.get(k) for k in c.no_recent.same)
+                and all(_same(sig.attributes.get(k), ctx.attributes.get(k)) for k in c.no_recent.same)
             ):
                 return False
         return True
@@ -278,6 +278,23 @@ def _holds(c: Condition, ctx: Ctx) -> bool:
     if t is None:
         return False
     return ctx.now >= t if c.after else ctx.now < t
+
+
+def _same(signal_value: Any, ours: Any) -> bool:
+    """``no_recent.same``: the recent signal is about the same thing as this decision. When
+    this decision does not know the value (a timer fired: a quiet-hours deferral or a
+    scheduled step carries no event attributes), any recent signal counts: an offer that
+    cannot be shown to be for another product is not sent while a refund is in progress."""
+    return ours is None or signal_value == ours
+
+
+def _escalate(pid: str, pb: PlaybookConfig, severity: str, reason: str, ctx: Ctx, step: int) -> Action:
+    """An escalation, or for a shadow playbook its record only: a playbook on trial must not
+    open real work for staff, nor pause the person's live outreach (the gate's
+    ``escalation-open``)."""
+    if pb.shadow:
+        return Suppress(pid, pb.version, step, None, "shadow-escalation", ctx.subject_ref)
+    return Escalate(pid, pb.version, severity, reason, ctx.subject_ref)
 
 
 def _default_not_after(ctx: Ctx) -> datetime | None:
@@ -296,7 +313,7 @@ def run_from(pid: str, pb: PlaybookConfig, index: int, ctx: Ctx) -> list[Action]
         if st.exit:
             break
         if st.escalate is not None:
-            out.append(Escalate(pid, pb.version, st.escalate.severity, st.escalate.reason, ctx.subject_ref))
+            out.append(_escalate(pid, pb, st.escalate.severity, st.escalate.reason, ctx, i))
             i += 1
             continue
         if st.wait_for is not None:
@@ -439,7 +456,7 @@ def on_wait_timeout(pid: str, pb: PlaybookConfig, step: int, ctx: Ctx) -> list[A
     st = pb.steps[step]
     if st.on_timeout == "escalate":
         spec = pb.timeout_escalation or EscalateSpec(severity="routine", reason=f"no-{st.wait_for}")
-        return [Escalate(pid, pb.version, spec.severity, spec.reason, ctx.subject_ref)]
+        return [_escalate(pid, pb, spec.severity, spec.reason, ctx, step)]
     if st.on_timeout == "continue":
         return run_from(pid, pb, step + 1, ctx)
     return []

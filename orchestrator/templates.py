@@ -1,7 +1,13 @@
 """Message templates: sandboxed Jinja2 per channel kind and language.
 
 Variables are checked at config time: a template may use only the names in
-``VARIABLES``; an unknown one is a config error, not a failure at send time.
+``VARIABLES`` and, on them, only the fields ``FIELDS`` lists (what the engine's context,
+``EngineCore._context``, provides); an unknown one is a config error, not a failure at
+send time. So are ``include``, ``import`` and ``extends``: templates have no loader.
+
+At send time a value that is missing (``None``: no product on the offer, an appointment
+without a start) fails the render with a ``TemplateError``, which the engine records as
+``template-error``: a patient never reads "None" or a half-filled message.
 """
 
 from __future__ import annotations
@@ -11,11 +17,36 @@ from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from jinja2 import StrictUndefined, Template, TemplateError, TemplateSyntaxError, meta, pass_context
+from jinja2 import (
+    StrictUndefined,
+    Template,
+    TemplateError,
+    TemplateRuntimeError,
+    TemplateSyntaxError,
+    meta,
+    nodes,
+    pass_context,
+)
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field
 
 VARIABLES = frozenset({"person", "appointment", "encounter", "product", "site", "event"})
+# The fields of each variable (None: a plain value, such as the product's name).
+FIELDS: dict[str, frozenset[str] | None] = {
+    "person": frozenset({"language", "timezone"}),
+    "appointment": frozenset({"start", "end", "location", "type", "status"}),
+    "encounter": frozenset({"discharged_at", "status"}),
+    "product": None,
+    "site": frozenset({"timezone"}),
+    "event": frozenset(),
+}
+# Fields that say more than a plain message may (minimum necessary): the least
+# ``phi_class`` a template that shows them must declare. A location ("Heart Center") or a
+# visit type ("Oncology follow-up") tells whoever reads the phone what the visit is about.
+FIELD_PHI = {"appointment.location": "limited", "appointment.type": "full"}
+# ISO 639-2 codes some feeds send (HL7 PID-15 "SPA^Spanish^ISO6392") for the 639-1 ones
+# templates are keyed by.
+LANGUAGE_ALIASES = {"eng": "en", "spa": "es", "fra": "fr", "fre": "fr", "por": "pt", "vie": "vi"}
 PHI_CLASSES = ("none", "limited", "full")
 
 
@@ -74,7 +105,18 @@ class TemplateConfig(_Strict):
 
 
 def _as_dt(v: Any) -> datetime:
-    return v if isinstance(v, datetime) else datetime.fromisoformat(str(v))
+    if isinstance(v, datetime):
+        return v
+    try:
+        return datetime.fromisoformat(str(v)) if isinstance(v, str) else _no_date()
+    except ValueError:
+        return _no_date()
+
+
+def _no_date() -> datetime:
+    # A TemplateError, so the engine suppresses the one message (``template-error``)
+    # instead of failing the whole event; the value itself stays out of the message.
+    raise TemplateRuntimeError("a date or time this template shows is missing or not a date")
 
 
 def _local(v: Any, tz: str | None) -> datetime:
@@ -103,10 +145,18 @@ _EN_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _EN_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
+def normalize_language(lang: str | None) -> str | None:
+    """``es-MX``, ``ES``, ``spa`` -> ``es``."""
+    if not lang:
+        return None
+    primary = str(lang).replace("_", "-").split("-")[0].strip().lower()
+    return LANGUAGE_ALIASES.get(primary, primary) or None
+
+
 def _language(ctx: Any) -> str:
     person = ctx.get("person") if hasattr(ctx, "get") else None
     lang = person.get("language") if isinstance(person, dict) else None
-    return str(lang or "en").split("-")[0].lower()
+    return normalize_language(lang) or "en"
 
 
 @pass_context
@@ -125,8 +175,14 @@ def _local_time(ctx: Any, v: Any, tz: str | None = None) -> str:
     return f"{dt.hour % 12 or 12}:{dt.minute:02d} {'AM' if dt.hour < 12 else 'PM'}"
 
 
+def _present(value: Any) -> Any:
+    if value is None:
+        raise TemplateRuntimeError("a value this template shows is missing")
+    return value
+
+
 def _env(autoescape: bool = False) -> SandboxedEnvironment:
-    env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=autoescape)
+    env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=autoescape, finalize=_present)
     env.filters["local_date"] = _local_date
     env.filters["local_time"] = _local_time
     return env
@@ -153,7 +209,8 @@ def _bodies(
 
 
 def check(name: str, tpl: TemplateConfig) -> list[str]:
-    """Config-time problems: syntax errors and unknown variables, with their paths."""
+    """Config-time problems, with their paths: syntax errors, unknown variables and fields,
+    tags that need a loader, and fields that need a higher ``phi_class`` (``FIELD_PHI``)."""
     problems: list[str] = []
     bodies = _bodies(f"templates.{name}", tpl.sms, tpl.text, tpl.email)
     if not bodies:
@@ -183,6 +240,42 @@ def check(name: str, tpl: TemplateConfig) -> list[str]:
             continue
         for var in sorted(undeclared - VARIABLES):
             problems.append(f"{path}: unknown variable {var!r} (allowed: {', '.join(sorted(VARIABLES))})")
+        problems.extend(f"{path}: {p}" for p in _structure_problems(ast, undeclared & VARIABLES))
+        for field in sorted(_fields_used(ast, undeclared & VARIABLES)):
+            need = FIELD_PHI.get(field)
+            if need is not None and PHI_CLASSES.index(need) > PHI_CLASSES.index(tpl.phi_class):
+                problems.append(
+                    f"{path}: shows {field}, so the template's phi_class must be at least {need!r} "
+                    f"(it is {tpl.phi_class!r})"
+                )
+    return problems
+
+
+def _fields_used(ast: nodes.Template, variables: set[str]) -> set[str]:
+    """``var.field`` for every constant field of a context variable the template reads."""
+    out: set[str] = set()
+    for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
+        base = getattr(node, "node", None)
+        if not isinstance(base, nodes.Name) or base.ctx != "load" or base.name not in variables:
+            continue
+        if isinstance(node, nodes.Getattr):
+            out.add(f"{base.name}.{node.attr}")
+        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+            out.add(f"{base.name}.{node.arg.value}")
+    return out
+
+
+def _structure_problems(ast: nodes.Template, variables: set[str]) -> list[str]:
+    """Unknown fields of the context's variables, and tags that need a template loader."""
+    problems: list[str] = []
+    for tag in ast.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
+        problems.append(f"line {tag.lineno}: {type(tag).__name__.lower()} is not available in templates")
+    for used in sorted(_fields_used(ast, variables)):
+        var, name = used.split(".", 1)
+        fields = FIELDS.get(var)
+        if fields is not None and name not in fields:
+            known = ", ".join(sorted(fields)) or "none"
+            problems.append(f"unknown field {used} (known: {known})")
     return problems
 
 
@@ -196,12 +289,17 @@ def render(
     tpl: TemplateConfig, kind: str, language: str | None, context: dict[str, Any]
 ) -> dict[str, str] | None:
     """The channel content for ``kind`` ({"text": ...} or email parts), or None if the
-    template has no body for that kind. Falls back to English, then to any language; dates
-    and times are written in the language of the body that was chosen."""
+    template has no body for that kind. ``language`` (else the context's
+    ``person.language``: the site's default when the person has none) comes first, then
+    English, then any language; dates and times are written in the language of the body
+    that was chosen. An email subject is one line, whatever the data held."""
     chosen: list[str] = []
+    given_person = context.get("person")
+    if not language and isinstance(given_person, dict) and given_person.get("language"):
+        language = str(given_person["language"])
 
     def pick(d: dict[str, Any]) -> Any:
-        for lang in (language or "en", "en", *d):
+        for lang in (language or "en", normalize_language(language) or "en", "en", *d):
             if d.get(lang):
                 chosen.append(lang)
                 return d[lang]
@@ -217,7 +315,7 @@ def render(
         if body is None:
             return None
         out = {
-            "subject": _compiled(body.subject, False).render(ctx()),
+            "subject": " ".join(_compiled(body.subject, False).render(ctx()).split()),
             "text": _compiled(body.text, False).render(ctx()),
         }
         if body.html:

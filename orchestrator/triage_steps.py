@@ -337,6 +337,7 @@ class TriageSteps(EngineCore):
                 sent_day=day,
                 sent_week=week,
                 caps=self.caps,
+                kind_of=self.kind_of,
                 quiet_hours=self.quiet,
                 mode=mode,
                 **self.opt_in,

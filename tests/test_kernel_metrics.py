@@ -16,6 +16,7 @@ from careloop.hub import Hub
 from careloop.pipeline import IngestSink, MapStage
 from careloop.store import Store
 from careloop.wiring import MapperRegistry
+from connectors.base import Health
 from tests.kernel_plugins import JsonConnector, register
 
 register()
@@ -62,4 +63,25 @@ async def test_metrics_count_work_per_stage_and_status_without_phi(tmp_path: Pat
     assert _sample(text, "careloop_audit_records") >= 4
     assert "# TYPE careloop_items gauge" in text
     assert "M-77" not in text and "5555550177" not in text
+    store.engine.dispose()
+
+
+def test_readiness_calls_a_connector_degraded_only_when_it_says_so(tmp_path: Path) -> None:
+    store = Store(make_engine(f"sqlite:///{tmp_path}/r.db"), SystemClock())
+    hub = Hub(AppConfig.model_validate({"site": {"channels": []}}), store=store)
+    hub.started = True
+    healthy = JsonConnector("adt", JsonConnector.Config(plugin="test_json"))
+    behind = JsonConnector("ehr", JsonConnector.Config(plugin="test_json"))
+    down = JsonConnector("crm", JsonConnector.Config(plugin="test_json"))
+    healthy.health = lambda: Health(True, "port=2575 stored=12")  # type: ignore[method-assign]
+    behind.health = lambda: Health(True, "subscription not active", degraded=True)  # type: ignore[method-assign]
+    hub.connectors = {"adt": healthy, "ehr": behind}
+    ready, detail = hub.ready()
+    assert ready
+    assert detail["connector:adt"] == "ok: port=2575 stored=12"
+    assert detail["connector:ehr"] == "degraded: subscription not active"
+    down.health = lambda: Health(False, "not started")  # type: ignore[method-assign]
+    hub.connectors["crm"] = down
+    ready, detail = hub.ready()
+    assert not ready and detail["connector:crm"] == "not started"
     store.engine.dispose()

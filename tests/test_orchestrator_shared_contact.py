@@ -1,0 +1,170 @@
+"""A phone or email several people's records hold (a family phone) holds automated outreach
+for staff (gate rule 6, ``identity-unresolved``) unless ``compliance.shared_contact: send``;
+frequency caps keyed by kind count every channel of that kind; a STOP naming the kind
+cancels what is queued on a channel called otherwise; the allowed window is checked when
+the config is loaded. Synthetic people only."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from careloop import config as cfgmod
+from careloop.clock import VirtualClock
+from careloop.config import SiteConfig
+from careloop.hub import Hub
+from careloop.store import Store
+from careloop.tables import OutboxItem
+from orchestrator.gate import Cap, ChannelFacts, evaluate
+from tests.conftest import FIXTURES
+from tests.test_orchestrator_qa_gate import APPT, NY, PHONE, _gate, _line, _person, _replay
+
+SMS = ChannelFacts("sms", "phone", "sms", "none")
+MAIL = ChannelFacts("email", "email", "email", "limited")
+
+
+def test_a_shared_phone_is_passed_over_for_an_address_the_person_holds_alone() -> None:
+    v = evaluate(_gate([SMS, MAIL], person=_person(shared=frozenset({PHONE}))))
+    assert (v.outcome, v.channel, v.recipient) == ("send", "email", "pat@example.test")
+    assert v.tried == (("sms", "identity-unresolved"),)
+
+
+def test_with_only_shared_addresses_the_item_is_held_for_staff() -> None:
+    both = frozenset({PHONE, "pat@example.test"})
+    v = evaluate(_gate([SMS, MAIL], person=_person(shared=both)))
+    assert (v.outcome, v.reason) == ("suppress", "identity-unresolved")
+
+
+def test_a_second_unshared_phone_is_used_instead_of_the_shared_one() -> None:
+    person = _person(addresses={"phone": [PHONE, "+12125550148"]}, shared=frozenset({PHONE}))
+    v = evaluate(_gate([SMS], person=person))
+    assert (v.outcome, v.recipient) == ("send", "+12125550148")
+
+
+def test_the_safety_reply_still_reaches_whoever_wrote_from_a_shared_phone() -> None:
+    v = evaluate(_gate([SMS], person=_person(shared=frozenset({PHONE})), mode="safety"))
+    assert (v.outcome, v.recipient) == ("send", PHONE)
+
+
+def test_a_cap_keyed_by_kind_counts_every_channel_of_that_kind() -> None:
+    texts = ChannelFacts("texts", "phone", "sms", "none")
+    inp: dict[str, Any] = {
+        "caps": {"sms": Cap(1, 3)},
+        "sent_day": {"sms": 1},
+        "sent_week": {"sms": 1},
+        "kind_of": {"sms": "sms", "texts": "sms", "email": "email"},
+    }
+    v = evaluate(_gate([texts], **inp))
+    assert (v.outcome, v.reason) == ("suppress", "frequency-cap")
+    # A cap keyed by the channel's own id counts that channel only.
+    v = evaluate(_gate([texts], **{**inp, "caps": {"texts": Cap(1, 3)}}))
+    assert v.outcome == "send"
+    # Email sends do not count against the SMS cap.
+    v = evaluate(_gate([texts], **{**inp, "sent_day": {"email": 5}, "sent_week": {"email": 5}}))
+    assert v.outcome == "send"
+
+
+def _family(engine: Engine, tmp_path: Path, shared_contact: str | None) -> dict[str, Any]:
+    def setting(raw: dict[str, Any]) -> None:
+        if shared_contact is not None:
+            raw.setdefault("compliance", {})["shared_contact"] = shared_contact
+
+    other = {"id": "qa-a2", "start": "2026-03-09T16:00:00-04:00"}
+    return _replay(
+        engine,
+        tmp_path,
+        [
+            _line(datetime(2026, 3, 2, 10, tzinfo=NY), type="appointment.booked", appointment=APPT),
+            _line(
+                datetime(2026, 3, 2, 10, 5, tzinfo=NY),
+                mrn="QA-2",
+                type="appointment.booked",
+                appointment=other,
+            ),
+        ],
+        setting,
+    )
+
+
+def test_replay_two_people_on_one_phone_are_held_for_staff(engine: Engine, tmp_path: Path) -> None:
+    rep = _family(engine, tmp_path, None)
+    # Both people's reminders (two each, due days later) find the phone shared: none goes.
+    assert rep["deliveries"] == []
+    assert [s["reason"] for s in rep["suppressed"]] == ["identity-unresolved"] * 4
+    assert {s["person"] for s in rep["suppressed"]} == {"1", "2"}
+
+
+def test_replay_shared_contact_send_lets_a_family_phone_receive(engine: Engine, tmp_path: Path) -> None:
+    rep = _family(engine, tmp_path, "send")
+    assert not [s for s in rep["suppressed"] if s["reason"] == "identity-unresolved"]
+    assert len(rep["deliveries"]) == 4
+
+
+def test_a_stop_by_kind_cancels_what_is_queued_on_a_channel_called_otherwise(
+    engine: Engine, tmp_path: Path
+) -> None:
+    raw = cfgmod.load_raw(FIXTURES / "config" / "kernel-test.yaml")
+    raw["channels"] = {"texts": raw["channels"]["sms"], "email": raw["channels"]["email"]}
+    raw["site"]["channels"] = ["texts"]
+    path = tmp_path / "texts.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    clock = VirtualClock(datetime(2026, 3, 2, 10, tzinfo=NY))
+    hub = Hub(cfgmod.load(path), store=Store(engine, clock), capture=True)
+    map_stage = hub.stages[0]
+
+    def arrive(i: int, **body: Any) -> None:
+        line = _line(clock.now(), **body)
+        doc = {**json.loads(line.body), "id": f"q{i}"}
+        hub.sink.put_sync(hub.connectors["feed"].accept(json.dumps(doc).encode(), {}))
+        map_stage.run_once_sync()  # type: ignore[attr-defined]
+        hub.orchestrator.run_once_sync()  # the deliver stage does not run: sends stay queued
+
+    arrive(1, type="appointment.booked", appointment=APPT)
+    arrive(2, type="appointment.confirmed", appointment={**APPT, "status": "confirmed"})
+    with Session(engine) as s:
+        queued = s.exec(select(OutboxItem)).all()
+    assert [(o.channel, o.template, o.status) for o in queued] == [("texts", "appointment-prep", "pending")]
+    arrive(3, type="consent.revoked", attributes={"channel": "sms", "purpose": "*", "keyword": "stop"})
+    with Session(engine) as s:
+        after = s.exec(select(OutboxItem)).all()
+    assert [(o.template, o.status) for o in after] == [("appointment-prep", "cancelled")]
+
+
+@pytest.mark.parametrize("hours", ["21:00-08:00", "09:00-09:00"])
+def test_an_allowed_window_that_is_empty_or_crosses_midnight_fails_config_loading(hours: str) -> None:
+    with pytest.raises(ValidationError, match="quiet_hours"):
+        SiteConfig(timezone="America/New_York", quiet_hours=hours, channels=["sms"])
+
+
+def test_replay_an_offer_waiting_for_morning_keeps_its_product(engine: Engine, tmp_path: Path) -> None:
+    # Offer for Q deferred at 22:00; a refund for another product (P) at 23:00 does not stop
+    # it, and the morning message is still about Q though P was mentioned last.
+    marketing = {"channel": "*", "purpose": "marketing"}
+    rep = _replay(
+        engine,
+        tmp_path,
+        [
+            _line(datetime(2026, 3, 3, 9, tzinfo=NY), type="consent.granted", attributes=marketing),
+            _line(
+                datetime(2026, 3, 3, 22, tzinfo=NY), type="crm.offer.eligible", attributes={"product": "Q"}
+            ),
+            _line(
+                datetime(2026, 3, 3, 23, tzinfo=NY),
+                type="crm.refund.initiated",
+                attributes={"product": "P"},
+            ),
+        ],
+    )
+    assert [d["reason"] for d in rep["deferred"]] == ["quiet-hours"]
+    assert [d["template"] for d in rep["deliveries"]] == ["discount-offer"]
+    with Session(engine) as s:
+        [item] = s.exec(select(OutboxItem).where(OutboxItem.template == "discount-offer")).all()
+    assert item.content["text"] == "An offer on Q for you. Reply STOP to opt out."
