@@ -27,5 +27,11 @@ class PermanentError(CareloopError):
     """Retrying will not help: the item goes to the dead-letter table."""
 
 
+class RecipientOptedOut(PermanentError):
+    """The provider refused the send because the recipient opted out with it (Twilio 21610:
+    a STOP given to Twilio or the carrier that we never saw). The item is dead-lettered and
+    the opt-out is recorded for the person, so later messages are suppressed, not refused."""
+
+
 class SkipMessage(CareloopError):
     """The input is valid but nothing is mapped from it (an unmapped message type)."""

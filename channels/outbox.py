@@ -59,16 +59,17 @@ from sqlmodel import Session, col, or_, select
 
 from careloop import audit_log
 from careloop.clock import utc
-from careloop.errors import PermanentError, TransientError
+from careloop.errors import PermanentError, RecipientOptedOut, TransientError
 from careloop.model import Hold
 from careloop.pipeline import dead_letter, describe_error
 from careloop.store import Store
-from careloop.tables import DeliveryReceipt, OutboxItem
+from careloop.tables import DeliveryReceipt, JourneyEvent, OutboxItem
 from channels.base import ABSENT, Channel, DeliveryUncertain, Receipt
 
 log = logging.getLogger("careloop.outbox")
 _OUTBOX = OutboxItem.__table__  # type: ignore[attr-defined]
 _RECEIPT = DeliveryReceipt.__table__  # type: ignore[attr-defined]
+_EVENT = JourneyEvent.__table__  # type: ignore[attr-defined]
 _DISCLOSED_COLS = tuple(
     _OUTBOX.c[n]
     for n in (
@@ -466,6 +467,33 @@ class DeliverStage:
             return
         self._disclose(s, row, "permanent-error", now, ok=False)
         dead_letter(s, "deliver", row, exc, now)
+        if isinstance(exc, RecipientOptedOut):
+            self._opted_out_in(s, row, now)
+
+    def _opted_out_in(self, s: Session, row: OutboxItem, now: datetime) -> None:
+        """The provider holds an opt-out we never saw: record it for the person as the
+        orchestrator records a STOP (a ``consent.revoked`` event for the channel's kind), so
+        the next message is suppressed instead of refused, and what is queued is cancelled."""
+        channel = self.channels.get(row.channel)
+        kind = channel.capabilities.template_kind if channel is not None else row.channel
+        s.connection().execute(
+            _EVENT.insert(),
+            {
+                "event_key": f"outbox/{row.id}/recipient-opted-out",
+                "person_id": row.person_id,
+                "type": "consent.revoked",
+                "occurred_at": now,
+                "recorded_at": now,
+                "attributes": {
+                    "channel": kind,
+                    "purpose": "*",
+                    "keyword": None,
+                    "source": "provider-refusal",
+                },
+                "status": "pending",
+                "attempts": 0,
+            },
+        )
 
     def _adopt(self, item: OutboxItem, receipt: Receipt) -> None:
         with self.store.session() as s:

@@ -159,7 +159,7 @@ class SmtpEmailChannel:
         cfg = self.config
         msg = EmailMessage(policy=MIME_POLICY)
         msg["From"] = formataddr((cfg.from_name, cfg.from_address)) if cfg.from_name else cfg.from_address
-        msg["To"] = item.recipient
+        msg["To"] = self._ascii(item.recipient)
         msg["Subject"] = subject
         msg["Date"] = format_datetime(self.clock.now())
         msg["Message-ID"] = self.message_id(item.key)
@@ -190,11 +190,25 @@ class SmtpEmailChannel:
         if prior is not None:
             return prior
         msg = self.build(item)
-        await asyncio.to_thread(self._submit, msg, item.recipient)
+        await asyncio.to_thread(self._submit, msg, self._ascii(item.recipient))
         receipt = Receipt("sent", provider_id=str(msg["Message-ID"]))
         self._sent[item.key] = receipt
         log.debug("channel %s sent outbox key %s", self.id, item.key)
         return receipt
+
+    def _ascii(self, address: str) -> str:
+        """``address`` as plain SMTP carries it: an internationalised domain in its IDNA
+        (xn--) form. A non-ASCII mailbox name would need SMTPUTF8, which is not used here:
+        a permanent error that does not repeat the address (PHI)."""
+        local, _, domain = address.rpartition("@")
+        if not local.isascii():
+            raise PermanentError(f"channel {self.id}: recipient's mailbox name is not ASCII (no SMTPUTF8)")
+        if domain.isascii():
+            return address
+        try:
+            return f"{local}@{domain.encode('idna').decode('ascii')}"
+        except UnicodeError:
+            raise PermanentError(f"channel {self.id}: recipient's domain is not a valid IDNA name") from None
 
     def _tls(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=self.config.ca_file)

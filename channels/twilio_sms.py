@@ -44,7 +44,7 @@ import httpx
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from careloop.clock import utc
-from careloop.errors import PermanentError, TransientError
+from careloop.errors import PermanentError, RecipientOptedOut, TransientError
 from careloop.tables import OutboxItem
 from channels import _http
 from channels.base import ABSENT, ChannelCaps, ChannelConfig, DeliveryUncertain, Receipt, SentMemory
@@ -75,6 +75,8 @@ STATUS_MAP = {
 # https://www.twilio.com/docs/api/errors/21611). Dead-lettering would drop every message
 # of a large batch; retrying with backoff lets the queue drain first.
 TRANSIENT_CODES = frozenset({"21611"})
+# "Attempt to send to unsubscribed recipient": a STOP held by Twilio or the carrier.
+UNSUBSCRIBED_RECIPIENT = "21610"
 
 
 def check_url(v: str, *, loopback_http: bool = True) -> str:
@@ -219,6 +221,10 @@ class TwilioSmsChannel:
         code = None if resp.is_success else _http.provider_code(resp)
         if code in TRANSIENT_CODES:
             raise TransientError(f"{what}: HTTP {resp.status_code} (provider code {code})")
+        if code == UNSUBSCRIBED_RECIPIENT:
+            raise RecipientOptedOut(
+                f"{what}: HTTP {resp.status_code} (provider code {code}: recipient opted out)"
+            )
         _http.check(resp, what)
         # From here on Twilio has accepted the message: an answer we cannot read (a proxy's
         # page, a truncated body, no sid) must not be retried as if nothing had been sent,

@@ -457,3 +457,24 @@ def test_sent_memory_is_bounded_and_an_evicted_key_is_answered_by_the_provider(f
 async def _close(channels: list[Any]) -> None:
     for ch in channels:
         await ch.aclose()
+
+
+def test_an_internationalised_domain_is_sent_in_its_idna_form() -> None:
+    """A non-ASCII domain made smtplib raise UnicodeEncodeError (a dead letter for a valid
+    address); the envelope and the To header carry its xn-- form."""
+    handler = Handler()
+    item = email_item("qa-idna")
+    item.recipient = "pat@bücher.example"
+    with smtp_server(handler) as port:
+        asyncio.run(smtp_channel(port).send(item))
+    [got] = handler.received
+    assert got.rcpt_tos == ["pat@xn--bcher-kva.example"]
+    assert got.message["To"] == "pat@xn--bcher-kva.example"
+
+
+def test_a_non_ascii_mailbox_name_is_refused_without_repeating_the_address() -> None:
+    item = email_item("qa-utf8")
+    item.recipient = "pätient@clinic.example.org"
+    with pytest.raises(PermanentError, match="recipient") as caught:
+        smtp_channel(2525).build(item)
+    assert "pätient" not in str(caught.value)

@@ -204,3 +204,45 @@ def test_a_person_who_moved_gets_the_time_zone_of_the_new_address(hub: Hub, cloc
     with Session(hub.store.engine) as s:
         [person] = s.exec(select(Person)).all()
     assert person.timezone == "America/New_York"
+
+
+def test_a_provider_opt_out_refusal_is_recorded_so_later_messages_are_suppressed(
+    hub: Hub, clock: VirtualClock
+) -> None:
+    from careloop.tables import Consent
+    from channels.twilio_loopback import FakeTwilio
+    from tests.test_channels_twilio_sms import channel as twilio_channel
+
+    item = prep_queued(hub, clock)
+    fake = FakeTwilio()
+    fake.start()
+    try:
+        fake.fail_with = [400]  # Twilio 21610: the recipient opted out with Twilio or the carrier
+        sms = twilio_channel(fake)
+        deliver = DeliverStage(hub.store, {"sms": cast(Channel, sms)}, check=hub.orchestrator.send_check)
+
+        async def once() -> None:
+            try:
+                await deliver.run_once()
+            finally:
+                await sms.aclose()
+
+        asyncio.run(once())
+    finally:
+        fake.stop()
+    assert row(hub, item.id).status == "dead"
+    hub.orchestrator.run_once_sync()  # the recorded refusal, as a STOP would be
+    with Session(hub.store.engine) as s:
+        consents = s.exec(select(Consent)).all()
+    assert [(c.person_id, c.channel, c.purpose, c.status) for c in consents] == [
+        (item.person_id, "sms", "*", "opt_out")
+    ]
+    clock.set(clock.now() + timedelta(minutes=5))
+    arrive_with(hub, clock)(type="appointment.booked", appointment={**APPT, "id": "qa-a7"})
+    clock.set(datetime(2026, 3, 6, 16, tzinfo=NY))  # the 72 h reminder is due
+    hub.orchestrator.run_once_sync()
+    with Session(hub.store.engine) as s:
+        reasons = [
+            d.reason for d in s.exec(select(Decision).where(Decision.template == "appointment-reminder"))
+        ]
+    assert "opted-out" in reasons and "allowed" not in reasons
