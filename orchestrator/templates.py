@@ -170,9 +170,22 @@ def _local_date(ctx: Any, v: Any, tz: str | None = None) -> str:
 @pass_context
 def _local_time(ctx: Any, v: Any, tz: str | None = None) -> str:
     dt = _local(v, tz)
-    if _language(ctx) == "es":
-        return dt.strftime("%H:%M")
-    return f"{dt.hour % 12 or 12}:{dt.minute:02d} {'AM' if dt.hour < 12 else 'PM'}"
+    text = (
+        dt.strftime("%H:%M")
+        if _language(ctx) == "es"
+        else (f"{dt.hour % 12 or 12}:{dt.minute:02d} {'AM' if dt.hour < 12 else 'PM'}")
+    )
+    return f"{text} {dt.tzname()}" if _other_zone(ctx, dt) else text
+
+
+def _other_zone(ctx: Any, dt: datetime) -> bool:
+    """Whether the reader's clock differs from the site's at ``dt`` (someone living in
+    another state than the clinic's): then a time says its zone, so that "7:30 AM" cannot
+    be read on the wrong clock."""
+    site = (ctx.get("site") or {}).get("timezone")
+    if not site or dt.tzinfo is None:
+        return False
+    return dt.utcoffset() != dt.astimezone(ZoneInfo(site)).utcoffset()
 
 
 def _present(value: Any) -> Any:

@@ -168,3 +168,29 @@ def test_replay_an_offer_waiting_for_morning_keeps_its_product(engine: Engine, t
     with Session(engine) as s:
         [item] = s.exec(select(OutboxItem).where(OutboxItem.template == "discount-offer")).all()
     assert item.content["text"] == "An offer on Q for you. Reply STOP to opt out."
+
+
+@pytest.mark.parametrize(
+    ("zone", "language", "want"),
+    [
+        ("America/New_York", "en", "Visit at 10:30 AM"),  # the clinic's own clock: no label
+        ("America/Phoenix", "en", "Visit at 7:30 AM MST"),
+        ("America/Los_Angeles", "es", "Visit at 07:30 PDT"),
+    ],
+)
+def test_a_time_says_its_zone_when_the_reader_lives_on_another_clock(
+    zone: str, language: str, want: str
+) -> None:
+    from zoneinfo import ZoneInfo
+
+    from orchestrator import templates
+    from orchestrator.templates import TemplateConfig
+
+    tpl = TemplateConfig.model_validate({"sms": {language: "Visit at {{ appointment.start | local_time }}"}})
+    start = datetime(2026, 3, 9, 10, 30, tzinfo=NY).astimezone(ZoneInfo(zone))  # as the engine hands it
+    ctx = {
+        "site": {"timezone": "America/New_York"},
+        "person": {"language": language, "timezone": zone},
+        "appointment": {"start": start},
+    }
+    assert templates.render(tpl, "sms", language, ctx) == {"text": want}
