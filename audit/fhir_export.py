@@ -63,6 +63,8 @@ _HUMAN_ACTIONS = frozenset(
         "identity.assign",
         "held.list",
         "item.retry",
+        "outbox.resolve",
+        "outbox.list",
     }
 )
 _ACT_REASON = {
@@ -83,6 +85,7 @@ _DETAIL_KEYS = (
     "reason",
     "playbook",
     "template",
+    "choice",  # a staff resolution (outbox.resolve: sent or not-sent)
 )
 
 

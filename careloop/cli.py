@@ -250,6 +250,7 @@ _SUBAPPS = [
     ("orchestrator.escalation_cli", "app", "escalations"),
     ("orchestrator.learning_cli", "app", "learning"),
     ("channels.cli", "app", "channels"),
+    ("channels.outbox_cli", "app", "outbox"),
 ]
 for _mod, _attr, _name in _SUBAPPS:
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 from typing import Any
 
 from rich.console import Console
@@ -61,7 +62,7 @@ def retry(engine: Engine, id: int) -> str | None:
         audit_log.append(
             s,
             at=now,
-            actor="cli",
+            actor=f"cli:{getpass.getuser()}",
             action="item.retry",
             entity=f"{model.__tablename__}/{d.item_id}",
             detail={"dead_letter": id},

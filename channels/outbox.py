@@ -386,28 +386,6 @@ class DeliverStage:
         assert row is not None and row.id is not None
         return row if row.status == "sending" else None
 
-    def _disclose(self, s: Session, row: _Disclosed, outcome: str, now: datetime, ok: bool) -> None:
-        audit_log.append(
-            s,
-            at=now,
-            actor=f"channel:{row.channel}",
-            action="disclosure",
-            outcome="success" if ok else "failure",
-            person_id=row.person_id,
-            entity=f"outbox/{row.id}",
-            purpose=row.purpose,
-            detail={
-                "channel": row.channel,
-                "template": row.template,
-                "phi_class": row.phi_class,
-                "recipient_kind": recipient_kind(row.recipient),
-                "recipient_role": recipient_role(row),
-                "purpose": row.purpose,
-                "outcome": outcome,
-                "attempt": row.attempts,
-            },
-        )
-
     def _done_in(
         self, s: Session, now: datetime, item: OutboxItem, receipt: Receipt, recovered: bool
     ) -> None:
@@ -440,13 +418,13 @@ class DeliverStage:
                 "detail": detail,
             },
         )
-        self._disclose(s, row, receipt.status, now, ok=status != "failed")
+        disclose(s, row, receipt.status, now, ok=status != "failed")
 
     def _retry_in(self, s: Session, now: datetime, item: OutboxItem, exc: BaseException) -> None:
         row = self._sending(s, item)
         if row is None:
             return
-        self._disclose(s, row, "transient-error", now, ok=False)
+        disclose(s, row, "transient-error", now, ok=False)
         if row.attempts >= self.max_attempts:
             dead_letter(s, "deliver", row, exc, now)
             return
@@ -459,13 +437,13 @@ class DeliverStage:
         if row is None:
             return
         row.last_error = describe_error(exc)[:500]
-        self._disclose(s, row, "uncertain", now, ok=False)
+        disclose(s, row, "uncertain", now, ok=False)
 
     def _dead_in(self, s: Session, now: datetime, item: OutboxItem, exc: BaseException) -> None:
         row = self._sending(s, item)
         if row is None:
             return
-        self._disclose(s, row, "permanent-error", now, ok=False)
+        disclose(s, row, "permanent-error", now, ok=False)
         dead_letter(s, "deliver", row, exc, now)
         if isinstance(exc, RecipientOptedOut):
             self._opted_out_in(s, row, now)
@@ -609,7 +587,7 @@ class DeliverStage:
                 detail={"channel": row.channel, "outcome": "unknown"},
             )
             # It may have been disclosed: record the disclosure as of uncertain outcome.
-            self._disclose(s, row, "unknown", now, ok=False)
+            disclose(s, row, "unknown", now, ok=False)
 
 
 class _NoLimit:
@@ -618,6 +596,33 @@ class _NoLimit:
 
 
 _NO_LIMIT = _NoLimit()
+
+
+def disclose(s: Session, row: _Disclosed, outcome: str, now: datetime, ok: bool) -> None:
+    """The ``disclosure`` audit record of one send attempt (channel, template, PHI class,
+    recipient kind and role, purpose, outcome; never the address or the text): the deliver
+    stage writes it for every attempt, and staff resolving an ``unknown`` item write it
+    through here too, so the accounting of disclosures sees every message alike."""
+    audit_log.append(
+        s,
+        at=now,
+        actor=f"channel:{row.channel}",
+        action="disclosure",
+        outcome="success" if ok else "failure",
+        person_id=row.person_id,
+        entity=f"outbox/{row.id}",
+        purpose=row.purpose,
+        detail={
+            "channel": row.channel,
+            "template": row.template,
+            "phi_class": row.phi_class,
+            "recipient_kind": recipient_kind(row.recipient),
+            "recipient_role": recipient_role(row),
+            "purpose": row.purpose,
+            "outcome": outcome,
+            "attempt": row.attempts,
+        },
+    )
 
 
 def recipient_kind(recipient: str) -> str:
