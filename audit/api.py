@@ -124,14 +124,20 @@ def make_router(store: Store, key_source: KeySource | OctKey) -> APIRouter:
             rep = disclosures.accounting(
                 s, person_id, since=_t(since), until=_t(until), now=store.clock.now()
             )
+            # As the CLI: an id that names no one (and has no disclosures on record) is a
+            # mistyped id, not an empty accounting; the query is audited, tied to no one.
+            known = bool(rep.entries) or disclosures.person_exists(s, person_id)
+            filters: dict[str, Any] = {"since": _iso(rep.since), "until": _iso(rep.until)}
             audited(
                 who,
                 "disclosures",
-                person_id,
-                {"since": _iso(rep.since), "until": _iso(rep.until)},
+                person_id if known else None,
+                filters if known else {"person": person_id, **filters},
                 len(rep.entries),
                 s,
             )
+        if not known:
+            raise HTTPException(404, f"no person with id {person_id}")
         if format == "csv":
             buf = io.StringIO()
             disclosures.write_csv(rep, buf)

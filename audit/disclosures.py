@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import IO, Any
 
-from sqlmodel import Session
+from sqlalchemy import select
+from sqlmodel import Session, col
 
 from audit.query import AuditQuery, iter_all
 from audit.records import Rec, format_time
 from careloop.clock import utc
+from careloop.tables import Person
 
 # 164.528(a)(3): an individual may ask for disclosures in the six years before the request.
 LOOKBACK = timedelta(days=6 * 365 + 2)
@@ -140,6 +142,13 @@ def accounting(
     since = utc(since or until - LOOKBACK)
     q = AuditQuery(person_id=person_id, action="disclosure", since=since, until=until)
     return DisclosureReport(person_id, since, until, [entry(r) for r in iter_all(session, q)])
+
+
+def person_exists(session: Session, person_id: int) -> bool:
+    """Whether ``person_id`` names a person in the store (a merged one too). An empty
+    accounting for an id that names no one is a mistyped id, not an answer to give a patient."""
+    # The id alone: no need to load the record's PHI to know it is there.
+    return session.execute(select(col(Person.id)).where(col(Person.id) == person_id)).first() is not None
 
 
 def write_csv(report: DisclosureReport, fp: IO[str]) -> None:

@@ -95,3 +95,14 @@ def test_an_auditor_is_served_and_each_query_is_audited_with_the_subject(store: 
     assert len(audits) == 6
     assert all(a.actor == "jane-auditor" for a in audits)
     assert audits[0].person_id == sd.alice and audits[0].detail["returned"] == len(sd.about_alice)
+
+
+def test_disclosures_for_an_id_that_names_no_one_is_404_and_tied_to_no_one(store: Store) -> None:
+    key = OctKey.generate_key(256)
+    seed(store, START)
+    c = _client(store, key)
+    h = {"Authorization": f"Bearer {tokens.issue(key, subject='jane-auditor', roles=['auditor'])}"}
+    r = c.get("/audit/persons/999/disclosures", headers=h)
+    assert r.status_code == 404 and "999" in r.text
+    [q] = _audits(store, "audit.query")
+    assert q.person_id is None and q.detail["filters"]["person"] == 999 and q.detail["returned"] == 0
