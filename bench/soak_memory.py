@@ -33,19 +33,14 @@ sys.path.insert(0, str(ROOT))
 VT, FS_CR = b"\x0b", b"\x1c\r"
 
 
-def siu(i: int, start: datetime) -> bytes:
-    ts = start.strftime("%Y%m%d%H%M%S+0000")
-    return (
-        f"MSH|^~\\&|SOAK|HOSP|CARELOOP|CARELOOP|20260101000000+0000||SIU^S12^SIU_S12|S{i:08d}|P|2.5.1\r"
-        f"SCH|A{i}^SOAK|A{i}F^SOAK|||||FOLLOWUP^Follow-up^HL70276||30|min|^^30^{ts}||||||||||||||Booked\r"
-        f"TQ1|1||||||{ts}\r"
-        f"PID|1||M{i:08d}^^^HOSP^MR||Soak^Pat{i}||19800101|F|||1 Main St^^Boston^MA^02101^USA"
-        f"||^PRN^PH^^1^617^555{i % 10000:04d}\r"
-        f"AIS|1|A|99213^Visit^C4|{ts}\r"
-    ).encode()
+def orchestrator_bench() -> dict[str, Any]:
+    """The orchestrator bench's messages (``siu``) and configuration (``CONFIG``): a reminder
+    now and one 24 h before the visit."""
+    return runpy.run_path(str(ROOT / "bench" / "orchestrator.py"), run_name="soak")
 
 
 def client_main(port: int, first: int, count: int, conns: int) -> None:
+    siu = orchestrator_bench()["siu"]
     start = datetime.now(UTC) + timedelta(days=3)
 
     async def one(k: int) -> None:
@@ -94,8 +89,7 @@ def main() -> None:
     from careloop.store import Store
     from careloop.tables import JourneyEvent, OutboxItem
 
-    # The orchestrator bench's configuration: a reminder now and one 24 h before the visit.
-    bench = runpy.run_path(str(ROOT / "bench" / "orchestrator.py"), run_name="soak")
+    bench = orchestrator_bench()
     port = free_port()
     config: dict[str, Any] = json.loads(json.dumps(bench["CONFIG"]))
     config["connectors"]["adt"]["port"] = port

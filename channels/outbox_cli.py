@@ -66,18 +66,7 @@ COLUMNS = (
     "last_error",
 )
 # The outbox columns behind COLUMNS, in order.
-_LISTED = (
-    "id",
-    "created_at",
-    "person_id",
-    "channel",
-    "template",
-    "playbook",
-    "purpose",
-    "status",
-    "attempts",
-    "last_error",
-)
+_LISTED = tuple("person_id" if c == "person" else c for c in COLUMNS)
 NOT_SENT_NOTE = "staff review: not delivered; to be sent again"
 _OUTBOX = OutboxItem.__table__  # type: ignore[attr-defined]
 

@@ -636,34 +636,12 @@ class EngineCore:
     def _send_time_cancel(self, s: Session, item: OutboxItem, now: datetime, reason: str) -> Hold:
         """The decision that cancels ``item`` at send time (the deliver stage updates the row
         and audits it), so ``explain`` and replay reports show why it never went."""
-        s.add(
-            Decision(
-                person_id=item.person_id,
-                decided_at=now,
-                playbook=item.playbook or "-",
-                action="cancel",
-                template=item.template,
-                channel=item.channel,
-                reason=reason,
-                detail={"outbox": item.id, "when": "send-time"},
-            )
-        )
+        s.add(_cancel_decision(item, now, reason, {"when": "send-time"}))
         return Hold(reason)
 
     def _cancel_outbox(self, s: Session, item: OutboxItem, reason: str, now: datetime) -> None:
         item.status, item.last_error = "cancelled", reason
-        s.add(
-            Decision(
-                person_id=item.person_id,
-                decided_at=now,
-                playbook=item.playbook or "-",
-                action="cancel",
-                template=item.template,
-                channel=item.channel,
-                reason=reason,
-                detail={"outbox": item.id},
-            )
-        )
+        s.add(_cancel_decision(item, now, reason))
         audit_log.append(
             s,
             at=now,
@@ -1109,6 +1087,21 @@ class EngineCore:
     def _learning_outcomes(self, s: Session, person: Person, ev: JourneyEvent, now: datetime) -> None:
         """Record the outcomes ``ev`` carries for earlier sends, and learn from them."""
         raise NotImplementedError
+
+
+def _cancel_decision(
+    item: OutboxItem, now: datetime, reason: str, extra: dict[str, Any] | None = None
+) -> Decision:
+    return Decision(
+        person_id=item.person_id,
+        decided_at=now,
+        playbook=item.playbook or "-",
+        action="cancel",
+        template=item.template,
+        channel=item.channel,
+        reason=reason,
+        detail={"outbox": item.id, **(extra or {})},
+    )
 
 
 def _same_subject(timer_subject: str | None, ev: JourneyEvent, state: JourneyState) -> bool:
