@@ -7,7 +7,6 @@ user as actor ('cli:<user>').
 
 from __future__ import annotations
 
-import getpass
 import json
 import sys
 from datetime import UTC, datetime, timedelta
@@ -20,7 +19,7 @@ from sqlalchemy.engine import Engine
 from audit import checkpoint, disclosures, fhir_export, query, retention
 from audit.records import iter_db, write_jsonl
 from audit.verify import Report, verify_database, verify_export
-from careloop import tokens
+from careloop import audit_log, tokens
 from careloop.clock import SystemClock
 from careloop.config import AppConfig, load
 from careloop.db import database_url, existing_engine, private_file
@@ -63,10 +62,7 @@ def _time(value: str | None) -> datetime | None:
 
 
 def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli:unknown"
+    return audit_log.cli_actor()
 
 
 # --------------------------------------------------------------------------- verify

@@ -65,6 +65,8 @@ _HUMAN_ACTIONS = frozenset(
         "item.retry",
         "outbox.resolve",
         "outbox.list",
+        "outbox.release",
+        "outbox.cancel",
     }
 )
 _ACT_REASON = {

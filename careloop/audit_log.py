@@ -8,6 +8,7 @@ chain linear when several workers or processes append at once.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 from dataclasses import dataclass
@@ -187,3 +188,12 @@ def append(
     head.seq, head.hash = seq, h
     session.info[_TOUCHED_KEY] = True
     return Appended(seq, h)
+
+
+def cli_actor() -> str:
+    """The actor of a command run at a terminal: ``cli:<login name>``, or ``cli:unknown``
+    where there is none (a container without a passwd entry or USER)."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli:unknown"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import getpass
 import importlib
 import json
 import sys
@@ -15,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from careloop import audit_log
 from careloop import config as cfgmod
 from careloop.errors import ConfigError
 
@@ -157,7 +157,7 @@ def explain(
     engine = _engine(config)
     pid = find_person(engine, person)
     if pid is not None:
-        audit_view(engine, pid, f"cli:{getpass.getuser()}")
+        audit_view(engine, pid, audit_log.cli_actor())
     if pid is None or not render_timeline(engine, pid, out):
         _fail(["person not found"], code=1)  # the argument may be an MRN: not echoed
 

@@ -150,8 +150,8 @@ class ComplianceConfig(Strict):
     shared_contact: Literal["hold", "send"] = Field(
         "hold",
         description="a phone or email that several people's records hold (a family phone): hold "
-        "the item for staff with reason identity-unresolved, or send (a pediatric practice that "
-        "texts parents about each child)",
+        "the message for staff (outbox status held, reason identity-unresolved; careloop outbox "
+        "release|cancel), or send (a pediatric practice that texts parents about each child)",
     )
 
 

@@ -109,8 +109,9 @@ _writers_lock = threading.Lock()
 
 
 class SQLiteConnection(sqlite3.Connection):
-    """A sqlite3 connection whose ``BEGIN IMMEDIATE`` first queues on a per-file lock in
-    this process, released when the transaction ends (commit, rollback or close).
+    """A sqlite3 connection whose ``BEGIN IMMEDIATE`` first waits for a per-file lock in
+    this process (not a fair queue: whichever waiter the OS wakes goes next), released when
+    the transaction ends (commit, rollback or close).
 
     Why: SQLite lets one writer in at a time, and a writer that finds the file locked
     polls, sleeping 1, 2, 5 ... up to 100 ms between tries (sqlite3's busy handler), so a

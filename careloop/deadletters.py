@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
 from typing import Any
 
 from rich.console import Console
@@ -62,7 +61,7 @@ def retry(engine: Engine, id: int) -> str | None:
         audit_log.append(
             s,
             at=now,
-            actor=f"cli:{getpass.getuser()}",
+            actor=audit_log.cli_actor(),
             action="item.retry",
             entity=f"{model.__tablename__}/{d.item_id}",
             detail={"dead_letter": id},

@@ -9,8 +9,6 @@ orchestrator as if it had been linked on arrival. Every listing and assignment i
 
 from __future__ import annotations
 
-import getpass
-
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy.engine import Engine
@@ -23,7 +21,7 @@ from careloop.tables import JourneyEvent, Person, RawMessage
 
 
 def _actor() -> str:
-    return f"cli:{getpass.getuser()}"
+    return audit_log.cli_actor()
 
 
 def list_held(engine: Engine, console: Console) -> int:

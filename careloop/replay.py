@@ -188,6 +188,19 @@ def build_report(store: Store) -> dict[str, Any]:
                 select(Decision).where(col(Decision.action).in_(SUPPRESSED)).order_by(col(Decision.id))
             ).all()
         ]
+        held = [
+            {
+                "at": _iso(d.decided_at),
+                "person": str(d.person_id),
+                "playbook": d.playbook,
+                "template": d.template,
+                "channel": d.channel,
+                "reason": d.reason,
+            }
+            for d in s.exec(
+                select(Decision).where(Decision.action == "hold").order_by(col(Decision.id))
+            ).all()
+        ]
         deferred = [
             {
                 "at": _iso(d.decided_at),
@@ -234,6 +247,7 @@ def build_report(store: Store) -> dict[str, Any]:
     return {
         "deliveries": deliveries,
         "suppressed": suppressed,
+        "held": held,
         "deferred": deferred,
         "escalations": escalations,
         "events": events,

@@ -186,11 +186,13 @@ class OutboxItem(SQLModel, table=True):
     created_at: datetime = _ts(nullable=False)
     not_after: datetime | None = _ts(nullable=True)
     status: str = Field(default="pending", max_length=16)
-    # pending|sending|sent|delivered|failed|unknown|dead|captured|cancelled
+    # pending|held|sending|sent|delivered|failed|unknown|dead|captured|cancelled
     attempts: int = 0
     next_attempt_at: datetime | None = _ts(nullable=True)
     provider_id: str | None = Field(default=None, max_length=128)
     last_error: str | None = Field(default=None, max_length=500)
+    # ``held`` for staff (a shared address), then released by this actor (``cli:<user>``).
+    released_by: str | None = Field(default=None, max_length=64)
 
 
 class DeliveryReceipt(SQLModel, table=True):

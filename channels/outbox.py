@@ -55,6 +55,9 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, Protocol
 
+from sqlalchemy import case as sa_case
+from sqlalchemy import exists as sa_exists
+from sqlalchemy import literal as sa_literal
 from sqlmodel import Session, col, or_, select
 
 from careloop import audit_log
@@ -84,6 +87,22 @@ _DISCLOSED_COLS = tuple(
         "attempts",
     )
 )
+
+
+# A provider's report that beat the settle (the orchestrator keeps it as a receipt and
+# leaves a ``sending`` row alone): the settled row takes the furthest of them, as the
+# orchestrator would have moved it (never back: read > delivered > failed > sent).
+_REPORT_RANK = {"sent": 3, "failed": 4, "delivered": 5, "read": 6, "captured": 9}
+
+
+def _settled_status(status: str) -> Any:
+    """``status``, unless an earlier report from the provider went further."""
+    whens = [
+        (sa_exists().where(_RECEIPT.c.outbox_id == _OUTBOX.c.id, _RECEIPT.c.status == reported), reported)
+        for reported in ("read", "delivered", "failed")
+        if _REPORT_RANK[reported] > _REPORT_RANK.get(status, 0)
+    ]
+    return sa_case(*whens, else_=sa_literal(status)) if whens else status
 
 
 class SendCheck(Protocol):
@@ -327,7 +346,7 @@ class DeliverStage:
         if got is None:
             return None
         row = OutboxItem(**got)
-        hold = self.check(s, row, now) if self.check is not None else None
+        hold = self._checked(s, row, now) if self.check is not None else None
         if hold is not None:
             return self._hold_in(s, row, hold, now)
         if row.not_after is not None and utc(row.not_after) < now:
@@ -350,6 +369,18 @@ class DeliverStage:
             )
             s.flush()
         return row
+
+    def _checked(self, s: Session, row: OutboxItem, now: datetime) -> Hold | None:
+        """``check``'s answer, in a savepoint: a check that fails (a bug, a lost
+        connection) holds this item back a while instead of sending it unchecked, and
+        neither rolls back the sends this transaction records nor stops the others."""
+        assert self.check is not None
+        try:
+            with s.begin_nested():
+                return self.check(s, row, now)
+        except Exception as exc:
+            log.error("outbox %s: send-time check failed, retrying later: %s", row.id, type(exc).__name__)
+            return Hold("send-check-failed", now + timedelta(minutes=5))
 
     def _hold_in(self, s: Session, row: OutboxItem, hold: Hold, now: datetime) -> OutboxItem:
         """Keep ``row`` back as ``hold`` says (its claim was not an attempt)."""
@@ -398,7 +429,11 @@ class DeliverStage:
             .execute(
                 _OUTBOX.update()
                 .where(_OUTBOX.c.id == item.id, _OUTBOX.c.status == "sending")
-                .values(status=status, provider_id=receipt.provider_id, last_error=None)
+                .values(
+                    status=_settled_status(status),
+                    provider_id=receipt.provider_id,
+                    last_error=None,
+                )
                 .returning(*_DISCLOSED_COLS)
             )
             .one_or_none()

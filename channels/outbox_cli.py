@@ -23,7 +23,6 @@ attempts and the last error: never the recipient's address or the message text.
 
 from __future__ import annotations
 
-import getpass
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,12 +37,16 @@ from careloop.clock import SystemClock, utc
 from careloop.tables import DeliveryReceipt, OutboxItem
 from channels.outbox import disclose
 
-app = typer.Typer(no_args_is_help=True, help="Outbox items: list them, resolve the ones in doubt.")
+app = typer.Typer(
+    no_args_is_help=True,
+    help="Outbox items: list them, resolve the ones in doubt, release or cancel the ones held for staff.",
+)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="config file (for database.url)")]
 # Every status an outbox row can have (careloop/tables.py, ``OutboxItem.status``).
 OUTBOX_STATUSES = (
     "pending",
+    "held",
     "sending",
     "sent",
     "delivered",
@@ -72,7 +75,7 @@ _OUTBOX = OutboxItem.__table__  # type: ignore[attr-defined]
 
 
 def _actor() -> str:
-    return f"cli:{getpass.getuser()}"
+    return audit_log.cli_actor()
 
 
 def _engine(config: Path | None) -> Engine:
@@ -119,7 +122,7 @@ def list_items(
             audit_log.append(
                 s,
                 at=SystemClock().now(),
-                actor=f"cli:{getpass.getuser()}",
+                actor=audit_log.cli_actor(),
                 action="outbox.list",
                 detail={"status": status, "count": len(rows)},
             )
@@ -233,3 +236,72 @@ def _refuse(s: Session, item_id: int, choice: str, actor: str, now: datetime) ->
     )
     s.commit()
     return f"outbox {item_id}: status is {row.status}; only unknown items can be resolved"
+
+
+@app.command("release")
+def release(
+    item_id: Annotated[int, typer.Argument(help="the outbox item's id")],
+    config: ConfigOpt = None,
+) -> None:
+    """Let a 'held' item go: staff confirmed the shared phone or email may receive it. It is
+    then sent like any other (the send-time check still applies, except the shared address)."""
+    _settle_held(item_id, "release", config)
+
+
+@app.command("cancel")
+def cancel(
+    item_id: Annotated[int, typer.Argument(help="the outbox item's id")],
+    config: ConfigOpt = None,
+) -> None:
+    """Drop a 'held' item: it must not go to the shared address (staff reach the person another way)."""
+    _settle_held(item_id, "cancel", config)
+
+
+def _settle_held(item_id: int, choice: str, config: Path | None) -> None:
+    engine = _engine(config)
+    try:
+        problem = settle_held(engine, item_id, choice, _actor())
+    finally:
+        engine.dispose()
+    if problem is not None:
+        typer.echo(problem, err=True)
+        raise typer.Exit(1)
+    typer.echo(f"outbox {item_id}: " + ("released, to be sent" if choice == "release" else "cancelled"))
+
+
+def settle_held(engine: Engine, item_id: int, choice: str, actor: str) -> str | None:
+    """Release (``release``) or cancel (``cancel``) ``held`` item ``item_id`` in one
+    conditional update, audited as ``actor`` (``outbox.release`` / ``outbox.cancel``);
+    returns a problem (PHI-free) or None."""
+    if choice not in ("release", "cancel"):
+        raise ValueError(f"choice must be 'release' or 'cancel', not {choice!r}")
+    now = SystemClock().now()
+    if choice == "release":
+        values: dict[str, Any] = {"status": "pending", "next_attempt_at": None, "released_by": actor[:64]}
+    else:
+        values = {"status": "cancelled", "last_error": "cancelled by staff"}
+    with Session(engine) as s:
+        # Conditional: of two staff settling one item, the second finds it no longer held.
+        done = s.connection().execute(
+            _OUTBOX.update().where(_OUTBOX.c.id == item_id, _OUTBOX.c.status == "held").values(**values)
+        )
+        row = s.get(OutboxItem, item_id)
+        if row is None:
+            return f"outbox {item_id}: not found"
+        settled = done.rowcount == 1
+        audit_log.append(
+            s,
+            at=now,
+            actor=actor,
+            action=f"outbox.{choice}",
+            outcome="success" if settled else "rejected",
+            person_id=row.person_id,
+            entity=f"outbox/{item_id}",
+            purpose=row.purpose,
+            detail={"channel": row.channel, "template": row.template}
+            | ({} if settled else {"reason": f"status is {row.status}"}),
+        )
+        s.commit()
+        if not settled:
+            return f"outbox {item_id}: status is {row.status}; only held items can be released or cancelled"
+    return None

@@ -9,7 +9,6 @@ log); already mapped messages are refused, since their events exist.
 
 from __future__ import annotations
 
-import getpass
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -191,7 +190,7 @@ def show(
                 audit_log.append(
                     s,
                     at=SystemClock().now(),
-                    actor=f"cli:{getpass.getuser()}",
+                    actor=audit_log.cli_actor(),
                     action="message.view",
                     entity=f"raw_message/{message_id}",
                     detail={"unmasked": True},
@@ -235,7 +234,7 @@ def reprocess(
                 audit_log.append(
                     s,
                     at=SystemClock().now(),
-                    actor=f"cli:{getpass.getuser()}",
+                    actor=audit_log.cli_actor(),
                     action="message.reprocess",
                     entity=f"raw_message/{mid}",
                     detail={"from": before},

@@ -61,9 +61,6 @@ from orchestrator.state import JourneyState, Outreach, apply, record_outreach
 from orchestrator.templates import TemplateConfig
 
 OPEN_ESCALATION = ("open", "acknowledged")
-# An item sent this soon after its decision, on its first attempt, is not gated again in
-# full at send time (``send_check``): what could change meanwhile cancels it as it happens.
-_FRESH = timedelta(minutes=5)
 _DECISION = Decision.__table__  # type: ignore[attr-defined]
 _NO_STATE_KEY = "careloop.orchestrator.no_state"
 RECEIPT_STATUS = {
@@ -86,6 +83,8 @@ RECEIPT_RANK = {
 log = logging.getLogger("careloop.orchestrator")
 SILENCE_KIND = "triage-silence"  # a concern that did not escalate, then silence
 LIVE_OUTBOX = ("pending", "sending", "sent", "delivered", "read", "captured", "queued", "unknown")
+# Queued and not yet handed to a provider: what a STOP or a cancellation still stops.
+NOT_YET_SENT = ("pending", "held")
 
 # The gate's reads, one per send: Core statements built once (compiled once, cached),
 # run by ``_rows`` after a flush of anything still pending in the session.
@@ -125,10 +124,12 @@ _OPEN_ESCALATIONS = (
     .select_from(_ESC_T)
     .where(_ESC_T.c.person_id == bindparam("pid"), _ESC_T.c.status.in_(OPEN_ESCALATION))
 )
+# What counts against the person's frequency caps: not the notices to staff about them.
 _RECENT_OUTBOX = select(_OUTBOX_T.c.channel, _OUTBOX_T.c.created_at).where(
     _OUTBOX_T.c.person_id == bindparam("pid"),
     _OUTBOX_T.c.status.in_(LIVE_OUTBOX),
     _OUTBOX_T.c.created_at > bindparam("since"),
+    _OUTBOX_T.c.purpose != "escalation",
 )
 
 
@@ -270,13 +271,13 @@ class EngineCore:
         state = apply(state, ev.type, occurred, ev.subject_ref, subject, ev.attributes)
         state.deceased = state.deceased or person.deceased
         # Every event may come with new demographics (an ADT or SIU carries the PID): a
-        # person who moved gets the quiet hours of where they live now.
-        if person.patient is not None or person.timezone is None:
-            tz = timezones.resolve(
-                person.patient, self._addresses(s, person.id or 0).get("phone", []), self.config.site.timezone
-            )
-            if tz != person.timezone:
-                write_through(s, person, timezone=tz)
+        # person who moved gets the quiet hours of where they live now (a microsecond's
+        # work from an address; the phone lookup only when there is none).
+        tz = timezones.resolve(
+            person.patient, self._addresses(s, person.id or 0).get("phone", []), self.config.site.timezone
+        )
+        if tz != person.timezone:
+            write_through(s, person, timezone=tz)
         carried = {k: ev.attributes[k] for k in self._carried if k in ev.attributes}
         origin = Origin(event_id=ev.id, attributes=carried)
         actions: list[Action] = []
@@ -439,8 +440,12 @@ class EngineCore:
         )
         if status == "opt_out":
             # STOP takes effect at once: nothing still queued for that channel goes out.
-            q = select(OutboxItem).where(OutboxItem.person_id == person.id, OutboxItem.status == "pending")
+            q = select(OutboxItem).where(
+                OutboxItem.person_id == person.id, col(OutboxItem.status).in_(NOT_YET_SENT)
+            )
             for item in s.exec(q).all():
+                if not _to_the_person(item, self.channels.get(item.channel)):
+                    continue  # a notice to staff about them, a write-back: not theirs to stop
                 # A STOP names the channel's kind (``sms``) or the deployment's id for it.
                 names = ("*", item.channel, self.kind_of.get(item.channel))
                 if channel in names and purpose in ("*", item.purpose):
@@ -576,7 +581,7 @@ class EngineCore:
         q2 = select(OutboxItem).where(
             OutboxItem.person_id == person.id,
             OutboxItem.playbook == a.playbook,
-            OutboxItem.status == "pending",
+            col(OutboxItem.status).in_(NOT_YET_SENT),
         )
         for item in s.exec(q2).all():
             if a.subject_ref is None or item.subject_ref == a.subject_ref:
@@ -585,37 +590,34 @@ class EngineCore:
     # ------------------------------------------------------------------ send time
 
     def send_check(self, s: Session, item: OutboxItem, now: datetime) -> Hold | None:
-        """The gate again, just before an item is sent (channels/outbox.py ``SendCheck``):
-        on a retry, a dead letter put back or an item that waited in a backlog, everything
-        the decision-time gate checked (a death, a STOP, an open escalation, consent, quiet
-        hours; not the frequency caps, which counted this item when it was decided). A
-        first attempt that never failed, moments after its decision, rechecks only what
-        time alone changes: quiet hours, and a death recorded on the person (a STOP or an
-        escalation meanwhile cancelled it already). Notices to staff (purpose
-        ``escalation``) are not messages to the person and pass."""
+        """The gate again, just before a message to the person is sent, on its first attempt
+        and every retry (channels/outbox.py ``SendCheck``): what the decision-time gate
+        checked may have changed since (a death, a STOP, an open escalation, consent, the
+        address now shared with someone else, quiet hours reached while it waited in a
+        backlog or a retry); not the frequency caps, which counted it when it was decided.
+        Items that are not messages to the person pass: notices to staff about them
+        (``escalation``) and system-to-system deliveries (FHIR write-back, webhooks)."""
         ch = self.channels.get(item.channel)
-        person = s.get(Person, item.person_id)
-        if item.purpose == "escalation" or ch is None or person is None:
+        if not _to_the_person(item, ch):
             return None
-        mode = (
-            ("safety" if item.purpose == "safety" else "reply") if item.playbook == "triage" else "outreach"
-        )
-        if item.attempts <= 1 and item.last_error is None and now - utc(item.created_at) < _FRESH:
-            if person.deceased:
-                return self._send_time_cancel(s, item, now, "deceased")
-            if mode != "outreach" or ch.address_kind not in gate.PERSON_FACING:
-                return None
-            at = gate.next_allowed(now, person.timezone or self.config.site.timezone, self.quiet)
-            if at == now:
-                return None
-            if item.not_after is not None and at >= utc(item.not_after):
-                return self._send_time_cancel(s, item, now, "quiet-hours-past-useful-life")
-            return Hold("quiet-hours", at)
+        assert ch is not None
+        person = s.get(Person, item.person_id)
+        if person is None:
+            return None
+        mode = "outreach"
+        if item.playbook == "triage":  # an answer to what the person just wrote
+            cfg = self._triage_config()
+            mode = "safety" if item.purpose == "safety" or item.template == cfg.safety_reply else "reply"
         _, state = self._state(s, person, now)
+        facts = self._person_facts(s, person, state)
+        if item.released_by is not None:
+            facts = replace(facts, shared=frozenset())  # staff confirmed this address may have it
+        elif mode != "safety" and item.recipient in facts.shared:
+            return self._send_time_cancel(s, item, now, "identity-unresolved")
         verdict = gate.evaluate(
             gate.GateInput(
                 now=now,
-                person=self._person_facts(s, person, state),
+                person=facts,
                 template_kinds=frozenset({ch.template_kind}),
                 phi_class=item.phi_class,
                 purpose=item.purpose,
@@ -719,6 +721,14 @@ class EngineCore:
             )
             return
         if verdict.outcome == "suppress":
+            held_on = next((c for c, why in verdict.tried if why == "identity-unresolved"), None)
+            if held_on is not None:
+                # Only a shared address stands between this message and the person: it
+                # waits for staff, who may release it or cancel it (careloop outbox).
+                kind = self.channels[held_on].address_kind
+                to = pfacts.addresses[kind][0]
+                self._emit(s, person, state, a, origin, now, tpl, held_on, to, pfacts, detail, hold=True)
+                return
             self._decide_step(s, person, origin, now, a, "suppress", verdict.reason, verdict.channel, detail)
             return
         # The learner picks channel (among verdict.allowed only), window and variant.
@@ -798,11 +808,13 @@ class EngineCore:
         *,
         variant: str | None = None,
         propensity: float | None = None,
+        hold: bool = False,
     ) -> tuple[Decision, OutboxItem] | None:
         """Render ``a``'s template for ``channel``, record the send decision and queue the
         outbox row. The idempotency key depends only on what was decided and why (person,
         playbook, version, subject, step, template, the event or timer that caused it), so
-        deciding the same thing again can never queue a second message."""
+        deciding the same thing again can never queue a second message. ``hold``: the row
+        waits for staff (status ``held``, decision ``hold``/``identity-unresolved``)."""
         assert person.id is not None
         ch = self.channels[channel]
         try:
@@ -827,8 +839,8 @@ class EngineCore:
             now,
             a.playbook,
             a.version,
-            "send",
-            "allowed",
+            "hold" if hold else "send",
+            "identity-unresolved" if hold else "allowed",
             template=a.template,
             channel=channel,
             detail=detail,
@@ -852,11 +864,13 @@ class EngineCore:
             created_at=now,
             not_after=a.not_after,
             next_attempt_at=now,
+            status="held" if hold else "pending",
         )
         insert_object(s, item)
-        record_outreach(
-            state, Outreach(at=now, playbook=a.playbook, template=a.template, channel=channel, key=key)
-        )
+        if not hold:  # a held message is not outreach until staff release it
+            record_outreach(
+                state, Outreach(at=now, playbook=a.playbook, template=a.template, channel=channel, key=key)
+            )
         return dec, item
 
     def _decide_step(
@@ -1087,6 +1101,13 @@ class EngineCore:
     def _learning_outcomes(self, s: Session, person: Person, ev: JourneyEvent, now: datetime) -> None:
         """Record the outcomes ``ev`` carries for earlier sends, and learn from them."""
         raise NotImplementedError
+
+
+def _to_the_person(item: OutboxItem, ch: gate.ChannelFacts | None) -> bool:
+    """Whether ``item`` is a message to its person (their rules apply: STOP, death, quiet
+    hours ...), not a notice to staff about them (purpose ``escalation``) or a delivery to
+    another system (FHIR write-back, webhook)."""
+    return ch is not None and item.purpose != "escalation" and ch.address_kind in gate.PERSON_FACING
 
 
 def _cancel_decision(

@@ -6,7 +6,6 @@ Changes made here are audited like API changes, with the operating-system user a
 
 from __future__ import annotations
 
-import getpass
 import json
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -44,7 +43,7 @@ def _store(config: Path | None) -> Store:
 
 
 def _actor() -> str:
-    return f"cli:{getpass.getuser()}"
+    return audit_log.cli_actor()
 
 
 @app.command("list")

@@ -11,8 +11,9 @@ Per candidate channel, in preference order (the first that passes is used):
 4. ``no-template-for-channel``; 5. ``phi-exceeds-channel`` (minimum necessary);
 6. ``no-address``; then ``identity-unresolved`` again when every address the person has for
    that channel is also another person's (``PersonFacts.shared``: a family phone; a message
-   there could reach the wrong person, and a STOP from it could not be attributed): the item
-   is held for staff unless another channel reaches the person alone;
+   there could reach the wrong person, and a STOP from it could not be attributed), unless
+   another channel reaches the person alone. The gate only refuses; the orchestrator then
+   queues the message ``held`` for staff to release or cancel (``careloop outbox``);
 7. ``opted-out`` (channel and purpose, or everything);
    a consent names a channel by its id or by its kind: a Twilio STOP, a FHIR Consent and
    a CRM opt-in say ``sms`` or ``email`` whatever the deployment calls its channel, so a
@@ -166,13 +167,16 @@ def _consented(inp: GateInput, ch: ChannelFacts) -> bool:
     return inp.opt_in_max_age is None or inp.now - max(times) <= inp.opt_in_max_age
 
 
-def _cap_for(inp: GateInput, ch: ChannelFacts) -> tuple[Cap, bool] | None:
-    """The cap for ``ch`` and whether it is keyed by kind (counting every channel of it)."""
-    if (cap := inp.caps.get(ch.id)) is not None:
-        return cap, False
+def _caps_for(inp: GateInput, ch: ChannelFacts) -> list[tuple[Cap, bool]]:
+    """The caps that apply to ``ch``, each with whether it counts by kind: the cap keyed by
+    its kind (every channel of that kind counts, even when one of them is named like the
+    kind) and one keyed by its own id (that channel's sends only). Both must hold."""
+    out: list[tuple[Cap, bool]] = []
     if (cap := inp.caps.get(ch.template_kind)) is not None:
-        return cap, True
-    return None
+        out.append((cap, True))
+    if ch.id != ch.template_kind and (cap := inp.caps.get(ch.id)) is not None:
+        out.append((cap, False))
+    return out
 
 
 def evaluate(inp: GateInput) -> Verdict:
@@ -193,15 +197,15 @@ def evaluate(inp: GateInput) -> Verdict:
         if why is not None:
             tried.append((ch.id, why))
             continue
-        recipient = _recipient(inp, ch)
+        to = recipient(inp, ch)
         if ch.address_kind not in PERSON_FACING:
-            return Verdict("send", "allowed", ch.id, recipient, inp.now, tuple(tried), allowed)
+            return Verdict("send", "allowed", ch.id, to, inp.now, tuple(tried), allowed)
         at = inp.now if reply else next_allowed(inp.now, p.timezone, inp.quiet_hours)
         if at == inp.now:
-            return Verdict("send", "allowed", ch.id, recipient, at, tuple(tried), allowed)
+            return Verdict("send", "allowed", ch.id, to, at, tuple(tried), allowed)
         if inp.not_after is not None and at >= inp.not_after:
             return Verdict("suppress", "quiet-hours-past-useful-life", ch.id, None, None, tuple(tried))
-        return Verdict("defer", "quiet-hours", ch.id, recipient, at, tuple(tried), allowed)
+        return Verdict("defer", "quiet-hours", ch.id, to, at, tuple(tried), allowed)
     reason = tried[0][1] if tried else "no-channel"
     return Verdict("suppress", reason, None, None, None, tuple(tried))
 
@@ -215,7 +219,9 @@ def _usable(inp: GateInput, ch: ChannelFacts) -> list[str]:
     return [a for a in have if a not in inp.person.shared]
 
 
-def _recipient(inp: GateInput, ch: ChannelFacts) -> str:
+def recipient(inp: GateInput, ch: ChannelFacts) -> str:
+    """Where a send on ``ch`` goes: the person's best address for it that no one else
+    shares (rule 6), or the channel's own target (a FHIR server, a webhook)."""
     return _usable(inp, ch)[0] if ch.address_kind in PERSON_FACING else ch.address_kind
 
 
@@ -239,12 +245,11 @@ def _channel_refusal(inp: GateInput, ch: ChannelFacts) -> str | None:
         return "opted-out"
     if not _consented(inp, ch):
         return "no-consent"
-    capped = _cap_for(inp, ch)
-    if capped is not None and inp.mode == "outreach":
-        cap, by_kind = capped
-        if (
-            _sent(inp.sent_day, inp, ch, by_kind) >= cap.per_day
-            or _sent(inp.sent_week, inp, ch, by_kind) >= cap.per_week
-        ):
-            return "frequency-cap"
+    if inp.mode == "outreach":
+        for cap, by_kind in _caps_for(inp, ch):
+            if (
+                _sent(inp.sent_day, inp, ch, by_kind) >= cap.per_day
+                or _sent(inp.sent_week, inp, ch, by_kind) >= cap.per_week
+            ):
+                return "frequency-cap"
     return None

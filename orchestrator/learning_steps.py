@@ -183,9 +183,9 @@ class LearningSteps(EngineCore):
             dec.propensity = propensity
             return
         ch = self.channels[channel]
-        recipient = (
-            pfacts.addresses[ch.address_kind][0] if ch.address_kind in gate.PERSON_FACING else ch.address_kind
-        )
+        # The gate's own choice of address (a shared family phone is passed over).
+        facts_only = gate.GateInput(now, pfacts, frozenset(), tpl.phi_class, a.purpose, [ch])
+        recipient = gate.recipient(facts_only, ch)
         emitted = self._emit(
             s,
             person,

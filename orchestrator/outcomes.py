@@ -44,7 +44,7 @@ MESSAGE_EVENTS = {
     "message.failed": "failed",
 }
 APPOINTMENT_OUTCOMES = ("appointment.confirmed", "appointment.fulfilled", "appointment.noshow")
-NOT_SENT = ("pending", "cancelled", "dead")  # receipts move a sent item on (delivered, read, ...)
+NOT_SENT = ("pending", "held", "cancelled", "dead")  # receipts move a sent item on (delivered, read, ...)
 NOT_OUTREACH = ("triage",)  # answers to the person's own messages are not outreach to learn from
 
 

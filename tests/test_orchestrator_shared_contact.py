@@ -6,6 +6,7 @@ the config is loaded. Synthetic people only."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import datetime
 from pathlib import Path
@@ -15,14 +16,14 @@ import pytest
 import yaml
 from pydantic import ValidationError
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from careloop import config as cfgmod
 from careloop.clock import VirtualClock
 from careloop.config import SiteConfig
 from careloop.hub import Hub
 from careloop.store import Store
-from careloop.tables import OutboxItem
+from careloop.tables import AuditRecord, OutboxItem
 from orchestrator.gate import Cap, ChannelFacts, evaluate
 from tests.conftest import FIXTURES
 from tests.test_orchestrator_qa_gate import APPT, NY, PHONE, _gate, _line, _person, _replay
@@ -96,10 +97,52 @@ def _family(engine: Engine, tmp_path: Path, shared_contact: str | None) -> dict[
 
 def test_replay_two_people_on_one_phone_are_held_for_staff(engine: Engine, tmp_path: Path) -> None:
     rep = _family(engine, tmp_path, None)
-    # Both people's reminders (two each, due days later) find the phone shared: none goes.
-    assert rep["deliveries"] == []
-    assert [s["reason"] for s in rep["suppressed"]] == ["identity-unresolved"] * 4
-    assert {s["person"] for s in rep["suppressed"]} == {"1", "2"}
+    # Both people's reminders (two each, due days later) find the phone shared: none goes;
+    # each waits in the outbox for staff.
+    assert rep["deliveries"] == [] and rep["suppressed"] == []
+    assert [h["reason"] for h in rep["held"]] == ["identity-unresolved"] * 4
+    assert {h["person"] for h in rep["held"]} == {"1", "2"}
+    with Session(engine) as s:
+        assert [o.status for o in s.exec(select(OutboxItem)).all()] == ["held"] * 4
+
+
+def test_staff_release_a_held_message_and_it_goes_or_cancel_it_and_it_does_not(
+    engine: Engine, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from channels.outbox_cli import app as outbox_app
+
+    _family(engine, tmp_path, None)
+    with Session(engine) as s:
+        first, second, *_ = s.exec(select(OutboxItem).order_by(col(OutboxItem.id))).all()
+    url = engine.url.render_as_string(hide_password=False)
+    env = {"CARELOOP_DATABASE_URL": url}
+    runner = CliRunner()
+    listed = runner.invoke(outbox_app, ["list", "--status", "held"], env=env)
+    assert listed.exit_code == 0 and PHONE not in listed.output and len(listed.output.splitlines()) == 5
+    assert runner.invoke(outbox_app, ["release", str(first.id)], env=env).exit_code == 0
+    assert runner.invoke(outbox_app, ["cancel", str(second.id)], env=env).exit_code == 0
+    again = runner.invoke(outbox_app, ["release", str(second.id)], env=env)
+    assert again.exit_code == 1 and "only held items" in again.output
+    with Session(engine) as s:
+        released, cancelled = s.get(OutboxItem, first.id), s.get(OutboxItem, second.id)
+        audits = [
+            a.action for a in s.exec(select(AuditRecord).where(col(AuditRecord.action).like("outbox.%")))
+        ]
+    assert released is not None and cancelled is not None
+    assert (released.status, cancelled.status) == ("pending", "cancelled")
+    assert released.released_by is not None and released.released_by.startswith("cli:")
+    assert audits == ["outbox.list", "outbox.release", "outbox.cancel", "outbox.release"]
+    # The deliver stage sends the released one (the send-time gate does not hold it again
+    # for the address staff confirmed) and leaves the cancelled one alone.
+    clock = VirtualClock(datetime(2026, 3, 5, 12, tzinfo=NY))
+    hub = Hub(cfgmod.load(FIXTURES / "config" / "kernel-test.yaml"), store=Store(engine, clock), capture=True)
+    asyncio.run(hub.deliver.run_once())
+    with Session(engine) as s:
+        statuses = {o.id: o.status for o in s.exec(select(OutboxItem)).all()}
+    assert statuses[first.id] == "captured" and statuses[second.id] == "cancelled"
+    assert list(statuses.values()).count("held") == 2
 
 
 def test_replay_shared_contact_send_lets_a_family_phone_receive(engine: Engine, tmp_path: Path) -> None:
