@@ -76,6 +76,12 @@ def _holders_of(session: Session, idents: list[Identifier]) -> dict[tuple[str, s
     return out
 
 
+def contact_holders(session: Session, idents: list[Identifier]) -> set[int]:
+    """Everyone (surviving records) who holds one of ``idents``' phones or emails."""
+    contact = [i for i in idents if i.kind in CONTACT_KINDS]
+    return {pid for pids in _holders_of(session, contact).values() for pid in pids}
+
+
 def link(session: Session, person_id: int, idents: list[Identifier]) -> None:
     """Attach identifiers to a person (idempotent)."""
     if not idents:

@@ -119,7 +119,8 @@ class PutResult:
 class Hold:
     """A send-time check's answer that keeps an outbox item back (channels/outbox.py
     ``SendCheck``): ``until`` a later time (it stays pending; not counted as an attempt),
-    or for good (``until`` None: cancelled)."""
+    for staff (``staff``: status ``held``, see ``careloop outbox``), or for good (cancelled)."""
 
     reason: str  # a compliance gate reason code (orchestrator/gate.py)
     until: datetime | None = None
+    staff: bool = False  # not cancelled: ``held`` for staff to release or cancel

@@ -182,6 +182,27 @@ def apply_event(s: Session, raw: RawMessage, index: int, ev: MappedEvent, now: d
             outcome="held",
             detail={"reason": res.held_reason},
         )
+        if res.held_reason == "ambiguous-identity" and ev.type == "consent.revoked":
+            # Stopping is always safe: a STOP from a phone or email several people hold stops
+            # messages to it for each of them at once (the held event stays for staff).
+            for n, holder in enumerate(sorted(identity.contact_holders(s, ev.identifiers))):
+                s.connection().execute(
+                    _EVENT.insert(),
+                    {
+                        "event_key": f"raw:{raw.id}:{index}:holder{n}",
+                        "person_id": holder,
+                        "type": ev.type,
+                        "occurred_at": utc(ev.occurred_at),
+                        "recorded_at": now,
+                        "subject_ref": None,
+                        "attributes": _jsonable({**ev.attributes, "shared_address": True}),
+                        "raw_message_id": raw.id,
+                        "status": "pending",
+                        "status_reason": None,
+                        "attempts": 0,
+                        "next_attempt_at": None,
+                    },
+                )
     elif res.created:
         audit_log.append(
             s,

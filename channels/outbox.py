@@ -98,7 +98,14 @@ _REPORT_RANK = {"sent": 3, "failed": 4, "delivered": 5, "read": 6, "captured": 9
 def _settled_status(status: str) -> Any:
     """``status``, unless an earlier report from the provider went further."""
     whens = [
-        (sa_exists().where(_RECEIPT.c.outbox_id == _OUTBOX.c.id, _RECEIPT.c.status == reported), reported)
+        (
+            sa_exists().where(
+                _RECEIPT.c.outbox_id == _OUTBOX.c.id,
+                _RECEIPT.c.status == reported,
+                _RECEIPT.c.at >= _OUTBOX.c.next_attempt_at,  # this attempt's, not an earlier one's
+            ),
+            reported,
+        )
         for reported in ("read", "delivered", "failed")
         if _REPORT_RANK[reported] > _REPORT_RANK.get(status, 0)
     ]
@@ -233,6 +240,7 @@ class DeliverStage:
         if time.monotonic() - self._last_recover >= self.recover_every:
             r = await self.recover()
             handled += r.adopted + r.resend + r.unknown
+            handled += await asyncio.to_thread(self._expire_held)
         due = await asyncio.to_thread(self._due_ids)
         settles: list[Settle] = []
         # One transaction per group: it settles the previous group and claims the next, so
@@ -313,6 +321,34 @@ class DeliverStage:
 
     # ------------------------------------------------------------------ transactions
 
+    def _expire_held(self) -> int:
+        """Cancel ``held`` items past their useful life (``not_after``): staff never released
+        them, and a reminder for a visit that is over must not wait in their list for ever."""
+        now = self.store.clock.now()
+        with self.store.session() as s:
+            gone = (
+                s.connection()
+                .execute(
+                    _OUTBOX.update()
+                    .where(_OUTBOX.c.status == "held", _OUTBOX.c.not_after < now)
+                    .values(status="cancelled", last_error="expired: not_after has passed while held")
+                    .returning(_OUTBOX.c.id, _OUTBOX.c.person_id, _OUTBOX.c.purpose, _OUTBOX.c.channel)
+                )
+                .all()
+            )
+            for oid, pid, purpose, channel in gone:
+                audit_log.append(
+                    s,
+                    at=now,
+                    actor="deliver",
+                    action="outbox.expire",
+                    person_id=pid,
+                    entity=f"outbox/{oid}",
+                    purpose=purpose,
+                    detail={"channel": channel, "reason": "expired-while-held"},
+                )
+        return len(gone)
+
     def _due_ids(self) -> list[tuple[int, str]]:
         now = self.store.clock.now()
         with self.store.session() as s:
@@ -389,6 +425,9 @@ class DeliverStage:
             row.status, row.next_attempt_at = "pending", hold.until
             values: dict[str, Any] = {"next_attempt_at": hold.until}
             action, detail = "outbox.defer", {"reason": hold.reason, "until": utc(hold.until).isoformat()}
+        elif hold.staff:
+            row.status = "held"
+            values, action, detail = {}, "outbox.hold", {"reason": hold.reason}
         else:
             row.status, row.last_error = "cancelled", hold.reason
             values = {"last_error": hold.reason}

@@ -125,7 +125,7 @@ _OPEN_ESCALATIONS = (
     .where(_ESC_T.c.person_id == bindparam("pid"), _ESC_T.c.status.in_(OPEN_ESCALATION))
 )
 # What counts against the person's frequency caps: not the notices to staff about them.
-_RECENT_OUTBOX = select(_OUTBOX_T.c.channel, _OUTBOX_T.c.created_at).where(
+_RECENT_OUTBOX = select(_OUTBOX_T.c.id, _OUTBOX_T.c.channel, _OUTBOX_T.c.created_at).where(
     _OUTBOX_T.c.person_id == bindparam("pid"),
     _OUTBOX_T.c.status.in_(LIVE_OUTBOX),
     _OUTBOX_T.c.created_at > bindparam("since"),
@@ -610,10 +610,22 @@ class EngineCore:
             mode = "safety" if item.purpose == "safety" or item.template == cfg.safety_reply else "reply"
         _, state = self._state(s, person, now)
         facts = self._person_facts(s, person, state)
+        if ch.address_kind in gate.PERSON_FACING and item.recipient not in facts.addresses.get(
+            ch.address_kind, []
+        ):
+            return self._send_time_cancel(s, item, now, "address-changed")  # no longer theirs
+        caps: dict[str, gate.Cap] = {}
+        day: dict[str, int] = {}
+        week: dict[str, int] = {}
         if item.released_by is not None:
-            facts = replace(facts, shared=frozenset())  # staff confirmed this address may have it
+            # Staff confirmed this address may have it: not held again for sharing it, but
+            # the caps count on the day it really goes (its own row aside).
+            facts = replace(facts, shared=frozenset())
+            caps = self.caps
+            day, week = self._recent_counts(s, person.id or 0, now, exclude=item.id)
         elif mode != "safety" and item.recipient in facts.shared:
-            return self._send_time_cancel(s, item, now, "identity-unresolved")
+            s.add(_cancel_decision(item, now, "identity-unresolved", {"when": "send-time"}, action="hold"))
+            return Hold("identity-unresolved", staff=True)
         verdict = gate.evaluate(
             gate.GateInput(
                 now=now,
@@ -622,6 +634,9 @@ class EngineCore:
                 phi_class=item.phi_class,
                 purpose=item.purpose,
                 channels=[ch],
+                sent_day=day,
+                sent_week=week,
+                caps=caps,
                 kind_of=self.kind_of,
                 quiet_hours=self.quiet,
                 not_after=utc(item.not_after) if item.not_after is not None else None,
@@ -1014,12 +1029,14 @@ class EngineCore:
         return frozenset(value for (value,) in _rows(s, _SHARED, pid=person_id))
 
     def _recent_counts(
-        self, s: Session, person_id: int, now: datetime
+        self, s: Session, person_id: int, now: datetime, exclude: int | None = None
     ) -> tuple[dict[str, int], dict[str, int]]:
         week_ago, day_ago = now - timedelta(days=7), now - timedelta(days=1)
         day: dict[str, int] = {}
         week: dict[str, int] = {}
-        for channel, created in _rows(s, _RECENT_OUTBOX, pid=person_id, since=week_ago):
+        for oid, channel, created in _rows(s, _RECENT_OUTBOX, pid=person_id, since=week_ago):
+            if oid == exclude:
+                continue
             week[channel] = week.get(channel, 0) + 1
             if utc(created) > day_ago:
                 day[channel] = day.get(channel, 0) + 1
@@ -1111,13 +1128,14 @@ def _to_the_person(item: OutboxItem, ch: gate.ChannelFacts | None) -> bool:
 
 
 def _cancel_decision(
-    item: OutboxItem, now: datetime, reason: str, extra: dict[str, Any] | None = None
+    item: OutboxItem, now: datetime, reason: str, extra: dict[str, Any] | None = None, action: str = "cancel"
 ) -> Decision:
+    """The ``cancel`` (or ``hold``) decision for an outbox item that will not be sent now."""
     return Decision(
         person_id=item.person_id,
         decided_at=now,
         playbook=item.playbook or "-",
-        action="cancel",
+        action=action,
         template=item.template,
         channel=item.channel,
         reason=reason,

@@ -9,8 +9,9 @@ to the next allowed local time) or suppress, always with a reason code. Rules, i
 3. ``identity-unresolved``: an ambiguous identity is held for staff.
 Per candidate channel, in preference order (the first that passes is used):
 4. ``no-template-for-channel``; 5. ``phi-exceeds-channel`` (minimum necessary);
-6. ``no-address``; then ``identity-unresolved`` again when every address the person has for
-   that channel is also another person's (``PersonFacts.shared``: a family phone; a message
+6. ``no-address``; and, checked after rules 7-9 so that it is the only obstacle left,
+   ``identity-unresolved`` again when every address the person has for that channel is
+   also another person's (``PersonFacts.shared``: a family phone; a message
    there could reach the wrong person, and a STOP from it could not be attributed), unless
    another channel reaches the person alone. The gate only refuses; the orchestrator then
    queues the message ``held`` for staff to release or cancel (``careloop outbox``);
@@ -236,11 +237,8 @@ def _channel_refusal(inp: GateInput, ch: ChannelFacts) -> str | None:
         return "no-template-for-channel"
     if PHI_ORDER[inp.phi_class] > PHI_ORDER[ch.max_phi]:
         return "phi-exceeds-channel"
-    if ch.address_kind in PERSON_FACING:
-        if not inp.person.addresses.get(ch.address_kind):
-            return "no-address"
-        if not _usable(inp, ch):
-            return "identity-unresolved"
+    if ch.address_kind in PERSON_FACING and not inp.person.addresses.get(ch.address_kind):
+        return "no-address"
     if _opted_out(inp.person, ch, inp.purpose):
         return "opted-out"
     if not _consented(inp, ch):
@@ -252,4 +250,8 @@ def _channel_refusal(inp: GateInput, ch: ChannelFacts) -> str | None:
                 or _sent(inp.sent_week, inp, ch, by_kind) >= cap.per_week
             ):
                 return "frequency-cap"
+    # Last: ``identity-unresolved`` means nothing but the shared address stands in the way,
+    # so a message the orchestrator holds for staff is one staff may really release.
+    if ch.address_kind in PERSON_FACING and not _usable(inp, ch):
+        return "identity-unresolved"
     return None

@@ -3,11 +3,13 @@ CARELOOP_TEST_DATABASE_URL is set; every test gets a clean, migrated schema."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -59,3 +61,14 @@ def clock() -> VirtualClock:
 @pytest.fixture
 def store(engine: Engine, clock: VirtualClock) -> Store:
     return Store(engine, clock)
+
+
+@pytest.fixture
+def hubs() -> Iterator[list[Any]]:
+    """Hubs a test builds (``hubs.append(Hub(...))``), stopped at teardown: their ingest
+    sink's database connection and HTTP client are closed, not left to the garbage
+    collector (psycopg warns about a connection it finalises, and warnings are errors)."""
+    made: list[Any] = []
+    yield made
+    for hub in made:
+        asyncio.run(hub.stop())

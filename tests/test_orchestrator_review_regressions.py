@@ -59,7 +59,7 @@ def test_an_escalation_opened_after_the_decision_cancels_the_queued_message(
 
 
 def test_a_staff_page_about_the_patient_does_not_use_up_the_patients_sms_cap(
-    engine: Engine, tmp_path: Path
+    engine: Engine, hubs: list[Hub], tmp_path: Path
 ) -> None:
     raw = cfgmod.load_raw(FIXTURES / "config" / "kernel-test.yaml")
     sms = raw["channels"]["sms"]
@@ -70,6 +70,7 @@ def test_a_staff_page_about_the_patient_does_not_use_up_the_patients_sms_cap(
     path.write_text(yaml.safe_dump(raw))
     vclock = VirtualClock(datetime(2026, 3, 2, 10, tzinfo=NY))
     hub_ = Hub(cfgmod.load(path), store=Store(engine, vclock), capture=True)
+    hubs.append(hub_)
     arrive = _arrive(hub_, vclock, "c")
     arrive(type="appointment.booked", appointment=APPT)
     with Session(engine) as s:
@@ -116,12 +117,15 @@ def test_a_cap_keyed_by_kind_counts_every_channel_of_it_even_one_named_like_the_
     assert on_sms.reason == on_sms2.reason == "frequency-cap"
 
 
-def test_the_learner_sends_to_the_persons_own_phone_not_the_shared_one(engine: Engine) -> None:
+def test_the_learner_sends_to_the_persons_own_phone_not_the_shared_one(
+    engine: Engine, hubs: list[Hub]
+) -> None:
     own = "+12125550177"
     vclock = VirtualClock(datetime(2026, 3, 2, 10, tzinfo=NY))
     hub_ = Hub(
         cfgmod.load(FIXTURES / "config" / "learning-test.yaml"), store=Store(engine, vclock), capture=True
     )
+    hubs.append(hub_)
     arrive = _arrive(hub_, vclock, "l")
     arrive(type="appointment.booked", appointment=APPT)
     with Session(engine) as s:
@@ -138,12 +142,14 @@ def test_the_learner_sends_to_the_persons_own_phone_not_the_shared_one(engine: E
     assert recipients and PHONE not in recipients and set(recipients) <= {own}
 
 
-def _example_hub(engine: Engine) -> Hub:
-    return Hub(
+def _example_hub(engine: Engine, hubs: list[Hub]) -> Hub:
+    made = Hub(
         cfgmod.load(FIXTURES / "config" / "example.yaml"),
         store=Store(engine, VirtualClock(NOW)),
         capture=True,
     )
+    hubs.append(made)
+    return made
 
 
 def _someone(s: Session) -> Person:
@@ -153,8 +159,10 @@ def _someone(s: Session) -> Person:
     return p
 
 
-def test_a_write_back_task_for_staff_is_not_held_by_the_patients_opt_out(engine: Engine) -> None:
-    hub_ = _example_hub(engine)
+def test_a_write_back_task_for_staff_is_not_held_by_the_patients_opt_out(
+    engine: Engine, hubs: list[Hub]
+) -> None:
+    hub_ = _example_hub(engine, hubs)
     with Session(engine) as s:
         p = _someone(s)
         assert p.id is not None
@@ -179,8 +187,10 @@ def test_a_write_back_task_for_staff_is_not_held_by_the_patients_opt_out(engine:
         assert hub_.orchestrator.send_check(s, item, NOW) is None
 
 
-def test_a_patients_unsubscribe_does_not_cancel_a_notice_to_staff_about_them(engine: Engine) -> None:
-    hub_ = _example_hub(engine)
+def test_a_patients_unsubscribe_does_not_cancel_a_notice_to_staff_about_them(
+    engine: Engine, hubs: list[Hub]
+) -> None:
+    hub_ = _example_hub(engine, hubs)
     with Session(engine) as s:
         p = _someone(s)
         assert p.id is not None
@@ -215,8 +225,8 @@ def test_a_patients_unsubscribe_does_not_cancel_a_notice_to_staff_about_them(eng
         assert item.status == "pending"
 
 
-def test_a_retry_to_a_number_that_has_become_shared_is_held(engine: Engine) -> None:
-    hub_ = _example_hub(engine)
+def test_a_retry_to_a_number_that_has_become_shared_is_held(engine: Engine, hubs: list[Hub]) -> None:
+    hub_ = _example_hub(engine, hubs)
     with Session(engine) as s:
         p, other = _someone(s), _someone(s)
         assert p.id is not None and other.id is not None
@@ -244,4 +254,8 @@ def test_a_retry_to_a_number_that_has_become_shared_is_held(engine: Engine) -> N
         s.add(item)
         s.flush()
         hold = hub_.orchestrator.send_check(s, item, NOW)
-        assert hold is not None and hold.reason == "identity-unresolved" and hold.until is None
+        assert hold is not None and (hold.reason, hold.until, hold.staff) == (
+            "identity-unresolved",
+            None,
+            True,
+        )

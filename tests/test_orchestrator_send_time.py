@@ -39,10 +39,12 @@ def clock() -> VirtualClock:
 
 
 @pytest.fixture
-def hub(engine: Engine, clock: VirtualClock) -> Hub:
-    return Hub(
+def hub(engine: Engine, clock: VirtualClock, hubs: list[Hub]) -> Hub:
+    made = Hub(
         cfgmod.load(FIXTURES / "config" / "kernel-test.yaml"), store=Store(engine, clock), capture=True
     )
+    hubs.append(made)
+    return made
 
 
 _ids = itertools.count(1)  # message ids unique across arrive functions (else: duplicates)

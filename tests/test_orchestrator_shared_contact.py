@@ -22,8 +22,9 @@ from careloop import config as cfgmod
 from careloop.clock import VirtualClock
 from careloop.config import SiteConfig
 from careloop.hub import Hub
+from careloop.replay import FeedLine
 from careloop.store import Store
-from careloop.tables import AuditRecord, OutboxItem
+from careloop.tables import AuditRecord, Consent, OutboxItem
 from orchestrator.gate import Cap, ChannelFacts, evaluate
 from tests.conftest import FIXTURES
 from tests.test_orchestrator_qa_gate import APPT, NY, PHONE, _gate, _line, _person, _replay
@@ -107,17 +108,17 @@ def test_replay_two_people_on_one_phone_are_held_for_staff(engine: Engine, tmp_p
 
 
 def test_staff_release_a_held_message_and_it_goes_or_cancel_it_and_it_does_not(
-    engine: Engine, tmp_path: Path
+    engine: Engine, tmp_path: Path, hubs: list[Hub]
 ) -> None:
     from typer.testing import CliRunner
 
     from channels.outbox_cli import app as outbox_app
+    from tests.test_channels_outbox_cli import cli_url
 
     _family(engine, tmp_path, None)
     with Session(engine) as s:
         first, second, *_ = s.exec(select(OutboxItem).order_by(col(OutboxItem.id))).all()
-    url = engine.url.render_as_string(hide_password=False)
-    env = {"CARELOOP_DATABASE_URL": url}
+    env = {"CARELOOP_DATABASE_URL": cli_url(engine)}
     runner = CliRunner()
     listed = runner.invoke(outbox_app, ["list", "--status", "held"], env=env)
     assert listed.exit_code == 0 and PHONE not in listed.output and len(listed.output.splitlines()) == 5
@@ -138,6 +139,7 @@ def test_staff_release_a_held_message_and_it_goes_or_cancel_it_and_it_does_not(
     # for the address staff confirmed) and leaves the cancelled one alone.
     clock = VirtualClock(datetime(2026, 3, 5, 12, tzinfo=NY))
     hub = Hub(cfgmod.load(FIXTURES / "config" / "kernel-test.yaml"), store=Store(engine, clock), capture=True)
+    hubs.append(hub)
     asyncio.run(hub.deliver.run_once())
     with Session(engine) as s:
         statuses = {o.id: o.status for o in s.exec(select(OutboxItem)).all()}
@@ -152,7 +154,7 @@ def test_replay_shared_contact_send_lets_a_family_phone_receive(engine: Engine, 
 
 
 def test_a_stop_by_kind_cancels_what_is_queued_on_a_channel_called_otherwise(
-    engine: Engine, tmp_path: Path
+    engine: Engine, tmp_path: Path, hubs: list[Hub]
 ) -> None:
     raw = cfgmod.load_raw(FIXTURES / "config" / "kernel-test.yaml")
     raw["channels"] = {"texts": raw["channels"]["sms"], "email": raw["channels"]["email"]}
@@ -161,6 +163,7 @@ def test_a_stop_by_kind_cancels_what_is_queued_on_a_channel_called_otherwise(
     path.write_text(yaml.safe_dump(raw))
     clock = VirtualClock(datetime(2026, 3, 2, 10, tzinfo=NY))
     hub = Hub(cfgmod.load(path), store=Store(engine, clock), capture=True)
+    hubs.append(hub)
     map_stage = hub.stages[0]
 
     def arrive(i: int, **body: Any) -> None:
@@ -237,3 +240,69 @@ def test_a_time_says_its_zone_when_the_reader_lives_on_another_clock(
         "appointment": {"start": start},
     }
     assert templates.render(tpl, "sms", language, ctx) == {"text": want}
+
+
+def test_a_shared_phone_does_not_mask_a_cap_or_a_stop_so_only_sendable_messages_are_held() -> None:
+    shared = _person(shared=frozenset({PHONE}))
+    v = evaluate(
+        _gate([SMS], person=shared, caps={"sms": Cap(1, 3)}, sent_day={"sms": 1}, sent_week={"sms": 1})
+    )
+    assert v.reason == "frequency-cap"
+    stopped = _person(shared=frozenset({PHONE}), opted_out=frozenset({("sms", "*")}))
+    assert evaluate(_gate([SMS], person=stopped)).reason == "opted-out"
+    assert evaluate(_gate([SMS], person=shared)).reason == "identity-unresolved"
+
+
+def _phone_only(line: FeedLine) -> FeedLine:
+    doc = json.loads(line.body)
+    del doc["mrn"]  # as an SMS reply: only the phone it came from
+    return FeedLine(line.at, line.connector, json.dumps(doc).encode(), line.headers)
+
+
+def test_replay_a_stop_from_a_shared_phone_stops_it_for_everyone_who_holds_it(
+    engine: Engine, tmp_path: Path
+) -> None:
+    # Two people on one phone; a STOP arrives from the phone alone (it names no one).
+    other = {"id": "qa-a2", "start": "2026-03-09T16:00:00-04:00"}
+    stop = {"channel": "sms", "purpose": "*", "keyword": "stop"}
+    rep = _replay(
+        engine,
+        tmp_path,
+        [
+            _line(datetime(2026, 3, 2, 10, tzinfo=NY), type="appointment.booked", appointment=APPT),
+            _line(
+                datetime(2026, 3, 2, 10, 5, tzinfo=NY),
+                mrn="QA-2",
+                type="appointment.booked",
+                appointment=other,
+            ),
+            _phone_only(
+                _line(datetime(2026, 3, 2, 10, 10, tzinfo=NY), type="consent.revoked", attributes=stop)
+            ),
+        ],
+    )
+    with Session(engine) as s:
+        consents = sorted((c.person_id, c.channel, c.status) for c in s.exec(select(Consent)).all())
+    assert consents == [(1, "sms", "opt_out"), (2, "sms", "opt_out")]
+    # Their reminders, due days later, are refused for the STOP, not held for the phone.
+    assert rep["held"] == [] and rep["deliveries"] == []
+    assert sorted((x["person"], x["reason"]) for x in rep["suppressed"]) == [
+        ("1", "opted-out"),
+        ("1", "opted-out"),
+        ("2", "opted-out"),
+        ("2", "opted-out"),
+    ]
+
+
+def test_a_held_message_past_its_useful_life_is_cancelled_not_left_waiting(
+    engine: Engine, tmp_path: Path, hubs: list[Hub]
+) -> None:
+    _family(engine, tmp_path, None)
+    clock = VirtualClock(datetime(2026, 3, 20, 12, tzinfo=NY))  # the visits were on March 9
+    hub = Hub(cfgmod.load(FIXTURES / "config" / "kernel-test.yaml"), store=Store(engine, clock), capture=True)
+    hubs.append(hub)
+    asyncio.run(hub.deliver.run_once())
+    with Session(engine) as s:
+        items = s.exec(select(OutboxItem)).all()
+        expired = s.exec(select(AuditRecord).where(AuditRecord.action == "outbox.expire")).all()
+    assert [o.status for o in items] == ["cancelled"] * 4 and len(expired) == 4
