@@ -159,6 +159,18 @@ def _someone(s: Session) -> Person:
     return p
 
 
+def _queued(person_id: int, **kw: Any) -> OutboxItem:
+    """An outbox row that failed once and waits for its retry (``kw`` sets the rest)."""
+    base: dict[str, Any] = {
+        "person_id": person_id,
+        "phi_class": "none",
+        "created_at": NOW - timedelta(minutes=30),
+        "attempts": 2,
+        "last_error": "transient",
+    }
+    return OutboxItem(**{**base, **kw})
+
+
 def test_a_write_back_task_for_staff_is_not_held_by_the_patients_opt_out(
     engine: Engine, hubs: list[Hub]
 ) -> None:
@@ -167,9 +179,9 @@ def test_a_write_back_task_for_staff_is_not_held_by_the_patients_opt_out(
         p = _someone(s)
         assert p.id is not None
         s.add(Consent(person_id=p.id, channel="*", purpose="*", status="opt_out", at=NOW, source="test"))
-        item = OutboxItem(
+        item = _queued(
+            p.id,
             key="k1",
-            person_id=p.id,
             channel="ehr-writeback",
             template="writeback-task",
             playbook="triage",
@@ -178,9 +190,6 @@ def test_a_write_back_task_for_staff_is_not_held_by_the_patients_opt_out(
             phi_class="limited",
             recipient="Patient/x",
             content={"kind": "task"},
-            created_at=NOW - timedelta(minutes=30),
-            attempts=2,
-            last_error="transient",
         )
         s.add(item)
         s.flush()
@@ -194,19 +203,15 @@ def test_a_patients_unsubscribe_does_not_cancel_a_notice_to_staff_about_them(
     with Session(engine) as s:
         p = _someone(s)
         assert p.id is not None
-        item = OutboxItem(
+        item = _queued(
+            p.id,
             key="k2",
-            person_id=p.id,
             channel="email",
             template="escalation-email",
             playbook="escalation",
             purpose="escalation",
-            phi_class="none",
             recipient="nurse-line@northwind.example.org",
             content={"subject": "x", "text": "y"},
-            created_at=NOW - timedelta(minutes=3),
-            attempts=1,
-            last_error="smtp 451",
             next_attempt_at=NOW + timedelta(minutes=2),
         )
         s.add(item)
@@ -237,19 +242,15 @@ def test_a_retry_to_a_number_that_has_become_shared_is_held(engine: Engine, hubs
         )
         s.add(PersonIdentifier(person_id=p.id, kind="phone", system="phone", value="+12125550102"))
         s.add(PersonIdentifier(person_id=other.id, kind="phone", system="phone", value="+12125550101"))
-        item = OutboxItem(
+        item = _queued(
+            p.id,
             key="k3",
-            person_id=p.id,
             channel="sms",
             template="appointment-reminder",
             playbook="appointment-reminders",
             purpose="appointment-reminder",
-            phi_class="none",
             recipient="+12125550101",
             content={"text": "x"},
-            created_at=NOW - timedelta(minutes=30),
-            attempts=2,
-            last_error="transient",
         )
         s.add(item)
         s.flush()
