@@ -594,9 +594,11 @@ class EngineCore:
         and every retry (channels/outbox.py ``SendCheck``): what the decision-time gate
         checked may have changed since (a death, a STOP, an open escalation, consent, the
         address now shared with someone else, quiet hours reached while it waited in a
-        backlog or a retry); not the frequency caps, which counted it when it was decided.
-        Items that are not messages to the person pass: notices to staff about them
-        (``escalation``) and system-to-system deliveries (FHIR write-back, webhooks)."""
+        backlog or a retry). The frequency caps counted it when it was decided, so they
+        apply again only to a message staff released from a hold, which goes later. A
+        recipient no longer the person's is cancelled; one that has become shared is held
+        for staff. Items that are not messages to the person pass: notices to staff about
+        them (``escalation``) and system-to-system deliveries (FHIR write-back, webhooks)."""
         ch = self.channels.get(item.channel)
         if not _to_the_person(item, ch):
             return None
