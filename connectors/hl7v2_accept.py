@@ -28,6 +28,7 @@ from careloop.hl7v2.ack import AckError, AckStyle, Outcome, ack_code, build_ack,
 from careloop.hl7v2.parse import (
     Header,
     HL7FormatError,
+    batch_header,
     check_segments,
     decode,
     is_batch,
@@ -47,6 +48,7 @@ class Accepted:
     nack: bytes | None = None
     batch: bool = False
     headers: list[Header | None] = field(default_factory=list)
+    batch_header: bytes | None = None  # the batch's BHS segment, answered by the ACK batch's
 
 
 class HL7Acceptor:
@@ -68,7 +70,7 @@ class HL7Acceptor:
         now = self.clock.now()
         style = self.style
         messages = split_messages(body)
-        out = Accepted([], batch=len(messages) > 1 or is_batch(body))
+        out = Accepted([], batch=len(messages) > 1 or is_batch(body), batch_header=batch_header(body))
         for msg in messages:
             hdr = read_header(msg)
             error = header_error(hdr)

@@ -54,6 +54,7 @@ from careloop.hl7v2.ack import (
     build_ack,
     hl7_timestamp,
     message_error,
+    next_ack_id,
     shape_error,
     should_send,
 )
@@ -633,7 +634,7 @@ class MLLPConnector:
                 if res.reply is not None:
                     parts.append(res.reply)
             if parts:
-                replies.append(_batch_ack(parts) if acc.batch else parts[0])
+                replies.append(_batch_ack(parts, acc.batch_header, now) if acc.batch else parts[0])
         return replies
 
     def _accept_frame(self, fr: Frame) -> Accepted:
@@ -846,9 +847,18 @@ def _try_header(data: bytes) -> Header | None:
         return None
 
 
-def _batch_ack(acks: Sequence[bytes]) -> bytes:
-    """Acknowledgments of a batch, wrapped as a batch (BHS ... BTS)."""
+def _batch_ack(acks: Sequence[bytes], bhs: bytes | None, now: datetime) -> bytes:
+    """Acknowledgments of a batch, wrapped as a batch (BHS ... BTS). Answering a BHS, the
+    ACK batch's header swaps its sender and receiver (BHS-3..6), is stamped now (BHS-7),
+    has its own control id (BHS-11) and names the batch it answers (BHS-12 = its BHS-11)."""
     first = acks[0]
     fs = first[3:4].decode("latin-1") or "|"
     enc = first[4 : first.index(fs.encode(), 4)].decode("latin-1") if fs.encode() in first[4:] else "^~\\&"
-    return f"BHS{fs}{enc}\r".encode() + b"".join(acks) + f"BTS{fs}{len(acks)}\r".encode()
+    head = f"BHS{fs}{enc}"
+    if bhs is not None:
+        f = bhs.decode("latin-1").split(bhs[3:4].decode("latin-1"))
+        f += [""] * (12 - len(f))
+        # f[0] is "BHS", f[n] is BHS-(n+1): BHS-3 f[2], BHS-4 f[3], BHS-5 f[4], BHS-6 f[5], BHS-11 f[10].
+        fields = [f[4], f[5], f[2], f[3], hl7_timestamp(now), "", "", "", next_ack_id(), f[10]]
+        head += fs + fs.join(fields)
+    return f"{head}\r".encode() + b"".join(acks) + f"BTS{fs}{len(acks)}\r".encode()

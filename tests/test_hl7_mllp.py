@@ -275,11 +275,20 @@ async def test_a_connection_stops_reading_while_too_many_of_its_frames_wait_for_
 
 @pytest.mark.anyio
 async def test_batch_in_one_frame_gets_a_batch_of_acks(listener: MLLPConnector, store: Store) -> None:
-    batch = b"BHS|^~\\&|NWADT\r" + adt("A01", "B1") + siu("S12", "B2") + b"BTS|2\r"
+    bhs = b"BHS|^~\\&|NWADT|NORTHWIND|CARELOOP|CARELOOP|20260302090000||||BATCH-77\r"
+    batch = bhs + adt("A01", "B1") + siu("S12", "B2") + b"BTS|2\r"
     [reply] = await exchange(listener.port, [batch])
     assert reply.startswith(b"BHS|") and reply.rstrip(b"\r").endswith(b"BTS|2")
     assert reply.count(b"MSA|AA|") == 2
     assert len(stored(store)) == 2
+    # The ACK batch's header answers the batch's: sender and receiver swapped, its own
+    # control id, and BHS-12 naming the batch it acknowledges.
+    head = reply.split(b"\r", 1)[0].decode().split("|")
+    assert head[2:6] == ["CARELOOP", "CARELOOP", "NWADT", "NORTHWIND"]
+    assert len(head[6]) >= 14 and head[10] and head[11] == "BATCH-77"
+    # A batch with a bare BHS still gets one.
+    [bare] = await exchange(listener.port, [b"BHS|^~\\&\r" + adt("A01", "B3") + b"BTS|1\r"])
+    assert bare.startswith(b"BHS|^~\\&|") and bare.count(b"MSA|AA|B3") == 1
 
 
 @pytest.mark.anyio

@@ -478,6 +478,16 @@ def split_messages(data: bytes) -> list[bytes]:
     return [b"\r".join(segs) + b"\r" for segs in out]
 
 
+def batch_header(data: bytes) -> bytes | None:
+    """The payload's BHS segment (a batch's header), or None."""
+    for seg in _TERMINATORS.split(data[3:] if data.startswith(BOM) else data):
+        if seg[:3] == b"BHS" and len(seg) > 4:
+            return seg
+        if seg[:3] == b"MSH":
+            return None
+    return None
+
+
 def is_batch(data: bytes) -> bool:
     if data.startswith(BOM):
         data = data[3:]
