@@ -191,8 +191,10 @@ class OutboxItem(SQLModel, table=True):
     next_attempt_at: datetime | None = _ts(nullable=True)
     provider_id: str | None = Field(default=None, max_length=128)
     last_error: str | None = Field(default=None, max_length=500)
-    # ``held`` for staff (a shared address), then released by this actor (``cli:<user>``).
+    # ``held`` for staff (a shared address), then released by this actor (``cli:<user>``) at
+    # this time: caps and learning count a released message from when it could go.
     released_by: str | None = Field(default=None, max_length=64)
+    released_at: datetime | None = _ts(nullable=True)
 
 
 class DeliveryReceipt(SQLModel, table=True):

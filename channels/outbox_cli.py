@@ -277,7 +277,12 @@ def settle_held(engine: Engine, item_id: int, choice: str, actor: str) -> str | 
         raise ValueError(f"choice must be 'release' or 'cancel', not {choice!r}")
     now = SystemClock().now()
     if choice == "release":
-        values: dict[str, Any] = {"status": "pending", "next_attempt_at": None, "released_by": actor[:64]}
+        values: dict[str, Any] = {
+            "status": "pending",
+            "next_attempt_at": None,
+            "released_by": actor[:64],
+            "released_at": now,
+        }
     else:
         values = {"status": "cancelled", "last_error": "cancelled by staff"}
     with Session(engine) as s:

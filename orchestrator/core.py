@@ -125,10 +125,12 @@ _OPEN_ESCALATIONS = (
     .where(_ESC_T.c.person_id == bindparam("pid"), _ESC_T.c.status.in_(OPEN_ESCALATION))
 )
 # What counts against the person's frequency caps: not the notices to staff about them.
-_RECENT_OUTBOX = select(_OUTBOX_T.c.id, _OUTBOX_T.c.channel, _OUTBOX_T.c.created_at).where(
+# A message staff released from a hold counts from its release (when it could go).
+_WENT_AT = func.coalesce(_OUTBOX_T.c.released_at, _OUTBOX_T.c.created_at)
+_RECENT_OUTBOX = select(_OUTBOX_T.c.id, _OUTBOX_T.c.channel, _WENT_AT).where(
     _OUTBOX_T.c.person_id == bindparam("pid"),
     _OUTBOX_T.c.status.in_(LIVE_OUTBOX),
-    _OUTBOX_T.c.created_at > bindparam("since"),
+    bindparam("since") < _WENT_AT,
     _OUTBOX_T.c.purpose != "escalation",
 )
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from careloop.clock import utc
@@ -108,9 +109,9 @@ def _for_item(s: Session, item: OutboxItem) -> OutreachOutcome:
         template=item.template,
         subject_ref=item.subject_ref,
         propensity=dec.propensity if dec is not None else None,
-        sent_at=utc(item.created_at),
+        sent_at=utc(item.released_at or item.created_at),
         learned=False,
-        updated_at=utc(item.created_at),
+        updated_at=utc(item.released_at or item.created_at),
     )
     s.add(row)
     s.flush()
@@ -120,16 +121,17 @@ def _for_item(s: Session, item: OutboxItem) -> OutreachOutcome:
 def _outreach(
     s: Session, person_id: int, since: datetime, until: datetime, subject_ref: str | None = None
 ) -> list[OutboxItem]:
+    went = func.coalesce(col(OutboxItem.released_at), col(OutboxItem.created_at))  # see ``released_at``
     q = select(OutboxItem).where(
         OutboxItem.person_id == person_id,
         col(OutboxItem.status).not_in(NOT_SENT),
-        col(OutboxItem.created_at) >= since,
-        col(OutboxItem.created_at) <= until,
+        went >= since,
+        went <= until,
         col(OutboxItem.playbook).not_in(NOT_OUTREACH),
     )
     if subject_ref is not None:
         q = q.where(OutboxItem.subject_ref == subject_ref)
-    return list(s.exec(q.order_by(col(OutboxItem.created_at).desc(), col(OutboxItem.id).desc())).all())
+    return list(s.exec(q.order_by(went.desc(), col(OutboxItem.id).desc())).all())
 
 
 def _targets(s: Session, ev: JourneyEvent, cfg: LearningConfig) -> list[tuple[OutboxItem, str]]:

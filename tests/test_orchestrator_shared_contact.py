@@ -134,6 +134,7 @@ def test_staff_release_a_held_message_and_it_goes_or_cancel_it_and_it_does_not(
     assert released is not None and cancelled is not None
     assert (released.status, cancelled.status) == ("pending", "cancelled")
     assert released.released_by is not None and released.released_by.startswith("cli:")
+    assert released.released_at is not None and cancelled.released_at is None
     assert audits == ["outbox.list", "outbox.release", "outbox.cancel", "outbox.release"]
     # The deliver stage sends the released one (the send-time gate does not hold it again
     # for the address staff confirmed) and leaves the cancelled one alone.
