@@ -140,7 +140,7 @@ class Decision(SQLModel, table=True):
     timer_id: int | None = Field(default=None)
     playbook: str = Field(max_length=64)
     playbook_version: int = 1
-    action: str = Field(max_length=16)  # send|suppress|defer|schedule|cancel|escalate|shadow
+    action: str = Field(max_length=16)  # send|suppress|defer|schedule|cancel|escalate|shadow|hold|release
     template: str | None = Field(default=None, max_length=64)
     channel: str | None = Field(default=None, max_length=32)
     reason: str = Field(max_length=64)

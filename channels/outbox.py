@@ -112,6 +112,9 @@ def _settled_status(status: str) -> Any:
     return sa_case(*whens, else_=sa_literal(status)) if whens else status
 
 
+_CHECK_FAILED = "send-check-failed"
+
+
 class SendCheck(Protocol):
     """Asked in the claiming transaction just before an item is sent, on its first attempt
     and on every retry (a provider outage, a dead letter put back), so that what changed
@@ -416,11 +419,22 @@ class DeliverStage:
                 return self.check(s, row, now)
         except Exception as exc:
             log.error("outbox %s: send-time check failed, retrying later: %s", row.id, type(exc).__name__)
-            return Hold("send-check-failed", now + timedelta(minutes=5))
+            return Hold(_CHECK_FAILED, now + timedelta(minutes=5))
 
     def _hold_in(self, s: Session, row: OutboxItem, hold: Hold, now: datetime) -> OutboxItem:
-        """Keep ``row`` back as ``hold`` says (its claim was not an attempt)."""
-        row.attempts -= 1
+        """Keep ``row`` back as ``hold`` says (its claim was not an attempt, unless the check
+        itself failed: that counts, and after ``max_attempts`` the item is dead-lettered, a
+        fault for staff to see rather than a message put off for ever)."""
+        if hold.reason == _CHECK_FAILED:
+            if row.attempts >= self.max_attempts:
+                dead = s.get(OutboxItem, row.id)
+                assert dead is not None
+                dead_letter(
+                    s, "deliver", dead, PermanentError("the send-time compliance check kept failing"), now
+                )
+                return dead
+        else:
+            row.attempts -= 1
         if hold.until is not None:
             row.status, row.next_attempt_at = "pending", hold.until
             values: dict[str, Any] = {"next_attempt_at": hold.until}

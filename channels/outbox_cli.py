@@ -34,7 +34,7 @@ from sqlmodel import Session
 
 from careloop import audit_log
 from careloop.clock import SystemClock, utc
-from careloop.tables import DeliveryReceipt, OutboxItem
+from careloop.tables import Decision, DeliveryReceipt, OutboxItem
 from channels.outbox import disclose
 
 app = typer.Typer(
@@ -294,6 +294,19 @@ def settle_held(engine: Engine, item_id: int, choice: str, actor: str) -> str | 
         if row is None:
             return f"outbox {item_id}: not found"
         settled = done.rowcount == 1
+        if settled:  # the person's timeline (careloop explain) shows what staff decided
+            s.add(
+                Decision(
+                    person_id=row.person_id,
+                    decided_at=now,
+                    playbook=row.playbook or "-",
+                    action=choice,
+                    template=row.template,
+                    channel=row.channel,
+                    reason="staff-released" if choice == "release" else "staff-cancelled",
+                    detail={"outbox": item_id, "by": actor},
+                )
+            )
         audit_log.append(
             s,
             at=now,

@@ -248,3 +248,26 @@ def test_a_provider_opt_out_refusal_is_recorded_so_later_messages_are_suppressed
             d.reason for d in s.exec(select(Decision).where(Decision.template == "appointment-reminder"))
         ]
     assert "opted-out" in reasons and "allowed" not in reasons
+
+
+def test_a_send_time_check_that_keeps_failing_ends_in_a_dead_letter_not_a_silent_stall(
+    hub: Hub, clock: VirtualClock
+) -> None:
+    item = prep_queued(hub, clock)
+
+    def broken(s: Session, row: OutboxItem, now: datetime) -> Any:
+        raise RuntimeError("a bug in the check")
+
+    sms = ScriptChannel("sms", cfg())
+    deliver = DeliverStage(
+        hub.store, {"sms": cast(Channel, sms)}, max_attempts=3, recover_every=1e9, check=broken
+    )
+    for _ in range(3):
+        asyncio.run(deliver.run_once())
+        got = row(hub, item.id)
+        clock.set(clock.now() + timedelta(minutes=6))
+    assert not sms.send_times  # never sent unchecked
+    assert got.status == "dead" and got.attempts == 3
+    with Session(hub.store.engine) as s:
+        [dl] = s.exec(select(DeadLetter).where(DeadLetter.item_id == item.id)).all()
+    assert "check kept failing" in dl.error

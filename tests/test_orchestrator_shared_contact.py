@@ -24,7 +24,7 @@ from careloop.config import SiteConfig
 from careloop.hub import Hub
 from careloop.replay import FeedLine
 from careloop.store import Store
-from careloop.tables import AuditRecord, Consent, OutboxItem
+from careloop.tables import AuditRecord, Consent, Decision, OutboxItem
 from orchestrator.gate import Cap, ChannelFacts, evaluate
 from tests.conftest import FIXTURES
 from tests.test_orchestrator_qa_gate import APPT, NY, PHONE, _gate, _line, _person, _replay
@@ -135,6 +135,11 @@ def test_staff_release_a_held_message_and_it_goes_or_cancel_it_and_it_does_not(
     assert (released.status, cancelled.status) == ("pending", "cancelled")
     assert released.released_by is not None and released.released_by.startswith("cli:")
     assert released.released_at is not None and cancelled.released_at is None
+    with Session(engine) as s:
+        staff = [
+            (d.action, d.reason) for d in s.exec(select(Decision).where(col(Decision.reason).like("staff-%")))
+        ]
+    assert staff == [("release", "staff-released"), ("cancel", "staff-cancelled")]
     assert audits == ["outbox.list", "outbox.release", "outbox.cancel", "outbox.release"]
     # The deliver stage sends the released one (the send-time gate does not hold it again
     # for the address staff confirmed) and leaves the cancelled one alone.
