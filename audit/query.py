@@ -133,6 +133,7 @@ def _where(session: Session, q: AuditQuery) -> list[ColumnElement[bool]]:
 def search(session: Session, q: AuditQuery) -> Page:
     """One page of matching records in seq order (no self-audit; see ``run_query``)."""
     limit = max(1, min(q.limit, MAX_LIMIT))
+    audit_log.flush(session)  # records appended earlier in this transaction are found too
     rows = (
         session.connection()
         .execute(select(_T).where(and_(*_where(session, q))).order_by(_T.c.seq).limit(limit + 1))

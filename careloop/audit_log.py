@@ -4,6 +4,11 @@ Each record's ``hash`` is SHA-256 over the previous record's hash and the record
 canonical JSON (``canonical``), so an offline verifier can re-hash the chain. The chain
 tip lives in ``audit_head``, read once per transaction with a row lock, which keeps the
 chain linear when several workers or processes append at once.
+
+Records are written in one multi-row INSERT per transaction (at commit, or when someone
+reads the tip with ``head``), not one statement each: a batch of a few hundred events
+appends a few thousand records. They live only in the transaction, as the rows would: a
+rollback, of a savepoint too, drops those appended inside it and puts the tip back.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from careloop.tables import AuditHead, AuditRecord
 GENESIS = "0" * 64
 _HEAD_KEY = "careloop.audit_head"
 _TOUCHED_KEY = "careloop.audit_touched"
+_PENDING_KEY = "careloop.audit_pending"  # rows appended, not yet written
+_MARKS_KEY = "careloop.audit_marks"  # savepoint -> (pending rows, tip) when it began
+_ROLLED_KEY = "careloop.audit_rolled_back"  # the transaction ending now was rolled back
 _TABLE = AuditRecord.__table__  # type: ignore[attr-defined]
 
 
@@ -101,34 +109,70 @@ def _head(session: Session) -> Head:
 
 def head(session: Session) -> Head:
     """The chain tip, row-locked for the rest of ``session``'s transaction (the same row
-    ``append`` uses, so a checkpoint taken in this transaction sees a stable tree)."""
-    return _head(session)
+    ``append`` uses, so a checkpoint taken in this transaction sees a stable tree). The
+    records appended so far are written first, so the table holds everything up to it."""
+    h = _head(session)
+    flush(session)
+    return h
 
 
-@event.listens_for(Session, "after_soft_rollback")
-def _forget_head(session: Any, *_: Any) -> None:
-    # A rollback (of a savepoint too) removes the records appended inside it from the
-    # table; the next append reads the tip again (head row, then any later record).
-    session.info.pop(_HEAD_KEY, None)
+def flush(session: Session) -> None:
+    """Write the records appended in this transaction and not written yet (one statement)."""
+    pending: list[dict[str, Any]] | None = session.info.get(_PENDING_KEY)
+    if pending:
+        session.connection().execute(_TABLE.insert(), pending)
+        pending.clear()
+
+
+@event.listens_for(Session, "after_transaction_create")
+def _mark(session: Any, transaction: Any) -> None:
+    # A savepoint remembers where the records and the tip stood, for its rollback.
+    if transaction.nested:
+        head: Head | None = session.info.get(_HEAD_KEY)
+        tip = (head.seq, head.hash) if head is not None else None
+        pending = session.info.get(_PENDING_KEY)
+        marks = session.info.setdefault(_MARKS_KEY, {})
+        marks[id(transaction)] = (list(pending) if pending else [], tip)
+
+
+@event.listens_for(Session, "after_rollback")
+def _note_rollback(session: Any) -> None:
+    # Fires for the transaction or savepoint actually rolled back, before it ends.
+    session.info[_ROLLED_KEY] = True
 
 
 @event.listens_for(Session, "after_transaction_end")
-def _forget_head_at_end(session: Any, transaction: Any) -> None:
+def _forget_at_end(session: Any, transaction: Any) -> None:
+    # A savepoint's rollback drops the records appended inside it, and the table takes
+    # back those written meanwhile (which may include records pending when it began: they
+    # are pending again). The tip goes back to where it stood when the savepoint began (or
+    # is read again, if it had not been read yet). A released savepoint keeps both.
+    marks = session.info.get(_MARKS_KEY)
+    mark = marks.pop(id(transaction), None) if marks else None
+    if transaction.nested and session.info.pop(_ROLLED_KEY, False):
+        head: Head | None = session.info.get(_HEAD_KEY)
+        if mark is None or mark[1] is None or head is None:
+            session.info.pop(_HEAD_KEY, None)
+            session.info.pop(_PENDING_KEY, None)
+        else:
+            rows, (head.seq, head.hash) = mark
+            session.info[_PENDING_KEY] = list(rows)
     # The end of the session's transaction releases the row lock, so the next one reads
-    # the head again. A released savepoint keeps it: its records and the head stay valid
-    # in the enclosing transaction.
+    # the head again.
     if transaction.parent is None:
-        session.info.pop(_HEAD_KEY, None)
-        session.info.pop(_TOUCHED_KEY, None)
+        for key in (_HEAD_KEY, _TOUCHED_KEY, _PENDING_KEY, _MARKS_KEY, _ROLLED_KEY):
+            session.info.pop(key, None)
 
 
 @event.listens_for(Session, "before_commit")
 def _write_head(session: Any) -> None:
-    # The head row moves once per transaction, not once per record (this event fires for
-    # a savepoint's release too: the enclosing transaction's commit writes it).
+    # The records, then the head row, once per transaction, not once per record (this
+    # event fires for a savepoint's release too: the enclosing transaction's commit
+    # writes them).
     if not session.info.get(_TOUCHED_KEY) or session.in_nested_transaction():
         return
     head = _head(session)
+    flush(session)
     if head.seq == head.written:
         return
     conn = session.connection()
@@ -161,16 +205,15 @@ def append(
     """Add one audit record to ``session``'s transaction. ``detail`` must hold no PHI
     beyond identifiers (ids, codes, channel names, reason codes).
 
-    The record is inserted at once (one Core statement: a savepoint rolled back takes it
-    with it, and nothing is buffered that could be lost); the chain tip stays in the
-    session and the ``audit_head`` row is written when the transaction commits."""
+    The record is hashed onto the chain at once and written with the transaction's other
+    records when it commits (see the module's docstring); the chain tip stays in the
+    session and the ``audit_head`` row is written after them."""
     head = _head(session)
     detail = detail or {}
     at = utc(at)
     seq = head.seq + 1
     h = chain_hash(head.hash, canonical(seq, at, actor, action, outcome, person_id, entity, purpose, detail))
-    session.connection().execute(
-        _TABLE.insert(),
+    session.info.setdefault(_PENDING_KEY, []).append(
         {
             "seq": seq,
             "at": at,
@@ -183,7 +226,7 @@ def append(
             "detail": detail,
             "prev_hash": head.hash,
             "hash": h,
-        },
+        }
     )
     head.seq, head.hash = seq, h
     session.info[_TOUCHED_KEY] = True
