@@ -22,9 +22,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from jinja2 import TemplateError
-from sqlalchemy import bindparam, func
 from sqlalchemy import event as sa_event
-from sqlalchemy import inspect as sa_inspect
 from sqlmodel import Session, col, select
 
 from careloop import audit_log
@@ -32,21 +30,19 @@ from careloop.clock import utc
 from careloop.config import AppConfig, LearningConfig
 from careloop.model import Hold
 from careloop.pipeline import handle_isolated
-from careloop.store import Store, attach_inserted, insert_object, write_through
+from careloop.store import Store, write_through
 from careloop.tables import (
     Consent,
     Decision,
     DeliveryReceipt,
-    Escalation,
     JourneyEvent,
     JourneyStateRow,
     OutboxItem,
     Person,
-    PersonIdentifier,
     Resource,
     Timer,
 )
-from orchestrator import escalation, gate, playbooks, templates, timezones, triage
+from orchestrator import escalation, facts, gate, playbooks, templates, timezones, triage
 from orchestrator.playbooks import (
     Action,
     CancelRun,
@@ -60,8 +56,10 @@ from orchestrator.playbooks import (
 from orchestrator.state import JourneyState, Outreach, apply, record_outreach
 from orchestrator.templates import TemplateConfig
 
-OPEN_ESCALATION = ("open", "acknowledged")
 _DECISION = Decision.__table__  # type: ignore[attr-defined]
+_OUTBOX = OutboxItem.__table__  # type: ignore[attr-defined]
+_TIMER = Timer.__table__  # type: ignore[attr-defined]
+_STATE = JourneyStateRow.__table__  # type: ignore[attr-defined]
 _NO_STATE_KEY = "careloop.orchestrator.no_state"
 RECEIPT_STATUS = {
     "message.sent": "sent",
@@ -82,57 +80,11 @@ RECEIPT_RANK = {
 }
 log = logging.getLogger("careloop.orchestrator")
 SILENCE_KIND = "triage-silence"  # a concern that did not escalate, then silence
-LIVE_OUTBOX = ("pending", "sending", "sent", "delivered", "read", "captured", "queued", "unknown")
 # Queued and not yet handed to a provider: what a STOP or a cancellation still stops.
 NOT_YET_SENT = ("pending", "held")
 
-# The gate's reads, one per send: Core statements built once (compiled once, cached),
-# run by ``_rows`` after a flush of anything still pending in the session.
-_IDENT_T = PersonIdentifier.__table__  # type: ignore[attr-defined]
-_CONSENT_T = Consent.__table__  # type: ignore[attr-defined]
-_ESC_T = Escalation.__table__  # type: ignore[attr-defined]
-_OUTBOX_T = OutboxItem.__table__  # type: ignore[attr-defined]
-_ADDRESSES = (
-    select(_IDENT_T.c.kind, _IDENT_T.c.value)
-    .where(_IDENT_T.c.person_id == bindparam("pid"))
-    .order_by(_IDENT_T.c.verified.desc(), _IDENT_T.c.id)
-)
-# The person's phone numbers and emails that another live (unmerged) person also holds.
-_OTHER_IDENT, _PERSON_T = _IDENT_T.alias("other"), Person.__table__  # type: ignore[attr-defined]
-_SHARED = (
-    select(_IDENT_T.c.value)
-    .distinct()
-    .join(
-        _OTHER_IDENT,
-        (_OTHER_IDENT.c.system == _IDENT_T.c.system)
-        & (_OTHER_IDENT.c.value == _IDENT_T.c.value)
-        & (_OTHER_IDENT.c.person_id != _IDENT_T.c.person_id),
-    )
-    .join(_PERSON_T, _PERSON_T.c.id == _OTHER_IDENT.c.person_id)
-    .where(
-        _IDENT_T.c.person_id == bindparam("pid"),
-        _IDENT_T.c.kind.in_(sorted(gate.PERSON_FACING)),
-        _PERSON_T.c.merged_into.is_(None),
-    )
-)
-# One row per (channel, purpose): the latest opt-in or opt-out for it (see ``_consent``).
-_CONSENTS = select(_CONSENT_T.c.channel, _CONSENT_T.c.purpose, _CONSENT_T.c.status, _CONSENT_T.c.at).where(
-    _CONSENT_T.c.person_id == bindparam("pid")
-)
-_OPEN_ESCALATIONS = (
-    select(func.count())
-    .select_from(_ESC_T)
-    .where(_ESC_T.c.person_id == bindparam("pid"), _ESC_T.c.status.in_(OPEN_ESCALATION))
-)
-# What counts against the person's frequency caps: not the notices to staff about them.
-# A message staff released from a hold counts from its release (when it could go).
-_WENT_AT = func.coalesce(_OUTBOX_T.c.released_at, _OUTBOX_T.c.created_at)
-_RECENT_OUTBOX = select(_OUTBOX_T.c.id, _OUTBOX_T.c.channel, _WENT_AT).where(
-    _OUTBOX_T.c.person_id == bindparam("pid"),
-    _OUTBOX_T.c.status.in_(LIVE_OUTBOX),
-    bindparam("since") < _WENT_AT,
-    _OUTBOX_T.c.purpose != "escalation",
-)
+_GATE_PARTS = frozenset({"shared", "consents", "escalations"})  # addresses: ``_addresses``
+_CAP_PARTS = frozenset({"recent"})
 
 
 def _opt_in_rules(config: AppConfig) -> dict[str, Any]:
@@ -147,6 +99,26 @@ def _opt_in_rules(config: AppConfig) -> dict[str, Any]:
 def _rows(s: Session, stmt: Any, **params: Any) -> list[Any]:
     s.flush()  # a Core read does not autoflush: objects still pending must be seen
     return list(s.connection().execute(stmt, params).all())
+
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """A decision row just inserted: its id (what the outbox row, the audit record and the
+    learner's outcome row refer to). No ORM object is built for it: nothing changes a
+    decision once it is written."""
+
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """An outbox row just queued, as the learner's outcome row needs it."""
+
+    key: str
+    person_id: int
+    channel: str
+    template: str
+    subject_ref: str | None
 
 
 @dataclass
@@ -208,9 +180,12 @@ class EngineCore:
         with self.store.session() as s:
             items = claim(s)
             held = self._preload(s, items)  # strong refs keep the identity map warm
+            pids = sorted({i.person_id for i in items if i.person_id is not None})
+            facts.begin(s, pids, self.store.clock.now())  # the gate's reads, for all of them
             try:
                 handle_isolated(s, items, handle, "orchestrate", self.store.clock.now)
             finally:
+                facts.end(s)
                 s.info.pop(_NO_STATE_KEY, None)
                 del held
             return len(items)
@@ -298,7 +273,7 @@ class EngineCore:
         for pid, pb in self.playbooks.items():
             actions.extend(playbooks.on_event(pid, pb, ctx))
         self._execute(s, person, state, actions, origin, now)
-        self._save(s, srow, state, now)
+        self._save(s, person.id or 0, srow, state, now)
         write_through(s, ev, status="processed")
         audit_log.append(
             s,
@@ -469,7 +444,7 @@ class EngineCore:
         kind = t.payload.get("kind", "step")
         if kind in (escalation.SLA_KIND, SILENCE_KIND):  # escalation queue timers
             self._triage_timer(s, person, state, t, now)
-            self._save(s, srow, state, now)
+            self._save(s, person.id or 0, srow, state, now)
             return
         actions: list[Action]
         if pb is None:
@@ -490,7 +465,7 @@ class EngineCore:
         else:
             actions = playbooks.on_step_timer(t.playbook, pb, t.step, utc(t.due_at), ctx)
         self._execute(s, person, state, actions, origin, now)
-        self._save(s, srow, state, now)
+        self._save(s, person.id or 0, srow, state, now)
 
     def _deferred(self, t: Timer, pb: PlaybookConfig, ctx: Ctx) -> list[Action]:
         """A send held back by quiet hours: check the journey again, then gate again."""
@@ -776,18 +751,19 @@ class EngineCore:
         assert person.id is not None
         if origin.attributes:
             payload = {**payload, "attributes": origin.attributes}
-        insert_object(
-            s,
-            Timer(
-                person_id=person.id,
-                due_at=due_at,
-                playbook=a.playbook,
-                playbook_version=a.version,
-                step=a.step,
-                subject_ref=a.subject_ref,
-                created_by_event=origin.event_id,
-                payload=payload,
-            ),
+        s.connection().execute(
+            _TIMER.insert(),
+            {
+                "person_id": person.id,
+                "due_at": due_at,
+                "playbook": a.playbook,
+                "playbook_version": a.version,
+                "step": a.step,
+                "subject_ref": a.subject_ref,
+                "created_by_event": origin.event_id,
+                "status": "pending",
+                "payload": payload,
+            },
         )
 
     def _defer(
@@ -828,7 +804,7 @@ class EngineCore:
         variant: str | None = None,
         propensity: float | None = None,
         hold: bool = False,
-    ) -> tuple[Decision, OutboxItem] | None:
+    ) -> tuple[Decided, Queued] | None:
         """Render ``a``'s template for ``channel``, record the send decision and queue the
         outbox row. The idempotency key depends only on what was decided and why (person,
         playbook, version, subject, step, template, the event or timer that caused it), so
@@ -868,24 +844,28 @@ class EngineCore:
         key = hashlib.sha256(
             f"{person.id}|{a.playbook}|{a.version}|{a.subject_ref}|{a.step}|{a.template}|{origin.tag()}".encode()
         ).hexdigest()[:32]
-        item = OutboxItem(
-            key=key,
-            decision_id=dec.id,
-            person_id=person.id,
-            channel=channel,
-            template=a.template,
-            playbook=a.playbook,
-            subject_ref=a.subject_ref,
-            purpose=tpl.purpose or a.purpose,
-            phi_class=tpl.phi_class,
-            recipient=recipient,
-            content=content,
-            created_at=now,
-            not_after=a.not_after,
-            next_attempt_at=now,
-            status="held" if hold else "pending",
+        s.connection().execute(
+            _OUTBOX.insert(),
+            {
+                "key": key,
+                "decision_id": dec.id,
+                "person_id": person.id,
+                "channel": channel,
+                "template": a.template,
+                "playbook": a.playbook,
+                "subject_ref": a.subject_ref,
+                "purpose": tpl.purpose or a.purpose,
+                "phi_class": tpl.phi_class,
+                "recipient": recipient,
+                "content": content,
+                "created_at": now,
+                "not_after": a.not_after,
+                "next_attempt_at": now,
+                "attempts": 0,
+                "status": "held" if hold else "pending",
+            },
         )
-        insert_object(s, item)
+        item = Queued(key, person.id, channel, a.template, a.subject_ref)
         if not hold:  # a held message is not outreach until staff release it
             record_outreach(
                 state, Outreach(at=now, playbook=a.playbook, template=a.template, channel=channel, key=key)
@@ -903,7 +883,8 @@ class EngineCore:
         reason: str,
         channel: str | None,
         detail: dict[str, Any],
-    ) -> Decision:
+        propensity: float | None = None,
+    ) -> Decided:
         """``_decide`` for a send step: its playbook, version and template."""
         return self._decide(
             s,
@@ -917,6 +898,7 @@ class EngineCore:
             template=a.template,
             channel=channel,
             detail=detail,
+            propensity=propensity,
         )
 
     def _decide(
@@ -934,7 +916,7 @@ class EngineCore:
         channel: str | None = None,
         detail: dict[str, Any] | None = None,
         propensity: float | None = None,
-    ) -> Decision:
+    ) -> Decided:
         assert person.id is not None
         values: dict[str, Any] = {
             "person_id": person.id,
@@ -951,14 +933,9 @@ class EngineCore:
             "propensity": propensity,
         }
         # One Core INSERT ... RETURNING for the id the audit record and the outbox row
-        # need, instead of a flush of the whole session per decision. The row is then
-        # attached as a persistent object, so a later change to it (``propensity``) is
-        # written by the next flush as before.
-        values["id"] = (
-            s.connection().execute(_DECISION.insert().returning(_DECISION.c.id), values).scalar_one()
-        )
-        dec = Decision(**values)
-        attach_inserted(s, dec)
+        # need, instead of a flush of the whole session per decision.
+        new_id = s.connection().execute(_DECISION.insert().returning(_DECISION.c.id), values).scalar_one()
+        dec = Decided(new_id)
         audit_log.append(
             s,
             at=now,
@@ -978,71 +955,80 @@ class EngineCore:
 
     # ------------------------------------------------------------------ lookups
 
-    def _state(self, s: Session, person: Person, now: datetime) -> tuple[JourneyStateRow, JourneyState]:
+    def _state(
+        self, s: Session, person: Person, now: datetime
+    ) -> tuple[JourneyStateRow | None, JourneyState]:
+        """The person's journey state, and its row (None: there is none yet)."""
         assert person.id is not None
         missing: set[int] | None = s.info.get(_NO_STATE_KEY)
         if missing is not None and person.id in missing:
-            missing.discard(person.id)  # created below; later lookups find it (autoflush)
+            missing.discard(person.id)  # created by ``_save``; later lookups find it
             row = None
         else:
             row = s.get(JourneyStateRow, person.id)
-        if row is None:  # inserted by ``_save``, with its first state
-            row = JourneyStateRow(person_id=person.id, updated_at=now, state={})
+        if row is None:
+            return None, JourneyState()
         return row, JourneyState.model_validate(row.state)
 
-    def _save(self, s: Session, row: JourneyStateRow, state: JourneyState, now: datetime) -> None:
-        doc, version = state.model_dump(mode="json"), row.version + 1
-        if sa_inspect(row).transient:
-            row.state, row.version, row.updated_at = doc, version, now
-            insert_object(s, row)
+    def _save(
+        self, s: Session, person_id: int, row: JourneyStateRow | None, state: JourneyState, now: datetime
+    ) -> None:
+        doc = state.model_dump(mode="json")
+        if row is None:  # the person's first state
+            values = {"person_id": person_id, "version": 1, "updated_at": now, "state": doc}
+            s.connection().execute(_STATE.insert(), values)
         else:
-            write_through(s, row, state=doc, version=version, updated_at=now)
+            write_through(s, row, state=doc, version=row.version + 1, updated_at=now)
+
+    def _facts(self, s: Session, person_id: int, now: datetime, parts: frozenset[str]) -> facts.Facts:
+        """The person's facts for the gate: the batch's while they hold, else ``parts`` of
+        them read now."""
+        since = now - facts.WEEK
+        batch = facts.current(s)
+        got = batch.get(s, person_id, since) if batch is not None else None
+        return got if got is not None else facts.read(s, [person_id], since, parts)[person_id]
 
     def _addresses(self, s: Session, person_id: int) -> dict[str, list[str]]:
+        batch = facts.current(s)
+        got = batch.get(s, person_id, batch.since) if batch is not None else None
+        if got is not None:
+            return got.addresses
         # Identifiers change only in the mapping stage, so one read per transaction will do.
         cache: dict[int, dict[str, list[str]]] = s.info.setdefault("careloop.addresses", {})
         if person_id not in cache:
-            cache[person_id] = self._read_addresses(s, person_id)
+            out: dict[str, list[str]] = {}
+            for _, kind, value in _rows(s, facts.ONE["addresses"], pid=person_id):
+                if kind in ("phone", "email", "fhir"):
+                    out.setdefault(kind, []).append(value)
+            cache[person_id] = out
         return cache[person_id]
-
-    def _read_addresses(self, s: Session, person_id: int) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {}
-        for kind, value in _rows(s, _ADDRESSES, pid=person_id):
-            if kind in ("phone", "email", "fhir"):
-                out.setdefault(kind, []).append(value)
-        return out
 
     def _person_facts(self, s: Session, person: Person, state: JourneyState) -> gate.PersonFacts:
         assert person.id is not None
-        consents = _rows(s, _CONSENTS, pid=person.id)
+        f = self._facts(s, person.id, self.store.clock.now(), _GATE_PARTS)
         return gate.PersonFacts(
             deceased=person.deceased or state.deceased,
             timezone=person.timezone or self.config.site.timezone,
             addresses=self._addresses(s, person.id),
-            opted_out=frozenset((c, p) for c, p, status, _ in consents if status == "opt_out"),
-            open_escalations=int(_rows(s, _OPEN_ESCALATIONS, pid=person.id)[0][0]),
-            opted_in={(c, p): utc(at) for c, p, status, at in consents if status == "opt_in"},
-            shared=self._shared(s, person.id),
+            opted_out=frozenset((c, p) for c, p, status, _ in f.consents if status == "opt_out"),
+            open_escalations=f.open_escalations,
+            opted_in={(c, p): at for c, p, status, at in f.consents if status == "opt_in"},
+            # The person's addresses another person also holds (the gate holds sends
+            # there), unless ``compliance.shared_contact`` says to send anyway.
+            shared=frozenset() if self.config.compliance.shared_contact == "send" else f.shared,
         )
-
-    def _shared(self, s: Session, person_id: int) -> frozenset[str]:
-        """The person's addresses another person also holds (the gate holds sends there),
-        unless ``compliance.shared_contact`` says to send anyway."""
-        if self.config.compliance.shared_contact == "send":
-            return frozenset()
-        return frozenset(value for (value,) in _rows(s, _SHARED, pid=person_id))
 
     def _recent_counts(
         self, s: Session, person_id: int, now: datetime, exclude: int | None = None
     ) -> tuple[dict[str, int], dict[str, int]]:
-        week_ago, day_ago = now - timedelta(days=7), now - timedelta(days=1)
+        week_ago, day_ago = now - facts.WEEK, now - timedelta(days=1)
         day: dict[str, int] = {}
         week: dict[str, int] = {}
-        for oid, channel, created in _rows(s, _RECENT_OUTBOX, pid=person_id, since=week_ago):
-            if oid == exclude:
+        for oid, channel, went in self._facts(s, person_id, now, _CAP_PARTS).recent:
+            if oid == exclude or went <= week_ago:
                 continue
             week[channel] = week.get(channel, 0) + 1
-            if utc(created) > day_ago:
+            if went > day_ago:
                 day[channel] = day.get(channel, 0) + 1
         return day, week
 

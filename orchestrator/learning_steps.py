@@ -169,7 +169,7 @@ class LearningSteps(EngineCore):
             )
             detail["deliver_at"] = at.isoformat()
             quiet = verdict.outcome == "defer" and at == verdict.deliver_at
-            dec = self._decide_step(
+            self._decide_step(
                 s,
                 person,
                 origin,
@@ -179,8 +179,8 @@ class LearningSteps(EngineCore):
                 "quiet-hours" if quiet else "learning-window",
                 channel,
                 detail,
+                propensity,
             )
-            dec.propensity = propensity
             return
         ch = self.channels[channel]
         # The gate's own choice of address (a shared family phone is passed over).
@@ -207,7 +207,7 @@ class LearningSteps(EngineCore):
         window, segment = str(info.get("window") or learning.ASAP), str(info.get("segment") or "*")
         outcomes.register(
             s,
-            decision=dec,
+            decision_id=dec.id,
             item=item,
             window=window,
             variant=variant,

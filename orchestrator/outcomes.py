@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from sqlalchemy import func
 from sqlmodel import Session, col, select
@@ -64,11 +65,26 @@ def reward(row: OutreachOutcome, weights: dict[str, float]) -> float:
     return min(1.0, max(got, default=0.0))
 
 
+class Queued(Protocol):
+    """The outbox row a send queued, as far as its outcome row needs it."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def person_id(self) -> int: ...
+    @property
+    def channel(self) -> str: ...
+    @property
+    def template(self) -> str: ...
+    @property
+    def subject_ref(self) -> str | None: ...
+
+
 def register(
     s: Session,
     *,
-    decision: Decision,
-    item: OutboxItem,
+    decision_id: int,
+    item: Queued,
     window: str | None,
     variant: str | None,
     segment: str | None,
@@ -78,7 +94,7 @@ def register(
 ) -> OutreachOutcome:
     """The outcome row of a send, created with it (the learner's sends)."""
     row = OutreachOutcome(
-        decision_id=decision.id,
+        decision_id=decision_id,
         outbox_key=item.key,
         person_id=item.person_id,
         channel=item.channel,

@@ -25,12 +25,12 @@ from careloop.tables import (
 )
 from orchestrator import escalation, gate, templates, triage
 from orchestrator.core import (
-    LIVE_OUTBOX,
     SILENCE_KIND,
     EngineCore,
     Origin,
     log,
 )
+from orchestrator.facts import LIVE_OUTBOX
 from orchestrator.playbooks import (
     Send,
 )
