@@ -171,6 +171,7 @@ class BatchFacts:
 
     def __init__(self, facts: dict[int, Facts], since: datetime) -> None:
         self.facts, self.since = facts, since
+        self.watched: dict[Any, Any] | None = None  # the connection's ``info`` it is noted in
 
     def get(self, s: Session, person_id: int, since: datetime) -> Facts | None:
         """The person's facts if they still hold and cover ``since``; else None (read them)."""
@@ -196,15 +197,17 @@ def begin(s: Session, pids: Sequence[int], now: datetime) -> BatchFacts | None:
     batch = BatchFacts(read(s, pids, since), since)
     conn = s.connection()
     _listen(conn.engine)
+    batch.watched = conn.info
     conn.info[_KEY] = batch
     s.info[_KEY] = batch
     return batch
 
 
 def end(s: Session) -> None:
-    batch = s.info.pop(_KEY, None)
-    if batch is not None:
-        s.connection().info.pop(_KEY, None)
+    """Stop using and watching the batch's facts (safe after a failed transaction too)."""
+    batch: BatchFacts | None = s.info.pop(_KEY, None)
+    if batch is not None and batch.watched is not None:
+        batch.watched.pop(_KEY, None)
 
 
 def current(s: Session) -> BatchFacts | None:
