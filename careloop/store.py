@@ -8,12 +8,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, event
+from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session
 
+from careloop import writes
 from careloop.clock import Clock
 
 
@@ -79,27 +80,20 @@ def _insert_returning(table: Any, name: str) -> Any:
     return table.insert().returning(table.c[name])
 
 
-@functools.lru_cache(maxsize=256)
-def _update_statement(table: Any, names: tuple[str, ...]) -> Any:
-    """``UPDATE table SET names... WHERE pk``, built once per table and column set (so
-    SQLAlchemy's statement cache hits instead of a new statement per call)."""
-    stmt = table.update().values({n: bindparam(f"v_{n}") for n in names})
-    for c in table.primary_key.columns:
-        stmt = stmt.where(c == bindparam(f"pk_{c.name}"))
-    return stmt
-
-
 def write_through(session: Session, obj: Any, **values: Any) -> None:
     """Set ``values`` on the persistent ``obj`` and write them at once with one Core UPDATE
     by primary key, leaving the object clean: no unit-of-work flush follows for it (on the
     hot paths a flush costs more than the work). The object is expired if a rollback (a
-    savepoint's too) undoes the UPDATE, so it is read again rather than trusted."""
+    savepoint's too) undoes the UPDATE, so it is read again rather than trusted. Inside
+    ``careloop.writes.deferred`` the UPDATE is queued with the batch's other writes."""
     table = type(obj).__table__
-    params = {f"pk_{c.name}": getattr(obj, c.name) for c in table.primary_key.columns}
-    params.update({f"v_{k}": v for k, v in values.items()})
-    result = session.connection().execute(_update_statement(table, tuple(values)), params)
-    if result.rowcount != 1:  # a row that is not there (deleted, or never inserted): a bug
-        raise RuntimeError(f"write_through: {table.name} row not found for update")
+    pk = {c.name: getattr(obj, c.name) for c in table.primary_key.columns}
+    if not writes.update(session, table, pk, values):
+        params = {f"pk_{k}": v for k, v in pk.items()}
+        params.update({f"v_{k}": v for k, v in values.items()})
+        result = session.connection().execute(writes.update_statement(table, tuple(values)), params)
+        if result.rowcount != 1:  # a row that is not there (deleted, or never inserted): a bug
+            raise RuntimeError(f"write_through: {table.name} row not found for update")
     for name, value in values.items():
         set_committed_value(obj, name, value)
     session.info.setdefault(_WRITTEN_KEY, []).append(obj)

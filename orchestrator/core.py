@@ -25,7 +25,7 @@ from jinja2 import TemplateError
 from sqlalchemy import event as sa_event
 from sqlmodel import Session, col, select
 
-from careloop import audit_log
+from careloop import audit_log, writes
 from careloop.clock import utc
 from careloop.config import AppConfig, LearningConfig
 from careloop.model import Hold
@@ -183,7 +183,8 @@ class EngineCore:
             pids = sorted({i.person_id for i in items if i.person_id is not None})
             facts.begin(s, pids, self.store.clock.now())  # the gate's reads, for all of them
             try:
-                handle_isolated(s, items, handle, "orchestrate", self.store.clock.now)
+                with writes.deferred(s):  # the batch's rows: one statement a table
+                    handle_isolated(s, items, handle, "orchestrate", self.store.clock.now)
             finally:
                 facts.end(s)
                 s.info.pop(_NO_STATE_KEY, None)
@@ -751,8 +752,9 @@ class EngineCore:
         assert person.id is not None
         if origin.attributes:
             payload = {**payload, "attributes": origin.attributes}
-        s.connection().execute(
-            _TIMER.insert(),
+        writes.insert(
+            s,
+            _TIMER,
             {
                 "person_id": person.id,
                 "due_at": due_at,
@@ -844,8 +846,9 @@ class EngineCore:
         key = hashlib.sha256(
             f"{person.id}|{a.playbook}|{a.version}|{a.subject_ref}|{a.step}|{a.template}|{origin.tag()}".encode()
         ).hexdigest()[:32]
-        s.connection().execute(
-            _OUTBOX.insert(),
+        writes.insert(
+            s,
+            _OUTBOX,
             {
                 "key": key,
                 "decision_id": dec.id,
@@ -932,9 +935,13 @@ class EngineCore:
             "detail": detail or {},
             "propensity": propensity,
         }
-        # One Core INSERT ... RETURNING for the id the audit record and the outbox row
-        # need, instead of a flush of the whole session per decision.
-        new_id = s.connection().execute(_DECISION.insert().returning(_DECISION.c.id), values).scalar_one()
+        # The id the audit record and the outbox row need: handed out before the row is
+        # written with the batch's others, or from one INSERT ... RETURNING.
+        new_id = writes.next_id(s, _DECISION)
+        if new_id is None:
+            new_id = s.connection().execute(_DECISION.insert().returning(_DECISION.c.id), values).scalar_one()
+        else:
+            writes.insert(s, _DECISION, {**values, "id": new_id})
         dec = Decided(new_id)
         audit_log.append(
             s,
@@ -976,7 +983,7 @@ class EngineCore:
         doc = state.model_dump(mode="json")
         if row is None:  # the person's first state
             values = {"person_id": person_id, "version": 1, "updated_at": now, "state": doc}
-            s.connection().execute(_STATE.insert(), values)
+            writes.insert(s, _STATE, values)
         else:
             write_through(s, row, state=doc, version=row.version + 1, updated_at=now)
 
