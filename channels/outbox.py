@@ -8,8 +8,9 @@ Exactly-once in effect, and the choice made where it cannot be guaranteed:
    and at most one item per worker is in flight, so a crash leaves at most that one
    in doubt. Channels whose receiver de-duplicates on the key
    (``capabilities.idempotent_key``: FHIR conditional create, Standard Webhooks) are the
-   exception: their items are claimed in groups of up to ``group`` per commit, since an
-   interrupted one is simply sent again. While an item is ``sending``, ``next_attempt_at``
+   exception: their items are claimed in groups of up to ``group`` per commit (one
+   UPDATE for the group, and their outcomes settled together in the next commit), since
+   an interrupted one is simply sent again. While an item is ``sending``, ``next_attempt_at``
    holds the time the attempt started (the lease start) and ``attempts`` counts it.
 2. Send, then commit the outcome in one transaction with its ``delivery_receipt`` row and
    a ``disclosure`` audit record (channel, template, PHI class, recipient kind, purpose,
@@ -45,19 +46,22 @@ one whose retry fell into the recipient's quiet hours waits for the next allowed
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import partial
 from typing import Any, Protocol
 
+from sqlalchemy import bindparam
 from sqlalchemy import case as sa_case
 from sqlalchemy import exists as sa_exists
 from sqlalchemy import literal as sa_literal
+from sqlalchemy import select as select_core
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.orm.instrumentation import manager_of_class
 from sqlmodel import Session, col, or_, select
 
 from careloop import audit_log
@@ -112,6 +116,69 @@ def _settled_status(status: str) -> Any:
     return sa_case(*whens, else_=sa_literal(status)) if whens else status
 
 
+# Claim a group: every item still pending goes to ``sending``, its attempt counted and
+# the lease started; the rows come back whole, to build the items that go to the channel.
+_CLAIM = (
+    _OUTBOX.update()
+    .where(_OUTBOX.c.id.in_(bindparam("ids", expanding=True)), _OUTBOX.c.status == "pending")
+    .values(
+        status="sending",
+        attempts=_OUTBOX.c.attempts + 1,
+        next_attempt_at=bindparam("now", type_=_OUTBOX.c.next_attempt_at.type),
+    )
+    .returning(*_OUTBOX.c)
+)
+
+# Settle a group: the rows still ``sending``, locked until the settle commits (PostgreSQL;
+# SQLite's write transaction already excludes everyone), with what a disclosure records.
+_STILL_SENDING = (
+    select_core(*_DISCLOSED_COLS)
+    .where(_OUTBOX.c.id.in_(bindparam("ids", expanding=True)), _OUTBOX.c.status == "sending")
+    .order_by(_OUTBOX.c.id)
+    .with_for_update()
+)
+
+
+def _row_status(receipt: Receipt) -> str:
+    return ROW_STATUS.get(receipt.status, "sent")
+
+
+@functools.cache
+def _settle_statement(status: str, returning: bool) -> Any:
+    """The UPDATE that settles one row (``oid``) still ``sending`` with a receipt (``pid``)
+    as ``status``, run executemany for a group, or returning what its disclosure records;
+    built once per variant, so SQLAlchemy's statement cache hits."""
+    stmt = (
+        _OUTBOX.update()
+        .where(_OUTBOX.c.id == bindparam("oid"), _OUTBOX.c.status == "sending")
+        .values(status=_settled_status(status), provider_id=bindparam("pid"), last_error=None)
+    )
+    return stmt.returning(*_DISCLOSED_COLS) if returning else stmt
+
+
+_ITEM_CLASS = manager_of_class(OutboxItem)
+
+
+def _detached_item(values: RowMapping) -> OutboxItem:
+    """A transient ``OutboxItem`` holding ``values`` (a whole row), built as the ORM builds
+    a loaded object (no pydantic validation, no attribute events): the constructor costs
+    more than the claim's statement. It behaves like ``OutboxItem(**values)``."""
+    item: OutboxItem = _ITEM_CLASS.new_instance()
+    item.__dict__.update(values)
+    object.__setattr__(item, "__pydantic_fields_set__", set(values))
+    return item
+
+
+@dataclass(slots=True)
+class _Sent:
+    """One send's outcome, recorded in the next transaction: the channel's receipt, or
+    what it raised."""
+
+    item: OutboxItem
+    receipt: Receipt | None = None
+    error: Exception | None = None
+
+
 _CHECK_FAILED = "send-check-failed"
 
 
@@ -146,9 +213,6 @@ class _Disclosed(Protocol):
     @property
     def attempts(self) -> int: ...
 
-
-# Records one delivery outcome inside a transaction (session, now).
-Settle = Callable[[Session, datetime], None]
 
 # Receipt status -> outbox row status.
 ROW_STATUS = {
@@ -245,20 +309,20 @@ class DeliverStage:
             handled += r.adopted + r.resend + r.unknown
             handled += await asyncio.to_thread(self._expire_held)
         due = await asyncio.to_thread(self._due_ids)
-        settles: list[Settle] = []
+        sent: list[_Sent] = []
         # One transaction per group: it settles the previous group and claims the next, so
         # a claim is still committed before its send. A group is one item, or a run of
         # items for channels whose receiver de-duplicates on the key (``idempotent_key``):
         # for those an interrupted send is simply sent again, so several may be in doubt.
         for group in [*self._groups(due), []]:
-            if not settles and not group:
+            if not sent and not group:
                 break
-            items = await asyncio.to_thread(self._step, settles, group)
-            settles = []
+            items = await asyncio.to_thread(self._step, sent, group)
+            sent = []
             for item in items:
                 handled += 1
                 if item.status == "sending":
-                    settles.append(await self._deliver(item))
+                    sent.append(await self._deliver(item))
         return handled
 
     def _groups(self, due: list[tuple[int, str]]) -> list[list[int]]:
@@ -288,28 +352,22 @@ class DeliverStage:
             return self.group
         return max(1, min(self.group, int(rate * self.sending_lease.total_seconds() / 2)))
 
-    def _step(self, settles: list[Settle], claim: list[int]) -> list[OutboxItem]:
+    def _step(self, sent: list[_Sent], claim: list[int]) -> list[OutboxItem]:
         with self.store.session() as s:
             now = self.store.clock.now()
-            for settle in settles:
-                settle(s, now)
-            return [item for item_id in claim if (item := self._claim_in(s, item_id)) is not None]
+            self._settle_in(s, now, sent)
+            return self._claim_in(s, claim, now) if claim else []
 
-    async def _deliver(self, item: OutboxItem) -> Settle:
-        """Send ``item``; return how to record the outcome (in the next transaction)."""
+    async def _deliver(self, item: OutboxItem) -> _Sent:
+        """Send ``item``; return its outcome, to record in the next transaction."""
         channel = self.channels.get(item.channel)
         try:
             if channel is None:
                 raise PermanentError(f"channel {item.channel!r} is not configured")
             await self._bucket(channel).acquire()
-            receipt = await channel.send(item)
-        except DeliveryUncertain as exc:
-            return partial(self._uncertain_in, item=item, exc=exc)
-        except TransientError as exc:
-            return partial(self._retry_in, item=item, exc=exc)
-        except Exception as exc:  # PermanentError, or a foreign error: dead letter, no resend
-            return partial(self._dead_in, item=item, exc=exc)
-        return partial(self._done_in, item=item, receipt=receipt, recovered=False)
+            return _Sent(item, receipt=await channel.send(item))
+        except Exception as exc:  # settled by kind: uncertain, transient, anything else dead
+            return _Sent(item, error=exc)
 
     def _bucket(self, channel: Channel) -> TokenBucket | _NoLimit:
         rate = getattr(getattr(channel, "config", None), "rate_per_second", None)
@@ -364,27 +422,20 @@ class DeliverStage:
             ).all()
         return [(i, c) for i, c in rows if i is not None]
 
-    def _claim_in(self, s: Session, item_id: int) -> OutboxItem | None:
-        """Move one item to ``sending`` in ``s`` (the caller commits before sending), or
-        cancel it if expired; None if it is no longer pending.
+    def _claim_in(self, s: Session, ids: list[int], now: datetime) -> list[OutboxItem]:
+        """Move the items ``ids`` that are still pending to ``sending`` in ``s`` (the caller
+        commits before sending any of them), each then put to the send-time check; in the
+        order of ``ids``, without those no longer pending.
 
-        A Core ``UPDATE ... RETURNING`` and a detached ``OutboxItem`` built from the row:
-        the item never enters the session, so no ORM load, flush or expunge per item."""
-        now = self.store.clock.now()
-        got = (
-            s.connection()
-            .execute(
-                _OUTBOX.update()
-                .where(_OUTBOX.c.id == item_id, _OUTBOX.c.status == "pending")
-                .values(status="sending", attempts=_OUTBOX.c.attempts + 1, next_attempt_at=now)
-                .returning(*_OUTBOX.c)
-            )
-            .mappings()
-            .one_or_none()
-        )
-        if got is None:
-            return None
-        row = OutboxItem(**got)
+        One Core ``UPDATE ... WHERE id IN (...) RETURNING`` for the group, and detached
+        ``OutboxItem``s built from its rows: no ORM load, flush or expunge per item."""
+        got = s.connection().execute(_CLAIM, {"ids": ids, "now": now}).mappings().all()
+        by_id = {r["id"]: r for r in got}
+        return [self._claimed_in(s, _detached_item(by_id[i]), now) for i in ids if i in by_id]
+
+    def _claimed_in(self, s: Session, row: OutboxItem, now: datetime) -> OutboxItem:
+        """``row``, just claimed, as it is to go: still ``sending``, or held back by the
+        check, or cancelled because it expired."""
         hold = self._checked(s, row, now) if self.check is not None else None
         if hold is not None:
             return self._hold_in(s, row, hold, now)
@@ -470,43 +521,66 @@ class DeliverStage:
         assert row is not None and row.id is not None
         return row if row.status == "sending" else None
 
+    def _settle_in(self, s: Session, now: datetime, sent: list[_Sent], recovered: bool = False) -> None:
+        """Record the outcomes ``sent`` in ``s``, in order: each item still ``sending`` (else
+        settled elsewhere meanwhile, e.g. by another worker's recovery, and left alone) gets
+        its receipt row and status, or its retry, doubt or dead letter, and its disclosure.
+
+        The hot path of every delivery, a receipt, is in Core. One receipt (a channel that
+        claims one item per commit) costs a conditional ``UPDATE ... RETURNING`` what the
+        disclosure records; more cost one SELECT that locks the rows still ``sending`` and
+        reads that, then one executemany UPDATE per settled status. The receipt rows go in
+        last, in one INSERT: a settled status looks for provider reports that beat it."""
+        if not sent:
+            return
+        conn = s.connection()
+        got = [o.item.id for o in sent if o.receipt is not None]
+        one = len(got) == 1
+        rows = {r.id: r for r in conn.execute(_STILL_SENDING, {"ids": got})} if len(got) > 1 else {}
+        settled: dict[str, list[dict[str, Any]]] = {}
+        receipts: list[dict[str, Any]] = []
+        for o in sent:
+            if o.receipt is None:
+                if isinstance(o.error, DeliveryUncertain):
+                    self._uncertain_in(s, now, o.item, o.error)
+                elif isinstance(o.error, TransientError):
+                    self._retry_in(s, now, o.item, o.error)
+                else:  # PermanentError, or a foreign error: dead letter, no resend
+                    self._dead_in(s, now, o.item, o.error or PermanentError("no receipt"))
+                continue
+            status = _row_status(o.receipt)
+            params = {"oid": o.item.id, "pid": o.receipt.provider_id}
+            if one:
+                row = conn.execute(_settle_statement(status, True), params).one_or_none()
+            elif (row := rows.get(o.item.id)) is not None:
+                settled.setdefault(status, []).append(params)
+            if row is not None:
+                receipts.append(self._received_in(s, now, row, o.receipt, recovered))
+        for status, group in settled.items():
+            conn.execute(_settle_statement(status, False), group)
+        if receipts:
+            conn.execute(_RECEIPT.insert(), receipts)
+
+    @staticmethod
+    def _received_in(
+        s: Session, now: datetime, row: _Disclosed, receipt: Receipt, recovered: bool
+    ) -> dict[str, Any]:
+        """Append the disclosure of ``receipt`` for ``row`` to ``s``; return its
+        ``delivery_receipt`` row, for the caller to insert."""
+        disclose(s, row, receipt.status, now, ok=_row_status(receipt) != "failed")
+        return {
+            "outbox_id": row.id,
+            "at": now,
+            "status": receipt.status,
+            "provider_id": receipt.provider_id,
+            "detail": {**receipt.detail, "recovered": True} if recovered else dict(receipt.detail),
+        }
+
     def _done_in(
         self, s: Session, now: datetime, item: OutboxItem, receipt: Receipt, recovered: bool
     ) -> None:
-        # The hot path of every delivery, in Core: a conditional UPDATE (still ``sending``,
-        # else settled elsewhere meanwhile, e.g. by another worker's recovery) returning
-        # what the disclosure record needs, and the receipt row.
-        status = ROW_STATUS.get(receipt.status, "sent")
-        row = (
-            s.connection()
-            .execute(
-                _OUTBOX.update()
-                .where(_OUTBOX.c.id == item.id, _OUTBOX.c.status == "sending")
-                .values(
-                    status=_settled_status(status),
-                    provider_id=receipt.provider_id,
-                    last_error=None,
-                )
-                .returning(*_DISCLOSED_COLS)
-            )
-            .one_or_none()
-        )
-        if row is None:
-            return
-        detail = dict(receipt.detail)
-        if recovered:
-            detail["recovered"] = True
-        s.connection().execute(
-            _RECEIPT.insert(),
-            {
-                "outbox_id": row.id,
-                "at": now,
-                "status": receipt.status,
-                "provider_id": receipt.provider_id,
-                "detail": detail,
-            },
-        )
-        disclose(s, row, receipt.status, now, ok=status != "failed")
+        """Record ``receipt`` for ``item`` in ``s``, if it is still ``sending``."""
+        self._settle_in(s, now, [_Sent(item, receipt=receipt)], recovered)
 
     def _retry_in(self, s: Session, now: datetime, item: OutboxItem, exc: BaseException) -> None:
         row = self._sending(s, item)
