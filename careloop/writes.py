@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -122,6 +122,19 @@ def flush(session: Session) -> None:
         d.flush(session.connection())
 
 
+# Called with (session, table, row or None) when a row is queued: whoever keeps what it
+# read in memory for the batch (orchestrator.facts) learns of a change before it is written.
+# ``None``: an UPDATE, of the row named by ``pk`` (passed as the row).
+Watcher = Callable[[Session, Table, "dict[str, Any]", bool], None]
+_watchers: list[Watcher] = []
+
+
+def watch(fn: Watcher) -> None:
+    """Call ``fn(session, table, values, is_insert)`` for every row queued from now on."""
+    if fn not in _watchers:
+        _watchers.append(fn)
+
+
 def insert(session: Session, table: Table, row: dict[str, Any]) -> None:
     """Insert ``row`` into ``table``: queued inside ``deferred``, else at once. Every column
     without a server default must be in ``row`` (SQLModel defaults are not applied here)."""
@@ -130,6 +143,8 @@ def insert(session: Session, table: Table, row: dict[str, Any]) -> None:
         session.connection().execute(table.insert(), row)
     else:
         d.inserts.setdefault(table, []).append(row)
+        for fn in _watchers:
+            fn(session, table, row, True)
 
 
 def update(session: Session, table: Table, pk: dict[str, Any], values: dict[str, Any]) -> bool:
@@ -141,6 +156,8 @@ def update(session: Session, table: Table, pk: dict[str, Any], values: dict[str,
     params = {f"pk_{k}": v for k, v in pk.items()}
     params.update({f"v_{k}": v for k, v in values.items()})
     d.updates.append((table, tuple(values), params))
+    for fn in _watchers:
+        fn(session, table, values, False)
     return True
 
 

@@ -6,7 +6,8 @@ them in the last week (caps). Asked per send, that is five statements per event;
 batch of a few hundred events it is five statements in all.
 
 A batch's facts stay true only while nothing changes them. Every statement the batch's
-connection runs is watched (``_watch``): an INSERT into ``outbox``, ``consent`` or
+connection runs is watched (``_watch``), and so is every row queued for the batch's
+deferred writes (``_queued``: it is stale before it is written): an INSERT into ``outbox``, ``consent`` or
 ``escalation`` makes the facts of the person it names stale; any other write to those
 tables, any write to ``person_identifier`` (it changes who shares what) and a merge of
 people make every person's facts stale. A stale person's facts are read from the database
@@ -25,6 +26,7 @@ from sqlalchemy import bindparam, event, func, select
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session
 
+from careloop import writes
 from careloop.clock import utc
 from careloop.tables import Consent, Escalation, OutboxItem, Person, PersonIdentifier
 from orchestrator import gate
@@ -239,6 +241,23 @@ def _watch(
         batch.stale([r["person_id"] for r in rows])
     else:
         batch.stale(None)
+
+
+def _queued(s: Session, table: Any, values: dict[str, Any], is_insert: bool) -> None:
+    """A row queued with the batch's deferred writes (careloop.writes) changes facts as
+    its statement will: stale before it is even written."""
+    batch = current(s)
+    if batch is None or not batch.facts or table.name not in _WATCHED:
+        return
+    if table.name == "person" and "merged_into" not in values:
+        return
+    if is_insert and table.name in _BY_PERSON and "person_id" in values:
+        batch.stale([values["person_id"]])
+    else:
+        batch.stale(None)
+
+
+writes.watch(_queued)
 
 
 def _listen(engine: Engine) -> None:

@@ -72,6 +72,38 @@ def test_a_second_booking_in_the_same_batch_sees_the_first_send_against_the_cap(
     assert decisions == [("send", "allowed"), ("suppress", "frequency-cap")]
 
 
+def a28(msg: str, mrn: str) -> bytes:
+    """A patient added (ADT^A28): a person and a journey state, and nothing sent."""
+    return (
+        f"MSH|^~\\&|T|HOSP|CARELOOP|CARELOOP|20260302150000+0000||ADT^A28^ADT_A05|{msg}|P|2.5.1\r"
+        "EVN|A28|20260302150000+0000\r"
+        f"PID|1||{mrn}^^^HOSP^MR||Testperson^Synthetic||19800101|F|||1 Main St^^Boston^MA^02101^USA"
+        "||^PRN^PH^^1^617^5550100\r"
+    ).encode()
+
+
+def test_a_known_person_booked_twice_in_one_batch_gets_one_message_a_day(
+    engine: Engine, hubs: list[Hub]
+) -> None:
+    """The person and their journey state are in memory for the batch, so nothing is read
+    between the two decisions: the first send, still queued with the batch's writes, must
+    count against the cap all the same."""
+    hub = _hub(engine, hubs, 200)
+    conn = hub.connectors["adt"]
+    hub.sink.put_sync(conn.accept(a28("M0", "BF-2"), {}))
+    asyncio.run(hub.drain())
+    start = NOW + timedelta(days=3)
+    hub.sink.put_sync(
+        [*conn.accept(siu("M1", "A1", "BF-2", start), {}), *conn.accept(siu("M2", "A2", "BF-2", start), {})]
+    )
+    asyncio.run(hub.drain())
+    with Session(engine) as s:
+        sends = s.exec(select(OutboxItem)).all()
+        decisions = [(d.action, d.reason) for d in s.exec(select(Decision).order_by(col(Decision.id))).all()]
+    assert len(sends) == 1, decisions
+    assert decisions == [("send", "allowed"), ("suppress", "frequency-cap")]
+
+
 def _people(s: Session, n: int) -> list[int]:
     people = [Person(created_at=NOW, patient={}) for _ in range(n)]
     for p in people:
