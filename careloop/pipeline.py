@@ -22,13 +22,13 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm.util import identity_key
 from sqlmodel import Session, col, select
 
-from careloop import audit_log, identity
+from careloop import audit_log, identity, writes
 from careloop.clock import utc
 from careloop.errors import CareloopError, SkipMessage, TransientError
 from careloop.ingest import IngestSink as IngestSink  # the raw sink, re-exported
-from careloop.model import MappedEvent
+from careloop.model import Identifier, MappedEvent
 from careloop.store import Store, write_through
-from careloop.tables import DeadLetter, JourneyEvent, Person, RawMessage, Resource
+from careloop.tables import DeadLetter, JourneyEvent, RawMessage, Resource
 
 log = logging.getLogger("careloop.pipeline")
 _EVENT = JourneyEvent.__table__  # type: ignore[attr-defined]
@@ -77,100 +77,206 @@ class MapStage:
 
     def run_once_sync(self) -> int:
         with self.store.session() as s:
-            raws = s.exec(
-                select(RawMessage)
-                .where(RawMessage.status == "pending")
-                .order_by(col(RawMessage.id))
-                .limit(self.batch)
-                .with_for_update(skip_locked=True)
-            ).all()
-            handle_isolated(s, list(raws), self._map_one, "map", self.store.clock.now)
+            raws = list(
+                s.exec(
+                    select(RawMessage)
+                    .where(RawMessage.status == "pending")
+                    .order_by(col(RawMessage.id))
+                    .limit(self.batch)
+                    .with_for_update(skip_locked=True)
+                ).all()
+            )
+            if raws and not self._map_batch(s, raws):
+                handle_isolated(s, raws, self._map_one, "map", self.store.clock.now)
             return len(raws)
+
+    def _map_batch(self, s: Session, raws: list[RawMessage]) -> bool:
+        """Map ``raws`` together, in one savepoint: every mapper first (pure), then one
+        ``MapBatch`` for all their events (their people and subjects read at once) and each
+        message's writes in turn, queued (``writes.deferred``: new people, events and the
+        messages' statuses) or buffered (identifier rows, subjects), and written at the end
+        a statement a table. True if all of them were mapped. False, with nothing of it
+        kept, if one failed: the caller then maps them one by one (``handle_isolated``), so
+        a bad message is still dead-lettered alone. A failure of the store itself
+        propagates, as in ``handle_isolated``."""
+        try:
+            mapped = [(raw, *self._map(raw)) for raw in raws]
+            with s.begin_nested(), writes.deferred(s):
+                batch = MapBatch(s, [ev for _, _, out in mapped if not isinstance(out, str) for ev in out])
+                statuses = [
+                    (raw, self._store(s, raw, actor, out, self.store.clock.now(), batch))
+                    for raw, actor, out in mapped
+                ]
+                batch.flush(s)
+                for raw, (status, reason) in statuses:  # together: one executemany
+                    write_through(s, raw, status=status, status_reason=reason)
+        except (OperationalError, TransientError):
+            raise
+        except Exception:
+            return False
+        return True
 
     def _map_one(self, s: Session, raw: RawMessage) -> None:
         now = self.store.clock.now()
-        actor = f"connector:{raw.connector}"
+        actor, out = self._map(raw)
+        batch = MapBatch(s, [] if isinstance(out, str) else out)
+        status, reason = self._store(s, raw, actor, out, now, batch)
+        batch.flush(s)
+        write_through(s, raw, status=status, status_reason=reason)
+
+    def _map(self, raw: RawMessage) -> tuple[str, Sequence[MappedEvent] | str]:
+        """(actor, the message's events), or (actor, why it is skipped). Raises what its
+        mapper raises, but for ``SkipMessage``."""
         mapper = self.mappers(raw)
         if mapper is None:
-            write_through(s, raw, status="skipped", status_reason=f"no mapper for {raw.kind}")
-            audit_log.append(
-                s,
-                at=now,
-                actor="mapping",
-                action="message.skip",
-                entity=f"raw_message/{raw.id}",
-                detail={"reason": raw.status_reason},
-            )
-            return
+            return "mapping", f"no mapper for {raw.kind}"
         try:
-            events = mapper.map(raw)
+            return f"mapper:{mapper.name}", mapper.map(raw)
         except SkipMessage as skip:
-            write_through(s, raw, status="skipped", status_reason=str(skip)[:500])
+            return f"mapper:{mapper.name}", str(skip)[:500]
+
+    def _store(
+        self,
+        s: Session,
+        raw: RawMessage,
+        actor: str,
+        out: Sequence[MappedEvent] | str,
+        now: datetime,
+        batch: MapBatch,
+    ) -> tuple[str, str | None]:
+        """Store one message's events (or audit its skip); returns the message's new
+        status and reason, which the caller writes."""
+        if isinstance(out, str):
+            detail: dict[str, Any] = {"reason": out}
             audit_log.append(
-                s,
-                at=now,
-                actor=f"mapper:{mapper.name}",
-                action="message.skip",
-                entity=f"raw_message/{raw.id}",
-                detail={"reason": raw.status_reason},
+                s, at=now, actor=actor, action="message.skip", entity=f"raw_message/{raw.id}", detail=detail
             )
-            return
-        ids = [apply_event(s, raw, i, ev, now) for i, ev in enumerate(events)]
-        write_through(s, raw, status="mapped", status_reason=None)
+            return "skipped", out
+        ids = [apply_event(s, raw, i, ev, now, batch) for i, ev in enumerate(out)]
         audit_log.append(
             s,
             at=now,
-            actor=f"mapper:{mapper.name}",
+            actor=actor,
             action="message.map",
             entity=f"raw_message/{raw.id}",
-            detail={"events": [e.type for e in events], "event_ids": ids, "source": actor},
-        )
-
-
-def apply_event(s: Session, raw: RawMessage, index: int, ev: MappedEvent, now: datetime) -> int:
-    """Resolve the person, update person and subject, and store one journey event."""
-    # A sender the connector could not authenticate (an email reply without a valid reply
-    # token: ``unverified``) may name an existing person but never creates one.
-    res = identity.resolve(s, ev.identifiers, now, create=not ev.attributes.get("unverified"))
-    pid = res.person_id
-    if pid is not None:
-        person = s.get(Person, pid)
-        assert person is not None
-        if ev.patient:
-            changes: dict[str, Any] = {"patient": {**person.patient, **ev.patient, "resourceType": "Patient"}}
-            if ev.patient.get("deceasedBoolean") or ev.patient.get("deceasedDateTime"):
-                changes["deceased"] = True
-            lang = _language(ev.patient)
-            if lang:
-                changes["language"] = lang
-            write_through(s, person, **changes)
-        if ev.merge_from:
-            merged = identity.merge(s, pid, ev.merge_from)
-            ev.attributes.setdefault("merged_people", merged)
-        if ev.subject and ev.subject_ref:
-            _put_resource(s, ev.subject_ref, ev.subject, pid, now)
-    # One Core INSERT ... RETURNING for the id (nothing else reads the row in this
-    # transaction), not an ORM object and a flush of the whole session per event.
-    event_id: int = (
-        s.connection()
-        .execute(
-            _EVENT.insert().returning(_EVENT.c.id),
-            {
-                "event_key": f"raw:{raw.id}:{index}",
-                "person_id": pid,
-                "type": ev.type,
-                "occurred_at": utc(ev.occurred_at),
-                "recorded_at": now,
-                "subject_ref": ev.subject_ref,
-                "attributes": _jsonable(ev.attributes),
-                "raw_message_id": raw.id,
-                "status": "pending" if pid is not None else "held",
-                "status_reason": res.held_reason,
-                "attempts": 0,
-                "next_attempt_at": None,
+            detail={
+                "events": [e.type for e in out],
+                "event_ids": ids,
+                "source": f"connector:{raw.connector}",
             },
         )
-        .scalar_one()
+        return "mapped", None
+
+
+_RESOURCE = Resource.__table__  # type: ignore[attr-defined]
+_RESOURCE_REFS = select(_RESOURCE.c.ref).where(_RESOURCE.c.ref.in_(bindparam("refs", expanding=True)))
+_RESOURCE_UPDATE = _RESOURCE.update().where(_RESOURCE.c.ref == bindparam("b_ref"))
+
+
+class MapBatch:
+    """What the events of one mapping pass share: an ``identity.Resolver`` (the people of
+    all of them read at once), which of their subjects are stored (read at once too), and
+    the subject writes, buffered. ``flush`` writes what is buffered; it must run before
+    the pass's savepoint ends, and a batch whose savepoint was rolled back is dropped."""
+
+    def __init__(self, s: Session, events: Sequence[MappedEvent]) -> None:
+        self.resolver = identity.Resolver(s)
+        self.resolver.preload(i for ev in events for i in ev.identifiers)
+        self._stored: dict[str, bool] = {}  # subject ref -> whether its row exists
+        self._insert: dict[str, dict[str, Any]] = {}  # subject rows to insert
+        self._update: dict[str, dict[str, Any]] = {}  # stored subjects' new values
+        self._read_refs(s, [ev.subject_ref for ev in events if ev.subject and ev.subject_ref])
+
+    def _read_refs(self, s: Session, refs: list[str]) -> None:
+        todo = sorted({r for r in refs if r not in self._stored})
+        for ref in todo:
+            self._stored[ref] = False
+        for k in range(0, len(todo), 500):
+            for (ref,) in s.connection().execute(_RESOURCE_REFS, {"refs": todo[k : k + 500]}):
+                self._stored[ref] = True
+
+    def put_resource(self, s: Session, ref: str, body: dict[str, Any], pid: int, now: datetime) -> None:
+        """Insert or replace the subject's latest version. A ``Resource`` the session holds
+        (a merge loaded it) is written at once and refreshed, so the two never disagree."""
+        values = {"resource_type": body["resourceType"], "person_id": pid, "updated_at": now, "body": body}
+        held = s.identity_map.get(identity_key(Resource, ref))
+        if held is not None:
+            self._update.pop(ref, None)
+            write_through(s, held, **values)
+            return
+        self._read_refs(s, [ref])
+        if ref in self._insert:
+            self._insert[ref].update(values)
+        elif self._stored[ref]:
+            self._update[ref] = values
+        else:
+            self._insert[ref] = {"ref": ref, **values}
+
+    def merge(self, s: Session, pid: int, old: list[Identifier]) -> list[int]:
+        """``identity.merge``, after writing what is buffered (it reads with SQL)."""
+        self.flush(s)
+        return self.resolver.merge(pid, old)
+
+    def flush(self, s: Session) -> None:
+        """Write the buffered identifier rows and subjects."""
+        self.resolver.flush()
+        if self._insert:
+            s.connection().execute(_RESOURCE.insert(), list(self._insert.values()))
+            self._stored.update(dict.fromkeys(self._insert, True))
+            self._insert.clear()
+        if self._update:
+            s.connection().execute(_RESOURCE_UPDATE, [{"b_ref": r, **v} for r, v in self._update.items()])
+            self._update.clear()
+
+
+def apply_event(
+    s: Session, raw: RawMessage, index: int, ev: MappedEvent, now: datetime, batch: MapBatch | None = None
+) -> int:
+    """Resolve the person, update person and subject, and store one journey event; returns
+    its id. Within a ``batch`` (one mapping pass) reads are shared and some writes wait for
+    the batch's flush; without one, everything is written when it returns."""
+    if batch is None:
+        batch = MapBatch(s, [ev])
+        written = apply_event(s, raw, index, ev, now, batch)
+        batch.flush(s)
+        return written
+    # A sender the connector could not authenticate (an email reply without a valid reply
+    # token: ``unverified``) may name an existing person but never creates one. A new
+    # person is inserted with the event's patient data at once.
+    res = batch.resolver.resolve(
+        ev.identifiers,
+        now,
+        create=not ev.attributes.get("unverified"),
+        values=_person_changes({}, ev.patient) if ev.patient else None,
+    )
+    pid = res.person_id
+    if pid is not None:
+        if ev.patient and not res.created:
+            person = batch.resolver.person(pid)
+            assert person is not None
+            write_through(s, person, **_person_changes(person.patient, ev.patient))
+        if ev.merge_from:
+            merged = batch.merge(s, pid, ev.merge_from)
+            ev.attributes.setdefault("merged_people", merged)
+        if ev.subject and ev.subject_ref:
+            batch.put_resource(s, ev.subject_ref, ev.subject, pid, now)
+    event_id = identity.insert_with_id(
+        s,
+        _EVENT,
+        {
+            "event_key": f"raw:{raw.id}:{index}",
+            "person_id": pid,
+            "type": ev.type,
+            "occurred_at": utc(ev.occurred_at),
+            "recorded_at": now,
+            "subject_ref": ev.subject_ref,
+            "attributes": _jsonable(ev.attributes),
+            "raw_message_id": raw.id,
+            "status": "pending" if pid is not None else "held",
+            "status_reason": res.held_reason,
+            "attempts": 0,
+            "next_attempt_at": None,
+        },
     )
     if res.held_reason:
         audit_log.append(
@@ -185,9 +291,10 @@ def apply_event(s: Session, raw: RawMessage, index: int, ev: MappedEvent, now: d
         if res.held_reason == "ambiguous-identity" and ev.type == "consent.revoked":
             # Stopping is always safe: a STOP from a phone or email several people hold stops
             # messages to it for each of them at once (the held event stays for staff).
-            for n, holder in enumerate(sorted(identity.contact_holders(s, ev.identifiers))):
-                s.connection().execute(
-                    _EVENT.insert(),
+            for n, holder in enumerate(sorted(batch.resolver.contact_holders(ev.identifiers))):
+                identity.insert_with_id(
+                    s,
+                    _EVENT,
                     {
                         "event_key": f"raw:{raw.id}:{index}:holder{n}",
                         "person_id": holder,
@@ -215,21 +322,16 @@ def apply_event(s: Session, raw: RawMessage, index: int, ev: MappedEvent, now: d
     return event_id
 
 
-_RESOURCE = Resource.__table__  # type: ignore[attr-defined]
-_RESOURCE_EXISTS = select(_RESOURCE.c.ref).where(_RESOURCE.c.ref == bindparam("ref"))
-
-
-def _put_resource(s: Session, ref: str, body: dict[str, Any], pid: int, now: datetime) -> None:
-    """Insert or replace the subject's latest version with Core statements. A ``Resource``
-    the session already holds is refreshed too, so the two never disagree."""
-    values = {"resource_type": body["resourceType"], "person_id": pid, "updated_at": now, "body": body}
-    held = s.identity_map.get(identity_key(Resource, ref))
-    if held is not None:
-        write_through(s, held, **values)
-    elif s.connection().execute(_RESOURCE_EXISTS, {"ref": ref}).first() is None:
-        s.connection().execute(_RESOURCE.insert(), {"ref": ref, **values})
-    else:
-        s.connection().execute(_RESOURCE.update().where(_RESOURCE.c.ref == ref).values(**values))
+def _person_changes(current: dict[str, Any], patient: dict[str, Any]) -> dict[str, Any]:
+    """The person columns a FHIR Patient fragment sets, merged into ``current`` (the
+    person's Patient so far)."""
+    changes: dict[str, Any] = {"patient": {**current, **patient, "resourceType": "Patient"}}
+    if patient.get("deceasedBoolean") or patient.get("deceasedDateTime"):
+        changes["deceased"] = True
+    lang = _language(patient)
+    if lang:
+        changes["language"] = lang
+    return changes
 
 
 def _language(patient: dict[str, Any]) -> str | None:
@@ -270,6 +372,7 @@ def handle_isolated(
         with s.begin_nested():
             for item in items:
                 handle(s, item)
+            writes.flush(s)  # rows a handler queued fail here, inside the savepoint
         return
     except (OperationalError, TransientError):
         raise
@@ -279,6 +382,7 @@ def handle_isolated(
         try:
             with s.begin_nested():
                 handle(s, item)
+                writes.flush(s)
         except (OperationalError, TransientError):
             raise
         except Exception as exc:  # one bad item never stops the pipeline
