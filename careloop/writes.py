@@ -61,19 +61,41 @@ class Deferred:
                 rows = inserts.get(table)
                 if rows:
                     conn.execute(table.insert(), rows)
-            i = 0
-            while i < len(updates):  # consecutive updates of one shape: one executemany
-                table, names, _ = updates[i]
-                j = i
-                while j < len(updates) and updates[j][:2] == (table, names):
-                    j += 1
-                params = [u[2] for u in updates[i:j]]
+            for (table, names), params in _update_groups(updates):
                 result = conn.execute(update_statement(table, names), params)
                 if conn.dialect.supports_sane_multi_rowcount and result.rowcount != len(params):
                     raise RuntimeError(f"write_through: {table.name} row not found for update")
-                i = j
         finally:
             self.flushing = False
+
+
+Shape = tuple[Table, tuple[str, ...]]
+
+
+def _update_groups(
+    updates: list[tuple[Table, tuple[str, ...], dict[str, Any]]],
+) -> list[tuple[Shape, list[Any]]]:
+    """The updates as executemany groups: one per (table, columns), in the order first
+    made, when no column of a row is set in two groups (such updates commute: different
+    rows, or different columns of one row); else runs of consecutive updates of one shape,
+    in the order made."""
+    groups: dict[Shape, list[dict[str, Any]]] = {}
+    setters: dict[tuple[str, tuple[Any, ...], str], Shape] = {}  # (table, pk, column) -> shape
+    for table, names, params in updates:
+        shape = (table, names)
+        pk = tuple(v for k, v in params.items() if k.startswith("pk_"))
+        if any(setters.setdefault((table.name, pk, n), shape) != shape for n in names):
+            break
+        groups.setdefault(shape, []).append(params)
+    else:
+        return list(groups.items())
+    runs: list[tuple[Shape, list[Any]]] = []
+    for table, names, params in updates:
+        if runs and runs[-1][0] == (table, names):
+            runs[-1][1].append(params)
+        else:
+            runs.append(((table, names), [params]))
+    return runs
 
 
 @functools.cache

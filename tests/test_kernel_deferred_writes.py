@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlmodel import Session
 
 from careloop import writes
@@ -131,3 +131,36 @@ def test_ids_handed_out_never_collide_with_rows_inserted_otherwise(store: Store)
             c = writes.next_id(s, _DECISION)
             writes.insert(s, _DECISION, _decision(pid, id=c))
         assert c not in {a, other, b}
+
+
+def test_updates_of_one_row_in_different_shapes_keep_their_order(store: Store) -> None:
+    with store.session() as s:
+        p, q = _person(s), _person(s)
+        with writes.deferred(s):
+            write_through(s, p, timezone="America/Denver")
+            write_through(s, q, timezone="America/Chicago")
+            write_through(s, p, timezone="America/Phoenix", language="es")
+            write_through(s, p, timezone="America/New_York")  # the last word
+        rows: dict[int, str] = dict(s.connection().execute(select(_PERSON.c.id, _PERSON.c.timezone)).all())
+        assert rows[p.id or 0] == "America/New_York" and rows[q.id or 0] == "America/Chicago"
+
+
+def test_updates_of_different_rows_are_grouped_one_statement_a_shape(store: Store) -> None:
+    with store.session() as s:
+        people = [_person(s) for _ in range(4)]
+        seen: list[str] = []
+
+        def count(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+            seen.append(statement.split()[0])
+
+        event.listen(s.get_bind(), "before_cursor_execute", count)
+        try:
+            with writes.deferred(s):
+                for p in people:
+                    write_through(s, p, timezone="America/Denver")
+                    write_through(s, p, language="es")
+        finally:
+            event.remove(s.get_bind(), "before_cursor_execute", count)
+        assert seen.count("UPDATE") == 2
+        langs = s.connection().execute(select(_PERSON.c.language)).scalars().all()
+        assert langs == ["es"] * 4
