@@ -137,6 +137,12 @@ def deferred(session: Session) -> Iterator[Deferred]:
         d.watched.pop(_KEY, None)
 
 
+def flushing(conn: Connection) -> bool:
+    """Whether ``conn`` is writing a batch's queued rows just now."""
+    d: Deferred | None = conn.info.get(_KEY)
+    return d is not None and d.flushing
+
+
 def flush(session: Session) -> None:
     """Write what is queued now (a no-op outside ``deferred``)."""
     d = current(session)

@@ -225,8 +225,8 @@ def _watch(
     conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
 ) -> None:
     batch: BatchFacts | None = conn.info.get(_KEY)
-    if batch is None or not batch.facts:
-        return
+    if batch is None or not batch.facts or writes.flushing(conn):
+        return  # (rows the deferred writes are writing now were seen when queued: ``_queued``)
     verb = statement[:6].upper()
     if verb not in ("INSERT", "UPDATE", "DELETE"):
         return
