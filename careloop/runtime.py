@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Iterator
@@ -88,6 +89,23 @@ class _Server(uvicorn.Server):
         self.should_exit = True
 
 
+def settle_heap(young: int = 10_000) -> None:
+    """Tune the cyclic garbage collector for a long-running hub, once startup is done.
+
+    Everything alive after startup (modules, config, plugins, compiled SQL, templates)
+    lives as long as the process: it is collected once and frozen, so full collections no
+    longer walk it. A batch of a few hundred events allocates hundreds of thousands of
+    short-lived objects (rows, dicts, JSON documents); the young generation is collected
+    every ``young`` allocations instead of CPython's 700, which on the orchestrator
+    benchmark took the collector's share of a stage from about a fifth to a few percent
+    (bench/orchestrator.py measures with and without). Memory stays bounded: garbage in
+    cycles is still collected, a little later."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(young, older, oldest)
+
+
 async def serve(config: AppConfig) -> None:
     ensure_keys(config)
     hub = Hub(config)
@@ -113,6 +131,7 @@ async def serve(config: AppConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_exit)
+    settle_heap()
     log.info("careloop listening", extra={"http": f"{config.server.host}:{config.server.port}"})
     try:
         await server.serve()  # returns on SIGTERM/SIGINT
