@@ -127,3 +127,18 @@ def test_sigterm_drains_and_restart_resumes_without_loss(tmp_path: Path) -> None
     logs = log.read_text()
     assert "draining" in logs and "stopped" in logs
     assert "Testperson" not in logs and "5550101" not in logs  # no PHI in the logs
+
+
+def test_settle_heap_freezes_what_startup_left_and_collects_the_young_less_often() -> None:
+    import gc
+
+    from careloop.runtime import settle_heap
+
+    before = gc.get_threshold()
+    try:
+        settle_heap(young=12_345)
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (12_345, before[1], before[2])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
