@@ -21,11 +21,11 @@ from careloop.tables import RawMessage
 from mapping.hl7v2_fhir import (
     V2_0203,
     address,
+    authority,
     codeable,
     comps,
     contact_point,
     cx_authority,
-    ei_authority,
     fhir_date,
     fhir_datetime,
     human_name,
@@ -141,19 +141,42 @@ def map_message(msg: Message, tz: tzinfo) -> list[MappedEvent]:
 
 
 class _Ctx:
-    """Per-message values the segment maps share."""
+    """Per-message values the segment maps share: the message's segments by name (in
+    message order) and the default identifier authority (computed when first needed)."""
+
+    __slots__ = ("_default_authority", "cs", "enc", "msg", "segments", "tz")
 
     def __init__(self, msg: Message, tz: tzinfo) -> None:
         self.msg, self.tz, self.enc, self.cs = msg, tz, msg.enc, msg.charset
-        fac = msg.msh.get(4, 1) or msg.msh.get(4, 2) or msg.msh.get(3, 1) or "unknown"
-        self.default_authority = f"urn:careloop:hl7:{fac}"
+        self.segments: dict[str, list[Segment]] = {}
+        for seg in msg.segments:
+            self.segments.setdefault(seg.name, []).append(seg)
+        self._default_authority: str | None = None
+
+    @property
+    def default_authority(self) -> str:
+        """``urn:careloop:hl7:`` + the sending facility (MSH-4.1, else .2, else MSH-3.1)."""
+        if self._default_authority is None:
+            msh = self.msg.msh
+            fac = msh.get(4, 1) or msh.get(4, 2) or msh.get(3, 1) or "unknown"
+            self._default_authority = f"urn:careloop:hl7:{fac}"
+        return self._default_authority
+
+    def first(self, name: str) -> Segment | None:
+        """The first segment named ``name`` (``Message.segment``)."""
+        segs = self.segments.get(name)
+        return segs[0] if segs else None
+
+    def all(self, name: str) -> list[Segment]:
+        """Every segment named ``name``, in message order (``Message.all``)."""
+        return self.segments.get(name, [])
 
     def dtm(self, value: str) -> datetime | None:
         return parse_dtm(value, self.tz)
 
 
 def _occurred_at(ctx: _Ctx) -> datetime:
-    evn = ctx.msg.segment("EVN")
+    evn = ctx.first("EVN")
     for value in (evn.get(6), evn.get(2)) if evn else ():
         dt = ctx.dtm(value)
         if dt is not None:
@@ -164,39 +187,47 @@ def _occurred_at(ctx: _Ctx) -> datetime:
     return dt
 
 
-def _attributes(msg: Message, trigger: str) -> dict[str, Any]:
-    mtype, _ = msg.message_type
+def _attributes(msg: Message, mtype: str, trigger: str) -> dict[str, Any]:
     return {"message_type": f"{mtype}^{trigger}", "trigger": trigger, "control_id": msg.control_id[:64]}
 
 
-def _cx_identifiers(ctx: _Ctx, seg: Segment, field: int) -> list[Identifier]:
-    out: list[Identifier] = []
+def _cx_list(ctx: _Ctx, seg: Segment, field: int) -> list[tuple[str, str, str]]:
+    """(value, identifier type, system) of each CX repetition of ``seg``-``field`` that has
+    a value and is not a social security number, in order, duplicates kept."""
+    out = []
+    enc, cs = ctx.enc, ctx.cs
     for rep in seg.repetitions(field):
-        value = leaf(rep, 1, 1, ctx.enc, ctx.cs).strip()
-        if not value or leaf(rep, 5, 1, ctx.enc, ctx.cs).strip().upper() in _SKIP_ID_TYPES:
+        c = comps(rep, enc, cs, 5)
+        value, id_type = c[0].strip(), c[4].strip().upper()
+        if not value or id_type in _SKIP_ID_TYPES:
             continue
-        system = cx_authority(rep, ctx.enc, ctx.cs) or ctx.default_authority
+        out.append((value, id_type, cx_authority(rep, enc, cs) or ctx.default_authority))
+    return out
+
+
+def _mrns(cx: list[tuple[str, str, str]]) -> list[Identifier]:
+    """The CX list as linking identifiers, duplicates dropped."""
+    out: list[Identifier] = []
+    for value, _, system in cx:
         ident = Identifier(system=system, value=value, kind="mrn")
         if ident not in out:
             out.append(ident)
     return out
 
 
+def _cx_identifiers(ctx: _Ctx, seg: Segment, field: int) -> list[Identifier]:
+    return _mrns(_cx_list(ctx, seg, field))
+
+
 def _patient(ctx: _Ctx, pid: Segment) -> tuple[dict[str, Any], list[Identifier]]:
     """PID -> (FHIR Patient, identifiers for linking)."""
     enc, cs = ctx.enc, ctx.cs
-    idents = _cx_identifiers(ctx, pid, 3)
+    cx = _cx_list(ctx, pid, 3)
+    idents = _mrns(cx)
     patient: dict[str, Any] = {"resourceType": "Patient"}
     fhir_ids = []
-    for rep in pid.repetitions(3):
-        value = leaf(rep, 1, 1, enc, cs).strip()
-        id_type = leaf(rep, 5, 1, enc, cs).strip().upper()
-        if not value or id_type in _SKIP_ID_TYPES:
-            continue
-        entry: dict[str, Any] = {
-            "value": value,
-            "system": cx_authority(rep, enc, cs) or ctx.default_authority,
-        }
+    for value, id_type, system in cx:
+        entry: dict[str, Any] = {"value": value, "system": system}
         if id_type:
             entry["type"] = {"coding": [{"system": V2_0203, "code": id_type}]}
         fhir_ids.append(entry)
@@ -250,17 +281,17 @@ def _map_adt(msg: Message, trigger: str, tz: tzinfo) -> list[MappedEvent]:
     ctx = _Ctx(msg, tz)
     occurred = _occurred_at(ctx)
     etype = ADT_EVENTS[trigger]
-    pids = msg.all("PID")
+    pids = ctx.all("PID")
     if not pids:
         raise PermanentError(f"ADT^{trigger} has no PID segment")
     if trigger == "A40":
         return _map_merge(msg, ctx, occurred)
     patient, idents = _patient(ctx, pids[0])
-    pv1 = msg.segment("PV1")
+    pv1 = ctx.first("PV1")
     subject = None
     if pv1 is not None and (trigger in _ENCOUNTER_STATUS or (trigger == "A08" and pv1.get(19).strip())):
         subject = _encounter(ctx, pv1, trigger)
-    attrs = _attributes(msg, trigger)
+    attrs = _attributes(msg, "ADT", trigger)
     if trigger == "A13":
         attrs["discharge_cancelled"] = True
     if trigger == "A05":
@@ -281,7 +312,7 @@ def _map_merge(msg: Message, ctx: _Ctx, occurred: datetime) -> list[MappedEvent]
         elif seg.name == "MRG" and current is not None:
             patient, idents = _patient(ctx, current)
             merge_from = [i for i in _cx_identifiers(ctx, seg, 1) if i not in idents]
-            attrs = _attributes(msg, "A40")
+            attrs = _attributes(msg, "ADT", "A40")
             attrs["merged_identifiers"] = len(merge_from)
             events.append(MappedEvent("patient.merged", occurred, idents, patient, None, attrs, merge_from))
             current = None
@@ -378,24 +409,24 @@ def _encounter(ctx: _Ctx, pv1: Segment, trigger: str) -> dict[str, Any]:
 
 def _map_siu(msg: Message, trigger: str, tz: tzinfo) -> MappedEvent:
     ctx = _Ctx(msg, tz)
-    sch = msg.segment("SCH")
+    sch = ctx.first("SCH")
     if sch is None:
         raise PermanentError(f"SIU^{trigger} has no SCH segment")
-    pid = msg.segment("PID")
+    pid = ctx.first("PID")
     patient, idents = _patient(ctx, pid) if pid is not None else (None, [])
     appt = _appointment(ctx, sch, trigger, idents)
-    attrs = _attributes(msg, trigger)
+    attrs = _attributes(msg, "SIU", trigger)
     attrs["appointment_status"] = appt["status"]
     occurred = _occurred_at(ctx)
     return MappedEvent(SIU_EVENTS[trigger], occurred, idents, patient, appt, attrs)
 
 
 def _ei(ctx: _Ctx, sch: Segment, field: int) -> tuple[str, str] | None:
-    rep = sch.raw_rep(field)
-    value = leaf(rep, 1, 1, ctx.enc, ctx.cs).strip()
+    value, namespace, universal = comps(sch.raw_rep(field), ctx.enc, ctx.cs, 3)
+    value = value.strip()
     if not value:
         return None
-    return ei_authority(rep, ctx.enc, ctx.cs) or ctx.default_authority, value
+    return authority(namespace, universal) or ctx.default_authority, value
 
 
 def _appointment(ctx: _Ctx, sch: Segment, trigger: str, idents: list[Identifier]) -> dict[str, Any]:
@@ -434,7 +465,7 @@ def _appointment(ctx: _Ctx, sch: Segment, trigger: str, idents: list[Identifier]
     appt_type = codeable(sch.raw_rep(8), enc, cs)
     if appt_type:
         appt["appointmentType"] = appt_type
-    services = [c for c in (codeable(s.raw_rep(3), enc, cs) for s in msg.all("AIS")) if c]
+    services = [c for c in (codeable(s.raw_rep(3), enc, cs) for s in ctx.all("AIS")) if c]
     if services:
         appt["serviceType"] = services
     participants: list[dict[str, Any]] = []
@@ -446,7 +477,7 @@ def _appointment(ctx: _Ctx, sch: Segment, trigger: str, idents: list[Identifier]
                 "status": "accepted",
             }
         )
-    for ail in msg.all("AIL"):
+    for ail in ctx.all("AIL"):
         loc = location_display(ail.raw_rep(3), enc, cs)
         if loc:
             part: dict[str, Any] = {"actor": {"type": "Location", "display": loc}, "status": "accepted"}
@@ -454,7 +485,7 @@ def _appointment(ctx: _Ctx, sch: Segment, trigger: str, idents: list[Identifier]
             if role:
                 part["type"] = [role]
             participants.append(part)
-    for aip in msg.all("AIP"):
+    for aip in ctx.all("AIP"):
         ref = practitioner(aip.raw_rep(3), enc, cs)
         if ref:
             part = {"actor": ref, "status": "accepted"}
@@ -471,19 +502,20 @@ def _appointment(ctx: _Ctx, sch: Segment, trigger: str, idents: list[Identifier]
 def _timing(ctx: _Ctx, sch: Segment) -> tuple[datetime | None, datetime | None]:
     """Start and end: TQ1-7/8 (TQ1-6 duration when TQ1-8 is empty), else SCH-11 (TQ .4/.5),
     else the first AIS-4 plus duration; SCH-9/10 last for a missing end."""
-    msg, enc, cs = ctx.msg, ctx.enc, ctx.cs
-    tq1 = msg.segment("TQ1")
+    enc, cs = ctx.enc, ctx.cs
+    tq1 = ctx.first("TQ1")
     start = end = None
     if tq1 is not None:
         start, end = ctx.dtm(tq1.get(7)), ctx.dtm(tq1.get(8))
         if start is not None and end is None:
             duration = tq1.raw_rep(6)  # TQ1-6 service duration (CQ: quantity^units)
-            end = _plus(start, leaf(duration, 1, 1, enc, cs), leaf(duration, 2, 1, enc, cs))
+            end = _plus(start, *comps(duration, enc, cs, 2))
     if start is None:
         tq = sch.raw_rep(11)
-        start, end = ctx.dtm(leaf(tq, 4, 1, enc, cs)), ctx.dtm(leaf(tq, 5, 1, enc, cs))
+        _, _, _, tq_start, tq_end = comps(tq, enc, cs, 5)
+        start, end = ctx.dtm(tq_start), ctx.dtm(tq_end)
     if start is None:
-        for ais in msg.all("AIS"):
+        for ais in ctx.all("AIS"):
             start = ctx.dtm(ais.get(4))
             if start is not None:
                 if end is None:
@@ -511,8 +543,11 @@ _UNITS: Final = {
 
 
 def _plus(start: datetime, amount: str, unit: str) -> datetime | None:
+    amount = amount.strip()
+    if not amount:
+        return None
     try:
-        n = float(amount.strip())
+        n = float(amount)
     except ValueError:
         return None
     secs = _UNITS.get(unit.strip().upper() or "MIN")

@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import re
 from datetime import datetime, timedelta, timezone, tzinfo
+from functools import lru_cache
 from typing import Any, Final
 
 import phonenumbers
 
-from careloop.hl7v2.parse import Encoding, leaf, unescape
+from careloop.hl7v2.parse import Encoding, unescape
 
 _DTM: Final = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,4}))?\s*([+-]\d{4})?$")
 
@@ -36,16 +37,23 @@ _SYSTEMS: Final[dict[str, str]] = {
 }
 
 
+_HL7_TABLE: Final = re.compile(r"HL7(\d{4})")
+_OID: Final = re.compile(r"\d+(\.\d+)+")
+
+
+@lru_cache(maxsize=256)
 def code_system(name: str) -> str | None:
+    """The FHIR code system URL for a CWE coding system name (component 3), or None.
+    Cached: a sender uses a handful of names."""
     name = name.strip()
     if not name:
         return None
     if name in _SYSTEMS:
         return _SYSTEMS[name]
-    m = re.fullmatch(r"HL7(\d{4})", name)
+    m = _HL7_TABLE.fullmatch(name)
     if m:
         return f"http://terminology.hl7.org/CodeSystem/v2-{m.group(1)}"
-    if re.fullmatch(r"\d+(\.\d+)+", name):
+    if _OID.fullmatch(name):
         return f"urn:oid:{name}"
     return None
 
@@ -53,39 +61,53 @@ def code_system(name: str) -> str | None:
 def parse_dtm(value: str, tz: tzinfo) -> datetime | None:
     """An HL7 DTM as an aware datetime; a value without offset is taken in ``tz``.
     Returns None for an empty or unreadable value (never raises on sender data)."""
+    if not value:
+        return None
     m = _DTM.match(value.strip())
     if not m:
         return None
     y, mo, d, h, mi, s, frac, off = m.groups()
+    if off:
+        offset = _offset(off)
+        if offset is None:
+            return None
+        tz = offset
     try:
-        dt = datetime(
+        return datetime(
             int(y),
             int(mo or 1),
             int(d or 1),
             int(h or 0),
             int(mi or 0),
             int(s or 0),
-            int((frac or "0").ljust(6, "0")[:6]),
+            int(frac.ljust(6, "0")) if frac else 0,  # at most 4 digits: microseconds
+            tzinfo=tz,
         )
     except ValueError:
         return None
-    if off:
-        sign = -1 if off[0] == "-" else 1
-        hours, minutes = int(off[1:3]), int(off[3:5])
-        if hours > 14 or minutes > 59:
-            return None
-        return dt.replace(tzinfo=timezone(sign * timedelta(hours=hours, minutes=minutes)))
-    return dt.replace(tzinfo=tz)
+
+
+@lru_cache(maxsize=128)
+def _offset(off: str) -> timezone | None:
+    """A DTM offset ("+hhmm"/"-hhmm") as a fixed zone, None past +/-14:59 (cached)."""
+    sign = -1 if off[0] == "-" else 1
+    hours, minutes = int(off[1:3]), int(off[3:5])
+    if hours > 14 or minutes > 59:
+        return None
+    return timezone(sign * timedelta(hours=hours, minutes=minutes))
 
 
 def fhir_datetime(dt: datetime) -> str:
     return dt.isoformat(timespec="seconds") if dt.microsecond == 0 else dt.isoformat()
 
 
+_YEAR: Final = re.compile(r"^\d{4}")
+
+
 def fhir_date(value: str) -> str | None:
     """DTM/DT -> FHIR date (YYYY, YYYY-MM or YYYY-MM-DD)."""
     v = value.strip()
-    if not re.match(r"^\d{4}", v):
+    if not _YEAR.match(v):
         return None
     if len(v) >= 8 and v[:8].isdigit():
         try:
@@ -104,8 +126,38 @@ def short_id(*parts: str) -> str:
 
 
 def comps(rep: str, enc: Encoding, charset: str, n: int) -> list[str]:
-    """Components 1..n of a raw repetition (first subcomponent each), unescaped."""
-    return [leaf(rep, i, 1, enc, charset) for i in range(1, n + 1)]
+    """Components 1..n of a raw repetition (first subcomponent each), unescaped; "" for
+    a component that is absent. Equal to ``[leaf(rep, i, 1, ...) for i in 1..n]``, with
+    one split of ``rep``."""
+    if n <= 0:
+        return []
+    if not rep:
+        return [""] * n
+    sub, esc = enc.subcomponent, enc.escape
+    out = rep.split(enc.component, n)[:n]
+    if sub in rep or esc in rep:
+        for i, c in enumerate(out):
+            if sub in c:
+                c = out[i] = c.split(sub, 1)[0]
+            if esc in c:
+                out[i] = unescape(c, enc, charset)
+    if len(out) < n:
+        out += [""] * (n - len(out))
+    return out
+
+
+def subcomponents(rep: str, comp: int, enc: Encoding, charset: str, n: int) -> list[str]:
+    """Subcomponents 1..n of component ``comp`` (1-based) of a raw repetition, unescaped;
+    equal to ``[leaf(rep, comp, i, ...) for i in 1..n]``."""
+    parts = rep.split(enc.component, comp) if rep else []
+    if comp < 1 or comp > len(parts):
+        return [""] * n
+    esc = enc.escape
+    out = parts[comp - 1].split(enc.subcomponent, n)[:n]
+    out = [unescape(s, enc, charset) if esc in s else s for s in out]
+    if len(out) < n:
+        out += [""] * (n - len(out))
+    return out
 
 
 def authority(hd_namespace: str, hd_universal: str) -> str:
@@ -115,12 +167,13 @@ def authority(hd_namespace: str, hd_universal: str) -> str:
 
 def cx_authority(rep: str, enc: Encoding, charset: str) -> str:
     """CX.4 (HD): namespace id, else universal id (subcomponents of component 4)."""
-    return authority(leaf(rep, 4, 1, enc, charset), leaf(rep, 4, 2, enc, charset))
+    return authority(*subcomponents(rep, 4, enc, charset, 2))
 
 
 def ei_authority(rep: str, enc: Encoding, charset: str) -> str:
     """EI.2 namespace id, else EI.3 universal id."""
-    return authority(leaf(rep, 2, 1, enc, charset), leaf(rep, 3, 1, enc, charset))
+    _, namespace, universal = comps(rep, enc, charset, 3)
+    return authority(namespace, universal)
 
 
 def codeable(rep: str, enc: Encoding, charset: str) -> dict[str, Any] | None:
@@ -162,8 +215,8 @@ _NAME_USE: Final = {
 
 def human_name(rep: str, enc: Encoding, charset: str) -> dict[str, Any] | None:
     """XPN -> HumanName."""
-    family = leaf(rep, 1, 1, enc, charset).strip()
     c = comps(rep, enc, charset, 7)
+    family = c[0].strip()
     given = [g.strip() for g in (c[1], c[2]) if g.strip()]
     out: dict[str, Any] = {}
     if family:
@@ -199,8 +252,9 @@ def address(rep: str, enc: Encoding, charset: str) -> dict[str, Any] | None:
     """XAD -> Address (XAD.1 is SAD: its subcomponents form the street line)."""
     c = comps(rep, enc, charset, 7)
     first = c[0]
-    if enc.subcomponent in (rep.split(enc.component, 1)[0]):
-        subs = rep.split(enc.component, 1)[0].split(enc.subcomponent)
+    sad = rep.split(enc.component, 1)[0]
+    if enc.subcomponent in sad:
+        subs = sad.split(enc.subcomponent)
         first = " ".join(unescape(s, enc, charset).strip() for s in subs if s.strip())
     lines = [x.strip() for x in (first, c[1]) if x.strip()]
     out: dict[str, Any] = {}
@@ -219,12 +273,33 @@ def address(rep: str, enc: Encoding, charset: str) -> dict[str, Any] | None:
     return out
 
 
+_TEL_SYSTEM: Final = {"FX": "fax", "BP": "pager"}
 _TEL_USE: Final = {"PRN": "home", "ORN": "home", "WPN": "work", "VHN": "temp", "ASN": "temp", "EMR": "temp"}
 
 
+# A NANP number already in E.164 ("+1" then ten ASCII digits, the area code not starting
+# with 0 or 1) or its bare ten digits: what contact_point builds from XTN-5/6/7 in practice.
+# For region US, phonenumbers reads these without stripping anything (the national prefix
+# "1" cannot match a leading 2-9) and finds them possible (US numbers are ten digits long),
+# so its E.164 is "+1" and the ten digits (checked against phonenumbers 9.0 for every area code).
+_NANP_E164: Final = re.compile(r"(?:\+1)?([2-9][0-9]{9})")
+
+
 def normalize_phone(text: str, region: str = "US") -> str | None:
-    """A phone number in E.164 (+15555550101), or None when it is not a possible number."""
+    """A phone number in E.164 (+15555550101), or None when it is not a possible number
+    (phonenumbers' reading of ``text`` in ``region``)."""
     digits = text.strip()
+    if region == "US":
+        m = _NANP_E164.fullmatch(digits)
+        if m is not None:
+            return "+1" + m.group(1)
+    return _parse_phone(digits, region)
+
+
+@lru_cache(maxsize=4096)
+def _parse_phone(digits: str, region: str) -> str | None:
+    """``normalize_phone`` by phonenumbers, for stripped text. Cached by (text, region):
+    parsing is the costly part and a patient's numbers recur."""
     if not digits or not any(ch.isdigit() for ch in digits):
         return None
     try:
@@ -259,7 +334,7 @@ def contact_point(rep: str, enc: Encoding, charset: str, business: bool) -> dict
         e164 = normalize_phone(raw)
         if e164 is None:
             return None
-        system = {"FX": "fax", "BP": "pager"}.get(equip, "phone")
+        system = _TEL_SYSTEM.get(equip, "phone")
         out = {"system": system, "value": e164}
     if equip == "CP":
         out["use"] = "mobile"
@@ -273,7 +348,7 @@ def contact_point(rep: str, enc: Encoding, charset: str, business: bool) -> dict
 def location_display(rep: str, enc: Encoding, charset: str) -> str | None:
     """PL -> a display string: point of care, room, bed, facility, building, floor."""
     c = comps(rep, enc, charset, 9)
-    parts = [c[0], c[1], c[2], leaf(rep, 4, 1, enc, charset), c[6], c[7]]
+    parts = [c[0], c[1], c[2], c[3], c[6], c[7]]
     text = " ".join(p.strip() for p in parts if p.strip())
     return text or (c[8].strip() or None)
 
@@ -281,14 +356,14 @@ def location_display(rep: str, enc: Encoding, charset: str) -> str | None:
 def practitioner(rep: str, enc: Encoding, charset: str) -> dict[str, Any] | None:
     """XCN -> a Reference to a Practitioner, by identifier and display."""
     c = comps(rep, enc, charset, 9)
-    ident, family = c[0].strip(), leaf(rep, 2, 1, enc, charset).strip()
+    ident, family = c[0].strip(), c[1].strip()
     name = " ".join(p.strip() for p in (c[5], c[2], family) if p.strip())
     if not ident and not name:
         return None
     ref: dict[str, Any] = {"type": "Practitioner"}
     if ident:
         ident_ref: dict[str, Any] = {"value": ident}
-        auth = leaf(rep, 9, 1, enc, charset).strip() or leaf(rep, 9, 2, enc, charset).strip()
+        auth = c[8].strip() or subcomponents(rep, 9, enc, charset, 2)[1].strip()
         if auth:
             ident_ref["system"] = auth
         ref["identifier"] = ident_ref

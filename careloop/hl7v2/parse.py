@@ -96,6 +96,12 @@ class Encoding:
 DEFAULT_ENCODING: Final = Encoding()
 
 
+# Valid delimiter sets seen so far, keyed by MSH-1 + MSH-2 (a sender keeps one set, so the
+# checks below run once per set, not once per message). Bounded: cleared when full.
+_ENCODINGS: Final[dict[str, Encoding]] = {}
+_ENCODINGS_MAX: Final = 64
+
+
 def encoding_from_msh(msh: str) -> Encoding:
     """Read the delimiters from an MSH segment's first characters."""
     if len(msh) < 4 or not msh.startswith("MSH"):
@@ -103,6 +109,18 @@ def encoding_from_msh(msh: str) -> Encoding:
     fs = msh[3]
     end = msh.find(fs, 4)
     chars = msh[4:] if end < 0 else msh[4:end]
+    known = _ENCODINGS.get(fs + chars)
+    if known is not None:
+        return known
+    enc = _read_encoding(fs, chars)
+    if len(_ENCODINGS) >= _ENCODINGS_MAX:
+        _ENCODINGS.clear()
+    _ENCODINGS[fs + chars] = enc
+    return enc
+
+
+def _read_encoding(fs: str, chars: str) -> Encoding:
+    """Check and build the ``Encoding`` for MSH-1 ``fs`` and MSH-2 ``chars`` (or raise)."""
     if not chars or fs.isalnum() or any(c.isalnum() or c == fs for c in chars):
         raise HL7FormatError("MSH-2 encoding characters are invalid", 102, "MSH^1^2")
     if any(not c.isascii() or not c.isprintable() or c.isspace() for c in fs + chars):
@@ -215,7 +233,8 @@ class Segment:
 
     def repetitions(self, n: int) -> list[str]:
         """The raw repetitions of field n (MSH-2 is never split)."""
-        raw = self.raw(n)
+        f = self.fields
+        raw = f[n] if 0 < n < len(f) else ""
         if not raw:
             return []
         if self.name == "MSH" and n in (1, 2):
@@ -233,9 +252,18 @@ class Segment:
         """The unescaped value at SEG-n.comp.sub (1-based), repetition ``rep`` (0-based)."""
         if self.name == "MSH" and n in (1, 2):
             return self.raw(n)
-        return leaf(self.raw_rep(n, rep), comp, sub, self.enc, self.charset)
+        if rep == 0:  # raw_rep(n, 0), inlined: the mapper's hot path
+            f = self.fields
+            raw = f[n].split(self.enc.repetition, 1)[0] if 0 < n < len(f) else ""
+        else:
+            raw = self.raw_rep(n, rep)
+        return leaf(raw, comp, sub, self.enc, self.charset)
 
     def raw_rep(self, n: int, rep: int = 0) -> str:
+        """Repetition ``rep`` (0-based) of field n as written; "" if absent."""
+        if rep == 0 and not (self.name == "MSH" and n in (1, 2)):
+            f = self.fields
+            return f[n].split(self.enc.repetition, 1)[0] if 0 < n < len(f) else ""
         reps = self.repetitions(n)
         return reps[rep] if rep < len(reps) else ""
 
@@ -251,7 +279,7 @@ def leaf(rep: str, comp: int, sub: int, enc: Encoding, charset: str = "utf-8") -
     if sub != 1 or enc.subcomponent in c:
         subs = c.split(enc.subcomponent)
         c = subs[sub - 1] if sub <= len(subs) else ""
-    return unescape(c, enc, charset)
+    return unescape(c, enc, charset) if enc.escape in c else c
 
 
 def split_components(rep: str, enc: Encoding, charset: str = "utf-8") -> list[str]:
@@ -327,9 +355,12 @@ def check_segments(text: str, enc: Encoding) -> None:
             raise segment_id_error(position)
 
 
+_SEGMENT_ID: Final = re.compile(r"[A-Z][A-Z0-9]{2}")
+
+
 def _valid_segment_id(name: str) -> bool:
     # Three upper-case letters or digits, starting with a letter (Z-segments included).
-    return len(name) == 3 and name.isascii() and name.isalnum() and name[0].isalpha() and name == name.upper()
+    return _SEGMENT_ID.fullmatch(name) is not None
 
 
 def parse_bytes(data: bytes) -> Message:
