@@ -36,11 +36,12 @@ class CaptureChannel:
             self.capabilities = replace(imitate, idempotent_key=True)  # type: ignore[misc]
 
     async def send(self, item: OutboxItem) -> Receipt:
-        self.captured.setdefault(
-            item.key,
-            Captured(item.key, self.id, item.person_id, item.template, item.recipient, dict(item.content)),
-        )
-        return Receipt("captured", provider_id=item.key)
+        key = item.key
+        if key not in self.captured:
+            self.captured[key] = Captured(
+                key, self.id, item.person_id, item.template, item.recipient, dict(item.content)
+            )
+        return Receipt("captured", provider_id=key)
 
     async def status(self, item: OutboxItem) -> Receipt | None:
         return Receipt("captured", provider_id=item.key) if item.key in self.captured else None

@@ -51,16 +51,16 @@ import logging
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy import bindparam
 from sqlalchemy import case as sa_case
 from sqlalchemy import exists as sa_exists
 from sqlalchemy import literal as sa_literal
 from sqlalchemy import select as select_core
-from sqlalchemy.engine import RowMapping
 from sqlalchemy.orm.instrumentation import manager_of_class
 from sqlmodel import Session, col, or_, select
 
@@ -77,20 +77,24 @@ log = logging.getLogger("careloop.outbox")
 _OUTBOX = OutboxItem.__table__  # type: ignore[attr-defined]
 _RECEIPT = DeliveryReceipt.__table__  # type: ignore[attr-defined]
 _EVENT = JourneyEvent.__table__  # type: ignore[attr-defined]
-_DISCLOSED_COLS = tuple(
-    _OUTBOX.c[n]
-    for n in (
-        "id",
-        "person_id",
-        "channel",
-        "template",
-        "phi_class",
-        "recipient",
-        "purpose",
-        "playbook",
-        "attempts",
-    )
-)
+
+
+class _DisclosedRow(NamedTuple):
+    """The columns of an outbox row that its disclosure records (SQLAlchemy's ``Row``
+    answers an attribute by way of a failed lookup, which costs more than the rest)."""
+
+    id: int
+    person_id: int
+    channel: str
+    template: str
+    phi_class: str
+    recipient: str
+    purpose: str
+    playbook: str | None
+    attempts: int
+
+
+_DISCLOSED_COLS = tuple(_OUTBOX.c[n] for n in _DisclosedRow._fields)
 
 
 # A provider's report that beat the settle (the orchestrator keeps it as a receipt and
@@ -118,9 +122,11 @@ def _settled_status(status: str) -> Any:
 
 # Claim a group: every item still pending goes to ``sending``, its attempt counted and
 # the lease started; the rows come back whole, to build the items that go to the channel.
+# (``status || ''``: a plain ``status = 'pending'`` has SQLite find the group through
+# ``ix_outbox_due``, reading every pending row; this way it looks each id up by its key.)
 _CLAIM = (
     _OUTBOX.update()
-    .where(_OUTBOX.c.id.in_(bindparam("ids", expanding=True)), _OUTBOX.c.status == "pending")
+    .where(_OUTBOX.c.id.in_(bindparam("ids", expanding=True)), _OUTBOX.c.status.concat("") == "pending")
     .values(
         status="sending",
         attempts=_OUTBOX.c.attempts + 1,
@@ -136,6 +142,24 @@ _STILL_SENDING = (
     .where(_OUTBOX.c.id.in_(bindparam("ids", expanding=True)), _OUTBOX.c.status == "sending")
     .order_by(_OUTBOX.c.id)
     .with_for_update()
+)
+
+
+# The items due: pending, with no attempt time or one that has come; the longest due
+# first (no time first), then by id. That is the order of ``ix_outbox_due`` (status,
+# next_attempt_at, and SQLite's rowid), which SQLite walks and stops after ``n`` rows;
+# ordered by id alone, every pending row would be read and sorted for each batch.
+_DUE = (
+    select_core(_OUTBOX.c.id, _OUTBOX.c.channel)
+    .where(
+        _OUTBOX.c.status == "pending",
+        or_(
+            _OUTBOX.c.next_attempt_at.is_(None),
+            _OUTBOX.c.next_attempt_at <= bindparam("now", type_=_OUTBOX.c.next_attempt_at.type),
+        ),
+    )
+    .order_by(_OUTBOX.c.next_attempt_at.asc().nulls_first(), _OUTBOX.c.id)
+    .limit(bindparam("n"))
 )
 
 
@@ -159,13 +183,14 @@ def _settle_statement(status: str, returning: bool) -> Any:
 _ITEM_CLASS = manager_of_class(OutboxItem)
 
 
-def _detached_item(values: RowMapping) -> OutboxItem:
-    """A transient ``OutboxItem`` holding ``values`` (a whole row), built as the ORM builds
-    a loaded object (no pydantic validation, no attribute events): the constructor costs
-    more than the claim's statement. It behaves like ``OutboxItem(**values)``."""
+def _detached_item(names: Sequence[str], row: Sequence[Any]) -> OutboxItem:
+    """A transient ``OutboxItem`` holding ``row`` (a whole row, its columns ``names``),
+    built as the ORM builds a loaded object (no pydantic validation, no attribute events):
+    the constructor costs more than the claim's statement. It behaves like
+    ``OutboxItem(**dict(zip(names, row)))``."""
     item: OutboxItem = _ITEM_CLASS.new_instance()
-    item.__dict__.update(values)
-    object.__setattr__(item, "__pydantic_fields_set__", set(values))
+    item.__dict__.update(zip(names, row, strict=True))
+    object.__setattr__(item, "__pydantic_fields_set__", set(names))
     return item
 
 
@@ -308,21 +333,21 @@ class DeliverStage:
             r = await self.recover()
             handled += r.adopted + r.resend + r.unknown
             handled += await asyncio.to_thread(self._expire_held)
-        due = await asyncio.to_thread(self._due_ids)
-        sent: list[_Sent] = []
         # One transaction per group: it settles the previous group and claims the next, so
         # a claim is still committed before its send. A group is one item, or a run of
         # items for channels whose receiver de-duplicates on the key (``idempotent_key``):
         # for those an interrupted send is simply sent again, so several may be in doubt.
-        for group in [*self._groups(due), []]:
-            if not sent and not group:
-                break
-            items = await asyncio.to_thread(self._step, sent, group)
-            sent = []
+        # The first one also reads which items are due.
+        groups, items = await asyncio.to_thread(self._first_step)
+        for group in [*groups[1:], []]:
+            sent: list[_Sent] = []
             for item in items:
                 handled += 1
                 if item.status == "sending":
                     sent.append(await self._deliver(item))
+            if not sent and not group:
+                break
+            items = await asyncio.to_thread(self._step, sent, group)
         return handled
 
     def _groups(self, due: list[tuple[int, str]]) -> list[list[int]]:
@@ -352,6 +377,13 @@ class DeliverStage:
             return self.group
         return max(1, min(self.group, int(rate * self.sending_lease.total_seconds() / 2)))
 
+    def _first_step(self) -> tuple[list[list[int]], list[OutboxItem]]:
+        """The batch's groups of due items, and the first group claimed, in one transaction."""
+        with self.store.session() as s:
+            now = self.store.clock.now()
+            groups = self._groups(self._due_in(s, now))
+            return groups, self._claim_in(s, groups[0], now) if groups else []
+
     def _step(self, sent: list[_Sent], claim: list[int]) -> list[OutboxItem]:
         with self.store.session() as s:
             now = self.store.clock.now()
@@ -364,7 +396,9 @@ class DeliverStage:
         try:
             if channel is None:
                 raise PermanentError(f"channel {item.channel!r} is not configured")
-            await self._bucket(channel).acquire()
+            bucket = self._bucket(channel)
+            if bucket is not _NO_LIMIT:
+                await bucket.acquire()
             return _Sent(item, receipt=await channel.send(item))
         except Exception as exc:  # settled by kind: uncertain, transient, anything else dead
             return _Sent(item, error=exc)
@@ -410,17 +444,10 @@ class DeliverStage:
                 )
         return len(gone)
 
-    def _due_ids(self) -> list[tuple[int, str]]:
-        now = self.store.clock.now()
-        with self.store.session() as s:
-            rows = s.exec(
-                select(OutboxItem.id, OutboxItem.channel)
-                .where(OutboxItem.status == "pending")
-                .where(or_(col(OutboxItem.next_attempt_at).is_(None), col(OutboxItem.next_attempt_at) <= now))
-                .order_by(col(OutboxItem.id))
-                .limit(self.batch)
-            ).all()
-        return [(i, c) for i, c in rows if i is not None]
+    def _due_in(self, s: Session, now: datetime) -> list[tuple[int, str]]:
+        """The ids and channels of the first ``batch`` items due at ``now`` (``_DUE``)."""
+        rows = s.connection().execute(_DUE, {"now": now, "n": self.batch})
+        return [(i, c) for i, c in rows]
 
     def _claim_in(self, s: Session, ids: list[int], now: datetime) -> list[OutboxItem]:
         """Move the items ``ids`` that are still pending to ``sending`` in ``s`` (the caller
@@ -428,18 +455,37 @@ class DeliverStage:
         order of ``ids``, without those no longer pending.
 
         One Core ``UPDATE ... WHERE id IN (...) RETURNING`` for the group, and detached
-        ``OutboxItem``s built from its rows: no ORM load, flush or expunge per item."""
-        got = s.connection().execute(_CLAIM, {"ids": ids, "now": now}).mappings().all()
-        by_id = {r["id"]: r for r in got}
-        return [self._claimed_in(s, _detached_item(by_id[i]), now) for i in ids if i in by_id]
+        ``OutboxItem``s built from its rows: no ORM load, flush or expunge per item.
 
-    def _claimed_in(self, s: Session, row: OutboxItem, now: datetime) -> OutboxItem:
+        The group is checked in one savepoint, optimistically (a savepoint per item costs
+        more than checking an item that passes). Only if something in it fails is that
+        savepoint rolled back and the group checked again item by item, each check in its
+        own savepoint (``_checked``): the failing check holds back its own item alone, and
+        what the others' checks did is kept, as if each had had its savepoint throughout."""
+        got = s.connection().execute(_CLAIM, {"ids": ids, "now": now})
+        names = tuple(got.keys())
+        at = names.index("id")
+        by_id = {r[at]: r for r in got.all()}
+        rows = [by_id[i] for i in ids if i in by_id]
+        if self.check is not None and rows:
+            try:
+                with s.begin_nested():
+                    return [self._claimed_in(s, _detached_item(names, r), now, isolated=False) for r in rows]
+            except Exception:
+                pass  # rolled back: redone one by one below, where the failure is isolated
+        return [self._claimed_in(s, _detached_item(names, r), now) for r in rows]
+
+    def _claimed_in(self, s: Session, row: OutboxItem, now: datetime, isolated: bool = True) -> OutboxItem:
         """``row``, just claimed, as it is to go: still ``sending``, or held back by the
-        check, or cancelled because it expired."""
-        hold = self._checked(s, row, now) if self.check is not None else None
+        check, or cancelled because it expired. ``isolated``: the check runs in its own
+        savepoint (else the caller's savepoint covers it, and a failure propagates)."""
+        hold: Hold | None = None
+        if self.check is not None:
+            hold = self._checked(s, row, now) if isolated else self.check(s, row, now)
         if hold is not None:
             return self._hold_in(s, row, hold, now)
-        if row.not_after is not None and utc(row.not_after) < now:
+        not_after = row.not_after
+        if not_after is not None and utc(not_after) < now:
             row.status, row.last_error = "cancelled", "expired: not_after has passed"
             row.attempts -= 1  # not an attempt: nothing was sent
             s.connection().execute(
@@ -534,12 +580,15 @@ class DeliverStage:
         if not sent:
             return
         conn = s.connection()
-        got = [o.item.id for o in sent if o.receipt is not None]
+        ids = [o.item.id for o in sent]
+        got = [oid for oid, o in zip(ids, sent, strict=True) if o.receipt is not None]
         one = len(got) == 1
-        rows = {r.id: r for r in conn.execute(_STILL_SENDING, {"ids": got})} if len(got) > 1 else {}
+        rows: dict[int, _DisclosedRow] = {}
+        if len(got) > 1:
+            rows = {r[0]: _DisclosedRow(*r) for r in conn.execute(_STILL_SENDING, {"ids": got}).all()}
         settled: dict[str, list[dict[str, Any]]] = {}
         receipts: list[dict[str, Any]] = []
-        for o in sent:
+        for oid, o in zip(ids, sent, strict=True):
             if o.receipt is None:
                 if isinstance(o.error, DeliveryUncertain):
                     self._uncertain_in(s, now, o.item, o.error)
@@ -548,11 +597,14 @@ class DeliverStage:
                 else:  # PermanentError, or a foreign error: dead letter, no resend
                     self._dead_in(s, now, o.item, o.error or PermanentError("no receipt"))
                 continue
+            assert oid is not None
             status = _row_status(o.receipt)
-            params = {"oid": o.item.id, "pid": o.receipt.provider_id}
+            params = {"oid": oid, "pid": o.receipt.provider_id}
+            row: _DisclosedRow | None
             if one:
-                row = conn.execute(_settle_statement(status, True), params).one_or_none()
-            elif (row := rows.get(o.item.id)) is not None:
+                one_row = conn.execute(_settle_statement(status, True), params).one_or_none()
+                row = None if one_row is None else _DisclosedRow(*one_row)
+            elif (row := rows.get(oid)) is not None:
                 settled.setdefault(status, []).append(params)
             if row is not None:
                 receipts.append(self._received_in(s, now, row, o.receipt, recovered))
