@@ -124,9 +124,17 @@ def _settled_status(status: str) -> Any:
 # the lease started; the rows come back whole, to build the items that go to the channel.
 # (``status || ''``: a plain ``status = 'pending'`` has SQLite find the group through
 # ``ix_outbox_due``, reading every pending row; this way it looks each id up by its key.)
+# On PostgreSQL a row another worker holds is skipped, not waited for: that worker may in
+# turn be waiting for the audit chain's head, which this transaction already holds after
+# settling its previous group (a deadlock that rolled back a settle; SQLite has one writer).
+_CLAIMABLE = (
+    select_core(_OUTBOX.c.id)
+    .where(_OUTBOX.c.id.in_(bindparam("ids", expanding=True)), _OUTBOX.c.status.concat("") == "pending")
+    .with_for_update(skip_locked=True)
+)
 _CLAIM = (
     _OUTBOX.update()
-    .where(_OUTBOX.c.id.in_(bindparam("ids", expanding=True)), _OUTBOX.c.status.concat("") == "pending")
+    .where(_OUTBOX.c.id.in_(_CLAIMABLE.scalar_subquery()))
     .values(
         status="sending",
         attempts=_OUTBOX.c.attempts + 1,
