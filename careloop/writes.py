@@ -13,7 +13,8 @@ and ``careloop.store.write_through`` queue their rows instead, and the queue is 
   writing them failed), and before the transaction commits.
 
 A rollback (of a savepoint too) drops the queue: it holds only rows made since the last
-statement, all inside the innermost savepoint. A row that fails to write fails the
+statement, all inside the innermost savepoint (a savepoint begun inside ``deferred`` is
+emitted at once, so the rows queued before it are written first). A row that fails to write fails the
 ``flush`` (or the statement that set it off), inside that savepoint.
 
 Ids: a queued row has no generated id yet. ``next_id`` hands out the primary key for a new
@@ -222,6 +223,15 @@ def _before_execute(
     d.flush(conn)
     if isinstance(clause, Insert) and clause.table.name in d.ids and conn.dialect.name != "postgresql":
         d.ids.pop(clause.table.name, None)  # someone else's insert: count again
+
+
+@event.listens_for(Session, "after_transaction_create")
+def _savepoint_now(session: Any, transaction: Any) -> None:
+    # SQLAlchemy emits a savepoint's SAVEPOINT at the first statement inside it. Emitted at
+    # once instead, it writes the queue first (``_before_execute``): rows queued before it
+    # belong to the enclosing transaction, rows queued inside it are rolled back with it.
+    if transaction.nested and current(session) is not None:
+        session.connection()
 
 
 @event.listens_for(Session, "after_rollback")

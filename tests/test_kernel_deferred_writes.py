@@ -164,3 +164,44 @@ def test_updates_of_different_rows_are_grouped_one_statement_a_shape(store: Stor
         assert seen.count("UPDATE") == 2
         langs = s.connection().execute(select(_PERSON.c.language)).scalars().all()
         assert langs == ["es"] * 4
+
+
+def _reasons(store: Store) -> list[str]:
+    with store.session() as s:
+        return sorted(s.connection().execute(select(_DECISION.c.reason)).scalars())
+
+
+def test_a_savepoint_rolled_back_before_its_first_statement_keeps_the_rows_queued_before_it(
+    store: Store,
+) -> None:
+    """SQLAlchemy emits SAVEPOINT at the first statement inside it; a failure before any
+    (a triage step whose lexicon cannot load) dropped the enclosing batch's queued rows:
+    the previous event's status, journey state and timers were lost (a review's repro)."""
+    with store.session() as s:
+        pid = _person(s).id or 0
+        with writes.deferred(s):
+            writes.insert(s, _DECISION, _decision(pid, id=writes.next_id(s, _DECISION), reason="outer"))
+            try:
+                with s.begin_nested():
+                    raise ValueError("fails before its first statement")
+            except ValueError:
+                pass
+    assert _reasons(store) == ["outer"]
+
+
+def test_rows_queued_inside_a_savepoint_before_its_first_statement_go_with_its_rollback(
+    store: Store,
+) -> None:
+    with store.session() as s:
+        pid = _person(s).id or 0
+        with writes.deferred(s):
+            try:
+                with s.begin_nested():
+                    writes.insert(
+                        s, _DECISION, _decision(pid, id=writes.next_id(s, _DECISION), reason="inner")
+                    )
+                    s.connection().execute(select(func.count()).select_from(_DECISION))
+                    raise ValueError("the item fails")
+            except ValueError:
+                pass
+    assert _reasons(store) == []
