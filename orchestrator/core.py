@@ -179,6 +179,13 @@ class EngineCore:
     def _batch(self, claim: Any, handle: Any) -> int:
         with self.store.session() as s:
             items = claim(s)
+            if not items:
+                return 0
+            # The audit chain's head, locked now rather than at the first decision: every
+            # transaction that decides or sends writes audit records, so none can commit a
+            # send to these people between the reads below and this batch's commit (on
+            # PostgreSQL a second worker did, and a person got two texts past a daily cap).
+            audit_log.head(s)
             held = self._preload(s, items)  # strong refs keep the identity map warm
             pids = sorted({i.person_id for i in items if i.person_id is not None})
             facts.begin(s, pids, self.store.clock.now())  # the gate's reads, for all of them
