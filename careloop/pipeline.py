@@ -69,7 +69,7 @@ class MapStage:
 
     name = "map"
 
-    def __init__(self, store: Store, mappers: MapperLookup, batch: int = 200) -> None:
+    def __init__(self, store: Store, mappers: MapperLookup, batch: int = 500) -> None:
         self.store, self.mappers, self.batch = store, mappers, batch
 
     async def run_once(self) -> int:

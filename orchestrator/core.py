@@ -148,7 +148,7 @@ class EngineCore:
         playbooks: dict[str, PlaybookConfig],
         templates: dict[str, TemplateConfig],
         channels: dict[str, gate.ChannelFacts],
-        batch: int = 200,
+        batch: int = 500,
     ) -> None:
         self.store, self.config, self.batch = store, config, batch
         self.playbooks, self.templates, self.channels = playbooks, templates, channels
