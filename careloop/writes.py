@@ -3,7 +3,8 @@
 A stage deciding a few hundred events inserts a few rows and updates a few rows for each;
 one statement per row costs more than the work. Inside ``deferred(session)``, ``insert``
 and ``careloop.store.write_through`` queue their rows instead, and the queue is written
-(one executemany per table, parents before children; updates after, in the order made):
+(one executemany per table, parents before children; then the updates, one executemany
+per table and column set, or in the order made when a column of a row is set twice):
 
 - before any other statement runs on the session's connection (a read, an ORM flush, a
   savepoint, a statement not queued): whatever runs next sees every row queued before it,
@@ -14,8 +15,8 @@ and ``careloop.store.write_through`` queue their rows instead, and the queue is 
 
 A rollback (of a savepoint too) drops the queue: it holds only rows made since the last
 statement, all inside the innermost savepoint (a savepoint begun inside ``deferred`` is
-emitted at once, so the rows queued before it are written first). A row that fails to write fails the
-``flush`` (or the statement that set it off), inside that savepoint.
+emitted at once, so the rows queued before it are written first). A row that fails to
+write fails the ``flush`` (or the statement that set it off), inside that savepoint.
 
 Ids: a queued row has no generated id yet. ``next_id`` hands out the primary key for a new
 row of a table with an integer id: from the table's sequence on PostgreSQL (a block at a
@@ -151,9 +152,9 @@ def flush(session: Session) -> None:
         d.flush(session.connection())
 
 
-# Called with (session, table, row or None) when a row is queued: whoever keeps what it
-# read in memory for the batch (orchestrator.facts) learns of a change before it is written.
-# ``None``: an UPDATE, of the row named by ``pk`` (passed as the row).
+# Called with (session, table, values, is_insert) when a row is queued (the inserted row,
+# or the values an UPDATE sets): whoever keeps what it read in memory for the batch
+# (orchestrator.facts) learns of a change before it is written.
 Watcher = Callable[[Session, Table, "dict[str, Any]", bool], None]
 _watchers: list[Watcher] = []
 
