@@ -43,6 +43,7 @@ from careloop.tables import (
     Timer,
 )
 from orchestrator import escalation, facts, gate, playbooks, templates, timezones, triage
+from orchestrator.outcomes import Queued
 from orchestrator.playbooks import (
     Action,
     CancelRun,
@@ -108,17 +109,6 @@ class Decided:
     decision once it is written."""
 
     id: int
-
-
-@dataclass(frozen=True, slots=True)
-class Queued:
-    """An outbox row just queued, as the learner's outcome row needs it."""
-
-    key: str
-    person_id: int
-    channel: str
-    template: str
-    subject_ref: str | None
 
 
 @dataclass

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol
 
 from sqlalchemy import func
 from sqlmodel import Session, col, select
@@ -65,19 +64,15 @@ def reward(row: OutreachOutcome, weights: dict[str, float]) -> float:
     return min(1.0, max(got, default=0.0))
 
 
-class Queued(Protocol):
-    """The outbox row a send queued, as far as its outcome row needs it."""
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """An outbox row a send just queued, as far as its outcome row needs it."""
 
-    @property
-    def key(self) -> str: ...
-    @property
-    def person_id(self) -> int: ...
-    @property
-    def channel(self) -> str: ...
-    @property
-    def template(self) -> str: ...
-    @property
-    def subject_ref(self) -> str | None: ...
+    key: str
+    person_id: int
+    channel: str
+    template: str
+    subject_ref: str | None
 
 
 def register(
