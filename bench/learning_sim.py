@@ -9,21 +9,28 @@ Braze's Intelligent Channel), ``learner`` (orchestrator.learning with the defaul
 LearningConfig and the in-memory evidence store) and ``oracle`` (knows every person's current
 true engagement probability for every allowed channel, window and variant). Reference
 points, not contenders: ``oracle-ch`` (knows the person's current best channel only),
-``oracle-seg`` (that, plus the part of the day the person's age band most often prefers) and,
+``oracle-seg`` (that, plus the part of the day the person's age band most often prefers),
+``oracle-cw`` (the person's best channel and window, default wording) and,
 with ``--informed N``, ``informed``: a learner told the world's generative model exactly,
 inferring each person's hidden preferences by importance sampling (N particles each). It is
 the practical ceiling for learning from outcomes in this world.
 
 Hidden world (per person): engagement probability = channel base rate x time-of-day
 multiplier (1 in the person's preferred part of the day, 0.35-0.75 elsewhere) x variant
-multiplier (default 1, short ~N(1, 0.15): a per-person taste with no population trend).
+multiplier (default 1; short 1.10 for 18-39, 1.0 for 40-64, 0.90 for 65+, each person
++-N(0, 0.05) around their band's; ``--variant-taste person``: N(1, 0.15) with no trend).
 Base rates come from the person's age band and language (logit-normal spread, 15% engage on
 one channel only). Drift: a person's SMS and email rates swap at a constant hazard (25%
 within 120 days; a person can swap back later). 4% have opted out of SMS, 1% are deceased
 (the gate must suppress them). The outcome of a send is drawn with a common random number
 per request, so the policies are compared on the same luck. A reply, or else a read
 receipt / open (P = 0.25 + 2.5 x P(engaged), at most 0.95; ``--replies-only`` drops them),
-arrives one hour after the send.
+arrives one hour after the send, or, for a send outside the person's active part of the day,
+with probability 0.5 (``--late``) at a moment of their next active part, when they look at
+their phone or inbox (``--no-timing``: always an hour later). When people read and reply is
+what send-time optimisers learn from (Braze Intelligent Timing, Infobip and Mapp STO use
+open and click times); the learner credits the window the person engaged in
+(orchestrator/learning.py ``engaged_window``).
 
 Scale: 300 people (a care-management cohort, or a small practice's actively messaged
 patients) each getting about one send request a week (RATE), so 10,000 requests span about
@@ -34,6 +41,13 @@ Changes from the first version (2026-11): the horizon now extends past the 5,000
 fixed weekly rate (previously 5,000 requests in 120 days, and the "after 5,000" figure was
 the trailing 1,000 *before* the 5,000th); drift became a constant hazard (previously 25%
 swapped once between day 30 and 90, which would leave a longer run drift-free).
+Changes of 2026-11-22: reads and replies carry the person's timing (above; before, every
+outcome came an hour after its send, so a world where people act when they look at their
+phone looked like one where they never do); the short wording's effect got a trend by age
+band with a small personal spread (before: a +-15% personal taste with no trend, which no
+learner can find in ~17 sends and which alone put the oracle 6% out of reach; A/B tests of
+message wording measure population effects). ``--no-timing --variant-taste person`` runs
+the old world.
 
 Figures: engagement = engaged / requests (suppressed requests count as 0). "After N sends"
 (the issue's target, ``--after``, default 5,000) is the engagement on the requests after
@@ -57,6 +71,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from datetime import time as dtime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -89,7 +104,20 @@ BASE = {
 PREFERRED_PART = {"18-39": (0.2, 0.3, 0.5), "40-64": (0.3, 0.4, 0.3), "65+": (0.6, 0.3, 0.1)}
 PARTS = ("morning", "midday", "evening")
 OVERRIDES: dict[str, float] = {}
+TIMING = True  # reads and replies come when the person is active (--no-timing: always an hour later)
 READS, READ_FLOOR, READ_SLOPE = True, 0.25, 2.5  # P(read or opened) = 0.25 + 2.5 x P(engaged), at most 0.95
+PART_HOURS = {"morning": (8, 12), "midday": (12, 17), "evening": (17, 21)}  # local, inside 08:00-21:00
+LATE = 0.5  # P(a read or reply to a send outside the person's active part comes in that part)
+
+
+# The short wording's multiplier: a trend by age band and a person's own taste around it
+# (--variant-taste person: no trend, a wide personal spread, the world before 2026-11-22).
+SHORT_TREND = {"18-39": 1.10, "40-64": 1.0, "65+": 0.90}
+SHORT_SD = 0.05
+
+
+def short_wording(rng: random.Random, band: str) -> float:
+    return max(0.6, min(1.4, SHORT_TREND[band] + rng.gauss(0.0, SHORT_SD)))
 
 
 def part_of_day(at: datetime) -> str:
@@ -118,6 +146,20 @@ class SimPerson:
     swaps: tuple[datetime, ...]  # when the SMS and email rates swap (drift)
     when: dict[str, float]
     variant: dict[str, float]
+    pref: str  # the part of the day the person is active in
+
+    def engaged_at(self, sent: datetime, late: float, spot: float) -> datetime:
+        """When a read or reply to a message sent at ``sent`` arrives: an hour later, or, for
+        a message sent outside the person's active part of the day, with probability LATE
+        at a moment (``spot``) of the next active part, when they look at their phone."""
+        if part_of_day(sent) == self.pref or late >= LATE:
+            return sent + timedelta(hours=1)
+        lo, hi = PART_HOURS[self.pref]
+        local = sent.astimezone(ZONE)
+        start = datetime.combine(local.date(), dtime(lo), tzinfo=ZONE)
+        if start <= local:
+            start = datetime.combine(local.date() + timedelta(days=1), dtime(lo), tzinfo=ZONE)
+        return (start + timedelta(hours=(hi - lo) * spot)).astimezone(UTC)
 
     def prob(self, channel: str, at: datetime, variant: str) -> float:
         swapped = sum(1 for t in self.swaps if t <= at) % 2 == 1
@@ -160,7 +202,7 @@ def population(rng: random.Random, n: int, days: float) -> list[SimPerson]:
             rates[rng.choice(ORDER)] *= 0.1
         pref = rng.choices(PARTS, weights=PREFERRED_PART[band])[0]
         when = {p: (1.0 if p == pref else rng.uniform(0.35, 0.75)) for p in PARTS}
-        variant = {"default": 1.0, "short": max(0.6, min(1.4, 1 + rng.gauss(0.0, 0.15)))}
+        variant = {"default": 1.0, "short": short_wording(rng, band)}
         out.append(
             SimPerson(
                 id=i,
@@ -174,6 +216,7 @@ def population(rng: random.Random, n: int, days: float) -> list[SimPerson]:
                 swaps=_swaps(rng, days),
                 when=when,
                 variant=variant,
+                pref=pref,
             )
         )
     return out
@@ -185,11 +228,16 @@ class Request:
     at: datetime
     person: int
     luck: float  # the common random number that decides engagement, for every policy
+    late: float  # and those that decide when a read or reply comes (Person.engaged_at)
+    spot: float
 
 
 def requests(rng: random.Random, people: list[SimPerson], n: int, days: float) -> list[Request]:
     times = sorted(START + timedelta(seconds=rng.uniform(0, days * 86400)) for _ in range(n))
-    return [Request(i, t, rng.randrange(len(people)), rng.random()) for i, t in enumerate(times)]
+    return [
+        Request(i, t, rng.randrange(len(people)), rng.random(), rng.random(), rng.random())
+        for i, t in enumerate(times)
+    ]
 
 
 # ---------------------------------------------------------------------- policies
@@ -214,7 +262,7 @@ class Policy:
     def sent(self, p: SimPerson, opt: Option, at: datetime) -> None:
         return None
 
-    def outcome(self, p: SimPerson, opt: Option, at: datetime, reward: float) -> None:
+    def outcome(self, p: SimPerson, opt: Option, sent: datetime, at: datetime, reward: float) -> None:
         return None
 
 
@@ -267,7 +315,7 @@ class MostEngaged(Policy):
     def sent(self, p: SimPerson, opt: Option, at: datetime) -> None:
         self.sent_n[(p.id, opt[0])] = self.sent_n.get((p.id, opt[0]), 0) + 1
 
-    def outcome(self, p: SimPerson, opt: Option, at: datetime, reward: float) -> None:
+    def outcome(self, p: SimPerson, opt: Option, sent: datetime, at: datetime, reward: float) -> None:
         if reward >= 1.0:  # replies: opens alone make every channel look engaged
             self.engaged_n[(p.id, opt[0])] = self.engaged_n.get((p.id, opt[0]), 0) + 1
 
@@ -330,9 +378,29 @@ class Learner(Policy):
     def sent(self, p: SimPerson, opt: Option, at: datetime) -> None:
         self._record(p, opt, at, trial=True, delta=0.0, engaged=0)
 
-    def outcome(self, p: SimPerson, opt: Option, at: datetime, reward: float) -> None:
-        if reward > 0:
+    def outcome(self, p: SimPerson, opt: Option, sent: datetime, at: datetime, reward: float) -> None:
+        if reward <= 0:
+            return
+        seen = learning.engaged_window(at, TZ, self.cfg) if TIMING else None
+        if seen is None or seen == opt[1]:
             self._record(p, opt, at, trial=False, delta=reward, engaged=1)
+            return
+        # as orchestrator/learning_steps.py does: the window the person engaged in gets the credit
+        arms = [a for a in learning.arms(opt[0], opt[1], TEMPLATE, opt[2]) if a[0] != "window"]
+        seg = self._segment(p, at)
+        self.stats.record(
+            person_key=str(p.id), segment=seg, arms=arms, now=at, trial=False, delta=reward, engaged=1
+        )
+        self.stats.record(
+            person_key=str(p.id),
+            segment=seg,
+            arms=[("window", seen)],
+            now=at,
+            trial=False,
+            delta=reward,
+            engaged=0,
+            credit=True,
+        )
 
 
 class InformedBayes(Policy):
@@ -364,7 +432,7 @@ class InformedBayes(Policy):
                     rates[rng.choice(ORDER)] *= 0.1
                 pref = rng.choices(PARTS, weights=PREFERRED_PART[p.band])[0]
                 when = {q: (1.0 if q == pref else rng.uniform(0.35, 0.75)) for q in PARTS}
-                var = {"default": 1.0, "short": max(0.6, min(1.4, 1 + rng.gauss(0.0, 0.15)))}
+                var = {"default": 1.0, "short": short_wording(rng, p.band)}
                 out.append((rates, when, var))
             self.particles[p.id] = out
         return self.particles[p.id]
@@ -402,16 +470,22 @@ class InformedBayes(Policy):
                         best, value = (c, wn, v), val
         return best
 
-    def outcome(self, p: SimPerson, opt: Option, at: datetime, reward: float) -> None:
+    def outcome(self, p: SimPerson, opt: Option, sent: datetime, at: datetime, reward: float) -> None:
         parts = self._draw(p)
         then, lw = self.logw.get(p.id, (at, [0.0] * self.n))
         fade = 0.5 ** ((at - then).total_seconds() / 86400 / self.half_life)
-        part = part_of_day(at)
+        part = part_of_day(sent)
+        soon = at - sent == timedelta(hours=1)
         new = []
         for x, (r, w, va) in zip(lw, parts, strict=True):
             q = min(0.95, r[opt[0]] * w[part] * va[opt[2]])
             rd = min(0.95, READ_FLOOR + READ_SLOPE * q) if READS else q
             pr = q if reward >= 1.0 else (rd - q if reward > 0 else 1.0 - rd)
+            if reward > 0 and TIMING:  # when it came says where they are active
+                if w[part] == 1.0:
+                    pr *= 1.0 if soon else 0.0
+                else:
+                    pr *= (1.0 - LATE) if soon else (LATE if w[part_of_day(at)] == 1.0 else 0.0)
             new.append(x * fade + math.log(max(pr, 1e-12)))
         self.logw[p.id] = (at, new)
 
@@ -473,6 +547,28 @@ class SegmentOracle(Policy):
         share = dict(zip(PARTS, PREFERRED_PART[p.band], strict=True))
         w = max(windows, key=lambda k: share.get(part_of_day(windows[k]), 0.0))
         return max(allowed, key=lambda c: p.prob(c, windows[w], "default")), w, "default"
+
+
+class TimeOracle(Policy):
+    """A reference point, not a contender: knows each person's current best channel and
+    send window, but uses the default wording. The gap between it and the oracle is what
+    each person's own taste in wording is worth."""
+
+    name = "oracle-cw"
+
+    def choose(
+        self,
+        p: SimPerson,
+        now: datetime,
+        allowed: list[str],
+        windows: dict[str, datetime],
+        verdict: gate.Verdict,
+        rng: random.Random,
+    ) -> Option:
+        return max(
+            ((c, w, "default") for c in allowed for w in windows),
+            key=lambda o: p.prob(o[0], windows[o[1]], o[2]),
+        )
 
 
 # ---------------------------------------------------------------------- the run
@@ -589,11 +685,13 @@ def run(
                 res.expected[req.index] = prob
                 res.engaged[req.index] = reward
                 policy.sent(p, opt, at)
-                push(at + timedelta(hours=1), "outcome", (req, opt, signal))
+                seen = p.engaged_at(at, req.late, req.spot) if TIMING else at + timedelta(hours=1)
+                push(seen, "outcome", (req, opt, signal, at))
             else:
-                req, opt, got = payload
+                req, opt, got, sent = payload
                 assert isinstance(req, Request) and isinstance(opt, tuple) and isinstance(got, float)
-                policy.outcome(people[req.person], opt, at, got)
+                assert isinstance(sent, datetime)
+                policy.outcome(people[req.person], opt, sent, at, got)
 
     for req in reqs:
         process(req.at)
@@ -675,6 +773,24 @@ def main() -> int:
     ap.add_argument(
         "--replies-only", action="store_true", help="no read/open receipts: learn from replies alone"
     )
+    ap.add_argument(
+        "--no-timing",
+        action="store_true",
+        help="reads and replies always come an hour after the send (the world before 2026-11-22)",
+    )
+    ap.add_argument(
+        "--late",
+        type=float,
+        default=0.5,
+        help="P(a read or reply to a send outside the person's active part of the day comes in that part)",
+    )
+    ap.add_argument(
+        "--variant-taste",
+        choices=["band", "person"],
+        default="band",
+        help="band: the short wording works better for younger people, +/-5%% personal taste; "
+        "person: no trend, +/-15%% personal taste (the world before 2026-11-22)",
+    )
     ap.add_argument("--max-exploration", type=float, default=None)
     ap.add_argument(
         "--informed",
@@ -684,8 +800,12 @@ def main() -> int:
         help="add the informed-Bayes ceiling with this many particles per person (slow; 300 is plenty)",
     )
     args = ap.parse_args()
-    global READS, OVERRIDES
+    global READS, OVERRIDES, TIMING, LATE, SHORT_SD
     READS = not args.replies_only
+    TIMING, LATE = not args.no_timing, args.late
+    if args.variant_taste == "person":
+        SHORT_TREND.update({b: 1.0 for b in SHORT_TREND})
+        SHORT_SD = 0.15
     if args.max_exploration is not None:
         OVERRIDES["max_exploration"] = args.max_exploration
     policies: list[Factory] = [
@@ -694,6 +814,7 @@ def main() -> int:
         lambda c, s: Learner(c),
         lambda c, s: ChannelOracle(),
         lambda c, s: SegmentOracle(),
+        lambda c, s: TimeOracle(),
         lambda c, s: Oracle(),
     ]
     if args.informed:
@@ -739,6 +860,7 @@ def main() -> int:
         "heuristic/fixed engagement, all requests": ratio("heuristic", "fixed", "engagement"),
         "oracle-seg/oracle expected, all requests": ratio("oracle-seg", "oracle", "expected"),
         "oracle-ch/oracle expected, all requests": ratio("oracle-ch", "oracle", "expected"),
+        "oracle-cw/oracle expected, all requests": ratio("oracle-cw", "oracle", "expected"),
         **(
             {
                 f"informed/oracle engagement, after {n} sends": ratio("informed", "oracle", "post"),

@@ -313,7 +313,9 @@ class FhirSubscriptionState(SQLModel, table=True):
 class OutreachOutcome(SQLModel, table=True):
     """What became of one sent outreach (issue 10, orchestrator/outcomes.py): each outcome's
     first time, joined back to the decision that caused it, and the reward it earned.
-    ``learned``: the send was counted as a trial in ``learning_stat`` (rewards then flow there)."""
+    ``learned``: the send was counted as a trial in ``learning_stat`` (rewards then flow there).
+    ``engaged_window``: the send window holding the moment of the read, click or reply that
+    first earned a reward (the person's own timing); the reward's changes credit that window."""
 
     __tablename__ = "outreach_outcome"
     __table_args__ = (Index("ix_outcome_person_sent", "person_id", "sent_at"),)
@@ -328,6 +330,7 @@ class OutreachOutcome(SQLModel, table=True):
     variant: str | None = Field(default=None, max_length=64)
     segment: str | None = Field(default=None, max_length=128)
     propensity: float | None = None
+    engaged_window: str | None = Field(default=None, max_length=32)
     sent_at: datetime = _ts(nullable=False)
     delivered_at: datetime | None = _ts(nullable=True)
     read_at: datetime | None = _ts(nullable=True)

@@ -87,9 +87,20 @@ def _decay_factor(updated_at: datetime | None, now: datetime, half_life_days: fl
     return 0.5 ** (age / half_life_days) if age > 0 else 1.0
 
 
-def bump(cell: _Cell, now: datetime, cfg: LearningConfig, *, trial: bool, delta: float, engaged: int) -> None:
+def bump(
+    cell: _Cell,
+    now: datetime,
+    cfg: LearningConfig,
+    *,
+    trial: bool,
+    delta: float,
+    engaged: int,
+    credit: bool = False,
+) -> None:
     """Decay ``cell`` to ``now``, then count a trial (a pending send counts as a failure
-    until its outcomes arrive) and move ``delta`` reward mass from failures to successes."""
+    until its outcomes arrive) and move ``delta`` reward mass from failures to successes.
+    ``credit``: add ``delta`` to the successes alone, for an option that was not sent but
+    that the outcome showed would have worked (see ``engaged_window``)."""
     f = _decay_factor(cell.updated_at, now, cfg.half_life_days)
     cell.successes *= f
     cell.failures *= f
@@ -97,7 +108,8 @@ def bump(cell: _Cell, now: datetime, cfg: LearningConfig, *, trial: bool, delta:
         cell.trials += 1
         cell.failures += 1.0
     cell.successes = max(0.0, cell.successes + delta)
-    cell.failures = max(0.0, cell.failures - delta)
+    if not credit:
+        cell.failures = max(0.0, cell.failures - delta)
     cell.engaged = max(0, cell.engaged + engaged)
     cell.updated_at = max(utc(cell.updated_at), utc(now)) if cell.updated_at else utc(now)
 
@@ -402,6 +414,28 @@ def window_options(
     return dict(sorted(out.items(), key=lambda kv: (kv[1], kv[0])))
 
 
+def engaged_window(at: datetime, tz: str, cfg: LearningConfig) -> str | None:
+    """The send window a person showed themselves active in by engaging at ``at`` (reading,
+    clicking, replying): the configured window whose span (opening + ``window_hours``, local
+    time) holds that moment, else the one nearest to it; None without windows. Send-time
+    optimisers learn from *when* people open, click and reply, not only from whether they
+    did (Braze Intelligent Timing, Infobip and Mapp STO): a reminder sent at 09:00 and read
+    at 19:30 is evidence for the evening window, not the morning one."""
+    local = at.astimezone(ZoneInfo(tz))
+    minute = local.hour * 60 + local.minute
+    span = round(cfg.window_hours * 60)
+    best: tuple[int, str] | None = None
+    for name, opening_text in cfg.windows.items():
+        t = _hhmm(opening_text)
+        after = (minute - t.hour * 60 - t.minute) % 1440  # minutes since the window last opened
+        if after < span:
+            return name
+        distance = min(after - span, 1440 - after)  # since it closed, or until it opens
+        if best is None or distance < best[0]:
+            best = (distance, name)
+    return best[1] if best else None
+
+
 def age_band(birth: str | None, today: date) -> str:
     if not birth:
         return "age?"
@@ -490,13 +524,14 @@ class MemoryStats:
         trial: bool,
         delta: float,
         engaged: int,
+        credit: bool = False,
     ) -> None:
         for scope, key in (("population", "*"), ("segment", segment), ("person", person_key)):
             for dimension, option in arms:
                 cell = self.cells.setdefault(
                     (scope, key, dimension, option), MemoryStats.Cell(updated_at=now)
                 )
-                bump(cell, now, self.cfg, trial=trial, delta=delta, engaged=engaged)
+                bump(cell, now, self.cfg, trial=trial, delta=delta, engaged=engaged, credit=credit)
 
 
 class DbStats:
@@ -558,10 +593,12 @@ def record(
     trial: bool,
     delta: float,
     engaged: int,
+    credit: bool = False,
 ) -> None:
     """Add a trial and/or move reward mass for ``arms`` at every pooling level (in ``s``'s
-    transaction, so the evidence commits with the decision or outcome that caused it)."""
+    transaction, so the evidence commits with the decision or outcome that caused it);
+    ``credit``: see ``bump``."""
     for scope, key in (("population", "*"), ("segment", segment), ("person", person_key)):
         for dimension, option in arms:
             row = _stat_row(s, scope, key, dimension, option, now)
-            bump(row, now, cfg, trial=trial, delta=delta, engaged=engaged)
+            bump(row, now, cfg, trial=trial, delta=delta, engaged=engaged, credit=credit)

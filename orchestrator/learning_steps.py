@@ -2,7 +2,8 @@
 (``orchestrator/learning.py``) picks among the gate's allowed channels, a send window and a
 template variant. A later window goes through a "deferred" timer, so the gate checks again
 at send time; an immediate send is gated again for the chosen channel alone. Outcomes
-(``orchestrator/outcomes.py``) flow back into the evidence as events arrive."""
+(``orchestrator/outcomes.py``) flow back into the evidence as events arrive; a read, click
+or reply in another window's hours credits that window (``engaged_window``), not the sent one."""
 
 from __future__ import annotations
 
@@ -259,23 +260,42 @@ class LearningSteps(EngineCore):
         if not outcomes.carries_outcome(ev.type):
             return
         cfg = self._learning_cfg()
+        tz = person.timezone or self.config.site.timezone  # as the gate's PersonFacts
         try:
             with s.begin_nested():
-                for c in outcomes.on_event(s, ev, cfg, now):
+                for c in outcomes.on_event(s, ev, cfg, now, tz):
                     r = c.row
                     if not (cfg.enabled and r.learned) or c.new_reward == c.old_reward:
                         continue
+                    sent = r.window or learning.ASAP
+                    arms = learning.arms(r.channel, sent, r.template, r.variant or "default")
+                    delta = c.new_reward - c.old_reward
+                    seen = r.engaged_window
+                    if seen is not None and seen != sent:
+                        # The person engaged in another window: that window gets the reward
+                        # (successes only); the sent one keeps its trial, a failure.
+                        arms = [arm for arm in arms if arm[0] != "window"]
+                        learning.record(
+                            s,
+                            cfg,
+                            person_key=str(r.person_id),
+                            segment=r.segment or "*",
+                            arms=[("window", seen)],
+                            now=now,
+                            trial=False,
+                            delta=delta,
+                            engaged=0,
+                            credit=True,
+                        )
                     learning.record(
                         s,
                         cfg,
                         person_key=str(r.person_id),
                         segment=r.segment or "*",
-                        arms=learning.arms(
-                            r.channel, r.window or learning.ASAP, r.template, r.variant or "default"
-                        ),
+                        arms=arms,
                         now=now,
                         trial=False,
-                        delta=c.new_reward - c.old_reward,
+                        delta=delta,
                         engaged=int(c.new_reward > 0) - int(c.old_reward > 0),
                     )
         except (OperationalError, TransientError):

@@ -15,6 +15,12 @@ chose it, else on its first outcome), updated online as journey events arrive:
 The reward is the best configured weight among the outcomes seen (``learning.rewards``),
 capped at 1, or 0 after an opt-out. Each outcome keeps its first time only, so duplicate
 or replayed events change nothing.
+
+When a person reads, clicks or replies tells which send window they are active in: the
+outcome of theirs that first earns the send a reward sets ``engaged_window`` (the window
+holding that moment in their timezone, ``learning.engaged_window``), once. Deliveries,
+failures, opt-outs and appointment outcomes (recorded at a clerk's or the EHR's time) say
+nothing about it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from sqlmodel import Session, col, select
 from careloop.clock import utc
 from careloop.config import LearningConfig
 from careloop.tables import Decision, JourneyEvent, OutboxItem, OutreachOutcome
+from orchestrator import learning
 
 FIELDS = {
     "delivered": "delivered_at",
@@ -47,6 +54,7 @@ MESSAGE_EVENTS = {
 APPOINTMENT_OUTCOMES = ("appointment.confirmed", "appointment.fulfilled", "appointment.noshow")
 NOT_SENT = ("pending", "held", "cancelled", "dead")  # receipts move a sent item on (delivered, read, ...)
 NOT_OUTREACH = ("triage",)  # answers to the person's own messages are not outreach to learn from
+TIMED = ("read", "clicked", "replied")  # the person's own actions, at a moment of their choosing
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +188,12 @@ def carries_outcome(event_type: str) -> bool:
     return event_type.startswith("message.") or event_type in APPOINTMENT_OUTCOMES
 
 
-def on_event(s: Session, ev: JourneyEvent, cfg: LearningConfig, now: datetime) -> list[Change]:
-    """Record the outcomes ``ev`` carries; returns each row whose outcome was new."""
+def on_event(
+    s: Session, ev: JourneyEvent, cfg: LearningConfig, now: datetime, tz: str | None = None
+) -> list[Change]:
+    """Record the outcomes ``ev`` carries; returns each row whose outcome was new. ``tz``:
+    the timezone of ``ev``'s person, to place their read, click or reply in a send window
+    (without it, or for another person's outreach, no ``engaged_window`` is set)."""
     changes: list[Change] = []
     at = utc(ev.occurred_at)
     for item, outcome in _targets(s, ev, cfg):
@@ -196,6 +208,16 @@ def on_event(s: Session, ev: JourneyEvent, cfg: LearningConfig, now: datetime) -
         old = row.reward
         setattr(row, attr, at)
         row.reward = reward(row, cfg.rewards)
+        if (
+            tz is not None
+            and outcome in TIMED
+            and old <= 0.0 < row.reward
+            and row.engaged_window is None
+            and row.person_id == ev.person_id
+        ):
+            # Set once, by the outcome that first earned a reward: every later change of the
+            # reward (a reply after a read, a STOP) then moves mass in the same window.
+            row.engaged_window = learning.engaged_window(at, tz, cfg)
         row.updated_at = now
         changes.append(Change(row, outcome, old, row.reward))
     return changes
