@@ -398,7 +398,7 @@ class Learner(Policy):
             now=at,
             trial=False,
             delta=reward,
-            engaged=0,
+            engaged=1,
             credit=True,
         )
 

@@ -305,6 +305,11 @@ class Choice:
         seen = {o: en for o, en in ch.person.items() if en[1]}
         hist = "engaged with " + ", ".join(f"{e} of {n} {o}" for o, (e, n) in seen.items()) if seen else ""
         parts.append(hist or f"no history yet: prior from segment {self.segment}")
+        win = self.dims.get("window")
+        if win is not None and len(win.options) > 1:
+            engaged_in = {o: e for o, (e, _) in win.person.items() if e}
+            if engaged_in:  # reads, clicks and replies, by the window they came in
+                parts.append("engaged in " + ", ".join(f"{o} {e}x" for o, e in engaged_in.items()))
         explored = [d.dimension for d in self.dims.values() if d.chosen != d.greedy]
         if explored:
             parts.append("exploring " + "+".join(explored))

@@ -113,7 +113,9 @@ def show_cmd(person: int, config: ConfigOpt = None) -> None:
         view = learning.DbStats(s, person_key=str(person), segment=segment, now=now, cfg=cfg.learning)
         options = sorted({(r.dimension, r.option) for r in view.rows.values()})
     table = Table(title=f"person {person}: learned state (segment {segment})")
-    for c in ("dimension", "option", "posterior mean", "segment mean", "engaged / sends (person)"):
+    # a window's "engaged" counts the reads and replies that came in it, whatever window they answered
+    heads = ("dimension", "option", "posterior mean", "segment mean", "engaged / sends (person)")
+    for c in heads:
         table.add_column(c)
     for dim, opt in options:
         post = learning.posterior(view, str(person), segment, dim, opt, cfg.learning)

@@ -270,10 +270,12 @@ class LearningSteps(EngineCore):
                     sent = r.window or learning.ASAP
                     arms = learning.arms(r.channel, sent, r.template, r.variant or "default")
                     delta = c.new_reward - c.old_reward
+                    engaged = int(c.new_reward > 0) - int(c.old_reward > 0)
                     seen = r.engaged_window
                     if seen is not None and seen != sent:
                         # The person engaged in another window: that window gets the reward
-                        # (successes only); the sent one keeps its trial, a failure.
+                        # (successes only) and counts the engagement; the sent one keeps its
+                        # trial, a failure.
                         arms = [arm for arm in arms if arm[0] != "window"]
                         learning.record(
                             s,
@@ -284,7 +286,7 @@ class LearningSteps(EngineCore):
                             now=now,
                             trial=False,
                             delta=delta,
-                            engaged=0,
+                            engaged=engaged,
                             credit=True,
                         )
                     learning.record(
@@ -296,7 +298,7 @@ class LearningSteps(EngineCore):
                         now=now,
                         trial=False,
                         delta=delta,
-                        engaged=int(c.new_reward > 0) - int(c.old_reward > 0),
+                        engaged=engaged,
                     )
         except (OperationalError, TransientError):
             raise

@@ -140,7 +140,7 @@ def test_a_read_in_another_windows_hours_credits_that_window_and_stays_there(eng
     assert got["row_read"].engaged_window == seen and got["row_read"].reward == pytest.approx(0.3)
     st = got["after_read"]
     s_, f_, n_, e_ = st[("window", seen)]
-    assert (s_, f_, n_, e_) == (pytest.approx(0.3), 0.0, 0, 0)  # credit: successes only, no trial
+    assert (s_, f_, n_, e_) == (pytest.approx(0.3), 0.0, 0, 1)  # credit: successes only, no trial
     s_, f_, n_, e_ = st[("window", sent)]
     assert s_ == 0.0 and f_ == pytest.approx(1.0, rel=1e-2) and (n_, e_) == (1, 0)  # its trial: a failure
     s_, f_, n_, e_ = st[("channel", item.channel)]
@@ -178,6 +178,7 @@ def _timed_rounds(engine: Engine, n: int, evening: bool) -> tuple[list[str], dic
                     dec = s.get(Decision, item.decision_id)
                     assert dec is not None
                     last.update(dec.detail["learning"]["dims"]["window"])
+                    last["explain"] = dec.detail["learning"]["explain"]
                 return
             windows.append(str(_row(engine, item).window))
             sent = utc(item.created_at)
@@ -202,6 +203,7 @@ def test_a_person_who_engages_in_the_evening_gets_the_evening_window(engine: Eng
     assert evening[1:].count("evening") >= n - 2, evening
     assert dim["greedy"] == "evening" and dim["p_best"]["evening"] > 0.9, dim
     assert dim["mean"]["evening"] > max(m for w, m in dim["mean"].items() if w != "evening") + 0.3, dim
+    assert f"engaged in evening {n}x" in dim["explain"], dim["explain"]  # says why
 
 
 def test_replies_an_hour_after_each_send_do_not_single_out_the_evening(engine: Engine) -> None:
