@@ -381,7 +381,8 @@ class Learner(Policy):
     def outcome(self, p: SimPerson, opt: Option, sent: datetime, at: datetime, reward: float) -> None:
         if reward <= 0:
             return
-        seen = learning.engaged_window(at, TZ, self.cfg) if TIMING else None
+        prompt = at - sent <= timedelta(hours=self.cfg.prompt_hours)
+        seen = None if prompt else learning.engaged_window(at, TZ, self.cfg)
         if seen is None or seen == opt[1]:
             self._record(p, opt, at, trial=False, delta=reward, engaged=1)
             return

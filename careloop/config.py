@@ -214,6 +214,9 @@ class LearningConfig(Strict):
         description="outcome -> reward in [0, 1]; an outreach earns its best",
     )
     reply_window_hours: float = Field(48.0, gt=0, description="a reply within this long credits the send")
+    prompt_hours: float = Field(
+        1.0, ge=0, description="a read or reply this soon after the send credits the window it went in"
+    )
     confirm_window_days: float = Field(7.0, gt=0, description="a confirmation within this long credits it")
     population_strength: float = Field(20.0, gt=0, description="pseudo-trials the population lends a segment")
     segment_strength: float = Field(4.0, gt=0, description="pseudo-trials the segment lends a person")

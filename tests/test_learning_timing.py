@@ -396,3 +396,32 @@ def test_engaged_window_without_windows_is_none() -> None:
     assert (
         learning.engaged_window(datetime(2026, 3, 4, tzinfo=UTC), "UTC", LearningConfig(windows={})) is None
     )
+
+
+# ---------------------------------------------------------------------- a prompt answer
+
+
+@pytest.mark.parametrize("minutes", [40, 90])
+def test_a_prompt_read_credits_the_window_the_message_went_in(engine: Engine, minutes: int) -> None:
+    """Read 40 minutes after the send (``prompt_hours`` is 1): the person was there when it
+    came, whatever window the clock has moved into; 90 minutes: the window of the moment.
+    The send is made to go out at 11:45 local, so both reads fall in midday's hours."""
+    rp = Replayer(_config(windows={"morning": "09:00", "midday": "12:00"}), start=START, engine=engine)
+    got: dict[str, Any] = {}
+
+    async def go() -> None:
+        await _consent(rp)
+        item = await _offer(rp, engine, 0, _next_local(START, time(11, 45)))
+        _ny(engine, item)
+        sent = utc(item.created_at)
+        assert sent.astimezone(NY).time() == time(11, 45) and _row(engine, item).window == "morning"
+        await _event(rp, sent + timedelta(minutes=minutes), "rd0", "message.read", key=item.key)
+        got.update(row=_row(engine, item), st=_person(engine, item.person_id))
+
+    try:
+        asyncio.run(go())
+    finally:
+        rp.close()
+    credited = "morning" if minutes < 60 else "midday"
+    assert got["row"].engaged_window == credited
+    assert got["st"][("window", credited)][0] == pytest.approx(0.3)
