@@ -553,7 +553,7 @@ class SegmentOracle(Policy):
 class TimeOracle(Policy):
     """A reference point, not a contender: knows each person's current best channel and
     send window, but uses the default wording. The gap between it and the oracle is what
-    each person's own taste in wording is worth."""
+    choosing the wording is worth."""
 
     name = "oracle-cw"
 

@@ -12,6 +12,10 @@ starts from people like them and then from their own history:
 
 with S/F the (half-life decayed) reward mass and N = S + F, m_pop and m_seg the configured
 ``population_strength`` and ``segment_strength``. Decay lets drifting preferences show.
+A send is a trial (a failure until its outcomes arrive) for its channel, window and variant;
+its reward moves mass to successes, but a read or reply that came later, in another
+window's hours, credits that window instead (``engaged_window``, ``credit``): when people
+engage says when to reach them.
 
 Choice. Thompson sampling as probability matching: P(best) for every option is computed
 by quadrature over the posteriors (``grid`` points), and the chosen option is sampled from
