@@ -407,19 +407,20 @@ class Learner(Policy):
 class InformedBayes(Policy):
     """A reference ceiling, not a contender (``--informed``): a learner told the world's
     generative model (the priors by age band and language, the one-channel share, the
-    time-of-day and wording spreads, the read model) that infers each person's hidden
-    preferences by importance sampling over ``particles`` draws from that prior, forgets with
-    the default half-life (drift), and sends the option with the best posterior mean. No real
-    learner knows this much; what it cannot reach, none can in this world."""
+    time-of-day and wording spreads, the read and timing model, the drift hazard) that infers
+    each person's hidden preferences by importance sampling over ``particles`` draws from
+    that prior, tracks drift exactly (each particle's SMS/email swap is a two-state Markov
+    chain at DRIFT_HAZARD, filtered forward), and sends the option with the best posterior
+    mean. No real learner knows this much; what it cannot reach, none can in this world."""
 
     name = "informed"
 
     def __init__(self, cfg: LearningConfig, seed: int, particles: int = 300) -> None:
         self.rng = random.Random(seed * 31 + 7)
-        self.half_life = cfg.half_life_days or math.inf
         self.n = particles
         self.particles: dict[int, list[tuple[dict[str, float], dict[str, float], dict[str, float]]]] = {}
-        self.logw: dict[int, tuple[datetime, list[float]]] = {}
+        # per person: when last filtered, and P(particle i, swapped s) as two lists
+        self.belief: dict[int, tuple[datetime, list[float], list[float]]] = {}
 
     def _draw(self, p: SimPerson) -> list[tuple[dict[str, float], dict[str, float], dict[str, float]]]:
         if p.id not in self.particles:
@@ -438,14 +439,18 @@ class InformedBayes(Policy):
             self.particles[p.id] = out
         return self.particles[p.id]
 
-    def _weights(self, p: SimPerson, now: datetime) -> list[float]:
-        if p.id not in self.logw:
-            return [1.0 / self.n] * self.n
-        _, lw = self.logw[p.id]
-        top = max(lw)
-        w = [math.exp(x - top) for x in lw]
-        total = sum(w)
-        return [x / total for x in w]
+    def _belief(self, p: SimPerson, at: datetime) -> tuple[list[float], list[float]]:
+        """P(particle, not swapped) and P(particle, swapped) at ``at``: the last filtered
+        belief carried forward through the swap chain."""
+        if p.id not in self.belief:
+            return [1.0 / self.n] * self.n, [0.0] * self.n
+        then, b0, b1 = self.belief[p.id]
+        days = max(0.0, (at - then).total_seconds() / 86400)
+        flip = (1.0 - math.exp(-2.0 * DRIFT_HAZARD * days)) / 2.0
+        return (
+            [x * (1 - flip) + y * flip for x, y in zip(b0, b1, strict=True)],
+            [x * flip + y * (1 - flip) for x, y in zip(b0, b1, strict=True)],
+        )
 
     def choose(
         self,
@@ -457,15 +462,16 @@ class InformedBayes(Policy):
         rng: random.Random,
     ) -> Option:
         parts = self._draw(p)
-        wts = self._weights(p, now)
+        b0, b1 = self._belief(p, now)
+        other = {"sms": "email", "email": "sms"}
         best, value = (allowed[0], next(iter(windows)), "default"), -1.0
         for c in allowed:
             for wn, at in windows.items():
                 part = part_of_day(at)
                 for v in VARIANTS:
                     val = sum(
-                        wt * min(0.95, r[c] * w[part] * va[v])
-                        for wt, (r, w, va) in zip(wts, parts, strict=True)
+                        x * min(0.95, r[c] * w[part] * va[v]) + y * min(0.95, r[other[c]] * w[part] * va[v])
+                        for x, y, (r, w, va) in zip(b0, b1, parts, strict=True)
                     )
                     if val > value:
                         best, value = (c, wn, v), val
@@ -473,13 +479,13 @@ class InformedBayes(Policy):
 
     def outcome(self, p: SimPerson, opt: Option, sent: datetime, at: datetime, reward: float) -> None:
         parts = self._draw(p)
-        then, lw = self.logw.get(p.id, (at, [0.0] * self.n))
-        fade = 0.5 ** ((at - then).total_seconds() / 86400 / self.half_life)
+        b0, b1 = self._belief(p, max(sent, self.belief[p.id][0]) if p.id in self.belief else sent)
         part = part_of_day(sent)
         soon = at - sent == timedelta(hours=1)
-        new = []
-        for x, (r, w, va) in zip(lw, parts, strict=True):
-            q = min(0.95, r[opt[0]] * w[part] * va[opt[2]])
+        other = {"sms": "email", "email": "sms"}[opt[0]]
+
+        def likelihood(rate: float, w: dict[str, float], va: dict[str, float]) -> float:
+            q = min(0.95, rate * w[part] * va[opt[2]])
             rd = min(0.95, READ_FLOOR + READ_SLOPE * q) if READS else q
             pr = q if reward >= 1.0 else (rd - q if reward > 0 else 1.0 - rd)
             if reward > 0 and TIMING:  # when it came says where they are active
@@ -487,8 +493,18 @@ class InformedBayes(Policy):
                     pr *= 1.0 if soon else 0.0
                 else:
                     pr *= (1.0 - LATE) if soon else (LATE if w[part_of_day(at)] == 1.0 else 0.0)
-            new.append(x * fade + math.log(max(pr, 1e-12)))
-        self.logw[p.id] = (at, new)
+            return pr
+
+        n0 = [x * likelihood(r[opt[0]], w, va) for x, (r, w, va) in zip(b0, parts, strict=True)]
+        n1 = [y * likelihood(r[other], w, va) for y, (r, w, va) in zip(b1, parts, strict=True)]
+        total = sum(n0) + sum(n1)
+        if total <= 0:  # every particle ruled out: start again from the prior
+            n0, n1, total = [1.0] * self.n, [0.0] * self.n, float(self.n)
+        self.belief[p.id] = (
+            max(sent, self.belief[p.id][0]) if p.id in self.belief else sent,
+            [x / total for x in n0],
+            [y / total for y in n1],
+        )
 
 
 class Oracle(Policy):
