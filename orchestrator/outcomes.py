@@ -19,7 +19,7 @@ or replayed events change nothing.
 When a person reads, clicks or replies tells which send window they are active in: the
 outcome of theirs that first earns the send a reward sets ``engaged_window`` (the window
 holding that moment in their timezone, ``learning.engaged_window``; the window it was sent
-in when it came within ``prompt_hours`` of the send), once. Deliveries,
+in when it came within ``prompt_hours`` of the message's arrival), once. Deliveries,
 failures, opt-outs and appointment outcomes (recorded at a clerk's or the EHR's time) say
 nothing about it.
 """
@@ -218,7 +218,10 @@ def on_event(
         ):
             # Set once, by the outcome that first earned a reward: every later change of the
             # reward (a reply after a read, a STOP) then moves mass in the same window.
-            prompt = at - utc(row.sent_at) <= timedelta(hours=cfg.prompt_hours)
+            # the clock starts when the message reached them: its delivery receipt, else its
+            # release by staff, else its send (a message retried for hours is not read late)
+            came = max(utc(t) for t in (row.sent_at, item.released_at, row.delivered_at) if t is not None)
+            prompt = at - came <= timedelta(hours=cfg.prompt_hours)
             row.engaged_window = row.window if prompt else learning.engaged_window(at, tz, cfg)
         row.updated_at = now
         changes.append(Change(row, outcome, old, row.reward))

@@ -425,3 +425,25 @@ def test_a_prompt_read_credits_the_window_the_message_went_in(engine: Engine, mi
     credited = "morning" if minutes < 60 else "midday"
     assert got["row"].engaged_window == credited
     assert got["st"][("window", credited)][0] == pytest.approx(0.3)
+
+
+def test_a_read_soon_after_a_late_delivery_is_prompt(engine: Engine) -> None:
+    """The message went at 11:45 but reached the phone at 13:00 (carrier retries); read at
+    13:30, it was read promptly: the morning window it went in gets the credit."""
+    rp = Replayer(_config(windows={"morning": "09:00", "midday": "12:00"}), start=START, engine=engine)
+    got: dict[str, Any] = {}
+
+    async def go() -> None:
+        await _consent(rp)
+        item = await _offer(rp, engine, 0, _next_local(START, time(11, 45)))
+        sent = utc(item.created_at)
+        assert sent.astimezone(NY).time() == time(11, 45)
+        await _event(rp, sent + timedelta(minutes=75), "d0", "message.delivered", key=item.key)
+        await _event(rp, sent + timedelta(minutes=105), "rd0", "message.read", key=item.key)
+        got.update(row=_row(engine, item))
+
+    try:
+        asyncio.run(go())
+    finally:
+        rp.close()
+    assert got["row"].engaged_window == "morning"
