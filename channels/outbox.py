@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol
 
-from sqlalchemy import bindparam
+from sqlalchemy import bindparam, union_all
 from sqlalchemy import case as sa_case
 from sqlalchemy import exists as sa_exists
 from sqlalchemy import literal as sa_literal
@@ -154,19 +154,35 @@ _STILL_SENDING = (
 
 
 # The items due: pending, with no attempt time or one that has come; the longest due
-# first (no time first), then by id. That is the order of ``ix_outbox_due`` (status,
-# next_attempt_at, and SQLite's rowid), which SQLite walks and stops after ``n`` rows;
-# ordered by id alone, every pending row would be read and sorted for each batch.
+# first (no time first, by id), then by time and id. Read in two halves of at most ``n``
+# rows each, both found through ``ix_outbox_due`` (status, next_attempt_at): the untimed
+# items by id (SQLite reads them so from the index, whose entries end in the rowid;
+# PostgreSQL sorts them, or walks the primary key when most are untimed; they are few: the
+# orchestrator times what it queues, untimed are items put back, released or re-queued),
+# then the due ones in the index's order of time (ties sorted by id), stopping after ``n``.
+# One ordered read (``ORDER BY next_attempt_at NULLS FIRST, id``) served on SQLite, but
+# PostgreSQL's index keeps NULLs last: it read and sorted every pending row for each batch.
+# The outer ORDER BY (of at most ``2n`` rows) gives the order; UNION ALL alone promises none.
+_DUE_NOW = bindparam("now", type_=_OUTBOX.c.next_attempt_at.type)
+_DUE_COLS = (_OUTBOX.c.id, _OUTBOX.c.channel, _OUTBOX.c.next_attempt_at)
+_DUE_UNTIMED = (
+    select_core(*_DUE_COLS)
+    .where(_OUTBOX.c.status == "pending", _OUTBOX.c.next_attempt_at.is_(None))
+    .order_by(_OUTBOX.c.id)
+    .limit(bindparam("n"))
+    .subquery()
+)
+_DUE_TIMED = (
+    select_core(*_DUE_COLS)
+    .where(_OUTBOX.c.status == "pending", _OUTBOX.c.next_attempt_at <= _DUE_NOW)
+    .order_by(_OUTBOX.c.next_attempt_at, _OUTBOX.c.id)
+    .limit(bindparam("n"))
+    .subquery()
+)
+_DUE_BOTH = union_all(select_core(_DUE_UNTIMED), select_core(_DUE_TIMED)).subquery("due")
 _DUE = (
-    select_core(_OUTBOX.c.id, _OUTBOX.c.channel)
-    .where(
-        _OUTBOX.c.status == "pending",
-        or_(
-            _OUTBOX.c.next_attempt_at.is_(None),
-            _OUTBOX.c.next_attempt_at <= bindparam("now", type_=_OUTBOX.c.next_attempt_at.type),
-        ),
-    )
-    .order_by(_OUTBOX.c.next_attempt_at.asc().nulls_first(), _OUTBOX.c.id)
+    select_core(_DUE_BOTH.c.id, _DUE_BOTH.c.channel)
+    .order_by(_DUE_BOTH.c.next_attempt_at.asc().nulls_first(), _DUE_BOTH.c.id)
     .limit(bindparam("n"))
 )
 
