@@ -84,6 +84,8 @@ _ACTCODE: Final = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 
 # SCH-25 filler status (table 0278) -> Appointment.status (V2-to-FHIR ConceptMap). The IG
 # leaves Dc, Blocked and Overbook unmapped: Dc is read as cancelled, Blocked and Overbook as booked.
+# Keys are upper case without spaces, hyphens or underscores ("No Show" reads as NOSHOW);
+# CANCELED is the US spelling some senders put in the text.
 FILLER_STATUS: Final[dict[str, str]] = {
     "PENDING": "pending",
     "WAITLIST": "waitlist",
@@ -91,6 +93,7 @@ FILLER_STATUS: Final[dict[str, str]] = {
     "STARTED": "checked-in",
     "COMPLETE": "fulfilled",
     "CANCELLED": "cancelled",
+    "CANCELED": "cancelled",
     "DC": "cancelled",
     "DELETED": "entered-in-error",
     "BLOCKED": "booked",
@@ -98,6 +101,25 @@ FILLER_STATUS: Final[dict[str, str]] = {
     "NOSHOW": "noshow",
 }
 _TRIGGER_STATUS: Final = {"S15": "cancelled", "S16": "cancelled", "S17": "cancelled", "S26": "noshow"}
+
+# An SCH-25 that ends the appointment decides the journey event of a trigger that does not
+# itself end it (S12 booked, S13 rescheduled, S14 modified): several EHRs send a cancellation
+# as S14 with SCH-25 Cancelled rather than S15. Keyed on Appointment.status, as mapping/fhir.py
+# maps an Appointment's status: cancelled (Cancelled, Dc) and entered-in-error (Deleted) ->
+# the S15/S16/S17 event, noshow -> the S26 event, fulfilled (Complete) -> appointment.fulfilled.
+# S12 too: a booking notice for an appointment the filler already reports ended (a queue
+# catching up, or a feed that sends each appointment's current state) must not start a
+# booking journey; appointment.booked would also set the journey's appointment back to booked
+# (orchestrator/state.py), so its reminders would go out. The ending triggers S15-S17 and
+# S26 keep their own event and status whatever SCH-25 says: the trigger is the sender's
+# explicit statement, and SCH-25 is often left stale on them (a Booked S15).
+_ENDED_BY_FILLER: Final[dict[str, str]] = {
+    "cancelled": SIU_EVENTS["S15"],
+    "entered-in-error": SIU_EVENTS["S17"],
+    "noshow": SIU_EVENTS["S26"],
+    "fulfilled": "appointment.fulfilled",
+}
+_STATUS_NOISE: Final = str.maketrans("", "", " -_")
 
 _GENDER: Final = {"M": "male", "F": "female", "O": "other", "A": "other", "N": "other", "U": "unknown"}
 _SKIP_ID_TYPES: Final = frozenset({"SS", "SSN"})  # never link people on social security numbers
@@ -418,7 +440,23 @@ def _map_siu(msg: Message, trigger: str, tz: tzinfo) -> MappedEvent:
     attrs = _attributes(msg, "SIU", trigger)
     attrs["appointment_status"] = appt["status"]
     occurred = _occurred_at(ctx)
-    return MappedEvent(SIU_EVENTS[trigger], occurred, idents, patient, appt, attrs)
+    etype = SIU_EVENTS[trigger]
+    if trigger not in _TRIGGER_STATUS:
+        etype = _ENDED_BY_FILLER.get(appt["status"], etype)
+    return MappedEvent(etype, occurred, idents, patient, appt, attrs)
+
+
+def _filler_status(ctx: _Ctx, sch: Segment) -> str | None:
+    """SCH-25 (CE/CWE, table 0278) as an Appointment.status; None when empty or unknown.
+    Senders write the table's code in component 1, or only its text in component 2, or a
+    local code in 1 with the text in 2, in any case: the identifier is read first, then the
+    text, then the alternate identifier and text (components 4 and 5)."""
+    c = comps(sch.raw_rep(25), ctx.enc, ctx.cs, 5)
+    for value in (c[0], c[1], c[3], c[4]):
+        status = FILLER_STATUS.get(value.upper().translate(_STATUS_NOISE))
+        if status is not None:
+            return status
+    return None
 
 
 def _ei(ctx: _Ctx, sch: Segment, field: int) -> tuple[str, str] | None:
@@ -438,7 +476,7 @@ def _appointment(ctx: _Ctx, sch: Segment, trigger: str, idents: list[Identifier]
         aid = short_id("appointment", *key)
     else:
         aid = short_id("msh", msg.msh.raw(3), msg.msh.raw(4), msg.control_id)
-    status = _TRIGGER_STATUS.get(trigger) or FILLER_STATUS.get(sch.get(25).strip().upper(), "booked")
+    status = _TRIGGER_STATUS.get(trigger) or _filler_status(ctx, sch) or "booked"
     appt: dict[str, Any] = {"resourceType": "Appointment", "id": aid, "status": status}
     ids = []
     for code, pair in (("PLAC", placer), ("FILL", filler)):
