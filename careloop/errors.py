@@ -6,6 +6,8 @@ taken from a patient's record.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 
 class CareloopError(Exception):
     """Base of every error careloop raises on purpose."""
@@ -20,7 +22,17 @@ class ConfigError(CareloopError):
 
 
 class TransientError(CareloopError):
-    """Worth retrying with backoff (timeouts, 429, 5xx, a locked database)."""
+    """Worth retrying with backoff (timeouts, 429, 5xx, a locked database).
+
+    ``retry_after``: the wait the provider asked for (an HTTP ``Retry-After``), if any; the
+    deliver stage retries no sooner than that, and holds the channel's other items back
+    meanwhile. None: our own backoff alone decides."""
+
+    retry_after: timedelta | None = None
+
+    def __init__(self, *args: object, retry_after: timedelta | None = None) -> None:
+        super().__init__(*args)
+        self.retry_after = retry_after
 
 
 class PermanentError(CareloopError):

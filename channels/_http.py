@@ -2,14 +2,19 @@
 
 One rule for every provider: timeouts, connection failures, 408, 425, 429 and 5xx are
 ``TransientError`` (the outbox retries with backoff); any other 4xx is ``PermanentError``
-(dead letter). Error messages carry the channel id, the operation, the HTTP status and the
-provider's error code when it has one: never URLs with query strings, bodies or addresses.
+(dead letter). A transient answer's ``Retry-After`` (``retry_after`` below) rides on the
+``TransientError`` as ``retry_after``, so the outbox waits at least that long before the
+next attempt and holds the channel back meanwhile. Error messages carry the channel id,
+the operation, the HTTP status and the provider's error code when it has one: never URLs
+with query strings, bodies or addresses.
 """
 
 from __future__ import annotations
 
 import json
 import socket
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -18,6 +23,64 @@ from careloop.errors import PermanentError, TransientError
 from channels.base import DeliveryUncertain
 
 TRANSIENT_STATUS = frozenset({408, 425, 429})
+
+# The longest wait a provider's ``Retry-After`` can impose: a larger value (a misconfigured
+# proxy, a provider's maintenance window) is cut to this, so one answer cannot park the
+# channel for a day; the outbox's retry limit and ``not_after`` still apply after it.
+MAX_RETRY_AFTER = timedelta(hours=1)
+
+
+def retry_after(value: str | None, now: datetime | None = None) -> timedelta | None:
+    """The wait a ``Retry-After`` header value asks for (RFC 9110 section 10.2.3): either
+    delay-seconds (``120``: digits only) or an HTTP-date, taken relative to ``now`` (the
+    response's ``Date`` when it has one, so the provider's clock is compared with itself;
+    else our wall clock). Capped at ``MAX_RETRY_AFTER``. None when there is nothing to
+    honour: no header, garbage, a negative number, zero, or a date already past."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        seconds = int(value[:12])  # a longer run of digits is far beyond the cap anyway
+        wait = timedelta(seconds=seconds)
+    else:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when is None:
+            return None
+        when = when if when.tzinfo else when.replace(tzinfo=UTC)
+        wait = when - (now or datetime.now(UTC))
+    if wait <= timedelta(0):
+        return None
+    return min(wait, MAX_RETRY_AFTER)
+
+
+def response_retry_after(resp: httpx.Response) -> timedelta | None:
+    """``retry_after`` of a response's ``Retry-After``, an HTTP-date read against the
+    response's own ``Date`` header when that parses."""
+    value = resp.headers.get("retry-after")
+    if value is None:
+        return None
+    now: datetime | None = None
+    date = resp.headers.get("date")
+    if date:
+        try:
+            now = parsedate_to_datetime(date)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            now = None
+        if now is not None and now.tzinfo is None:
+            now = now.replace(tzinfo=UTC)
+    return retry_after(value, now)
+
+
+def transient(resp: httpx.Response, message: str) -> TransientError:
+    """A ``TransientError`` for a transient answer, carrying its ``Retry-After``; the wait
+    is named in the message (it ends up in the item's ``last_error``)."""
+    wait = response_retry_after(resp)
+    if wait is not None:
+        message = f"{message}; provider asked to retry after {int(wait.total_seconds())} s"
+    return TransientError(message, retry_after=wait)
 
 
 def new_client() -> httpx.AsyncClient:
@@ -54,7 +117,7 @@ def check(resp: httpx.Response, what: str) -> None:
     code = provider_code(resp)
     suffix = f" (provider code {code})" if code else ""
     if resp.status_code in TRANSIENT_STATUS or resp.status_code >= 500:
-        raise TransientError(f"{what}: HTTP {resp.status_code}{suffix}")
+        raise transient(resp, f"{what}: HTTP {resp.status_code}{suffix}")
     raise PermanentError(f"{what}: HTTP {resp.status_code}{suffix}")
 
 

@@ -33,9 +33,17 @@ Exactly-once in effect, and the choice made where it cannot be guaranteed:
 
 Transient errors are retried with exponential backoff and jitter (half fixed, half random,
 so a fleet of workers does not retry in lock-step) up to ``max_attempts``, then dead-
-lettered; permanent errors dead-letter at once. Each channel may be rate limited
-(``ChannelConfig.rate_per_second``), a token bucket per channel. Items past ``not_after``
-are cancelled with reason ``expired`` instead of being sent late.
+lettered; permanent errors dead-letter at once. A provider that says when to come back (an
+HTTP ``Retry-After`` on a 429 or 503: ``TransientError.retry_after``, at most
+``channels._http.MAX_RETRY_AFTER``) is obeyed: the retry is due no sooner than that (the
+later of our backoff and its wait), and this process sends nothing more through that
+channel until the wait is over: its items that come up meanwhile, claimed or in the same
+group, go back to pending for the end of the wait without a request, the claim not counted
+as an attempt (audited ``outbox.defer``, reason ``provider-retry-after``). The pause is
+per process: another worker learns of it from its own first 429. Each channel may be rate
+limited (``ChannelConfig.rate_per_second``), a token bucket per channel. Items past
+``not_after`` are cancelled with reason ``expired`` instead of being sent late (also a
+retry that a provider's wait pushed past ``not_after``, when it comes up).
 
 Every claim, first attempt or retry, is first put to the ``check`` the runtime wires in
 (``SendCheck``; the orchestrator's compliance gate): an item that a death, a STOP or an
@@ -226,6 +234,7 @@ class _Sent:
     item: OutboxItem
     receipt: Receipt | None = None
     error: Exception | None = None
+    until: datetime | None = None  # not sent: its channel is paused until then (Retry-After)
 
 
 _CHECK_FAILED = "send-check-failed"
@@ -345,6 +354,8 @@ class DeliverStage:
         self.rng = rng or random.Random()
         self.check = check
         self._buckets: dict[str, TokenBucket] = {}
+        # channel id -> store time until which its provider asked us to wait (Retry-After)
+        self._paused: dict[str, datetime] = {}
         self._last_recover = -math.inf
 
     # ------------------------------------------------------------------ the loop
@@ -420,12 +431,28 @@ class DeliverStage:
         try:
             if channel is None:
                 raise PermanentError(f"channel {item.channel!r} is not configured")
+            until = self._paused_until(channel.id)
+            if until is not None:
+                return _Sent(item, until=until)
             bucket = self._bucket(channel)
             if bucket is not _NO_LIMIT:
                 await bucket.acquire()
             return _Sent(item, receipt=await channel.send(item))
         except Exception as exc:  # settled by kind: uncertain, transient, anything else dead
+            if isinstance(exc, TransientError) and exc.retry_after is not None and channel is not None:
+                until = self.store.clock.now() + exc.retry_after
+                self._paused[channel.id] = max(until, self._paused.get(channel.id, until))
             return _Sent(item, error=exc)
+
+    def _paused_until(self, channel_id: str) -> datetime | None:
+        """The end of the wait ``channel_id``'s provider asked for, if it is still ahead."""
+        until = self._paused.get(channel_id)
+        if until is None:
+            return None
+        if until <= self.store.clock.now():
+            del self._paused[channel_id]
+            return None
+        return until
 
     def _bucket(self, channel: Channel) -> TokenBucket | _NoLimit:
         rate = getattr(getattr(channel, "config", None), "rate_per_second", None)
@@ -614,7 +641,9 @@ class DeliverStage:
         receipts: list[dict[str, Any]] = []
         for oid, o in zip(ids, sent, strict=True):
             if o.receipt is None:
-                if isinstance(o.error, DeliveryUncertain):
+                if o.until is not None:
+                    self._defer_in(s, now, o.item, o.until)
+                elif isinstance(o.error, DeliveryUncertain):
                     self._uncertain_in(s, now, o.item, o.error)
                 elif isinstance(o.error, TransientError):
                     self._retry_in(s, now, o.item, o.error)
@@ -668,6 +697,34 @@ class DeliverStage:
             return
         row.status, row.last_error = "pending", describe_error(exc)[:500]
         row.next_attempt_at = now + backoff(row.attempts, self.backoff_base, self.backoff_cap, self.rng)
+        wait = exc.retry_after if isinstance(exc, TransientError) else None
+        if wait is not None:  # the provider's wait (capped where it was read): never sooner
+            row.next_attempt_at = max(row.next_attempt_at, now + wait)
+
+    def _defer_in(self, s: Session, now: datetime, item: OutboxItem, until: datetime) -> None:
+        """Put ``item``, claimed but not sent because its provider asked this process to
+        wait, back to pending for ``until``: nothing was sent, so no disclosure, and the
+        claim is not an attempt (as a quiet-hours deferral)."""
+        row = self._sending(s, item)
+        if row is None:
+            return
+        row.status, row.next_attempt_at = "pending", until
+        row.attempts -= 1
+        audit_log.append(
+            s,
+            at=now,
+            actor="deliver",
+            action="outbox.defer",
+            person_id=row.person_id,
+            entity=f"outbox/{row.id}",
+            purpose=row.purpose,
+            detail={
+                "channel": row.channel,
+                "template": row.template,
+                "reason": "provider-retry-after",
+                "until": utc(until).isoformat(),
+            },
+        )
 
     def _uncertain_in(self, s: Session, now: datetime, item: OutboxItem, exc: BaseException) -> None:
         # Stay in ``sending``: recovery settles it once the lease has passed.

@@ -220,7 +220,7 @@ class TwilioSmsChannel:
         )
         code = None if resp.is_success else _http.provider_code(resp)
         if code in TRANSIENT_CODES:
-            raise TransientError(f"{what}: HTTP {resp.status_code} (provider code {code})")
+            raise _http.transient(resp, f"{what}: HTTP {resp.status_code} (provider code {code})")
         if code == UNSUBSCRIBED_RECIPIENT:
             raise RecipientOptedOut(
                 f"{what}: HTTP {resp.status_code} (provider code {code}: recipient opted out)"
