@@ -28,6 +28,15 @@ Exactly-once in effect, and the choice made where it cannot be guaranteed:
    - otherwise (no status API, or the provider cannot tell): the item becomes ``unknown``
      for staff review. We never resend blindly: a duplicate reminder is a visible harm, an
      unknown item is a visible, reviewable state.
+   A provider's message belongs to one outbox item. A lookup that finds a message by its
+   content (Twilio has no key to ask by) may find a twin's: an identical text to the same
+   phone. So a receipt naming a provider id that another outbox row already holds, or that
+   the lookup of another item in the same pass also named, is not adopted: the lookup is
+   inconclusive, as if the provider could not tell (``unknown``, or a resend for a channel
+   whose receiver de-duplicates on the key), audited with the reason (``provider-id-owned``
+   or ``provider-id-contested``). The lookups of a pass all run before any is settled, so
+   two twins both in doubt are both left to staff, not one of them guessed; and each
+   adoption commits before the next is checked.
    ``run_once`` calls ``recover()`` every ``recover_every`` seconds, so a runtime needs no
    separate job; call it directly at start to settle a crash at once.
 
@@ -59,6 +68,7 @@ import logging
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -211,6 +221,15 @@ def _settle_statement(status: str, returning: bool) -> Any:
     )
     return stmt.returning(*_DISCLOSED_COLS) if returning else stmt
 
+
+# Recovery: another outbox row that already holds a provider id (no index on provider_id:
+# a scan, run only when a recovered receipt is about to be adopted, which a crash makes rare).
+_OWNER = (
+    select_core(_OUTBOX.c.id)
+    .where(_OUTBOX.c.provider_id == bindparam("pid"), _OUTBOX.c.id != bindparam("oid"))
+    .order_by(_OUTBOX.c.id)
+    .limit(1)
+)
 
 _ITEM_CLASS = manager_of_class(OutboxItem)
 
@@ -768,9 +787,17 @@ class DeliverStage:
             },
         )
 
-    def _adopt(self, item: OutboxItem, receipt: Receipt) -> None:
+    def _adopt(self, item: OutboxItem, receipt: Receipt) -> int | None:
+        """Record the recovered ``receipt`` for ``item``, unless another outbox row already
+        holds its provider id: then nothing is written and that row's id is returned (the
+        check and the settle share a transaction, and every earlier adoption has committed)."""
         with self.store.session() as s:
+            if receipt.provider_id is not None:
+                owner = s.connection().execute(_OWNER, {"pid": receipt.provider_id, "oid": item.id}).scalar()
+                if owner is not None:
+                    return int(owner)
             self._done_in(s, self.store.clock.now(), item, receipt, True)
+        return None
 
     # ------------------------------------------------------------------ recovery
 
@@ -781,6 +808,10 @@ class DeliverStage:
         self._last_recover = time.monotonic()
         lease = self.sending_lease if stale_after is None else stale_after
         report = Recovery()
+        # Ask about every item first, so that two items whose lookups name the same provider
+        # message (twins: the same text to the same phone) are both seen before either is
+        # settled: neither is guessed to be its owner.
+        answers: list[tuple[OutboxItem, Channel | None, Receipt | None]] = []
         for item in await asyncio.to_thread(self._stale, lease):
             channel = self.channels.get(item.channel)
             answer: Receipt | None = None
@@ -795,23 +826,40 @@ class DeliverStage:
                     continue
                 except Exception as exc:
                     log.warning("outbox %s: status lookup failed: %s", item.id, describe_error(exc))
-            if answer is not None and answer.status == ABSENT:
+            answers.append((item, channel, answer))
+        named = Counter(
+            a.provider_id for _, _, a in answers if a is not None and a.status != ABSENT and a.provider_id
+        )
+        for item, channel, answer in answers:
+            why: str | None = None  # why a receipt the provider gave is not adopted
+            if answer is not None and answer.status != ABSENT:
+                if answer.provider_id and named[answer.provider_id] > 1:
+                    why = "provider-id-contested"
+                    log.warning("outbox %s: recovered provider id also found for another item", item.id)
+                else:
+                    owner = await asyncio.to_thread(self._adopt, item, answer)
+                    if owner is None:
+                        report.note("adopted", item.key)
+                        continue
+                    why = "provider-id-owned"
+                    log.warning(
+                        "outbox %s: recovered provider id already belongs to outbox %s", item.id, owner
+                    )
+                answer = None  # inconclusive: settled below as if the provider could not tell
+            if answer is not None:  # ABSENT
                 await asyncio.to_thread(self._absent, item, "provider confirmed it never got it")
                 report.note("resend", item.key)
-            elif answer is None and channel is not None and channel.capabilities.idempotent_key:
+            elif channel is not None and channel.capabilities.idempotent_key:
                 if item.attempts >= self.max_attempts:
                     # Every attempt ended in doubt (a receiver that times out after taking
                     # the request): staff review, not an endless claim-doubt-resend loop.
-                    await asyncio.to_thread(self._unknown, item)
+                    await asyncio.to_thread(self._unknown, item, why)
                     report.note("unknown", item.key)
                 else:
-                    await asyncio.to_thread(self._absent, item, "the receiver de-duplicates on the key")
+                    await asyncio.to_thread(self._absent, item, "the receiver de-duplicates on the key", why)
                     report.note("resend", item.key)
-            elif answer is not None:
-                await asyncio.to_thread(self._adopt, item, answer)
-                report.note("adopted", item.key)
             else:
-                await asyncio.to_thread(self._unknown, item)
+                await asyncio.to_thread(self._unknown, item, why)
                 report.note("unknown", item.key)
         if report.adopted or report.resend or report.unknown:
             log.info(
@@ -843,14 +891,19 @@ class DeliverStage:
                 s.expunge(r)
         return rows
 
-    def _absent(self, item: OutboxItem, why: str) -> None:
+    def _absent(self, item: OutboxItem, why: str, reason: str | None = None) -> None:
+        """Put ``item`` back to pending, to be sent again; ``reason``: why a receipt the
+        provider gave was not adopted (audited)."""
         now = self.store.clock.now()
         with self.store.session() as s:
             row = self._sending(s, item)
             if row is None:
                 return
             row.status, row.next_attempt_at = "pending", now
-            row.last_error = f"interrupted send; {why}"
+            row.last_error = f"interrupted send; {why}" + (f" ({reason})" if reason else "")
+            detail = {"channel": row.channel, "outcome": "resend"}
+            if reason:
+                detail["reason"] = reason
             audit_log.append(
                 s,
                 at=now,
@@ -859,10 +912,12 @@ class DeliverStage:
                 person_id=row.person_id,
                 entity=f"outbox/{row.id}",
                 purpose=row.purpose,
-                detail={"channel": row.channel, "outcome": "resend"},
+                detail=detail,
             )
 
-    def _unknown(self, item: OutboxItem) -> None:
+    def _unknown(self, item: OutboxItem, reason: str | None = None) -> None:
+        """Mark ``item`` unknown for staff review; ``reason``: why a receipt the provider
+        gave was not adopted (audited; ``provider-id-owned``, ``provider-id-contested``)."""
         now = self.store.clock.now()
         with self.store.session() as s:
             row = self._sending(s, item)
@@ -870,6 +925,13 @@ class DeliverStage:
                 return
             row.status = "unknown"
             row.last_error = "interrupted send; provider cannot say whether it was delivered: staff review"
+            detail = {"channel": row.channel, "outcome": "unknown"}
+            if reason:
+                detail["reason"] = reason
+                row.last_error = (
+                    "interrupted send; the provider's message found for it is another outbox item's "
+                    f"or could be ({reason}): staff review"
+                )
             audit_log.append(
                 s,
                 at=now,
@@ -879,7 +941,7 @@ class DeliverStage:
                 person_id=row.person_id,
                 entity=f"outbox/{row.id}",
                 purpose=row.purpose,
-                detail={"channel": row.channel, "outcome": "unknown"},
+                detail=detail,
             )
             # It may have been disclosed: record the disclosure as of uncertain outcome.
             disclose(s, row, "unknown", now, ok=False)

@@ -29,6 +29,15 @@ attempt started whose body equals the item's text:
   message may be past ``lookup_pages``). With ``resend_if_absent: true`` the channel
   answers ``ABSENT`` instead and the outbox sends again: choose it only where a rare
   duplicate is better than a rare missed reminder.
+
+A match by content is not proof of ownership: another outbox item may have sent the same
+text to the same phone within the window (a second reminder with the same wording, one
+message each to two people sharing a phone). The outbox therefore does not adopt a SID
+that another outbox row already holds, nor one that the lookup of another item in the
+same recovery pass also found (both crashed): that item becomes ``unknown`` for staff
+review, even with ``resend_if_absent``, since the lookup did not find nothing but an
+identical text already on that phone, which a resend would duplicate. A twin still in
+flight in a live worker (no SID yet) is not seen by that check.
 """
 
 from __future__ import annotations
