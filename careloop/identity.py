@@ -12,18 +12,27 @@ Rules (no guessing):
   points never link it (a typed-in email must not bind a CRM contact to a patient), so
   the contact then becomes a person of its own until an MRN links it;
 - a merge (HL7 A40, FHIR Patient.link replaced-by) links the old person into the survivor.
+
+Several map workers (processes) resolve at once. On PostgreSQL each holds, before it reads
+who holds an event's identifiers, a transaction-scoped advisory lock on each identifier
+that decides whether the event creates a person (``deciding``): so two workers resolving
+the same new patient take turns, and the second reads the person the first created
+(``person_identifier`` is unique per (system, value, person) only, contact points being
+shared). On SQLite the writer lock (BEGIN IMMEDIATE, careloop/db.py) already makes each
+transaction wait for the one before.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
 from copy import copy
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, bindparam, tuple_
+from sqlalchemy import Table, bindparam, text, tuple_
 from sqlalchemy.orm.util import identity_key
 from sqlmodel import Session, col, select
 
@@ -62,8 +71,33 @@ _VERIFY = (
     )
     .values(verified=True)
 )
+# Advisory locks in the order given (unnest's), which callers sort: two transactions locking
+# overlapping sets never wait for each other crosswise.
+_LOCK = text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS k")
 _CHUNK = 500
 _Key = tuple[str, str]  # (system, value)
+
+
+def deciding(idents: Sequence[Identifier]) -> list[Identifier]:
+    """Those of one event's ``idents`` whose holders decide whether ``Resolver.resolve``
+    creates a person: its strong identifiers; its phones and emails when it has no strong
+    one; its verified ones when its strong ones are all linkable (a CRM contact id). None
+    for a delivery report (never creates)."""
+    if any(i.kind == OUTBOX_KIND for i in idents):
+        return []
+    strong = [i for i in idents if i.kind not in CONTACT_KINDS]
+    contact = [i for i in idents if i.kind in CONTACT_KINDS]
+    if not strong:
+        return contact
+    if all(i.kind in LINKABLE_KINDS for i in strong):
+        return strong + [i for i in contact if i.verified]
+    return strong
+
+
+def lock_key(system: str, value: str) -> int:
+    """The advisory lock key (a signed 64-bit integer) for the identifier (system, value)."""
+    digest = hashlib.sha256(f"careloop:identity:{system}|{value}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +118,8 @@ class Resolver:
     read). The identifier rows it writes (new people's, links, verified flags) are
     buffered and written by ``flush`` in one executemany: flush before anything else
     reads ``person_identifier`` with SQL and before the savepoint ends. A resolver lives
-    within one savepoint: if that is rolled back, drop it unflushed.
+    within one savepoint: if that is rolled back, drop it unflushed (its ``lock`` may be
+    taken before the savepoint begins, so that the locks outlive it).
 
     The people it reads are kept (the session's identity map holds them only weakly),
     so each is read at most once; people it creates are not read back at all.
@@ -92,12 +127,32 @@ class Resolver:
 
     def __init__(self, session: Session) -> None:
         self.session = session
+        self._postgres = session.get_bind().dialect.name == "postgresql"
+        self._locked: set[_Key] = set()  # identifiers this transaction holds the lock of
         self._rows: dict[_Key, dict[int, bool]] = {}  # (system, value) -> {holder: verified}
         self._outbox: dict[str, int | None] = {}  # outbox key -> the person it went to
         self._people: dict[int, Person] = {}
         self._created: dict[int, dict[str, Any]] = {}  # people inserted here -> their row
         self._new: dict[tuple[str, str, int], dict[str, Any]] = {}  # identifier rows to insert
         self._verify: set[tuple[str, str, int]] = set()  # stored rows to mark verified
+
+    def lock(self, events: Iterable[Sequence[Identifier]]) -> None:
+        """On PostgreSQL, lock (until the transaction ends) the ``deciding`` identifiers of
+        each of ``events`` (an event's identifiers each) not locked by this resolver yet:
+        one statement, in key order. ``resolve`` locks its event's itself; a batch locks
+        all of its events' first, before ``preload`` reads their holders. Taken inside a
+        savepoint, the locks go with it if it is rolled back (so does the resolver)."""
+        if not self._postgres:
+            return
+        keys = {(i.system, i.value) for idents in events for i in deciding(idents)} - self._locked
+        if not keys:
+            return
+        self.session.connection().execute(_LOCK, {"keys": sorted({lock_key(*k) for k in keys})})
+        self._locked |= keys
+        if keys & self._rows.keys():  # read before the lock: another worker may have written since
+            self.flush()
+            for k in keys:
+                self._rows.pop(k, None)
 
     def preload(self, idents: Iterable[Identifier]) -> None:
         """Read, in one query each, the holders of those of ``idents`` not read yet, the
@@ -224,6 +279,7 @@ class Resolver:
             return Resolution(self.survivor(pid))
         strong = [i for i in idents if i.kind not in CONTACT_KINDS]
         contact = [i for i in idents if i.kind in CONTACT_KINDS]
+        self.lock([idents])  # before the holders are read (if they were read unlocked: a bug)
         held = self.holders(idents)
         found: set[int] = set()
         for ident in strong:

@@ -98,11 +98,29 @@ class MapStage:
         a statement a table. True if all of them were mapped. False, with nothing of it
         kept, if one failed: the caller then maps them one by one (``handle_isolated``), so
         a bad message is still dead-lettered alone. A failure of the store itself
-        propagates, as in ``handle_isolated``."""
+        propagates, as in ``handle_isolated``.
+
+        The identity locks of the events mapped (``identity.Resolver.lock``; PostgreSQL)
+        are taken before the savepoint, so they are still held when the messages are mapped
+        one by one after a failure (a savepoint's rollback releases the locks taken in it):
+        those passes then wait for no one, and no other worker slips in between."""
+        mapped: list[tuple[RawMessage, str, Sequence[MappedEvent] | str]] = []
+        failed = False
+        for raw in raws:
+            try:
+                mapped.append((raw, *self._map(raw)))
+            except (OperationalError, TransientError):
+                raise
+            except Exception:
+                failed = True
+        events = [ev for _, _, out in mapped if not isinstance(out, str) for ev in out]
+        resolver = identity.Resolver(s)
+        resolver.lock(_identifier_sets(events))
+        if failed:
+            return False
         try:
-            mapped = [(raw, *self._map(raw)) for raw in raws]
             with s.begin_nested(), writes.deferred(s):
-                batch = MapBatch(s, [ev for _, _, out in mapped if not isinstance(out, str) for ev in out])
+                batch = MapBatch(s, events, resolver)
                 statuses = [
                     (raw, self._store(s, raw, actor, out, self.store.clock.now(), batch))
                     for raw, actor, out in mapped
@@ -179,8 +197,13 @@ class MapBatch:
     the subject writes, buffered. ``flush`` writes what is buffered; it must run before
     the pass's savepoint ends, and a batch whose savepoint was rolled back is dropped."""
 
-    def __init__(self, s: Session, events: Sequence[MappedEvent]) -> None:
-        self.resolver = identity.Resolver(s)
+    def __init__(
+        self, s: Session, events: Sequence[MappedEvent], resolver: identity.Resolver | None = None
+    ) -> None:
+        self.resolver = resolver or identity.Resolver(s)
+        # Who holds the events' identifiers is read under their locks (no-ops if ``resolver``
+        # holds them): a worker mapping the same new patient waits for this one's commit.
+        self.resolver.lock(_identifier_sets(events))
         self.resolver.preload(i for ev in events for i in ev.identifiers)
         self._stored: dict[str, bool] = {}  # subject ref -> whether its row exists
         self._insert: dict[str, dict[str, Any]] = {}  # subject rows to insert
@@ -227,6 +250,11 @@ class MapBatch:
         if self._update:
             s.connection().execute(_RESOURCE_UPDATE, [{"b_ref": r, **v} for r, v in self._update.items()])
             self._update.clear()
+
+
+def _identifier_sets(events: Sequence[MappedEvent]) -> list[list[Identifier]]:
+    """Each event's identifiers, and the old person's of each merge: what a pass locks."""
+    return [ev.identifiers for ev in events] + [ev.merge_from for ev in events if ev.merge_from]
 
 
 def apply_event(
