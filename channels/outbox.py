@@ -35,8 +35,10 @@ Exactly-once in effect, and the choice made where it cannot be guaranteed:
    inconclusive, as if the provider could not tell (``unknown``, or a resend for a channel
    whose receiver de-duplicates on the key), audited with the reason (``provider-id-owned``
    or ``provider-id-contested``). The lookups of a pass all run before any is settled, so
-   two twins both in doubt are both left to staff, not one of them guessed; and each
-   adoption commits before the next is checked.
+   two twins both in doubt are both left to staff, not one of them guessed; a message found
+   by its text is not adopted either while a twin is ``sending`` or ``unknown`` (its own
+   lookup may have failed, or it may be in flight); and each adoption commits before the
+   next is checked.
    ``run_once`` calls ``recover()`` every ``recover_every`` seconds, so a runtime needs no
    separate job; call it directly at start to settle a crash at once.
 
@@ -84,7 +86,7 @@ from sqlmodel import Session, col, or_, select
 
 from careloop import audit_log
 from careloop.clock import utc
-from careloop.errors import PermanentError, RecipientOptedOut, TransientError
+from careloop.errors import ChannelUnavailable, PermanentError, RecipientOptedOut, TransientError
 from careloop.model import Hold
 from careloop.pipeline import dead_letter, describe_error
 from careloop.store import Store
@@ -232,6 +234,16 @@ _OWNER = (
 )
 
 _ITEM_CLASS = manager_of_class(OutboxItem)
+CLOCK_SKEW = timedelta(minutes=2)  # ours and a provider's clock, as Twilio's lookup allows
+
+
+def _provider_created(receipt: Receipt) -> datetime | None:
+    """When the provider says it created the message a recovered receipt names, if it says."""
+    raw = receipt.detail.get("provider_created")
+    try:
+        return utc(datetime.fromisoformat(raw)) if isinstance(raw, str) else None
+    except ValueError:
+        return None
 
 
 def _detached_item(names: Sequence[str], row: Sequence[Any]) -> OutboxItem:
@@ -711,6 +723,8 @@ class DeliverStage:
         if row is None:
             return
         disclose(s, row, "transient-error", now, ok=False)
+        if isinstance(exc, ChannelUnavailable):
+            row.attempts -= 1  # the channel's outage, not the item's failure
         if row.attempts >= self.max_attempts:
             dead_letter(s, "deliver", row, exc, now)
             return
@@ -787,17 +801,44 @@ class DeliverStage:
             },
         )
 
-    def _adopt(self, item: OutboxItem, receipt: Receipt) -> int | None:
+    def _adopt(self, item: OutboxItem, receipt: Receipt, by_content: bool) -> tuple[str, int] | None:
         """Record the recovered ``receipt`` for ``item``, unless another outbox row already
-        holds its provider id: then nothing is written and that row's id is returned (the
-        check and the settle share a transaction, and every earlier adoption has committed)."""
+        holds its provider id, or (``by_content``: the provider found it by its text, not
+        by a key or a known id) a twin still in doubt could be its owner: the same text to
+        the same address, ``sending`` or ``unknown`` (its own lookup may have failed this
+        pass). Then nothing is written, and the reason and that row's id are returned. The
+        checks and the settle share a transaction, and every earlier adoption has committed."""
         with self.store.session() as s:
             if receipt.provider_id is not None:
                 owner = s.connection().execute(_OWNER, {"pid": receipt.provider_id, "oid": item.id}).scalar()
                 if owner is not None:
-                    return int(owner)
+                    return "provider-id-owned", int(owner)
+            if by_content:
+                twins = s.exec(
+                    select(OutboxItem).where(
+                        OutboxItem.channel == item.channel,
+                        OutboxItem.recipient == item.recipient,
+                        col(OutboxItem.status).in_(("sending", "unknown")),
+                        OutboxItem.id != item.id,
+                    )
+                ).all()
+                made = _provider_created(receipt)
+                twin = next(
+                    (t.id for t in twins if t.content == item.content and self._could_make(t, made)), None
+                )
+                if twin is not None:
+                    return "provider-id-contested", twin
             self._done_in(s, self.store.clock.now(), item, receipt, True)
         return None
+
+    def _could_make(self, twin: OutboxItem, made: datetime | None) -> bool:
+        """Whether ``twin``'s attempt (started at its ``next_attempt_at``, in flight for at
+        most the lease) could have created a provider message at ``made``, clocks apart by
+        up to ``CLOCK_SKEW``; unknown times: it could."""
+        if made is None or twin.next_attempt_at is None:
+            return True
+        start = utc(twin.next_attempt_at)
+        return start - CLOCK_SKEW <= made <= start + self.sending_lease + CLOCK_SKEW
 
     # ------------------------------------------------------------------ recovery
 
@@ -837,14 +878,15 @@ class DeliverStage:
                     why = "provider-id-contested"
                     log.warning("outbox %s: recovered provider id also found for another item", item.id)
                 else:
-                    owner = await asyncio.to_thread(self._adopt, item, answer)
-                    if owner is None:
+                    by_content = not item.provider_id and not (
+                        channel is not None and channel.capabilities.idempotent_key
+                    )
+                    other = await asyncio.to_thread(self._adopt, item, answer, by_content)
+                    if other is None:
                         report.note("adopted", item.key)
                         continue
-                    why = "provider-id-owned"
-                    log.warning(
-                        "outbox %s: recovered provider id already belongs to outbox %s", item.id, owner
-                    )
+                    why = other[0]
+                    log.warning("outbox %s: recovered provider message may be outbox %s's", item.id, other[1])
                 answer = None  # inconclusive: settled below as if the provider could not tell
             if answer is not None:  # ABSENT
                 await asyncio.to_thread(self._absent, item, "provider confirmed it never got it")

@@ -344,6 +344,9 @@ class TwilioSmsChannel:
         detail: dict[str, Any] = {"provider_status": status}
         if recovered:
             detail["recovered"] = True
+            created = _twilio_time(m.get("date_created"))
+            if created is not None:  # lets recovery tell which attempt could have made it
+                detail["provider_created"] = created.isoformat()
         if m.get("error_code"):
             detail["error_code"] = m.get("error_code")
         return Receipt(STATUS_MAP.get(status, "queued"), provider_id=str(m.get("sid")), detail=detail)

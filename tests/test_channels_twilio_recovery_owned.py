@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 
 from careloop.clock import VirtualClock
+from careloop.errors import TransientError
 from careloop.store import Store
+from careloop.tables import OutboxItem
 from channels.outbox import DeliverStage, Recovery
 from channels.twilio_loopback import ACCOUNT_SID, AUTH_TOKEN, FakeTwilio
 from channels.twilio_sms import TwilioSmsChannel, TwilioSmsConfig
@@ -154,9 +156,9 @@ def test_a_twin_recovered_later_does_not_take_the_message_adopted_before(
 ) -> None:
     [a] = crashed(store, person)
     s1 = sent_by_the_dead_process(fake, store, a)
-    advance(store, timedelta(minutes=1))
+    advance(store, timedelta(minutes=3))  # more than the clock skew allowed: s1 is not B's
     [b] = crashed(store, person)  # its process died too, before reaching Twilio
-    advance(store, timedelta(minutes=4, seconds=30))
+    advance(store, timedelta(minutes=2, seconds=30))
 
     first = recover(store, fake)  # A's lease is over, B's is not
     assert (first.adopted, first.unknown) == (1, 0)
@@ -186,3 +188,52 @@ def test_an_unowned_single_match_is_still_adopted(store: Store, person: int, fak
     assert got[other].provider_id == "SM" + "0" * 32
     assert audits(store, "outbox.recover") == []
     assert len(fake.messages) == 1
+
+
+class _FlakyLookup:
+    """The Twilio channel, but the lookup of one item fails transiently (a 503 on the GET)."""
+
+    def __init__(self, inner: TwilioSmsChannel, flaky_id: int) -> None:
+        self.inner, self.flaky_id = inner, flaky_id
+        self.id, self.capabilities, self.config = inner.id, inner.capabilities, inner.config
+
+    async def send(self, item: OutboxItem) -> Any:
+        return await self.inner.send(item)
+
+    async def status(self, item: OutboxItem) -> Any:
+        if item.id == self.flaky_id:
+            raise TransientError("channel sms: lookup: HTTP 503")
+        return await self.inner.status(item)
+
+
+def test_a_twin_whose_lookup_failed_still_keeps_the_other_from_guessing(
+    store: Store, person: int, fake: FakeTwilio
+) -> None:
+    """Both crashed; A reached Twilio, B never did; A's lookup blips. B's lookup finds A's
+    message alone, but A, still in doubt, could own it: B goes to staff, not marked sent
+    (review repro: B was adopted, its reminder silently lost)."""
+    a, b = crashed(store, person, n=2)
+    s1 = sent_by_the_dead_process(fake, store, a)
+    advance(store, timedelta(minutes=10))
+
+    async def go() -> Recovery:
+        ch = channel(fake)
+        try:
+            return await DeliverStage(store, {"sms": _FlakyLookup(ch, a)}).recover()  # type: ignore[dict-item]
+        finally:
+            await ch.aclose()
+
+    report = asyncio.run(go())
+    got = by_id(store)
+    assert (report.deferred, report.adopted, report.unknown) == (1, 0, 1)
+    assert (got[b].status, got[b].provider_id) == ("unknown", None)
+    assert got[a].status == "sending"  # asked again next pass
+    assert [r.detail.get("reason") for r in audits(store, "outbox.recover")] == ["provider-id-contested"]
+    # Next pass A's lookup works; B, in doubt from the same moment, could still be s1's
+    # sender: both twins are left to staff, none guessed.
+    advance(store, timedelta(minutes=10))
+    again = recover(store, fake)
+    got = by_id(store)
+    assert (again.adopted, again.unknown) == (0, 1)
+    assert [got[i].status for i in (a, b)] == ["unknown", "unknown"]
+    assert not any(r.provider_id == s1 for r in got.values())
