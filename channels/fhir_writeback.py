@@ -23,23 +23,35 @@ The outbox row (written by the orchestrator) names the person's FHIR Patient ref
 
 ``build_communication``/``build_task`` are pure and validate against the R4B models of
 ``fhir.resources`` (structurally identical to R4 for these two resources).
+
+Auth: a static ``bearer_token``, or ``auth`` for SMART Backend Services (the FHIR connectors'
+``careloop.smart_auth``: a token fetched on first use, cached until shortly before
+``expires_in`` on the channel's clock, refreshed then, and refreshed once on a 401 before the
+request is sent once more). A 401 or 403 that survives that (a static token that expired, a
+client whose registration or scopes were withdrawn), and an authorization server that refuses
+the client, are the channel's problem, not the item's: ``ChannelUnavailable`` (a
+``TransientError`` the outbox does not count against the item: it stays pending, the channel
+held for a while, never dead-lettered for a defect it does not have), and ``health()``
+says the channel is degraded, credentials rejected, until a request succeeds.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 from urllib.parse import urlencode
 
 import httpx
 from fhir.resources.R4B.communication import Communication
 from fhir.resources.R4B.task import Task
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 
 from careloop.clock import Clock, SystemClock, utc
-from careloop.errors import PermanentError
+from careloop.errors import ChannelUnavailable, PermanentError
+from careloop.smart_auth import SmartAuthConfig, SmartBackendAuth
 from careloop.tables import Escalation, OutboxItem
 from channels import _http
 from channels.base import ABSENT, ChannelCaps, ChannelConfig, Receipt, SentMemory
@@ -60,6 +72,9 @@ CATEGORIES = frozenset({"reminder", "notification", "instruction", "alert"})
 PRIORITY = {"emergency": "stat", "urgent": "urgent", "routine": "routine"}
 REFERENCE = re.compile(r"^[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}$")
 FHIR_JSON = "application/fhir+json"
+# What the channel asks for when ``auth.scope`` is not given (the connectors' default is
+# read + Subscription.write): create the two resource types and search them (``status``).
+WRITEBACK_SCOPE = "system/Communication.write system/Task.write system/Communication.read system/Task.read"
 
 
 def _token_value(v: str) -> str:
@@ -200,7 +215,10 @@ def _validate(model: Any, res: dict[str, Any]) -> None:
 
 class FhirWritebackConfig(ChannelConfig):
     base_url: str = Field(description="FHIR R4 base, e.g. https://ehr.example.org/fhir")
-    bearer_token: SecretStr | None = Field(None, description="OAuth2 access token (SMART backend services)")
+    bearer_token: SecretStr | None = Field(None, description="static OAuth2 access token")
+    auth: SmartAuthConfig | None = Field(
+        None, description="SMART Backend Services credentials, as the FHIR connectors take them"
+    )
     sender: str | None = Field(None, description="Communication.sender reference, e.g. Organization/clinic")
     include_text: bool = Field(False, description="copy the message text into Communication.payload")
     timeout_seconds: float = Field(15.0, gt=0, le=120)
@@ -216,6 +234,40 @@ class FhirWritebackConfig(ChannelConfig):
         if v is not None and not REFERENCE.match(v):
             raise ValueError("must be a relative reference like Organization/clinic-1")
         return v
+
+    @field_validator("auth")
+    @classmethod
+    def _auth(cls, v: SmartAuthConfig | None) -> SmartAuthConfig | None:
+        if v is None:
+            return None
+        if (v.private_key is None) == (v.private_key_file is None):
+            raise ValueError("set exactly one of auth.private_key and auth.private_key_file")
+        try:
+            token_url = check_url(v.token_url)
+        except ValueError as exc:
+            raise ValueError(f"auth.token_url {exc}") from None
+        if not v.client_id.strip():
+            raise ValueError("auth.client_id must not be empty")
+        if "scope" not in v.model_fields_set:
+            return v.model_copy(update={"token_url": token_url, "scope": WRITEBACK_SCOPE})
+        return v.model_copy(update={"token_url": token_url})
+
+    @model_validator(mode="after")
+    def _one_auth(self) -> Self:
+        if self.bearer_token is not None and self.auth is not None:
+            raise ValueError("bearer_token and auth are both set: use one (auth refreshes its own tokens)")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """The channel's state for status pages, shaped as ``connectors.base.Health`` (plugins do
+    not import each other): ``ok`` it sends; ``degraded`` something stops it from succeeding
+    (its credentials were rejected), ``detail`` says what."""
+
+    ok: bool
+    detail: str = ""
+    degraded: bool = False
 
 
 class FhirWritebackChannel:
@@ -244,15 +296,62 @@ class FhirWritebackChannel:
         self._own_http = http is None
         self._http = http or _http.new_client()
         self._sent = SentMemory()
+        self._smart = (
+            SmartBackendAuth(
+                config.auth,
+                self._http,
+                id,
+                kind="channel",
+                monotonic=lambda: self.clock.now().timestamp(),
+            )
+            if config.auth is not None
+            else None
+        )
+        self._rejected: str | None = None  # why the credentials are down, until a success
 
     def __repr__(self) -> str:
         return f"FhirWritebackChannel(id={self.id!r}, base_url={self.config.base_url!r})"
 
-    def _headers(self) -> dict[str, str]:
-        h = {"Accept": FHIR_JSON, "Content-Type": FHIR_JSON}
-        if self.config.bearer_token:
-            h["Authorization"] = f"Bearer {self.config.bearer_token.get_secret_value()}"
-        return h
+    def health(self) -> Health:
+        if self._rejected is not None:
+            return Health(True, self._rejected, degraded=True)
+        return Health(True)
+
+    async def _request(self, what: str, method: str, url: str, **kw: Any) -> httpx.Response:
+        """One FHIR interaction with this channel's credentials (a SMART token is refreshed
+        once on a 401). A 401/403 that remains, or an authorization server that refuses the
+        client, is ``ChannelUnavailable``: the channel's credentials, not the item, are at fault."""
+        headers: dict[str, str] = {"Accept": FHIR_JSON, "Content-Type": FHIR_JSON, **kw.pop("headers", {})}
+
+        async def send(authorization: str | None) -> httpx.Response:
+            h = headers if authorization is None else {**headers, "Authorization": authorization}
+            return await _http.call(
+                self._http, what, method, url, headers=h, timeout=self.config.timeout_seconds, **kw
+            )
+
+        if self._smart is not None:
+            try:
+                resp = await self._smart.authorized(send)
+            except PermanentError as exc:  # the token endpoint refused us, or the key is unusable
+                raise self._credentials_rejected(str(exc)) from None
+        elif self.config.bearer_token is not None:
+            resp = await send(f"Bearer {self.config.bearer_token.get_secret_value()}")
+        else:
+            resp = await send(None)
+        if resp.status_code in (401, 403):
+            raise self._credentials_rejected(
+                f"channel {self.id}: the FHIR server rejected the channel's credentials "
+                f"(HTTP {resp.status_code}); items wait until valid credentials are configured"
+            )
+        if resp.is_success:
+            self._rejected = None
+        return resp
+
+    def _credentials_rejected(self, message: str) -> ChannelUnavailable:
+        if self._rejected is None:
+            log.warning("%s", message)
+        self._rejected = message
+        return ChannelUnavailable(message)
 
     def resource(self, item: OutboxItem) -> dict[str, Any]:
         if not REFERENCE.match(item.recipient) or not item.recipient.startswith("Patient/"):
@@ -269,15 +368,12 @@ class FhirWritebackChannel:
             return prior
         res = self.resource(item)
         rtype, what = res["resourceType"], f"channel {self.id}: fhir create"
-        headers = {**self._headers(), "If-None-Exist": condition(OUTBOX_SYSTEM, item.key)}
-        resp = await _http.call(
-            self._http,
+        resp = await self._request(
             what,
             "POST",
             f"{self.config.base_url}/{rtype}",
             json=res,
-            headers=headers,
-            timeout=self.config.timeout_seconds,
+            headers={"If-None-Exist": condition(OUTBOX_SYSTEM, item.key)},
         )
         if resp.status_code == 412:
             raise PermanentError(f"{what}: several {rtype} resources carry this outbox identifier (412)")
@@ -300,14 +396,11 @@ class FhirWritebackChannel:
             return prior
         rtype = "Task" if item.content.get("kind") == "task" else "Communication"
         what = f"channel {self.id}: fhir search"
-        resp = await _http.call(
-            self._http,
+        resp = await self._request(
             what,
             "GET",
             f"{self.config.base_url}/{rtype}",
             params={"identifier": f"{OUTBOX_SYSTEM}|{_token_value(item.key)}"},
-            headers=self._headers(),
-            timeout=self.config.timeout_seconds,
         )
         _http.check(resp, what)
         bundle = _http.json_body(resp, what)

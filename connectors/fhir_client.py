@@ -1,9 +1,10 @@
 """A FHIR R4 REST client on an injected ``httpx.AsyncClient``, with SMART Backend Services auth.
 
-SMART Backend Services (client_credentials grant, ``private_key_jwt`` client authentication):
-the client signs a short-lived assertion (RS384 or ES384, ``exp`` at most five minutes ahead,
-a fresh ``jti`` each time) with authlib's RFC 7523 helper and trades it for an access token,
-which is cached until shortly before it expires. A 401 from the FHIR server drops the cached
+SMART Backend Services (client_credentials grant, ``private_key_jwt`` client authentication,
+``careloop.smart_auth``, shared with the FHIR write-back channel): the client signs a
+short-lived assertion (RS384 or ES384, ``exp`` at most five minutes ahead, a fresh ``jti``
+each time) with authlib's RFC 7523 helper and trades it for an access token, which is cached
+until shortly before it expires. A 401 from the FHIR server drops the cached
 token and retries once with a new one; a second 401 is a ``PermanentError`` asking the operator
 for credentials, because retrying forever with a rejected key helps no one.
 
@@ -14,46 +15,20 @@ interaction and the status, never a resource's content.
 
 from __future__ import annotations
 
-import asyncio
-import secrets
-import time
 from collections.abc import AsyncIterator, Mapping
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urljoin
 
 import httpx
-from authlib.oauth2.rfc7523 import private_key_jwt_sign
-from joserfc.jwk import ECKey, RSAKey
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import Field
 
 from careloop.errors import PermanentError, TransientError
 from careloop.plugins import MapperChoice, PluginConfig
+from careloop.smart_auth import SmartAuthConfig, SmartBackendAuth
+
+__all__ = ["FhirClient", "FhirServerConfig", "SmartAuthConfig", "SmartBackendAuth"]
 
 FHIR_JSON = "application/fhir+json"
-ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-MAX_ASSERTION_S = 300  # SMART Backend Services: the assertion expires within five minutes
-
-
-class SmartAuthConfig(BaseModel):
-    """SMART Backend Services credentials (``private_key`` is a PEM file or inline PEM text)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    token_url: str
-    client_id: str
-    private_key: SecretStr | None = Field(None, description="inline PEM private key")
-    private_key_file: Path | None = Field(None, description="PEM private key file")
-    alg: Literal["RS384", "ES384"] = "RS384"
-    kid: str | None = None
-    scope: str = "system/*.read system/Subscription.write"
-    assertion_ttl_s: int = Field(MAX_ASSERTION_S, ge=10, le=MAX_ASSERTION_S)
-
-    def key_pem(self) -> bytes:
-        if self.private_key is not None:
-            return self.private_key.get_secret_value().encode()
-        if self.private_key_file is not None:
-            return self.private_key_file.read_bytes()
-        raise PermanentError("SMART auth: private_key or private_key_file is required")
 
 
 class FhirServerConfig(PluginConfig):
@@ -74,88 +49,6 @@ class FhirServerConfig(PluginConfig):
         return MapperChoice(
             "fhir", {"base_url": self.base_url, "accepted_confirms": self.patient_accepted_confirms}
         )
-
-
-class SmartBackendAuth:
-    """Fetches and caches SMART Backend Services access tokens."""
-
-    def __init__(self, config: SmartAuthConfig, http: httpx.AsyncClient, connector: str) -> None:
-        self.config, self.http, self.connector = config, http, connector
-        self._token: str | None = None
-        self._expires = 0.0
-        self._lock = asyncio.Lock()
-        self.fetches = 0  # tokens obtained (tests and status pages)
-        self._signing_key: Any = None
-
-    def assertion(self) -> str:
-        """A fresh client assertion: iss = sub = client_id, aud = token URL, unique jti."""
-        c = self.config
-        now = int(time.time())
-        header = {"kid": c.kid, "typ": "JWT"} if c.kid else {"typ": "JWT"}
-        jwt = private_key_jwt_sign(
-            self._key(),
-            c.client_id,
-            c.token_url,
-            alg=c.alg,
-            header=header,
-            claims={"jti": secrets.token_urlsafe(24)},
-            issued_at=now,
-            expires_at=now + c.assertion_ttl_s,
-        )
-        return jwt.decode() if isinstance(jwt, bytes) else str(jwt)
-
-    def _key(self) -> Any:
-        if self._signing_key is None:
-            pem = self.config.key_pem()
-            try:
-                self._signing_key = (RSAKey if self.config.alg.startswith("RS") else ECKey).import_key(pem)
-            except (ValueError, TypeError):
-                raise PermanentError(
-                    f"connector {self.connector}: the SMART private key is not a "
-                    f"{self.config.alg[:2]} PEM key"
-                ) from None
-        return self._signing_key
-
-    def invalidate(self) -> None:
-        self._token, self._expires = None, 0.0
-
-    async def token(self) -> str:
-        async with self._lock:
-            if self._token is not None and time.monotonic() < self._expires:
-                return self._token
-            data = {
-                "grant_type": "client_credentials",
-                "scope": self.config.scope,
-                "client_assertion_type": ASSERTION_TYPE,
-                "client_assertion": self.assertion(),
-            }
-            try:
-                r = await self.http.post(
-                    self.config.token_url, data=data, headers={"Accept": "application/json"}
-                )
-            except httpx.HTTPError as exc:
-                raise TransientError(
-                    f"connector {self.connector}: token endpoint unreachable ({type(exc).__name__})"
-                ) from None
-            if r.status_code == 429 or r.status_code >= 500:
-                raise TransientError(f"connector {self.connector}: token endpoint answered {r.status_code}")
-            if r.status_code >= 400:
-                raise PermanentError(
-                    f"connector {self.connector}: the authorization server rejected the client credentials "
-                    f"(HTTP {r.status_code}); check client_id, key and registration, then restart"
-                )
-            doc = r.json()
-            token = doc.get("access_token")
-            if not isinstance(token, str):
-                raise PermanentError(f"connector {self.connector}: token response has no access_token")
-            expires_in = float(doc.get("expires_in") or 300)
-            # Refresh a little early so a request never leaves with a token about to lapse.
-            self._token, self._expires = (
-                token,
-                time.monotonic() + max(1.0, expires_in - min(30.0, expires_in / 10)),
-            )
-            self.fetches += 1
-            return token
 
 
 class FhirClient:
@@ -195,15 +88,15 @@ class FhirClient:
         """One interaction; a 401 refreshes the token once. Returns 2xx and 404/400/405/501
         responses (callers decide what "not there" means); raises for the rest."""
         url = self.url(path_or_url)
-        for attempt in (1, 2):
-            headers = {"Accept": FHIR_JSON, **self.headers}
-            if json is not None:
-                headers["Content-Type"] = FHIR_JSON
-            if self.auth is not None:
-                headers["Authorization"] = f"Bearer {await self.auth.token()}"
+        headers = {"Accept": FHIR_JSON, **self.headers}
+        if json is not None:
+            headers["Content-Type"] = FHIR_JSON
+
+        async def send(authorization: str | None) -> httpx.Response:
+            h = headers if authorization is None else {**headers, "Authorization": authorization}
             try:
-                r = await self.http.request(
-                    method, url, params=params, json=json, headers=headers, timeout=self.timeout
+                return await self.http.request(
+                    method, url, params=params, json=json, headers=h, timeout=self.timeout
                 )
             except httpx.TimeoutException:
                 raise TransientError(f"connector {self.connector}: {what} timed out") from None
@@ -211,20 +104,18 @@ class FhirClient:
                 raise TransientError(
                     f"connector {self.connector}: {what} failed ({type(exc).__name__})"
                 ) from None
-            if r.status_code == 401:
-                if self.auth is not None and attempt == 1:
-                    self.auth.invalidate()
-                    continue
-                raise PermanentError(
-                    f"connector {self.connector}: the FHIR server refused our credentials for {what} "
-                    f"(HTTP 401); please provide valid credentials for this connector"
-                )
-            if r.status_code == 429 or (r.status_code >= 500 and r.status_code != 501):
-                raise TransientError(f"connector {self.connector}: {what} answered {r.status_code}")
-            if r.status_code >= 400 and r.status_code not in (400, 404, 405, 410, 501):
-                raise PermanentError(f"connector {self.connector}: {what} answered {r.status_code}")
-            return r
-        raise AssertionError("unreachable")
+
+        r = await (self.auth.authorized(send) if self.auth is not None else send(None))
+        if r.status_code == 401:
+            raise PermanentError(
+                f"connector {self.connector}: the FHIR server refused our credentials for {what} "
+                f"(HTTP 401); please provide valid credentials for this connector"
+            )
+        if r.status_code == 429 or (r.status_code >= 500 and r.status_code != 501):
+            raise TransientError(f"connector {self.connector}: {what} answered {r.status_code}")
+        if r.status_code >= 400 and r.status_code not in (400, 404, 405, 410, 501):
+            raise PermanentError(f"connector {self.connector}: {what} answered {r.status_code}")
+        return r
 
     @staticmethod
     def _json(r: httpx.Response, connector: str, what: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from fhir.resources.R4B.communication import Communication
 from fhir.resources.R4B.task import Task
 from sqlmodel import select
 
-from careloop.errors import PermanentError
+from careloop.errors import ChannelUnavailable, PermanentError
 from careloop.store import Store
 from careloop.tables import Escalation, OutboxItem, Person
 from channels.base import ABSENT
@@ -178,8 +178,8 @@ def test_several_matches_is_permanent(ehr: FakeFhir) -> None:
         run_channel(ehr, lambda ch: ch.send(item("dup")))
 
 
-def test_wrong_token_is_permanent(ehr: FakeFhir) -> None:
-    with pytest.raises(PermanentError, match="HTTP 401"):
+def test_a_rejected_token_is_the_channels_outage_not_the_items(ehr: FakeFhir) -> None:
+    with pytest.raises(ChannelUnavailable, match="rejected the channel's credentials"):
         run_channel(ehr, lambda ch: ch.send(item("wb-auth")), bearer_token="stale-token")
 
 
