@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, LargeBinary, UniqueConstraint
+from sqlalchemy import JSON, Column, DateTime, Index, LargeBinary, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 
@@ -170,7 +170,22 @@ class OutboxItem(SQLModel, table=True):
     """One message to deliver. ``key`` is the idempotency key given to providers."""
 
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_due", "status", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_outbox_due", "status", "next_attempt_at"),
+        # A provider's message belongs to one item (migration 0005): two recoveries cannot
+        # both adopt it. Per channel: a provider id is unique only within its provider (two
+        # EHRs may both hand out ``Communication/1``); no channel gives two items of its own
+        # one id (keys, key-derived Message-IDs, Twilio SIDs, FHIR resources created or
+        # found by the item's own key). Rows without one are left out.
+        Index(
+            "uq_outbox_provider",
+            "channel",
+            "provider_id",
+            unique=True,
+            postgresql_where=text("provider_id IS NOT NULL"),
+            sqlite_where=text("provider_id IS NOT NULL"),
+        ),
+    )
     id: int | None = Field(default=None, primary_key=True)
     key: str = Field(max_length=128, unique=True)
     decision_id: int | None = Field(default=None, foreign_key="decision.id")

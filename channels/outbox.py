@@ -81,6 +81,7 @@ from sqlalchemy import case as sa_case
 from sqlalchemy import exists as sa_exists
 from sqlalchemy import literal as sa_literal
 from sqlalchemy import select as select_core
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.instrumentation import manager_of_class
 from sqlmodel import Session, col, or_, select
 
@@ -224,14 +225,29 @@ def _settle_statement(status: str, returning: bool) -> Any:
     return stmt.returning(*_DISCLOSED_COLS) if returning else stmt
 
 
-# Recovery: another outbox row that already holds a provider id (no index on provider_id:
-# a scan, run only when a recovered receipt is about to be adopted, which a crash makes rare).
+# Recovery: another outbox row of the channel that already holds a provider id (a lookup in
+# ``uq_outbox_provider``, run only when a recovered receipt is about to be adopted). The index
+# is the guarantee (two recoveries passing this check at once cannot both write the id); the
+# check spares the common case a savepoint and a failed write, and names the owner for the log.
 _OWNER = (
     select_core(_OUTBOX.c.id)
-    .where(_OUTBOX.c.provider_id == bindparam("pid"), _OUTBOX.c.id != bindparam("oid"))
+    .where(
+        _OUTBOX.c.channel == bindparam("ch"),
+        _OUTBOX.c.provider_id == bindparam("pid"),
+        _OUTBOX.c.id != bindparam("oid"),
+    )
     .order_by(_OUTBOX.c.id)
     .limit(1)
 )
+PROVIDER_ID_INDEX = "uq_outbox_provider"
+
+
+def _provider_id_taken(exc: IntegrityError) -> bool:
+    """Whether ``exc`` is a write of a provider id another row of the channel holds (the
+    unique index ``uq_outbox_provider``; SQLite names its columns, PostgreSQL the index)."""
+    text = str(exc.orig)
+    return PROVIDER_ID_INDEX in text or "outbox.channel, outbox.provider_id" in text
+
 
 _ITEM_CLASS = manager_of_class(OutboxItem)
 CLOCK_SKEW = timedelta(minutes=2)  # ours and a provider's clock, as Twilio's lookup allows
@@ -451,9 +467,29 @@ class DeliverStage:
             return groups, self._claim_in(s, groups[0], now) if groups else []
 
     def _step(self, sent: list[_Sent], claim: list[int]) -> list[OutboxItem]:
+        try:
+            with self.store.session() as s:
+                now = self.store.clock.now()
+                self._settle_in(s, now, sent)
+                return self._claim_in(s, claim, now) if claim else []
+        except IntegrityError as exc:
+            if not _provider_id_taken(exc):
+                raise
+        # A receipt named a provider id another row of its channel holds (a FHIR server that
+        # reused an id or answered a conditional create with another item's resource): all
+        # of it rolled back. Settle again item by item, that one left ``unknown`` for staff
+        # (its message may be the other row's); rare, so the usual path takes no savepoint.
         with self.store.session() as s:
             now = self.store.clock.now()
-            self._settle_in(s, now, sent)
+            for o in sent:
+                try:
+                    with s.begin_nested():
+                        self._settle_in(s, now, [o])
+                except IntegrityError as exc:
+                    if not _provider_id_taken(exc):
+                        raise
+                    log.warning("outbox %s: the provider's id for it is another item's", o.item.id)
+                    self._unknown_in(s, now, o.item, "provider-id-owned", recovered=False)
             return self._claim_in(s, claim, now) if claim else []
 
     async def _deliver(self, item: OutboxItem) -> _Sent:
@@ -807,10 +843,13 @@ class DeliverStage:
         by a key or a known id) a twin still in doubt could be its owner: the same text to
         the same address, ``sending`` or ``unknown`` (its own lookup may have failed this
         pass). Then nothing is written, and the reason and that row's id are returned. The
-        checks and the settle share a transaction, and every earlier adoption has committed."""
+        checks and the settle share a transaction, and every earlier adoption has committed.
+        A recovery of another worker that adopts the same id meanwhile (past the check, not
+        yet committed) makes the write fail on ``uq_outbox_provider``: the same outcome."""
         with self.store.session() as s:
+            owned = {"ch": item.channel, "pid": receipt.provider_id, "oid": item.id}
             if receipt.provider_id is not None:
-                owner = s.connection().execute(_OWNER, {"pid": receipt.provider_id, "oid": item.id}).scalar()
+                owner = s.connection().execute(_OWNER, owned).scalar()
                 if owner is not None:
                     return "provider-id-owned", int(owner)
             if by_content:
@@ -828,7 +867,14 @@ class DeliverStage:
                 )
                 if twin is not None:
                     return "provider-id-contested", twin
-            self._done_in(s, self.store.clock.now(), item, receipt, True)
+            try:
+                with s.begin_nested():
+                    self._done_in(s, self.store.clock.now(), item, receipt, True)
+            except IntegrityError as exc:
+                if not _provider_id_taken(exc):
+                    raise
+                owner = s.connection().execute(_OWNER, owned).scalar()
+                return "provider-id-owned", -1 if owner is None else int(owner)
         return None
 
     def _could_make(self, twin: OutboxItem, made: datetime | None) -> bool:
@@ -960,33 +1006,38 @@ class DeliverStage:
     def _unknown(self, item: OutboxItem, reason: str | None = None) -> None:
         """Mark ``item`` unknown for staff review; ``reason``: why a receipt the provider
         gave was not adopted (audited; ``provider-id-owned``, ``provider-id-contested``)."""
-        now = self.store.clock.now()
         with self.store.session() as s:
-            row = self._sending(s, item)
-            if row is None:
-                return
-            row.status = "unknown"
-            row.last_error = "interrupted send; provider cannot say whether it was delivered: staff review"
-            detail = {"channel": row.channel, "outcome": "unknown"}
-            if reason:
-                detail["reason"] = reason
-                row.last_error = (
-                    "interrupted send; the provider's message found for it is another outbox item's "
-                    f"or could be ({reason}): staff review"
-                )
-            audit_log.append(
-                s,
-                at=now,
-                actor="deliver",
-                action="outbox.recover",
-                outcome="failure",
-                person_id=row.person_id,
-                entity=f"outbox/{row.id}",
-                purpose=row.purpose,
-                detail=detail,
+            self._unknown_in(s, self.store.clock.now(), item, reason)
+
+    def _unknown_in(
+        self, s: Session, now: datetime, item: OutboxItem, reason: str | None, recovered: bool = True
+    ) -> None:
+        """``_unknown`` in ``s``; not ``recovered``: the answer of a send, not of recovery."""
+        row = self._sending(s, item)
+        if row is None:
+            return
+        row.status = "unknown"
+        row.last_error = "interrupted send; provider cannot say whether it was delivered: staff review"
+        detail = {"channel": row.channel, "outcome": "unknown"}
+        if reason:
+            detail["reason"] = reason
+            row.last_error = (
+                f"{'interrupted send' if recovered else 'sent'}; the provider's message found for it "
+                f"is another outbox item's or could be ({reason}): staff review"
             )
-            # It may have been disclosed: record the disclosure as of uncertain outcome.
-            disclose(s, row, "unknown", now, ok=False)
+        audit_log.append(
+            s,
+            at=now,
+            actor="deliver",
+            action="outbox.recover" if recovered else "outbox.settle",
+            outcome="failure",
+            person_id=row.person_id,
+            entity=f"outbox/{row.id}",
+            purpose=row.purpose,
+            detail=detail,
+        )
+        # It may have been disclosed: record the disclosure as of uncertain outcome.
+        disclose(s, row, "unknown", now, ok=False)
 
 
 class _NoLimit:
