@@ -14,6 +14,7 @@ from careloop.config import AppConfig
 from careloop.db import database_url, make_engine, upgrade
 from careloop.ingest import IngestSink
 from careloop.pipeline import MapStage, Stage, drain, run_stage
+from careloop.plugins import Health
 from careloop.store import Store
 from careloop.wiring import MapperRegistry, build_channels, build_connectors, channel_facts, check
 from channels.base import Channel
@@ -127,14 +128,22 @@ class Hub:
         except Exception as exc:  # readiness reports, it does not raise
             detail["database"] = type(exc).__name__
         down = detail["database"] != "ok"
-        for cid, conn in self.connectors.items():
-            h = conn.health()
-            # A connector that works but is degraded (its EHR subscriptions not in place yet)
-            # says why without failing readiness: the hub still takes everything else in.
+        plugins: list[tuple[str, Health]] = [
+            (f"connector:{cid}", c.health()) for cid, c in self.connectors.items()
+        ]
+        # Channels may report health (optional: see channels.base.Channel); those without are not listed.
+        for chid, ch in self.channels.items():
+            health = getattr(ch, "health", None)
+            if health is not None:
+                plugins.append((f"channel:{chid}", health()))
+        for key, h in plugins:
+            # A plugin that works but is degraded (a connector's EHR subscriptions not in place
+            # yet, a channel's credentials rejected) says why without failing readiness: the
+            # hub still takes everything in, and a channel's items wait in the outbox.
             if h.ok:
                 state = "degraded" if h.degraded else "ok"
-                detail[f"connector:{cid}"] = f"{state}: {h.detail}" if h.detail else state
+                detail[key] = f"{state}: {h.detail}" if h.detail else state
             else:
-                detail[f"connector:{cid}"] = h.detail or "down"
+                detail[key] = h.detail or "down"
                 down = True
         return self.started and not down, detail

@@ -35,6 +35,19 @@ class Plugin:
     Config: ClassVar[type[PluginConfig]] = PluginConfig
 
 
+@dataclass(frozen=True, slots=True)
+class Health:
+    """A plugin's state for ``/readyz`` and status pages (connectors must report it; channels
+    may, see ``channels.base.Channel``). ``ok``: it works (a connector takes messages in, a
+    channel can send). ``degraded``: it works, but something it depends on is not in place (an
+    EHR subscription, the last poll, a channel's credentials that the provider rejected);
+    ``detail`` says what, or carries plain counters when all is well. Never PHI or secrets."""
+
+    ok: bool
+    detail: str = ""
+    degraded: bool = False
+
+
 @cache
 def _entry_points(kind: str) -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group=GROUPS[kind])}

@@ -2,16 +2,19 @@
 
 One rule for every provider: timeouts, connection failures, 408, 425, 429 and 5xx are
 ``TransientError`` (the outbox retries with backoff); any other 4xx is ``PermanentError``
-(dead letter). A transient answer's ``Retry-After`` (``retry_after`` below) rides on the
-``TransientError`` as ``retry_after``, so the outbox waits at least that long before the
-next attempt and holds the channel back meanwhile. Error messages carry the channel id,
-the operation, the HTTP status and the provider's error code when it has one: never URLs
-with query strings, bodies or addresses.
+(dead letter), except an answer that rejects the channel's credentials (``Credentials``:
+which answers do is the channel's to say, 401 for all of them): that is
+``ChannelUnavailable``, the channel's outage, not the item's failure. A transient answer's
+``Retry-After`` (``retry_after`` below) rides on the ``TransientError`` as ``retry_after``,
+so the outbox waits at least that long before the next attempt and holds the channel back
+meanwhile. Error messages carry the channel id, the operation, the HTTP status and the
+provider's error code when it has one: never URLs with query strings, bodies or addresses.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -19,8 +22,11 @@ from typing import Any
 
 import httpx
 
-from careloop.errors import PermanentError, TransientError
+from careloop.errors import ChannelUnavailable, PermanentError, TransientError
+from careloop.plugins import Health
 from channels.base import DeliveryUncertain
+
+log = logging.getLogger("careloop.channels")
 
 TRANSIENT_STATUS = frozenset({408, 425, 429})
 
@@ -110,11 +116,49 @@ async def call(
         raise err(f"{what}: provider did not answer ({type(exc).__name__})") from None
 
 
-def check(resp: httpx.Response, what: str) -> None:
-    """Raise the careloop error a non-2xx response stands for."""
+class Credentials:
+    """Whether a channel's provider accepts its credentials, as its last answers said.
+
+    ``statuses`` and ``codes`` are the answers that reject the credentials themselves (an
+    HTTP status, a provider's error code under any status): nothing to do with the item, so
+    every item would get the same answer. ``check`` turns them into ``ChannelUnavailable``
+    (the item stays pending and uncounted, the channel is held) and ``health()`` reports the
+    channel degraded, with the reason, until a request succeeds again."""
+
+    def __init__(self, statuses: frozenset[int], codes: frozenset[str] = frozenset()) -> None:
+        self.statuses, self.codes = statuses, codes
+        self.rejected: str | None = None  # why, until the next success
+
+    def health(self) -> Health:
+        return Health(True, self.rejected, degraded=True) if self.rejected else Health(True)
+
+    def reject(self, resp: httpx.Response, code: str | None, what: str) -> ChannelUnavailable | None:
+        """The error for ``resp`` if it rejects the credentials, else None."""
+        if resp.status_code not in self.statuses and code not in self.codes:
+            return None
+        suffix = f", provider code {code}" if code else ""
+        message = (
+            f"{what}: the provider rejected the channel's credentials (HTTP {resp.status_code}{suffix}); "
+            "items wait until valid credentials are configured"
+        )
+        if self.rejected is None:
+            log.warning("%s", message)  # once per outage, not once per item
+        self.rejected = message
+        return ChannelUnavailable(message)
+
+
+def check(resp: httpx.Response, what: str, credentials: Credentials | None = None) -> None:
+    """Raise the careloop error a non-2xx response stands for; with ``credentials``, record
+    a success there and raise ``ChannelUnavailable`` for an answer that rejects them."""
     if resp.is_success:
+        if credentials is not None and credentials.rejected is not None:
+            log.info("%s: the provider accepts the channel's credentials again", what)
+            credentials.rejected = None
         return
     code = provider_code(resp)
+    unavailable = credentials.reject(resp, code, what) if credentials is not None else None
+    if unavailable is not None:
+        raise unavailable
     suffix = f" (provider code {code})" if code else ""
     if resp.status_code in TRANSIENT_STATUS or resp.status_code >= 500:
         raise transient(resp, f"{what}: HTTP {resp.status_code}{suffix}")

@@ -4,8 +4,9 @@ A channel declares what it can carry as data (``ChannelCaps``), is built from it
 validated Config, and sends one ``OutboxItem`` at a time, idempotently per ``item.key``:
 sending the same key twice must not reach the recipient twice (pass the key to providers
 that accept one; remember it otherwise). Errors cross the boundary as careloop errors:
-``TransientError`` (timeouts, 429, 5xx: retried with backoff) or ``PermanentError``
-(other 4xx, bad address: dead-lettered). Messages hold no PHI.
+``TransientError`` (timeouts, 429, 5xx: retried with backoff), its ``ChannelUnavailable``
+(the provider rejected the channel's credentials: the item waits, the attempt not counted)
+or ``PermanentError`` (other 4xx, bad address: dead-lettered). Messages hold no PHI.
 """
 
 from __future__ import annotations
@@ -96,6 +97,14 @@ class ChannelConfig(PluginConfig):
 
 
 class Channel(Protocol):
+    """A delivery plugin. Besides the methods below a channel may define
+    ``health() -> careloop.plugins.Health`` (optional, so not part of this protocol; the
+    hub looks for it): ``/readyz`` then lists it as ``channel:<id>``, with the reason when it
+    is degraded (its credentials rejected, until a send succeeds). A degraded channel does
+    not make the hub unready, as a degraded connector does not: the hub still takes
+    everything in and the items wait in the outbox; only ``ok=False`` does. Channels without
+    ``health()`` are not listed."""
+
     name: ClassVar[str]
     Config: ClassVar[type[ChannelConfig]]
     capabilities: ClassVar[ChannelCaps]

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar, Self
 from urllib.parse import urlencode
@@ -51,6 +50,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 
 from careloop.clock import Clock, SystemClock, utc
 from careloop.errors import ChannelUnavailable, PermanentError
+from careloop.plugins import Health
 from careloop.smart_auth import SmartAuthConfig, SmartBackendAuth
 from careloop.tables import Escalation, OutboxItem
 from channels import _http
@@ -257,17 +257,6 @@ class FhirWritebackConfig(ChannelConfig):
         if self.bearer_token is not None and self.auth is not None:
             raise ValueError("bearer_token and auth are both set: use one (auth refreshes its own tokens)")
         return self
-
-
-@dataclass(frozen=True, slots=True)
-class Health:
-    """The channel's state for status pages, shaped as ``connectors.base.Health`` (plugins do
-    not import each other): ``ok`` it sends; ``degraded`` something stops it from succeeding
-    (its credentials were rejected), ``detail`` says what."""
-
-    ok: bool
-    detail: str = ""
-    degraded: bool = False
 
 
 class FhirWritebackChannel:

@@ -10,7 +10,13 @@ outbox row (the ``twilio_sms_inbound`` connector stores it as ``_key``).
 
 Errors: as ``channels/_http.py`` (429, 5xx, timeouts transient; other 4xx permanent), except
 the Twilio codes in ``TRANSIENT_CODES`` (21611, the sender's queue is full), which are
-transient whatever the HTTP status. Once Twilio has answered 2xx the message exists: an
+transient whatever the HTTP status, and a rejection of the account SID and auth token (HTTP
+401, or Twilio error 20003 "Authenticate" under any status: a rotated or deleted auth token,
+a suspended account), which is ``ChannelUnavailable``: every pending message waits, uncounted,
+instead of each being dead-lettered, and ``health()`` reports the channel degraded until a
+request succeeds. A 403 with any other code stays permanent: Twilio answers 403 for things
+that concern one message (a destination region not enabled, 21408), which must not hold
+every other message back. Once Twilio has answered 2xx the message exists: an
 answer that cannot be read (not JSON, no sid) is ``DeliveryUncertain``, settled by the
 lookup below, never retried blindly.
 
@@ -54,6 +60,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from careloop.clock import utc
 from careloop.errors import PermanentError, RecipientOptedOut, TransientError
+from careloop.plugins import Health
 from careloop.tables import OutboxItem
 from channels import _http
 from channels.base import ABSENT, ChannelCaps, ChannelConfig, DeliveryUncertain, Receipt, SentMemory
@@ -86,6 +93,9 @@ STATUS_MAP = {
 TRANSIENT_CODES = frozenset({"21611"})
 # "Attempt to send to unsubscribed recipient": a STOP held by Twilio or the carrier.
 UNSUBSCRIBED_RECIPIENT = "21610"
+# "Authenticate" / "Permission Denied": the account SID and auth token were not accepted
+# (https://www.twilio.com/docs/api/errors/20003); Twilio sends it with HTTP 401.
+AUTHENTICATE = "20003"
 
 
 def check_url(v: str, *, loopback_http: bool = True) -> str:
@@ -166,6 +176,7 @@ class TwilioSmsChannel:
         self._auth = httpx.BasicAuth(config.account_sid, config.auth_token.get_secret_value())
         self._sent = SentMemory()
         self._messages = f"{config.base_url}/2010-04-01/Accounts/{config.account_sid}/Messages"
+        self._credentials = _http.Credentials(frozenset({401}), frozenset({AUTHENTICATE}))
 
     def __repr__(self) -> str:
         return f"TwilioSmsChannel(id={self.id!r}, account_sid={self.config.account_sid!r})"
@@ -188,6 +199,10 @@ class TwilioSmsChannel:
             for p in check_sms_length(template_estimate(text), limit):
                 problems.append(f"sms.{lang} {p}" if lang else p)
         return problems
+
+    def health(self) -> Health:
+        """Degraded, with the reason, while Twilio rejects the account's credentials."""
+        return self._credentials.health()
 
     def _what(self, op: str) -> str:
         return f"channel {self.id}: twilio {op}"
@@ -234,7 +249,7 @@ class TwilioSmsChannel:
             raise RecipientOptedOut(
                 f"{what}: HTTP {resp.status_code} (provider code {code}: recipient opted out)"
             )
-        _http.check(resp, what)
+        _http.check(resp, what, self._credentials)
         # From here on Twilio has accepted the message: an answer we cannot read (a proxy's
         # page, a truncated body, no sid) must not be retried as if nothing had been sent,
         # nor dead-lettered (a dead letter's retry sends again). ``DeliveryUncertain`` keeps
@@ -290,7 +305,7 @@ class TwilioSmsChannel:
         )
         if resp.status_code == 404:
             return None
-        _http.check(resp, what)
+        _http.check(resp, what, self._credentials)
         return self._receipt(_http.json_body(resp, what), recovered=True)
 
     async def _find(self, to: str, text: str, since: datetime) -> list[dict[str, Any]] | None:
@@ -314,7 +329,7 @@ class TwilioSmsChannel:
                 auth=self._auth,
                 timeout=self.config.timeout_seconds,
             )
-            _http.check(resp, what)
+            _http.check(resp, what, self._credentials)
             page = _http.json_body(resp, what)
             reached_older = False
             for m in page.get("messages") or []:

@@ -8,6 +8,15 @@ time of this attempt, ``webhook-signature`` ``v1,<base64 HMAC-SHA256>`` over
 Body: ``{"type": "careloop.outreach", "timestamp": ISO-8601, "data": {key, channel,
 person_id, template, playbook, purpose, subject_ref, phi_class, recipient, content}}``.
 
+Errors: as ``channels/_http.py``. A 401 rejects what authenticates every delivery alike (the
+signature with the channel's one secret, its timestamp): ``ChannelUnavailable``, so a secret
+rotated on the receiver but not here leaves the items pending, uncounted, instead of dead-
+lettering each, and ``health()`` reports the channel degraded until a delivery succeeds. A
+403 stays permanent: it is also what web application firewalls and proxies answer to a body
+they refuse, which concerns one item, and as ``ChannelUnavailable`` (never counted) such an
+item would hold the channel back every time it came up, for ever; a receiver that answers a
+bad signature with 403 dead-letters items, which ``careloop deadletters retry`` sends again.
+
 Because receivers de-duplicate on ``webhook-id`` (the standard's contract), a send
 interrupted by a crash is resent with the same id on recovery (``status()`` answers
 ``ABSENT``) unless ``resend_on_recovery`` is off, in which case it becomes ``unknown``.
@@ -29,6 +38,7 @@ import httpx
 from pydantic import Field, SecretStr, field_validator
 
 from careloop.errors import PermanentError
+from careloop.plugins import Health
 from careloop.tables import OutboxItem
 from channels import _http
 from channels.base import ABSENT, ChannelCaps, ChannelConfig, Receipt, SentMemory
@@ -90,9 +100,14 @@ class WebhookChannel:
         self._own_http = http is None
         self._http = http or _http.new_client()
         self._sent = SentMemory()
+        self._credentials = _http.Credentials(frozenset({401}))
 
     def __repr__(self) -> str:
         return f"WebhookChannel(id={self.id!r})"
+
+    def health(self) -> Health:
+        """Degraded, with the reason, while the receiver rejects the channel's signature."""
+        return self._credentials.health()
 
     def payload(self, item: OutboxItem) -> bytes:
         doc = {
@@ -137,7 +152,7 @@ class WebhookChannel:
             headers=headers,
             timeout=self.config.timeout_seconds,
         )
-        _http.check(resp, what)
+        _http.check(resp, what, self._credentials)
         receipt = Receipt("delivered", provider_id=item.key, detail={"http_status": resp.status_code})
         self._sent[item.key] = receipt
         log.debug("channel %s delivered outbox key %s", self.id, item.key)

@@ -9,12 +9,12 @@ checks), hands them to the ``RawSink`` and acknowledges upstream only after
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from fastapi import APIRouter
 
 from careloop.model import PutResult, RawIn
+from careloop.plugins import Health as Health  # the kernel's, shared with channels; importable here as before
 from careloop.plugins import PluginConfig
 
 
@@ -23,17 +23,6 @@ class RawSink(Protocol):
         """Store ``items`` durably (committed when this returns); duplicates by
         (connector, dedup_key) are not stored again and return the first copy's reply."""
         ...
-
-
-@dataclass(frozen=True, slots=True)
-class Health:
-    """``ok``: the connector takes messages in. ``degraded``: it does, but something it
-    manages is not in place (an EHR subscription, the last poll); ``detail`` says what, or
-    carries plain counters when all is well."""
-
-    ok: bool
-    detail: str = ""
-    degraded: bool = False
 
 
 class Connector(Protocol):

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from careloop.errors import PermanentError
+from careloop.errors import ChannelUnavailable, PermanentError
 from careloop.tables import OutboxItem
 from channels.base import ABSENT
 from channels.sms_encoding import check_sms_length, measure
@@ -124,9 +124,9 @@ def test_messaging_service_sid_replaces_from(fake: FakeTwilio) -> None:
     assert fake.messages[0]["messaging_service_sid"] == mg and fake.messages[0]["from"] is None
 
 
-def test_wrong_auth_token_is_permanent_and_names_no_secret(fake: FakeTwilio) -> None:
+def test_wrong_auth_token_is_the_channels_outage_and_names_no_secret(fake: FakeTwilio) -> None:
     ch = channel(fake, auth_token="wrong-token")
-    with pytest.raises(PermanentError, match="HTTP 401") as err:
+    with pytest.raises(ChannelUnavailable, match=r"rejected the channel.s credentials \(HTTP 401") as err:
         asyncio.run(_send_and_close(ch, sms_item("k-auth")))
     assert "wrong-token" not in str(err.value) and not fake.messages
 
