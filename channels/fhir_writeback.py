@@ -27,12 +27,15 @@ The outbox row (written by the orchestrator) names the person's FHIR Patient ref
 Auth: a static ``bearer_token``, or ``auth`` for SMART Backend Services (the FHIR connectors'
 ``careloop.smart_auth``: a token fetched on first use, cached until shortly before
 ``expires_in`` on the channel's clock, refreshed then, and refreshed once on a 401 before the
-request is sent once more). A 401 or 403 that survives that (a static token that expired, a
-client whose registration or scopes were withdrawn), and an authorization server that refuses
-the client, are the channel's problem, not the item's: ``ChannelUnavailable`` (a
-``TransientError`` the outbox does not count against the item: it stays pending, the channel
-held for a while, never dead-lettered for a defect it does not have), and ``health()``
-says the channel is degraded, credentials rejected, until a request succeeds.
+request is sent once more). A 401 that survives that (a static token that expired, a client
+whose registration was withdrawn), and an authorization server that refuses the client, are
+the channel's problem, not the item's: ``ChannelUnavailable`` (a ``TransientError`` the
+outbox does not count against the item: it stays pending, the channel held for a while,
+never dead-lettered for a defect it does not have), and ``health()`` says the channel is
+degraded, credentials rejected, until a request succeeds. A 403 stays the item's (permanent,
+dead-lettered, ``careloop deadletters retry`` sends it again): EHRs answer 403 for one
+restricted patient's compartment, and an item held as the channel's outage would hold the
+channel for everyone each time it came up.
 """
 
 from __future__ import annotations
@@ -308,7 +311,7 @@ class FhirWritebackChannel:
 
     async def _request(self, what: str, method: str, url: str, **kw: Any) -> httpx.Response:
         """One FHIR interaction with this channel's credentials (a SMART token is refreshed
-        once on a 401). A 401/403 that remains, or an authorization server that refuses the
+        once on a 401). A 401 that remains, or an authorization server that refuses the
         client, is ``ChannelUnavailable``: the channel's credentials, not the item, are at fault."""
         headers: dict[str, str] = {"Accept": FHIR_JSON, "Content-Type": FHIR_JSON, **kw.pop("headers", {})}
 
@@ -327,7 +330,7 @@ class FhirWritebackChannel:
             resp = await send(f"Bearer {self.config.bearer_token.get_secret_value()}")
         else:
             resp = await send(None)
-        if resp.status_code in (401, 403):
+        if resp.status_code == 401:
             raise self._credentials_rejected(
                 f"channel {self.id}: the FHIR server rejected the channel's credentials "
                 f"(HTTP {resp.status_code}); items wait until valid credentials are configured"

@@ -20,7 +20,7 @@ from sqlmodel import Session, select
 
 from careloop.clock import VirtualClock
 from careloop.config import format_errors
-from careloop.errors import TransientError
+from careloop.errors import PermanentError, TransientError
 from careloop.store import Store
 from careloop.tables import DeadLetter, OutboxItem
 from channels.base import ABSENT
@@ -230,16 +230,18 @@ def test_rejected_static_token_leaves_the_item_pending_and_the_channel_degraded(
     assert ch.health().degraded is False
 
 
-def test_403_with_a_static_token_is_transient_too(fhir: FakeFhir) -> None:
+def test_a_403_is_the_items_not_the_channels(fhir: FakeFhir) -> None:
+    """EHRs answer 403 for one restricted patient: dead-lettered alone, the channel not held."""
     fhir.token = TOKEN
-    fhir.fail_with = [403]  # e.g. scopes withdrawn
+    fhir.fail_with = [403]
 
     async def go() -> None:
         ch = FhirWritebackChannel("ehr-writeback", FhirWritebackConfig.model_validate(config(fhir.base_url)))
         try:
-            with pytest.raises(TransientError, match="HTTP 403"):
+            with pytest.raises(PermanentError, match="HTTP 403"):
                 await ch.send(item("wb-403"))
-            assert ch.health().degraded
+            assert not ch.health().degraded
+            assert (await ch.send(item("wb-next"))).status == "delivered"
         finally:
             await ch.aclose()
 
