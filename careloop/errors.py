@@ -39,7 +39,8 @@ class ChannelUnavailable(TransientError):
     """The channel, not the item, cannot send now (its credentials were rejected): the
     deliver stage does not count the attempt against the item (an outage of hours must not
     dead-letter every message waiting) and holds the channel's items for ``retry_after``;
-    they still expire at their ``not_after``."""
+    they still expire at their ``not_after``. If the channel sent anything since it was last
+    unavailable, the refusal may be the item's own and counts as an ordinary attempt."""
 
     def __init__(self, *args: object, retry_after: timedelta = timedelta(minutes=5)) -> None:
         super().__init__(*args, retry_after=retry_after)

@@ -403,6 +403,8 @@ class DeliverStage:
         self._buckets: dict[str, TokenBucket] = {}
         # channel id -> store time until which its provider asked us to wait (Retry-After)
         self._paused: dict[str, datetime] = {}
+        # channel id -> whether it sent anything since it was last unavailable (ChannelUnavailable)
+        self._worked: dict[str, bool] = {}
         self._last_recover = -math.inf
 
     # ------------------------------------------------------------------ the loop
@@ -504,8 +506,20 @@ class DeliverStage:
             bucket = self._bucket(channel)
             if bucket is not _NO_LIMIT:
                 await bucket.acquire()
-            return _Sent(item, receipt=await channel.send(item))
+            receipt = await channel.send(item)
+            self._worked[channel.id] = True
+            return _Sent(item, receipt=receipt)
         except Exception as exc:  # settled by kind: uncertain, transient, anything else dead
+            if (
+                isinstance(exc, ChannelUnavailable)
+                and channel is not None
+                and self._worked.pop(channel.id, False)
+            ):
+                # The channel sent something since it was last unavailable: this refusal may
+                # be the item's own (a receiver that answers 401 for one tenant), so it counts
+                # as an ordinary attempt and holds nothing; one bad item never stops a channel.
+                # A second refusal with nothing sent between is the channel's outage.
+                exc = TransientError(str(exc))
             if isinstance(exc, TransientError) and exc.retry_after is not None and channel is not None:
                 until = self.store.clock.now() + exc.retry_after
                 self._paused[channel.id] = max(until, self._paused.get(channel.id, until))
@@ -759,7 +773,8 @@ class DeliverStage:
         if row is None:
             return
         disclose(s, row, "transient-error", now, ok=False)
-        if isinstance(exc, ChannelUnavailable):
+        unavailable = isinstance(exc, ChannelUnavailable)
+        if unavailable:
             row.attempts -= 1  # the channel's outage, not the item's failure
         if row.attempts >= self.max_attempts:
             dead_letter(s, "deliver", row, exc, now)
@@ -769,6 +784,12 @@ class DeliverStage:
         wait = exc.retry_after if isinstance(exc, TransientError) else None
         if wait is not None:  # the provider's wait (capped where it was read): never sooner
             row.next_attempt_at = max(row.next_attempt_at, now + wait)
+        if unavailable and wait is not None:
+            # after the channel's other items, held until ``now + wait``: if they go through,
+            # this refusal was the item's own and its next one counts (see ``_deliver``)
+            row.next_attempt_at = (
+                now + wait + backoff(row.attempts, self.backoff_base, self.backoff_cap, self.rng)
+            )
 
     def _defer_in(self, s: Session, now: datetime, item: OutboxItem, until: datetime) -> None:
         """Put ``item``, claimed but not sent because its provider asked this process to

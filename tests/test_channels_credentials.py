@@ -252,3 +252,56 @@ def test_webhook_403_stays_permanent(receiver: WebhookReceiver) -> None:
         await ch.aclose()
 
     asyncio.run(go())
+
+
+class OneTenantRefused(WebhookReceiver):
+    """A receiver that answers 401 to one item (its ``webhook-id``) and 204 to the rest:
+    a refusal that is the item's own, though it reads as the channel's credentials."""
+
+    def __init__(self, refused: str) -> None:
+        super().__init__()
+        self.refused = refused
+        self.script = []
+        handler = self.server.RequestHandlerClass
+        owner = self
+
+        class Handler(handler):  # type: ignore[valid-type,misc]
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with owner.lock:
+                    owner.ids.append(self.headers.get("webhook-id") or "")
+                status = 401 if self.headers.get("webhook-id") == owner.refused else 204
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server.RequestHandlerClass = Handler
+
+
+def test_one_item_refused_401_does_not_hold_the_channel_and_is_dead_lettered(
+    store: Store, person: int
+) -> None:
+    """One bad message never stops the pipeline: after the first hold, the channel's other
+    items go first; they get through, so the refused item's next 401s count and it ends in
+    the dead letters, while every other item is delivered."""
+    [bad] = add_items(store, person)
+    key = next(r.key for r in rows(store) if r.id == bad)
+    rx = OneTenantRefused(key)
+    ch = webhook_channel(rx)
+    stage = stage_for(store, ch)
+    try:
+
+        async def go() -> None:
+            for _ in range(3 * MAX_ATTEMPTS + 2):
+                add_items(store, person)  # the day's other traffic
+                await drain(stage)
+                after_the_hold(store)
+            await ch.aclose()
+
+        asyncio.run(go())
+    finally:
+        rx.stop()
+    got = {r.id: r for r in rows(store)}
+    assert got[bad].status == "dead"
+    assert [(d.stage, d.item_id) for d in dead_letters(store)] == [("deliver", bad)]
+    assert {r.status for i, r in got.items() if i != bad} == {"delivered"}
