@@ -12,13 +12,14 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import cast
 
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from careloop.clock import SystemClock
 from careloop.db import make_engine
-from careloop.pipeline import MapStage
+from careloop.pipeline import MapperLike, MapStage
 from careloop.store import Store
 from careloop.tables import JourneyEvent, RawMessage
 from mapping.hl7v2 import HL7v2Mapper
@@ -88,7 +89,7 @@ def test_sigkill_during_a_stream_loses_nothing_acked_and_maps_each_message_once(
     engine = make_engine(f"sqlite:///{db}")
     store = Store(engine, SystemClock())
     mapper = HL7v2Mapper()
-    stage = MapStage(store, lambda raw: mapper, batch=10)
+    stage = MapStage(store, lambda raw: cast(MapperLike, mapper), batch=10)
     streaming = threading.Event()
     streaming.set()
 
@@ -108,11 +109,16 @@ def test_sigkill_during_a_stream_loses_nothing_acked_and_maps_each_message_once(
     for t in threads:
         t.start()
     kills = 0
+    # Kill when the stream has reached random points (by messages ACKed, not by time: a fast
+    # or a loaded machine would otherwise end the stream before three kills), each a few
+    # random milliseconds later so it lands mid-commit or mid-ACK.
+    marks = sorted(int(MESSAGES * rng.uniform(0.1, 0.8)) for _ in range(3))
     try:
         while any(t.is_alive() for t in threads):
-            time.sleep(rng.uniform(0.2, 1.0))
-            if kills >= 3 or not any(t.is_alive() for t in threads):
+            time.sleep(0.005)
+            if kills >= 3 or len(acked) < marks[kills]:
                 continue
+            time.sleep(rng.uniform(0.0, 0.05))
             proc.kill()  # SIGKILL: no cleanup, mid-commit or mid-ACK
             proc.wait()
             if proc.stdout is not None:
