@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check careloop connectors mapping orchestrator channels audit tests bench
 
 typecheck: $(STAMP)
-	$(BIN)/mypy careloop connectors mapping orchestrator channels audit
+	$(BIN)/mypy careloop connectors mapping orchestrator channels audit tests bench
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

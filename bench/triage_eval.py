@@ -74,9 +74,11 @@ def main() -> None:
             f"[{'met' if p_all >= 0.8 else 'NOT met'}]"
         )
     if len(sys.argv) > 2 and sys.argv[1] == "--show-errors":
-        for r, tier, intent in results:
-            if r["split"] == sys.argv[2] and (tier != r["tier"] or intent != r["intent"]):
-                print(f"   {r['id']}: want {r['tier']}/{r['intent']} got {tier}/{intent}: {r['text']}")
+        for r, got_tier, got_intent in results:
+            if r["split"] == sys.argv[2] and (got_tier != r["tier"] or got_intent != r["intent"]):
+                print(
+                    f"   {r['id']}: want {r['tier']}/{r['intent']} got {got_tier}/{got_intent}: {r['text']}"
+                )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ class _Client(ClientMixin):  # type: ignore[misc]
         return self.client_id
 
     def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
-        return method == JWTBearerClientAssertion.CLIENT_AUTH_METHOD
+        expected: str = JWTBearerClientAssertion.CLIENT_AUTH_METHOD
+        return method == expected
 
     def check_grant_type(self, grant_type: str) -> bool:
         return grant_type == "client_credentials"

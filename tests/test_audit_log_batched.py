@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
+from sqlmodel import Session, col
 
 from audit import query
 from audit.verify import verify_database
@@ -18,13 +19,13 @@ from careloop.tables import AuditRecord
 AT = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 
 
-def _append(s: object, action: str) -> int:
-    return audit_log.append(s, at=AT, actor="test", action=action).seq  # type: ignore[arg-type]
+def _append(s: Session, action: str) -> int:
+    return audit_log.append(s, at=AT, actor="test", action=action).seq
 
 
 def _actions(engine: Engine) -> list[str]:
     with engine.connect() as c:
-        return list(c.execute(select(AuditRecord.action).order_by(AuditRecord.seq)).scalars())  # type: ignore[arg-type]
+        return list(c.execute(select(col(AuditRecord.action)).order_by(col(AuditRecord.seq))).scalars())
 
 
 def test_records_appended_in_a_transaction_are_all_written_at_commit(store: Store, engine: Engine) -> None:

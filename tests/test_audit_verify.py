@@ -104,7 +104,7 @@ def _forged(prev: Rec | None, seq: int, at: datetime) -> Rec:
         prev_hash,
         "",
     )
-    return Rec(**{**{f: getattr(r, f) for f in Rec.__slots__}, "hash": r.computed_hash()})  # type: ignore[arg-type]
+    return Rec(**{**{f: getattr(r, f) for f in Rec.__slots__}, "hash": r.computed_hash()})
 
 
 def _tamper_db(conn: Connection, n: int, op: tuple[Any, ...]) -> int:
@@ -114,6 +114,7 @@ def _tamper_db(conn: Connection, n: int, op: tuple[Any, ...]) -> int:
     from careloop.tables import AuditRecord
 
     tbl = AuditRecord.__table__  # type: ignore[attr-defined]
+    k: int
     if op[0] == "flip":
         k, field, pos = op[1] % n + 1, op[2], op[3]
         row = {
@@ -148,6 +149,8 @@ def _tamper_db(conn: Connection, n: int, op: tuple[Any, ...]) -> int:
             )
         )
         return k
+    i: int
+    j: int
     i, j = sorted((op[1] % n + 1, op[2] % n + 1))
     if i == j:
         j = i + 1 if i < n else i - 1

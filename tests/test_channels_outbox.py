@@ -7,9 +7,9 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import pytest
 from sqlmodel import Session, select
@@ -18,7 +18,7 @@ from careloop.clock import VirtualClock, utc
 from careloop.errors import PermanentError, TransientError
 from careloop.store import Store
 from careloop.tables import AuditRecord, DeadLetter, DeliveryReceipt, OutboxItem, Person
-from channels.base import ABSENT, ChannelCaps, ChannelConfig, DeliveryUncertain, Receipt
+from channels.base import ABSENT, Channel, ChannelCaps, ChannelConfig, DeliveryUncertain, Receipt
 from channels.outbox import DeliverStage, backoff
 from channels.twilio_loopback import ACCOUNT_SID, AUTH_TOKEN, FakeTwilio
 from channels.twilio_sms import TwilioSmsChannel, TwilioSmsConfig
@@ -40,7 +40,7 @@ class ScriptChannel:
         self,
         id: str,
         config: ChannelConfig,
-        script: list[Any] | None = None,
+        script: Sequence[Receipt | BaseException] | None = None,
         status_answer: Receipt | None = None,
         queryable: bool = False,
         idempotent: bool = False,
@@ -53,13 +53,15 @@ class ScriptChannel:
         self.on_send: Any = None
         self.send_times: list[float] = []
         if queryable or idempotent:
-            self.capabilities = ChannelCaps(
+            # This double's capabilities vary per instance: an instance attribute shadows the
+            # class-level one (which the Channel protocol declares a ClassVar).
+            vars(self)["capabilities"] = ChannelCaps(
                 template_kind="sms",
                 address_kind="phone",
                 max_phi="none",
                 can_query_status=queryable,
                 idempotent_key=idempotent,
-            )  # type: ignore[misc]
+            )
 
     async def send(self, item: OutboxItem) -> Receipt:
         self.send_times.append(time.monotonic())
@@ -69,7 +71,7 @@ class ScriptChannel:
         if isinstance(outcome, BaseException):
             raise outcome
         self.sent.append(item.key)
-        return outcome  # type: ignore[no-any-return]
+        return outcome
 
     async def status(self, item: OutboxItem) -> Receipt | None:
         self.status_calls.append(item.key)
@@ -420,7 +422,7 @@ def test_outbox_delivers_through_twilio_once_per_key(store: Store, person: int, 
         ),
     )
     fake.fail_with = [429, 500]
-    stage = DeliverStage(store, {"sms": ch})
+    stage = DeliverStage(store, {"sms": cast(Channel, ch)})
     clock = store.clock
     assert isinstance(clock, VirtualClock)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlencode
 
 import httpx
@@ -18,7 +18,7 @@ from twilio.request_validator import RequestValidator
 
 from careloop.errors import SkipMessage
 from careloop.model import Identifier, PutResult, RawIn
-from careloop.pipeline import IngestSink, MapStage
+from careloop.pipeline import IngestSink, MapperLike, MapStage
 from careloop.store import Store
 from careloop.tables import JourneyEvent, OutboxItem, Person, PersonIdentifier, RawMessage
 from connectors.twilio_sms_inbound import (
@@ -354,7 +354,7 @@ def test_delivery_report_resolves_to_the_outbox_rows_person_without_linking(stor
         )
     conn = connector()
     sink = IngestSink(store)
-    stage = MapStage(store, lambda r: TwilioSmsMapper())
+    stage = MapStage(store, lambda r: cast(MapperLike, TwilioSmsMapper()))
 
     async def go() -> None:
         await conn.start(sink)

@@ -106,7 +106,7 @@ class TestFhirSubscriptionConformance(ConnectorConformance):
 
     def samples(self) -> list[tuple[bytes, dict[str, str]]]:
         note = CORPUS / "fhir-r4-backport" / "json" / "r4-notification-full-resource.json"
-        out = [(json.dumps(PATIENT).encode(), {})]
+        out: list[tuple[bytes, dict[str, str]]] = [(json.dumps(PATIENT).encode(), {})]
         if note.exists():
             out.append((note.read_bytes(), {}))
         return out

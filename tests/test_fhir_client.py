@@ -42,7 +42,7 @@ async def env(request: pytest.FixtureRequest) -> AsyncIterator[Env]:
     alg = request.param
     if alg == "RS384":
         priv: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey = rsa.generate_private_key(65537, 2048)
-        public = RSAKey.import_key(_pem(priv))
+        public: RSAKey | ECKey = RSAKey.import_key(_pem(priv))
     else:
         priv = ec.generate_private_key(ec.SECP384R1())
         public = ECKey.import_key(_pem(priv))

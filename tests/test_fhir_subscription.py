@@ -249,7 +249,7 @@ async def test_dropped_notifications_are_recovered_exactly_once(hub: Hub, has_ev
         booked = s.exec(
             select(JourneyEvent.subject_ref).where(JourneyEvent.type == "appointment.booked")
         ).all()
-    assert sorted(booked) == [f"Appointment/appt{i}" for i in range(1, 6)]
+    assert sorted(booked, key=str) == [f"Appointment/appt{i}" for i in range(1, 6)]
 
 
 @pytest.mark.anyio

@@ -117,7 +117,7 @@ def test_explain_and_deadletters_against_a_database(tmp_path: Path, monkeypatch:
 
     db = f"sqlite:///{tmp_path}/x.db"
     feed = tmp_path / "f.jsonl"
-    rows = [
+    rows: list[dict[str, str | dict[str, str]]] = [
         {"at": "2026-03-01T14:00:00+00:00", "id": "m0", "type": "boom", "mrn": "M1"},
         {
             "at": "2026-03-01T14:00:01+00:00",
@@ -267,7 +267,7 @@ def test_the_hub_retries_deliveries_as_configured(tmp_path: Path) -> None:
     from careloop.store import Store
 
     store = Store(make_engine(f"sqlite:///{tmp_path}/h.db"), SystemClock())
-    bare = {"site": {"channels": []}}
+    bare: dict[str, dict[str, list[str]]] = {"site": {"channels": []}}
     hub = Hub(AppConfig.model_validate(bare), store=store)
     assert (hub.deliver.max_attempts, hub.deliver.backoff_base, hub.deliver.backoff_cap) == (10, 30.0, 3600.0)
     cfg = {**bare, "delivery": {"max_attempts": 4, "retry_base_seconds": 5, "retry_cap_seconds": 50}}

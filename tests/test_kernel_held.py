@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from rich.console import Console
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from careloop.held import assign, list_held
 from careloop.pipeline import IngestSink, MapStage
@@ -49,5 +49,5 @@ def test_a_shared_phone_is_held_listed_and_released_to_the_person_staff_choose(s
     with Session(store.engine) as s:
         ev = s.get(JourneyEvent, held_id)
         assert ev is not None and (ev.status, ev.person_id) == ("pending", people[1])
-        actions = [r.action for r in s.exec(select(AuditRecord).order_by(AuditRecord.seq)).all()]
+        actions = [r.action for r in s.exec(select(AuditRecord).order_by(col(AuditRecord.seq))).all()]
     assert actions[-2:] == ["held.list", "identity.assign"]

@@ -73,7 +73,7 @@ def mllp_message(i: int) -> bytes:
 
 
 def send_until_stopped(port: int, n: int, stop_after: int, proc: subprocess.Popen[bytes]) -> list[str]:
-    acked = []
+    acked: list[str] = []
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         for i in range(n):
             if i == stop_after:

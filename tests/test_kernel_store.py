@@ -9,7 +9,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, SQLModel, select
+from sqlmodel import Session, SQLModel, col, select
 
 import careloop.tables  # noqa: F401
 from careloop import identity
@@ -86,7 +86,7 @@ def test_one_failing_message_is_dead_lettered_while_next_flows(store: Store) -> 
     stage = MapStage(store, MapperRegistry({}))
     assert stage.run_once_sync() == 3
     with Session(store.engine) as s:
-        statuses = [r.status for r in s.exec(select(RawMessage).order_by(RawMessage.id)).all()]
+        statuses = [r.status for r in s.exec(select(RawMessage).order_by(col(RawMessage.id))).all()]
         assert statuses == ["dead", "mapped", "skipped"]
         dl = s.exec(select(DeadLetter)).one()
         assert dl.stage == "map" and "cannot be mapped" in dl.error

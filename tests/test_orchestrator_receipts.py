@@ -6,7 +6,7 @@ import asyncio
 import json
 from datetime import timedelta
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from careloop import config as cfgmod
 from careloop.clock import utc
@@ -47,7 +47,7 @@ def test_status_callback_marks_outbox_row_delivered_then_read() -> None:
                 for r in s.exec(
                     select(DeliveryReceipt)
                     .where(DeliveryReceipt.outbox_id == item.id)
-                    .order_by(DeliveryReceipt.id)
+                    .order_by(col(DeliveryReceipt.id))
                 ).all()
             ]
         assert row is not None and row.status == "read"  # a late "sent" does not move it back

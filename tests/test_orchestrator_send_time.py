@@ -11,7 +11,7 @@ import json
 import random
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import pytest
 from sqlalchemy.engine import Engine
@@ -255,7 +255,7 @@ def test_a_send_time_check_that_keeps_failing_ends_in_a_dead_letter_not_a_silent
 ) -> None:
     item = prep_queued(hub, clock)
 
-    def broken(s: Session, row: OutboxItem, now: datetime) -> Any:
+    def broken(s: Session, item: OutboxItem, now: datetime) -> NoReturn:
         raise RuntimeError("a bug in the check")
 
     sms = ScriptChannel("sms", cfg())
