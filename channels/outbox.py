@@ -625,16 +625,7 @@ class DeliverStage:
                 .where(_OUTBOX.c.id == row.id)
                 .values(status=row.status, last_error=row.last_error, attempts=row.attempts)
             )
-            audit_log.append(
-                s,
-                at=now,
-                actor="deliver",
-                action="outbox.expire",
-                person_id=row.person_id,
-                entity=f"outbox/{row.id}",
-                purpose=row.purpose,
-                detail={"channel": row.channel, "template": row.template, "reason": "expired"},
-            )
+            _audit(s, now, row, "outbox.expire", {"reason": "expired"})
             s.flush()
         return row
 
@@ -680,16 +671,7 @@ class DeliverStage:
             .where(_OUTBOX.c.id == row.id)
             .values(status=row.status, attempts=row.attempts, **values)
         )
-        audit_log.append(
-            s,
-            at=now,
-            actor="deliver",
-            action=action,
-            person_id=row.person_id,
-            entity=f"outbox/{row.id}",
-            purpose=row.purpose,
-            detail={"channel": row.channel, "template": row.template, **detail},
-        )
+        _audit(s, now, row, action, detail)
         return row
 
     def _sending(self, s: Session, item: OutboxItem) -> OutboxItem | None:
@@ -800,20 +782,8 @@ class DeliverStage:
             return
         row.status, row.next_attempt_at = "pending", until
         row.attempts -= 1
-        audit_log.append(
-            s,
-            at=now,
-            actor="deliver",
-            action="outbox.defer",
-            person_id=row.person_id,
-            entity=f"outbox/{row.id}",
-            purpose=row.purpose,
-            detail={
-                "channel": row.channel,
-                "template": row.template,
-                "reason": "provider-retry-after",
-                "until": utc(until).isoformat(),
-            },
+        _audit(
+            s, now, row, "outbox.defer", {"reason": "provider-retry-after", "until": utc(until).isoformat()}
         )
 
     def _uncertain_in(self, s: Session, now: datetime, item: OutboxItem, exc: BaseException) -> None:
@@ -1067,6 +1037,24 @@ class _NoLimit:
 
 
 _NO_LIMIT = _NoLimit()
+
+
+def _audit(
+    s: Session, now: datetime, row: OutboxItem, action: str, detail: dict[str, Any], outcome: str = "success"
+) -> None:
+    """The deliver stage's audit record of what it did with ``row`` (its channel and
+    template, and ``detail``: codes only)."""
+    audit_log.append(
+        s,
+        at=now,
+        actor="deliver",
+        action=action,
+        outcome=outcome,
+        person_id=row.person_id,
+        entity=f"outbox/{row.id}",
+        purpose=row.purpose,
+        detail={"channel": row.channel, "template": row.template, **detail},
+    )
 
 
 def disclose(s: Session, row: _Disclosed, outcome: str, now: datetime, ok: bool) -> None:
