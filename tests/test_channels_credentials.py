@@ -23,13 +23,13 @@ from careloop.errors import ChannelUnavailable, PermanentError
 from careloop.store import Store
 from careloop.tables import DeadLetter
 from channels.outbox import DeliverStage
-from channels.twilio_loopback import ACCOUNT_SID, AUTH_TOKEN, FakeTwilio
+from channels.twilio_loopback import AUTH_TOKEN, FakeTwilio
 from channels.twilio_loopback import _Handler as _TwilioHandler
 from channels.twilio_sms import TwilioSmsChannel, TwilioSmsConfig
 from channels.webhook import WebhookChannel, WebhookConfig
 from tests.test_channels_outbox import PHONE, add_items, person, rows
 from tests.test_channels_retry_after import WebhookReceiver, receiver
-from tests.test_channels_twilio_sms import sms_item
+from tests.test_channels_twilio_sms import config, sms_item
 from tests.test_channels_webhook import SECRET
 
 __all__ = ["person", "receiver"]  # the fixtures, used by the tests below
@@ -90,14 +90,7 @@ class Recorded:
 
 
 def sms_channel(fake: FakeTwilio, http: httpx.AsyncClient) -> TwilioSmsChannel:
-    cfg = TwilioSmsConfig(
-        plugin="twilio_sms",
-        base_url=fake.base_url,
-        account_sid=ACCOUNT_SID,
-        auth_token=AUTH_TOKEN,
-        from_number="+15550109999",
-    )
-    return TwilioSmsChannel("sms", cfg, http=http)
+    return TwilioSmsChannel("sms", TwilioSmsConfig.model_validate(config(fake.base_url)), http=http)
 
 
 def webhook_channel(receiver: WebhookReceiver) -> WebhookChannel:

@@ -24,14 +24,14 @@ from careloop.tables import OutboxItem
 from channels import _http
 from channels.fhir_writeback import FhirWritebackChannel, FhirWritebackConfig
 from channels.outbox import DeliverStage
-from channels.twilio_loopback import ACCOUNT_SID, AUTH_TOKEN, FakeTwilio
+from channels.twilio_loopback import FakeTwilio
 from channels.twilio_loopback import _Handler as _TwilioHandler
-from channels.twilio_sms import TwilioSmsChannel, TwilioSmsConfig
 from channels.webhook import WebhookChannel, WebhookConfig
 from tests.fake_fhir import FakeFhir
 from tests.fake_fhir import _Handler as _FhirHandler
 from tests.test_channels_fhir_writeback import item as fhir_item
 from tests.test_channels_outbox import add_items, audits, person, rows
+from tests.test_channels_twilio_sms import channel
 from tests.test_channels_webhook import SECRET
 
 __all__ = ["person"]  # the fixture, used by the tests below
@@ -155,19 +155,6 @@ def receiver() -> Iterator[WebhookReceiver]:
     r.stop()
 
 
-def sms_channel(fake: FakeTwilio) -> TwilioSmsChannel:
-    return TwilioSmsChannel(
-        "sms",
-        TwilioSmsConfig(
-            plugin="twilio_sms",
-            base_url=fake.base_url,
-            account_sid=ACCOUNT_SID,
-            auth_token=AUTH_TOKEN,
-            from_number="+15550109999",
-        ),
-    )
-
-
 def webhook_channel(receiver: WebhookReceiver) -> WebhookChannel:
     return WebhookChannel("sms", WebhookConfig(plugin="webhook", url=receiver.url, secret=SECRET))
 
@@ -273,7 +260,7 @@ def test_each_http_channel_carries_the_providers_wait(
     async def go() -> list[BaseException]:
         errors: list[BaseException] = []
         sends: list[tuple[Any, OutboxItem]] = [
-            (sms_channel(twilio), item),
+            (channel(twilio), item),
             (webhook_channel(receiver), item),
             (fhir, fhir_item("k-retry-2")),
         ]
@@ -304,7 +291,7 @@ def test_429_with_retry_after_delays_the_next_attempt(
 ) -> None:
     [oid] = add_items(store, person)
     twilio.fail_with, twilio.retry_after = [429], lambda: "120"
-    ch = sms_channel(twilio)
+    ch = channel(twilio)
     stage = stage_for(store, ch, rng=random.Random(7))
     clock = vclock(store)
     t0 = clock.now()
@@ -331,7 +318,7 @@ def test_the_wait_is_recorded_as_the_items_last_error(
 ) -> None:
     add_items(store, person)
     twilio.fail_with, twilio.retry_after = [429], lambda: "120"
-    ch = sms_channel(twilio)
+    ch = channel(twilio)
 
     async def go() -> None:
         await drain(stage_for(store, ch))
@@ -351,7 +338,7 @@ def test_http_date_retry_after(store: Store, person: int, twilio: RetryAfterTwil
     # or 301 s if the second turned between writing the two headers).
     twilio.fail_with = [503]
     twilio.retry_after = lambda: format_datetime(datetime.now(UTC) + timedelta(minutes=5), usegmt=True)
-    ch = sms_channel(twilio)
+    ch = channel(twilio)
     stage = stage_for(store, ch, rng=random.Random(7))
     clock = vclock(store)
     t0 = clock.now()
@@ -375,7 +362,7 @@ def test_garbage_retry_after_leaves_our_own_backoff(
 ) -> None:
     [oid, other] = add_items(store, person, n=2)
     twilio.fail_with, twilio.retry_after = [429], lambda: "soon, please"
-    ch = sms_channel(twilio)
+    ch = channel(twilio)
     stage = stage_for(store, ch, rng=random.Random(7), backoff_base=2.0)
     t0 = vclock(store).now()
 
@@ -392,7 +379,7 @@ def test_garbage_retry_after_leaves_our_own_backoff(
 def test_the_wait_is_capped(store: Store, person: int, twilio: RetryAfterTwilio) -> None:
     [oid] = add_items(store, person)
     twilio.fail_with, twilio.retry_after = [429], lambda: "604800"  # a week
-    ch = sms_channel(twilio)
+    ch = channel(twilio)
     t0 = vclock(store).now()
 
     async def go() -> None:
@@ -409,7 +396,7 @@ def test_retry_after_beyond_not_after_expires_unsent(
     t0 = vclock(store).now()
     [oid] = add_items(store, person, not_after=t0 + timedelta(seconds=60))
     twilio.fail_with, twilio.retry_after = [429], lambda: "120"
-    ch = sms_channel(twilio)
+    ch = channel(twilio)
     stage = stage_for(store, ch, rng=random.Random(7))
     clock = vclock(store)
 
@@ -432,7 +419,7 @@ def test_retry_after_beyond_not_after_expires_unsent(
 def test_the_retry_limit_still_applies(store: Store, person: int, twilio: RetryAfterTwilio) -> None:
     add_items(store, person)
     twilio.fail_with, twilio.retry_after = [429], lambda: "120"
-    ch = sms_channel(twilio)
+    ch = channel(twilio)
 
     async def go() -> None:
         await drain(stage_for(store, ch, max_attempts=1))
@@ -447,7 +434,7 @@ def test_the_channel_pauses_for_the_wait(store: Store, person: int, twilio: Retr
     before the wait is over: put back for its end, no attempt counted, then sent once."""
     first, *rest = add_items(store, person, n=3)
     twilio.fail_with, twilio.retry_after = [429], lambda: "120"
-    ch = sms_channel(twilio)
+    ch = channel(twilio)
     stage = stage_for(store, ch, rng=random.Random(7))
     clock = vclock(store)
     t0 = clock.now()

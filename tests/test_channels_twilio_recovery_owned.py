@@ -18,9 +18,10 @@ from careloop.errors import TransientError
 from careloop.store import Store
 from careloop.tables import OutboxItem
 from channels.outbox import DeliverStage, Recovery
-from channels.twilio_loopback import ACCOUNT_SID, AUTH_TOKEN, FakeTwilio
-from channels.twilio_sms import TwilioSmsChannel, TwilioSmsConfig
+from channels.twilio_loopback import FakeTwilio
+from channels.twilio_sms import TwilioSmsChannel
 from tests.test_channels_outbox import add_items, audits, person, rows
+from tests.test_channels_twilio_sms import channel
 
 __all__ = ["person"]  # the fixture, used by the tests below
 
@@ -32,22 +33,6 @@ def fake(store: Store) -> Iterator[FakeTwilio]:
     f.start()
     yield f
     f.stop()
-
-
-def channel(fake: FakeTwilio, **kw: Any) -> TwilioSmsChannel:
-    """A fresh channel, as a restarted process has: it remembers no send."""
-    return TwilioSmsChannel(
-        "sms",
-        TwilioSmsConfig(
-            plugin="twilio_sms",
-            base_url=fake.base_url,
-            account_sid=ACCOUNT_SID,
-            auth_token=AUTH_TOKEN,
-            from_number="+15550109999",
-            status_callback_url="http://127.0.0.1:8080/channels/sms",
-            **kw,
-        ),
-    )
 
 
 def stage_for(store: Store, ch: Any) -> DeliverStage:
