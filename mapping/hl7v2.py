@@ -459,6 +459,19 @@ def _filler_status(ctx: _Ctx, sch: Segment) -> str | None:
     return None
 
 
+def _status(trigger: str, filler: str | None) -> str:
+    """Appointment.status for an SIU trigger and its SCH-25 status. An ending trigger (S15-S17,
+    S26) keeps its own status unless SCH-25 ends the appointment the same way: an S17 (or S15)
+    whose SCH-25 is Deleted is entered-in-error, as an S14 with Deleted is; a stale Booked on
+    an S15 leaves it cancelled."""
+    own = _TRIGGER_STATUS.get(trigger)
+    if own is None:
+        return filler or "booked"
+    if filler is not None and _ENDED_BY_FILLER.get(filler) == SIU_EVENTS[trigger]:
+        return filler
+    return own
+
+
 def _ei(ctx: _Ctx, sch: Segment, field: int) -> tuple[str, str] | None:
     value, namespace, universal = comps(sch.raw_rep(field), ctx.enc, ctx.cs, 3)
     value = value.strip()
@@ -476,7 +489,7 @@ def _appointment(ctx: _Ctx, sch: Segment, trigger: str, idents: list[Identifier]
         aid = short_id("appointment", *key)
     else:
         aid = short_id("msh", msg.msh.raw(3), msg.msh.raw(4), msg.control_id)
-    status = _TRIGGER_STATUS.get(trigger) or _filler_status(ctx, sch) or "booked"
+    status = _status(trigger, _filler_status(ctx, sch))
     appt: dict[str, Any] = {"resourceType": "Appointment", "id": aid, "status": status}
     ids = []
     for code, pair in (("PLAC", placer), ("FILL", filler)):

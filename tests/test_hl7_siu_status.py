@@ -103,9 +103,9 @@ def test_an_s14_carrying_the_corpus_terminal_status_maps_to_that_triggers_event(
     own = map_one(corpus(source))
     as_s14 = map_one(corpus(source, trigger="S14"))
     assert own.type == as_s14.type == event_type
-    # Appointment.status is SCH-25's (V2-to-FHIR ConceptMap); the orchestrator reads
-    # entered-in-error as cancelled, as it does for a FHIR Appointment.
-    assert status(as_s14) == appt_status
+    # Appointment.status is SCH-25's (V2-to-FHIR ConceptMap), whichever trigger carries it;
+    # the orchestrator reads entered-in-error as cancelled, as it does for a FHIR Appointment.
+    assert status(own) == status(as_s14) == appt_status
 
 
 # --------------------------------------------------------------------------- forms
@@ -165,6 +165,12 @@ def test_s14_event_follows_sch_25_code_or_text_in_any_case(
         ("S15", "Booked", "appointment.cancelled", "cancelled"),
         ("S15", "Noshow", "appointment.cancelled", "cancelled"),
         ("S17", "Complete", "appointment.cancelled", "cancelled"),
+        # SCH-25 that ends it the same way gives the status: Deleted is entered-in-error.
+        ("S17", "Deleted", "appointment.cancelled", "entered-in-error"),
+        ("S15", "^deleted", "appointment.cancelled", "entered-in-error"),
+        ("S15", "Dc", "appointment.cancelled", "cancelled"),
+        ("S17", "", "appointment.cancelled", "cancelled"),
+        ("S26", "^No Show", "appointment.noshow", "noshow"),
         ("S26", "Cancelled", "appointment.noshow", "noshow"),
     ],
 )
