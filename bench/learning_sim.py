@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import json
 import math
 import random
 import statistics
@@ -103,7 +104,7 @@ BASE = {
 }
 PREFERRED_PART = {"18-39": (0.2, 0.3, 0.5), "40-64": (0.3, 0.4, 0.3), "65+": (0.6, 0.3, 0.1)}
 PARTS = ("morning", "midday", "evening")
-OVERRIDES: dict[str, float] = {}
+OVERRIDES: dict[str, object] = {}
 TIMING = True  # reads and replies come when the person is active (--no-timing: always an hour later)
 READS, READ_FLOOR, READ_SLOPE = True, 0.25, 2.5  # P(read or opened) = 0.25 + 2.5 x P(engaged), at most 0.95
 PART_HOURS = {"morning": (8, 12), "midday": (12, 17), "evening": (17, 21)}  # local, inside 08:00-21:00
@@ -810,6 +811,13 @@ def main() -> int:
     )
     ap.add_argument("--max-exploration", type=float, default=None)
     ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a LearningConfig field for the learner (JSON value), e.g. --set half_life_days=90",
+    )
+    ap.add_argument(
         "--informed",
         type=int,
         default=0,
@@ -825,6 +833,10 @@ def main() -> int:
         SHORT_SD = 0.15
     if args.max_exploration is not None:
         OVERRIDES["max_exploration"] = args.max_exploration
+    for item in args.set:
+        key, _, value = item.partition("=")
+        OVERRIDES[key] = json.loads(value)
+    LearningConfig(**OVERRIDES)  # a bad key or value fails here, naming the field
     policies: list[Factory] = [
         lambda c, s: Fixed(),
         lambda c, s: MostEngaged(),
