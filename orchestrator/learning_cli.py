@@ -68,8 +68,11 @@ def evaluate_cmd(
     except ValueError as exc:
         _die(str(exc))
     engine = existing_engine(database_url(cfg.database.url))
-    with Session(engine) as s:
-        units = ope.load(s, until=ope.settled_before(SystemClock().now(), settle_hours))
+    try:
+        with Session(engine) as s:
+            units = ope.load(s, until=ope.settled_before(SystemClock().now(), settle_hours))
+    finally:
+        engine.dispose()
     ests = [ope.evaluate(units, pi, n) for n, pi in policies]
     if as_json:
         typer.echo(json.dumps([asdict(e) for e in ests], indent=2))
@@ -101,22 +104,28 @@ def show_cmd(person: int, config: ConfigOpt = None) -> None:
     cfg = _config(config)
     engine = existing_engine(database_url(cfg.database.url))
     now = SystemClock().now()
-    with Session(engine) as s:
-        if s.get(Person, person) is None:
-            _die(f"no person {person}", 1)
-        last = s.exec(
-            select(OutreachOutcome)
-            .where(OutreachOutcome.person_id == person)
-            .order_by(col(OutreachOutcome.sent_at).desc())
-        ).first()
-        segment = last.segment if last is not None and last.segment else "*"
-        view = learning.DbStats(s, person_key=str(person), segment=segment, now=now, cfg=cfg.learning)
-        options = sorted({(r.dimension, r.option) for r in view.rows.values()})
-    table = Table(title=f"person {person}: learned state (segment {segment})")
-    # a window's "engaged" counts the reads and replies that came in it, whatever window they answered
-    heads = ("dimension", "option", "posterior mean", "segment mean", "engaged / sends (person)")
+    try:
+        with Session(engine) as s:
+            if s.get(Person, person) is None:
+                _die(f"no person {person}", 1)
+            last = s.exec(
+                select(OutreachOutcome)
+                .where(OutreachOutcome.person_id == person)
+                .order_by(col(OutreachOutcome.sent_at).desc())
+            ).first()
+            segment = last.segment if last is not None and last.segment else "*"
+            view = learning.DbStats(s, person_key=str(person), segment=segment, now=now, cfg=cfg.learning)
+            options = sorted({(r.dimension, r.option) for r in view.rows.values()})
+    finally:
+        engine.dispose()
+    table = Table(
+        title=f"person {person}: learned state (segment {segment})",
+        caption="engaged: the person's reads, clicks and replies counted for the option; for a "
+        "window, those that came in its hours, whichever window the message went in",
+    )
+    heads = ("dimension", "option", "posterior mean", "segment mean", "sends", "engaged")
     for c in heads:
-        table.add_column(c)
+        table.add_column(c, justify="left" if c in ("dimension", "option") else "right")
     for dim, opt in options:
         post = learning.posterior(view, str(person), segment, dim, opt, cfg.learning)
         table.add_row(
@@ -124,6 +133,7 @@ def show_cmd(person: int, config: ConfigOpt = None) -> None:
             opt,
             f"{post.mean:.3f}",
             f"{post.segment_mean:.3f}",
-            f"{post.person.engaged} / {post.person.trials}",
+            str(post.person.trials),
+            str(post.person.engaged),
         )
     out.print(table)
