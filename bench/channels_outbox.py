@@ -12,12 +12,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from careloop.clock import SystemClock
 from careloop.db import make_engine, upgrade
 from careloop.store import Store
-from channels.base import Channel, ChannelConfig
+from channels.base import ChannelConfig
 from channels.capture import CaptureChannel
 from channels.outbox import DeliverStage
 from channels.testing import seed_sms_outbox
@@ -63,7 +63,7 @@ def main(n: int) -> None:
                 from_number="+15550109999",
             ),
         )
-        real = asyncio.run(drain(DeliverStage(store, {"sms": cast(Channel, sms)}), sms))
+        real = asyncio.run(drain(DeliverStage(store, {"sms": sms}), sms))
         server.stop()
         store.engine.dispose()
         assert len(server.messages) == n

@@ -56,7 +56,10 @@ class Stage(Protocol):
 
 
 class MapperLike(Protocol):
-    name: str
+    @property
+    def name(self) -> str:
+        """Read-only, so mappers that declare it a ``ClassVar`` fit."""
+        ...
 
     def map(self, raw: RawMessage) -> Sequence[MappedEvent]: ...
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -22,6 +22,10 @@ from orchestrator import templates as tmpl
 from orchestrator.gate import ChannelFacts
 from orchestrator.playbooks import PlaybookConfig, templates_used
 from orchestrator.templates import TemplateConfig
+
+if TYPE_CHECKING:
+    from careloop.pipeline import MapperLike
+    from connectors.base import Connector
 
 
 @dataclass
@@ -149,7 +153,7 @@ def build_channels(checked: Checked, *, capture: bool = False, **deps: Any) -> d
     for cid, (cls, cfg) in checked.channels.items():
         if capture:
             caps: ChannelCaps = cls.capabilities
-            ch: Any = CaptureChannel(cid, cfg, imitate=caps)
+            ch = CaptureChannel(cid, cfg, imitate=caps)
             ch.config = cfg
             out[cid] = ch
         else:
@@ -157,7 +161,7 @@ def build_channels(checked: Checked, *, capture: bool = False, **deps: Any) -> d
     return out
 
 
-def build_connectors(checked: Checked, **deps: Any) -> dict[str, Any]:
+def build_connectors(checked: Checked, **deps: Any) -> dict[str, Connector]:
     return {cid: plugins.build(cls, cid, cfg, **deps) for cid, (cls, cfg) in checked.connectors.items()}
 
 
@@ -166,16 +170,16 @@ class MapperRegistry:
     ``plugins.MapperChoice``) first, else a registered mapper that accepts the message's
     kind."""
 
-    def __init__(self, connectors: Mapping[str, Any]) -> None:
-        self._by_connector: dict[str, Any] = {}
+    def __init__(self, connectors: Mapping[str, Connector]) -> None:
+        self._by_connector: dict[str, MapperLike | None] = {}
         for cid, conn in connectors.items():
             own = getattr(conn, "mapper_choice", None)
             if callable(own):
                 choice = own()
                 self._by_connector[cid] = plugins.build_mapper(choice) if choice is not None else None
-        self._by_kind: dict[str, Any] = {}
+        self._by_kind: dict[str, MapperLike | None] = {}
 
-    def __call__(self, raw: RawMessage) -> Any:
+    def __call__(self, raw: RawMessage) -> MapperLike | None:
         if raw.connector in self._by_connector:
             return self._by_connector[raw.connector]
         if raw.kind not in self._by_kind:
@@ -183,13 +187,14 @@ class MapperRegistry:
         return self._by_kind[raw.kind]
 
     @staticmethod
-    def _find(kind: str) -> Any:
+    def _find(kind: str) -> MapperLike | None:
         from mapping.base import accepts
 
         for name in plugins.names("mapper"):
             cls = plugins.load("mapper", name)
             if accepts(cls, kind):
-                return cls()
+                mapper: MapperLike = cls()
+                return mapper
         return None
 
 

@@ -106,9 +106,14 @@ class Channel(Protocol):
     ``health()`` are not listed."""
 
     name: ClassVar[str]
-    Config: ClassVar[type[ChannelConfig]]
     capabilities: ClassVar[ChannelCaps]
     id: str
+
+    @property
+    def Config(self) -> type[ChannelConfig]:
+        """Read-only, so a channel's own ``ChannelConfig`` subclass fits (a settable
+        ``ClassVar`` would be invariant)."""
+        ...
 
     async def send(self, item: OutboxItem) -> Receipt:
         """Deliver ``item`` once (idempotent per ``item.key``)."""

@@ -27,8 +27,13 @@ class RawSink(Protocol):
 
 class Connector(Protocol):
     name: ClassVar[str]
-    Config: ClassVar[type[PluginConfig]]
     id: str
+
+    @property
+    def Config(self) -> type[PluginConfig]:
+        """Read-only, so a connector's own ``PluginConfig`` subclass fits (a settable
+        ``ClassVar`` would be invariant)."""
+        ...
 
     def accept(self, body: bytes, headers: Mapping[str, str]) -> Sequence[RawIn]:
         """Turn one received payload into raw messages (a batch file gives several)."""

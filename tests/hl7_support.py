@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from connectors.base import RawSink
 
 VT, FS, CR = b"\x0b", b"\x1c", b"\r"
 HL7_FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "hl7"
@@ -185,7 +189,7 @@ def fixture_messages() -> list[bytes]:
 class BackgroundListener:
     """An MLLP listener on its own event loop thread (for blocking clients and CLIs)."""
 
-    def __init__(self, sink: object, **config: object) -> None:
+    def __init__(self, sink: RawSink, **config: object) -> None:
         import asyncio
         import threading
 
@@ -198,7 +202,7 @@ class BackgroundListener:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.connector.start(sink), self.loop).result(10)  # type: ignore[arg-type]
+        asyncio.run_coroutine_threadsafe(self.connector.start(sink), self.loop).result(10)
 
     @property
     def port(self) -> int:

@@ -10,12 +10,10 @@ import asyncio
 import json
 import sys
 from datetime import timedelta
-from typing import cast
 
 from careloop.clock import SystemClock
 from careloop.db import make_engine
 from careloop.store import Store
-from channels.base import Channel
 from channels.outbox import DeliverStage
 from channels.twilio_loopback import ACCOUNT_SID, AUTH_TOKEN
 from channels.twilio_sms import TwilioSmsChannel, TwilioSmsConfig
@@ -33,9 +31,7 @@ async def main(db_url: str, base_url: str, mode: str, resend_if_absent: bool) ->
         resend_if_absent=resend_if_absent,
     )
     channel = TwilioSmsChannel("sms", cfg)
-    stage = DeliverStage(
-        store, {"sms": cast(Channel, channel)}, batch=100, sending_lease=timedelta(minutes=5)
-    )
+    stage = DeliverStage(store, {"sms": channel}, batch=100, sending_lease=timedelta(minutes=5))
     if mode == "recover":
         report = await stage.recover(stale_after=timedelta(0))
         print(

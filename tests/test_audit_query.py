@@ -17,6 +17,7 @@ from sqlmodel import select
 from audit import checkpoint, disclosures, fhir_export, query, retention
 from audit.testing import SYNTHETIC_NAME, SYNTHETIC_PHONE, seed
 from audit.verify import verify_database
+from careloop.clock import VirtualClock
 from careloop.store import Store
 from careloop.tables import RawMessage
 
@@ -207,7 +208,8 @@ def test_the_scheduled_job_checkpoints_after_n_records_or_after_the_interval(
     with store.session() as s:
         audit_log.append(s, at=START, actor="t", action="t")
     assert job() is None  # one new record, interval not over
-    store.clock.set(store.clock.now() + timedelta(minutes=31))  # type: ignore[attr-defined]
+    assert isinstance(store.clock, VirtualClock)
+    store.clock.set(store.clock.now() + timedelta(minutes=31))
     cp = job()
     assert cp is not None and cp.tree_size == sd.total + 1
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -43,9 +43,9 @@ def _worker(url: str, base_url: str, mode: str, resend: bool, log: Path) -> subp
         return subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def _wait_until(cond: object, timeout: float) -> None:
+def _wait_until(cond: Callable[[], bool], timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
+    while not cond():
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting for the burst")
         time.sleep(0.005)

@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -18,7 +18,7 @@ from sqlmodel import select
 from careloop.errors import ChannelUnavailable, PermanentError
 from careloop.store import Store
 from careloop.tables import Escalation, OutboxItem, Person
-from channels.base import ABSENT, Channel
+from channels.base import ABSENT
 from channels.fhir_writeback import (
     FhirWritebackChannel,
     FhirWritebackConfig,
@@ -107,7 +107,7 @@ class TestFhirWritebackConformance(ChannelConformance):
             "ehr-writeback", FhirWritebackConfig.model_validate(config()), http=http.client
         )
         try:
-            yield Provider(cast(Channel, ch), lambda: http.accepted)
+            yield Provider(ch, lambda: http.accepted)
         finally:
             await http.client.aclose()
 
@@ -254,7 +254,7 @@ def test_outbox_recovery_adopts_a_written_communication_and_resends_a_missing_on
             s.add(row)
     run_channel(ehr, lambda ch: ch.send(item("wb-written")))  # reached the EHR before the crash
     ch = FhirWritebackChannel("ehr-writeback", FhirWritebackConfig.model_validate(config(ehr.base_url)))
-    stage = DeliverStage(store, {"ehr-writeback": cast(Channel, ch)})
+    stage = DeliverStage(store, {"ehr-writeback": ch})
 
     async def go() -> Any:
         report = await stage.recover()

@@ -9,16 +9,16 @@ import random
 import time
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import pytest
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from careloop.clock import VirtualClock, utc
 from careloop.errors import PermanentError, TransientError
 from careloop.store import Store
 from careloop.tables import AuditRecord, DeadLetter, DeliveryReceipt, OutboxItem, Person
-from channels.base import ABSENT, Channel, ChannelCaps, ChannelConfig, DeliveryUncertain, Receipt
+from channels.base import ABSENT, ChannelCaps, ChannelConfig, DeliveryUncertain, Receipt
 from channels.outbox import DeliverStage, backoff
 from channels.twilio_loopback import ACCOUNT_SID, AUTH_TOKEN, FakeTwilio
 from channels.twilio_sms import TwilioSmsChannel, TwilioSmsConfig
@@ -122,7 +122,7 @@ def add_items(store: Store, person: int, n: int = 1, status: str = "pending", **
 
 def rows(store: Store) -> list[OutboxItem]:
     with Session(store.engine) as s:
-        return list(s.exec(select(OutboxItem).order_by(OutboxItem.id)).all())  # type: ignore[arg-type]
+        return list(s.exec(select(OutboxItem).order_by(col(OutboxItem.id))).all())
 
 
 def audits(store: Store, action: str) -> list[AuditRecord]:
@@ -422,7 +422,7 @@ def test_outbox_delivers_through_twilio_once_per_key(store: Store, person: int, 
         ),
     )
     fake.fail_with = [429, 500]
-    stage = DeliverStage(store, {"sms": cast(Channel, ch)})
+    stage = DeliverStage(store, {"sms": ch})
     clock = store.clock
     assert isinstance(clock, VirtualClock)
 

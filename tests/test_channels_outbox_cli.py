@@ -15,7 +15,7 @@ from typing import Any, cast
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 from typer.testing import CliRunner
 
 from audit.disclosures import accounting
@@ -29,7 +29,7 @@ from careloop.hub import Hub
 from careloop.store import Store
 from careloop.tables import AuditRecord, DeliveryReceipt, OutboxItem, Person
 from channels import outbox_cli
-from channels.base import Channel, DeliveryUncertain
+from channels.base import DeliveryUncertain
 from channels.outbox import DeliverStage
 from tests.conftest import FIXTURES
 from tests.test_channels_outbox import PHONE, TEXT, ScriptChannel, add_items, cfg, drain
@@ -78,7 +78,7 @@ def unknown_item(store: Store, person: int) -> tuple[int, ScriptChannel, Deliver
     """One reminder whose send timed out on a channel with no status API: ``unknown``."""
     [item_id] = add_items(store, person)
     ch = ScriptChannel("sms", cfg(), script=[DeliveryUncertain("read timeout")])
-    stage = DeliverStage(store, {"sms": cast(Channel, ch)})
+    stage = DeliverStage(store, {"sms": ch})
     make_unknown(store, stage)
     assert item(store, item_id).status == "unknown"
     return item_id, ch, stage
@@ -93,7 +93,7 @@ def item(store: Store, item_id: int) -> OutboxItem:
 
 def records(store: Store, action: str) -> list[AuditRecord]:
     with Session(store.engine) as s:
-        q = select(AuditRecord).where(AuditRecord.action == action).order_by(AuditRecord.seq)  # type: ignore[arg-type]
+        q = select(AuditRecord).where(AuditRecord.action == action).order_by(col(AuditRecord.seq))
         return list(s.exec(q).all())
 
 
@@ -241,9 +241,7 @@ def test_a_stop_while_in_doubt_still_cancels_the_resend_at_send_time(
 ) -> None:
     queued = prep_queued(hub, clock)
     sms = ScriptChannel("sms", cfg(), script=[DeliveryUncertain("read timeout")])
-    stage = DeliverStage(
-        hub.store, {"sms": cast(Channel, sms)}, recover_every=1e9, check=hub.orchestrator.send_check
-    )
+    stage = DeliverStage(hub.store, {"sms": sms}, recover_every=1e9, check=hub.orchestrator.send_check)
     make_unknown(hub.store, stage)
     assert item(hub.store, cast(int, queued.id)).status == "unknown"
     arrive_with(hub, clock)(

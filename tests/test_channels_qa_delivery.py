@@ -10,7 +10,7 @@ import asyncio
 import base64
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import pytest
@@ -21,7 +21,7 @@ from careloop.clock import VirtualClock
 from careloop.errors import PermanentError, TransientError
 from careloop.store import Store
 from careloop.tables import DeadLetter, DeliveryReceipt, OutboxItem, Person
-from channels.base import ABSENT, Channel, DeliveryUncertain, Receipt, SentMemory
+from channels.base import ABSENT, DeliveryUncertain, Receipt, SentMemory
 from channels.fhir_writeback import OUTBOX_SYSTEM, FhirWritebackChannel, FhirWritebackConfig
 from channels.outbox import DeliverStage
 from channels.smtp_email import SmtpEmailChannel, SmtpEmailConfig
@@ -108,7 +108,7 @@ def test_twilio_answer_without_json_after_acceptance_is_never_sent_again(
     fake.garble_next = 1
     channel = twilio(fake.base_url)
     # cast: the Channel protocol's ClassVar ``Config`` is invariant (see the report)
-    stage = DeliverStage(store, {"sms": cast(Channel, channel)}, max_attempts=4, recover_every=3600)
+    stage = DeliverStage(store, {"sms": channel}, max_attempts=4, recover_every=3600)
 
     async def go() -> None:
         try:
@@ -232,7 +232,7 @@ def test_smtp_quit_refused_after_the_message_was_taken_delivers_once(
     handler = QuitRefused()
     with smtp_server(handler) as port:
         item_id = add_item(store, person, "qa-quit", "email", EMAIL, subject="Visit", text="See you soon.")
-        stage = DeliverStage(store, {"email": cast(Channel, smtp_channel(port))}, max_attempts=3)
+        stage = DeliverStage(store, {"email": smtp_channel(port)}, max_attempts=3)
 
         async def go() -> None:
             for _ in range(4):
@@ -384,7 +384,7 @@ def test_twilio_sender_queue_full_is_transient_and_the_item_waits(
     async def go() -> None:
         http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
         ch = twilio("https://api.twilio.com", http)
-        stage = DeliverStage(store, {"sms": cast(Channel, ch)}, max_attempts=3, recover_every=3600)
+        stage = DeliverStage(store, {"sms": ch}, max_attempts=3, recover_every=3600)
         try:
             await stage.run_once()  # 21611
             first = row(store, item_id)

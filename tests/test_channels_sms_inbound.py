@@ -7,18 +7,18 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlencode
 
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 from twilio.request_validator import RequestValidator
 
 from careloop.errors import SkipMessage
 from careloop.model import Identifier, PutResult, RawIn
-from careloop.pipeline import IngestSink, MapperLike, MapStage
+from careloop.pipeline import IngestSink, MapStage
 from careloop.store import Store
 from careloop.tables import JourneyEvent, OutboxItem, Person, PersonIdentifier, RawMessage
 from connectors.twilio_sms_inbound import (
@@ -132,7 +132,7 @@ async def post(
 
 def raws(store: Store) -> list[RawMessage]:
     with Session(store.engine) as s:
-        return list(s.exec(select(RawMessage).order_by(RawMessage.id)).all())  # type: ignore[arg-type]
+        return list(s.exec(select(RawMessage).order_by(col(RawMessage.id))).all())
 
 
 def test_signed_inbound_is_stored_before_the_empty_twiml_reply(store: Store) -> None:
@@ -354,7 +354,7 @@ def test_delivery_report_resolves_to_the_outbox_rows_person_without_linking(stor
         )
     conn = connector()
     sink = IngestSink(store)
-    stage = MapStage(store, lambda r: cast(MapperLike, TwilioSmsMapper()))
+    stage = MapStage(store, lambda r: TwilioSmsMapper())
 
     async def go() -> None:
         await conn.start(sink)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import pytest
 
@@ -16,7 +16,6 @@ from careloop import reply_token
 from careloop.errors import PermanentError
 from careloop.store import Store
 from careloop.tables import OutboxItem, Person
-from channels.base import Channel
 from channels.outbox import DeliverStage
 from channels.smtp_email import SmtpEmailChannel, SmtpEmailConfig
 from channels.testing import Behaviour, ChannelConformance, Provider
@@ -103,7 +102,7 @@ class TestSmtpEmailConformance(ChannelConformance):
         if behaviour == "timeout":
             with silent_server() as port:
                 cfg = SmtpEmailConfig.model_validate({**config(port), "timeout_seconds": 0.3})
-                yield Provider(cast(Channel, SmtpEmailChannel("email", cfg)), lambda: 0)
+                yield Provider(SmtpEmailChannel("email", cfg), lambda: 0)
             return
         handler = Handler(
             rcpt_reply={
@@ -114,7 +113,7 @@ class TestSmtpEmailConformance(ChannelConformance):
         )
         with smtp_server(handler, starttls=self.certs, auth=True) as port:
             cfg = SmtpEmailConfig.model_validate(self.tls_config(port))
-            yield Provider(cast(Channel, SmtpEmailChannel("email", cfg)), lambda: len(handler.received))
+            yield Provider(SmtpEmailChannel("email", cfg), lambda: len(handler.received))
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +262,7 @@ def test_outbox_delivers_email_and_records_the_message_id(store: Store, person: 
     handler = Handler()
     with smtp_server(handler) as port:
         ch = SmtpEmailChannel("email", SmtpEmailConfig.model_validate(config(port)), clock=store.clock)
-        stage = DeliverStage(store, {"email": cast(Channel, ch)})
+        stage = DeliverStage(store, {"email": ch})
 
         async def go() -> None:
             while await stage.run_once():

@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -15,7 +15,7 @@ import pytest
 
 from careloop.errors import ChannelUnavailable, PermanentError
 from careloop.tables import OutboxItem
-from channels.base import ABSENT, Channel
+from channels.base import ABSENT
 from channels.sms_encoding import check_sms_length, measure
 from channels.testing import Behaviour, ChannelConformance, Provider, ScriptedHTTP
 from channels.twilio_loopback import ACCOUNT_SID, AUTH_TOKEN, FakeTwilio
@@ -84,7 +84,7 @@ class TestTwilioSmsConformance(ChannelConformance):
         http = ScriptedHTTP(behaviour, twilio_created)
         ch = TwilioSmsChannel("sms", TwilioSmsConfig.model_validate(config()), http=http.client)
         try:
-            yield Provider(cast(Channel, ch), lambda: http.accepted)
+            yield Provider(ch, lambda: http.accepted)
         finally:
             await http.client.aclose()
 

@@ -8,14 +8,14 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from careloop.tables import OutboxItem
-from channels.base import ABSENT, Channel
+from channels.base import ABSENT
 from channels.testing import Behaviour, ChannelConformance, Provider, ScriptedHTTP
 from channels.webhook import WebhookChannel, WebhookConfig, sign
 
@@ -70,7 +70,7 @@ class TestWebhookConformance(ChannelConformance):
         http = ScriptedHTTP(behaviour, accepted)
         ch = WebhookChannel("crm-hook", WebhookConfig.model_validate(config()), http=http.client)
         try:
-            yield Provider(cast(Channel, ch), lambda: http.accepted)
+            yield Provider(ch, lambda: http.accepted)
         finally:
             await http.client.aclose()
 

@@ -150,7 +150,9 @@ def example_hub(store: Store, email_port: int, inbound_port: int) -> Hub:
 
 def settle(hub: Hub) -> None:
     """Map and orchestrate until nothing is left (no delivery: the SMS provider is not running)."""
-    while hub.stages[0].run_once_sync() + hub.orchestrator.run_once_sync():  # type: ignore[attr-defined]
+    map_stage = hub.stages[0]
+    assert isinstance(map_stage, MapStage)
+    while map_stage.run_once_sync() + hub.orchestrator.run_once_sync():
         pass
 
 

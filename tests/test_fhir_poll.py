@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import text
 from sqlmodel import Session, select
 
+from careloop.clock import VirtualClock
 from careloop.pipeline import IngestSink
 from careloop.store import Store
 from careloop.tables import FhirSubscriptionState, RawMessage
@@ -85,7 +86,8 @@ async def test_watermark_survives_a_restart(store: Store, ehr: LocalFhirServer) 
         first = _poller(store, ehr, http)
         await first.start(IngestSink(store))
         await first.poll()
-        store.clock.set(store.clock.now() + timedelta(days=3))  # type: ignore[attr-defined]
+        assert isinstance(store.clock, VirtualClock)
+        store.clock.set(store.clock.now() + timedelta(days=3))
         second = _poller(store, ehr, http)
         await second.start(IngestSink(store))
         assert await second.poll() == {"Appointment": 0}

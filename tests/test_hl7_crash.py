@@ -12,14 +12,13 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import cast
 
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from careloop.clock import SystemClock
 from careloop.db import make_engine
-from careloop.pipeline import MapperLike, MapStage
+from careloop.pipeline import MapStage
 from careloop.store import Store
 from careloop.tables import JourneyEvent, RawMessage
 from mapping.hl7v2 import HL7v2Mapper
@@ -89,7 +88,7 @@ def test_sigkill_during_a_stream_loses_nothing_acked_and_maps_each_message_once(
     engine = make_engine(f"sqlite:///{db}")
     store = Store(engine, SystemClock())
     mapper = HL7v2Mapper()
-    stage = MapStage(store, lambda raw: cast(MapperLike, mapper), batch=10)
+    stage = MapStage(store, lambda raw: mapper, batch=10)
     streaming = threading.Event()
     streaming.set()
 

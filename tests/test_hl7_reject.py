@@ -12,7 +12,7 @@ from typing import Any
 
 import hl7.client
 import pytest
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from careloop.clock import VirtualClock
 from careloop.hl7v2.ack import AckIds, Outcome, build_ack, header_error
@@ -73,7 +73,7 @@ def unframe(data: bytes) -> bytes:
 
 def rows(store: Store) -> list[RawMessage]:
     with Session(store.engine) as s:
-        return list(s.exec(select(RawMessage).order_by(RawMessage.id)).all())  # type: ignore[arg-type]
+        return list(s.exec(select(RawMessage).order_by(col(RawMessage.id))).all())
 
 
 def err(ack: bytes) -> tuple[str, str]:

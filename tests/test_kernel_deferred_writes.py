@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, func, select
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from careloop import writes
 from careloop.pipeline import handle_isolated
@@ -90,7 +90,7 @@ def test_a_bad_row_fails_in_its_own_item_and_the_others_are_kept(store: Store) -
         with writes.deferred(s):
             handle_isolated(s, items, handle, "test", lambda: NOW)
         assert _count(s, _DECISION) == 3  # the first row and the two good items'
-        dead = s.connection().execute(select(DeadLetter.__table__.c.item_id)).scalars().all()  # type: ignore[attr-defined]
+        dead = s.connection().execute(select(col(DeadLetter.item_id))).scalars().all()
         assert dead == [items[1].id]
         assert [t.status for t in items] == ["fired", "dead", "fired"]
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from careloop import audit_log, ingest
 from careloop.model import RawIn
@@ -50,14 +50,14 @@ def test_sink_rows_duplicates_and_audit_chain(store: Store) -> None:
     with Session(store.engine) as s:
         rows = {r.id: r for r in s.exec(select(RawMessage)).all()}
         by_stock, by_bulk = rows[a[0].raw_id], rows[b[0].raw_id]
-        for col in ("connector", "kind", "content_type", "status", "attempts", "status_reason"):
-            assert getattr(by_stock, col) == getattr(by_bulk, col)
+        for attr in ("connector", "kind", "content_type", "status", "attempts", "status_reason"):
+            assert getattr(by_stock, attr) == getattr(by_bulk, attr)
         assert by_bulk.headers == {"timezone": "America/New_York", "n": "5"}
         assert by_bulk.body == b"MSH|body5" and by_bulk.ack == b"ACKk4" and by_bulk.dedup_key == "k4"
         assert by_bulk.received_at.replace(tzinfo=None) == by_stock.received_at.replace(tzinfo=None)
         assert len(rows) == 5
 
-        records = s.exec(select(AuditRecord).order_by(AuditRecord.seq)).all()  # type: ignore[arg-type]
+        records = s.exec(select(AuditRecord).order_by(col(AuditRecord.seq))).all()
         head = s.get(AuditHead, 1)
     assert [r.action for r in records] == [
         "message.receive",
@@ -80,7 +80,7 @@ def test_sink_rows_duplicates_and_audit_chain(store: Store) -> None:
     with store.session() as s:
         audit_log.append(s, at=store.clock.now(), actor="test", action="test.append")
     with Session(store.engine) as s:
-        last = s.exec(select(AuditRecord).order_by(AuditRecord.seq.desc())).first()  # type: ignore[attr-defined]
+        last = s.exec(select(AuditRecord).order_by(col(AuditRecord.seq).desc())).first()
     assert last is not None and last.seq == 9 and last.prev_hash == prev
 
 

@@ -16,6 +16,7 @@ from sqlmodel import Session, select
 from careloop import config as cfgmod
 from careloop.clock import VirtualClock
 from careloop.hub import Hub
+from careloop.pipeline import MapStage
 from careloop.store import Store
 from careloop.tables import Consent, Decision, Escalation, JourneyEvent, OutboxItem, Person, PersonIdentifier
 from orchestrator.gate import Cap, ChannelFacts, GateInput, PersonFacts, evaluate
@@ -34,7 +35,9 @@ def _arrive(hub_: Hub, vclock: VirtualClock, prefix: str) -> Any:
         line = _line(vclock.now(), **body)
         doc = {**json.loads(line.body), "id": f"{prefix}{next(n)}"}
         hub_.sink.put_sync(hub_.connectors["feed"].accept(json.dumps(doc).encode(), {}))
-        hub_.stages[0].run_once_sync()  # type: ignore[attr-defined]
+        map_stage = hub_.stages[0]
+        assert isinstance(map_stage, MapStage)
+        map_stage.run_once_sync()
         hub_.orchestrator.run_once_sync()
 
     return arrive

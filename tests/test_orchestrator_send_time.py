@@ -11,7 +11,7 @@ import json
 import random
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 import pytest
 from sqlalchemy.engine import Engine
@@ -22,9 +22,10 @@ from careloop.clock import VirtualClock, utc
 from careloop.deadletters import retry
 from careloop.errors import PermanentError, TransientError
 from careloop.hub import Hub
+from careloop.pipeline import MapStage
 from careloop.store import Store
 from careloop.tables import AuditRecord, DeadLetter, Decision, DeliveryReceipt, OutboxItem, Person
-from channels.base import Channel, Receipt
+from channels.base import Receipt
 from channels.outbox import DeliverStage
 from tests.conftest import FIXTURES
 from tests.test_channels_outbox import ScriptChannel, cfg
@@ -55,7 +56,9 @@ def arrive_with(hub: Hub, clock: VirtualClock) -> Arrive:
         line = _line(clock.now(), **body)
         doc = {**json.loads(line.body), "id": f"s{next(_ids)}"}
         hub.sink.put_sync(hub.connectors["feed"].accept(json.dumps(doc).encode(), {}))
-        hub.stages[0].run_once_sync()  # type: ignore[attr-defined]
+        map_stage = hub.stages[0]
+        assert isinstance(map_stage, MapStage)
+        map_stage.run_once_sync()
         hub.orchestrator.run_once_sync()
 
     return arrive
@@ -75,7 +78,7 @@ def prep_queued(hub: Hub, clock: VirtualClock) -> OutboxItem:
 def stage(hub: Hub, channel: ScriptChannel, **kw: Any) -> DeliverStage:
     return DeliverStage(
         hub.store,
-        {"sms": cast(Channel, channel)},
+        {"sms": channel},
         recover_every=1e9,
         rng=random.Random(3),
         check=hub.orchestrator.send_check,
@@ -221,7 +224,7 @@ def test_a_provider_opt_out_refusal_is_recorded_so_later_messages_are_suppressed
     try:
         fake.fail_with = [400]  # Twilio 21610: the recipient opted out with Twilio or the carrier
         sms = twilio_channel(fake)
-        deliver = DeliverStage(hub.store, {"sms": cast(Channel, sms)}, check=hub.orchestrator.send_check)
+        deliver = DeliverStage(hub.store, {"sms": sms}, check=hub.orchestrator.send_check)
 
         async def once() -> None:
             try:
@@ -259,9 +262,7 @@ def test_a_send_time_check_that_keeps_failing_ends_in_a_dead_letter_not_a_silent
         raise RuntimeError("a bug in the check")
 
     sms = ScriptChannel("sms", cfg())
-    deliver = DeliverStage(
-        hub.store, {"sms": cast(Channel, sms)}, max_attempts=3, recover_every=1e9, check=broken
-    )
+    deliver = DeliverStage(hub.store, {"sms": sms}, max_attempts=3, recover_every=1e9, check=broken)
     for _ in range(3):
         asyncio.run(deliver.run_once())
         got = row(hub, item.id)

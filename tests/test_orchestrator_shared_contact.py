@@ -22,6 +22,7 @@ from careloop import config as cfgmod
 from careloop.clock import VirtualClock
 from careloop.config import SiteConfig
 from careloop.hub import Hub
+from careloop.pipeline import MapStage
 from careloop.replay import FeedLine
 from careloop.store import Store
 from careloop.tables import AuditRecord, Consent, Decision, OutboxItem
@@ -171,12 +172,13 @@ def test_a_stop_by_kind_cancels_what_is_queued_on_a_channel_called_otherwise(
     hub = Hub(cfgmod.load(path), store=Store(engine, clock), capture=True)
     hubs.append(hub)
     map_stage = hub.stages[0]
+    assert isinstance(map_stage, MapStage)
 
     def arrive(i: int, **body: Any) -> None:
         line = _line(clock.now(), **body)
         doc = {**json.loads(line.body), "id": f"q{i}"}
         hub.sink.put_sync(hub.connectors["feed"].accept(json.dumps(doc).encode(), {}))
-        map_stage.run_once_sync()  # type: ignore[attr-defined]
+        map_stage.run_once_sync()
         hub.orchestrator.run_once_sync()  # the deliver stage does not run: sends stay queued
 
     arrive(1, type="appointment.booked", appointment=APPT)

@@ -21,6 +21,7 @@ from sqlmodel import Session, select
 from careloop import config as cfgmod
 from careloop.clock import VirtualClock
 from careloop.hub import Hub
+from careloop.pipeline import MapStage
 from careloop.store import Store
 from careloop.tables import Decision, JourneyEvent, OutboxItem
 from tests.conftest import FIXTURES
@@ -52,7 +53,9 @@ def test_a_second_worker_cannot_text_a_person_whose_event_another_batch_is_decid
         _doc(1, 1, "consent.granted", attributes=opt_in),
     ]
     a.sink.put_sync([r for d in first for r in a.connectors["feed"].accept(d, {})])
-    a.stages[0].run_once_sync()  # type: ignore[attr-defined]
+    a_map = a.stages[0]
+    assert isinstance(a_map, MapStage)
+    a_map.run_once_sync()
     a.orchestrator.run_once_sync()
     then = [
         _doc(2, 1, "crm.offer.eligible", attributes={"product": "plan-0"}),  # another person
@@ -60,7 +63,7 @@ def test_a_second_worker_cannot_text_a_person_whose_event_another_batch_is_decid
         _doc(4, 0, "crm.offer.eligible", attributes={"product": "plan-1"}),  # P: worker B
     ]
     a.sink.put_sync([r for d in then for r in a.connectors["feed"].accept(d, {})])
-    a.stages[0].run_once_sync()  # type: ignore[attr-defined]
+    a_map.run_once_sync()
     a.orchestrator.batch, b.orchestrator.batch = 2, 1
     real = a.orchestrator.handle_event
     worker_b: list[threading.Thread] = []

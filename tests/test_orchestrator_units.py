@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 import pytest
 from pydantic import ValidationError
@@ -36,9 +37,7 @@ def test_template_renders_in_recipient_language_with_local_dates() -> None:
     }
 
 
-def timezones_zone(name: str):  # type: ignore[no-untyped-def]
-    from zoneinfo import ZoneInfo
-
+def timezones_zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
 
 
