@@ -83,9 +83,9 @@ def find_person(engine: Engine, ref: str) -> int | None:
         return survivor(s, pid) if pid is not None else None
 
 
-def audit_view(engine: Engine, person_id: int, actor: str) -> None:
-    """Record that ``actor`` is shown ``person_id``'s timeline (HIPAA: every access to PHI),
-    committed before anything is shown."""
+def audit_view(engine: Engine, person_id: int, actor: str, view: str = "timeline") -> None:
+    """Record that ``actor`` is shown ``view`` of ``person_id``'s record (HIPAA: every access
+    to PHI), committed before anything is shown."""
     from careloop import audit_log
     from careloop.clock import SystemClock
 
@@ -97,7 +97,7 @@ def audit_view(engine: Engine, person_id: int, actor: str) -> None:
             action="person.view",
             person_id=person_id,
             entity=f"person/{person_id}",
-            detail={"view": "timeline"},
+            detail={"view": view},
         )
         s.commit()
 

@@ -3,7 +3,8 @@
 'evaluate' estimates, from the logged learned sends and their outcomes, what other
 policies would have earned (IPS, SNIPS, doubly robust; orchestrator/ope.py). 'show PERSON'
 prints what the learner believes about one person: the pooled posterior of every option it
-has evidence for, with the person's own counts. Both read only; neither prints PHI.
+has evidence for, with the person's own counts. Neither changes the learned state or prints
+identifiers; 'show' is an access to the person's record and is audited (person.view).
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from rich.console import Console
 from rich.table import Table
 from sqlmodel import Session, col, select
 
+from careloop import audit_log
 from careloop.clock import SystemClock
 from careloop.config import AppConfig, load
 from careloop.db import database_url, existing_engine
 from careloop.errors import ConfigError
+from careloop.explain import audit_view
 from careloop.tables import OutreachOutcome, Person
 from orchestrator import learning, ope
 
@@ -108,6 +111,10 @@ def show_cmd(person: int, config: ConfigOpt = None) -> None:
         with Session(engine) as s:
             if s.get(Person, person) is None:
                 _die(f"no person {person}", 1)
+        # what the learner knows of a person is part of their record: the access is audited
+        # (as 'careloop explain' is), committed before anything is shown
+        audit_view(engine, person, audit_log.cli_actor(), view="learned-state")
+        with Session(engine) as s:
             last = s.exec(
                 select(OutreachOutcome)
                 .where(OutreachOutcome.person_id == person)

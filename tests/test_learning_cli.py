@@ -13,7 +13,7 @@ from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from careloop import cli as careloop_cli
-from careloop.tables import Person
+from careloop.tables import AuditRecord, Person
 from tests.test_channels_outbox_cli import cli_db  # noqa: F401  (fixture)
 from tests.test_learning_replay import CONFIG, WHO, _rounds
 
@@ -52,6 +52,9 @@ def test_show_prints_each_options_posterior_and_the_persons_counts(cli_db: Engin
     assert "engaged:" in got.output  # the caption says what the column counts
     for value in WHO.values():
         assert value not in got.output
+    with Session(cli_db) as s:  # showing it was an access to the person's record, audited
+        views = s.exec(select(AuditRecord).where(AuditRecord.action == "person.view")).all()
+    assert [(v.person_id, v.detail) for v in views] == [(person.id, {"view": "learned-state"})]
 
 
 def test_show_unknown_person_exits_1(cli_db: Engine) -> None:  # noqa: F811
