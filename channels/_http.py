@@ -2,12 +2,12 @@
 
 One rule for every provider: timeouts, connection failures, 408, 425, 429 and 5xx are
 ``TransientError`` (the outbox retries with backoff); any other 4xx is ``PermanentError``
-(dead letter), except an answer that rejects the channel's credentials (``Credentials``:
-which answers do is the channel's to say, 401 for all of them): that is
-``ChannelUnavailable``, the channel's outage, not the item's failure. A transient answer's
-``Retry-After`` (``retry_after`` below) rides on the ``TransientError`` as ``retry_after``,
-so the outbox waits at least that long before the next attempt and holds the channel back
-meanwhile. Error messages carry the channel id, the operation, the HTTP status and the
+(dead letter), except an answer that rejects the channel's credentials or refuses its
+account at the provider (``Credentials``: which answers do is the channel's to say, 401 for
+all of them): that is ``ChannelUnavailable``, the channel's outage, not the item's failure.
+A transient answer's ``Retry-After`` (``retry_after`` below) rides on the ``TransientError``
+as ``retry_after``, so the outbox waits at least that long before the next attempt and holds
+the channel back meanwhile. Error messages carry the channel id, the operation, the HTTP status and the
 provider's error code when it has one: never URLs with query strings, bodies or addresses.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -117,43 +118,69 @@ async def call(
 
 
 class Credentials:
-    """Whether a channel's provider accepts its credentials, as its last answers said.
+    """Whether a channel's provider accepts its credentials and its account, as its last
+    answers said.
 
     ``statuses`` and ``codes`` are the answers that reject the credentials themselves (an
-    HTTP status, a provider's error code under any status): nothing to do with the item, so
-    every item would get the same answer. ``check`` turns them into ``ChannelUnavailable``
-    (the item stays pending and uncounted, the channel is held) and ``health()`` reports the
-    channel degraded, with the reason, until a request succeeds again."""
+    HTTP status, a provider's error code under any status); ``account`` maps the provider's
+    error codes that refuse the account itself (suspended, closed, out of funds: under any
+    status) to what each means. Nothing to do with the item, so every item would get the
+    same answer. ``check`` turns them into ``ChannelUnavailable`` (the item stays pending and
+    uncounted, the channel is held) and ``health()`` reports the channel degraded, with the
+    reason, until a request succeeds again. ``refused`` records a rejection a channel found
+    some other way (an authorization server that refuses the client)."""
 
-    def __init__(self, statuses: frozenset[int], codes: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        statuses: frozenset[int],
+        codes: frozenset[str] = frozenset(),
+        account: Mapping[str, str] | None = None,
+    ) -> None:
         self.statuses, self.codes = statuses, codes
+        self.account: Mapping[str, str] = dict(account or {})
         self.rejected: str | None = None  # why, until the next success
 
     def health(self) -> Health:
         return Health(True, self.rejected, degraded=True) if self.rejected else Health(True)
 
     def reject(self, resp: httpx.Response, code: str | None, what: str) -> ChannelUnavailable | None:
-        """The error for ``resp`` if it rejects the credentials, else None."""
-        if resp.status_code not in self.statuses and code not in self.codes:
+        """The error for ``resp`` if it rejects the credentials or the account, else None."""
+        status = resp.status_code
+        if code is not None and code in self.account:
+            return self.refused(
+                f"{what}: the provider refused the channel's account (HTTP {status}, provider code "
+                f"{code}: {self.account[code]}); items wait until the provider accepts the account again"
+            )
+        if status not in self.statuses and code not in self.codes:
             return None
         suffix = f", provider code {code}" if code else ""
-        message = (
-            f"{what}: the provider rejected the channel's credentials (HTTP {resp.status_code}{suffix}); "
+        return self.refused(
+            f"{what}: the provider rejected the channel's credentials (HTTP {status}{suffix}); "
             "items wait until valid credentials are configured"
         )
+
+    def refused(self, message: str) -> ChannelUnavailable:
+        """Record that the provider refuses the channel (``message``: why, no secrets) and
+        return the ``ChannelUnavailable`` to raise."""
         if self.rejected is None:
             log.warning("%s", message)  # once per outage, not once per item
         self.rejected = message
         return ChannelUnavailable(message)
 
+    def accepted(self, what: str) -> None:
+        """A request succeeded: the provider accepts the channel again."""
+        if self.rejected is not None:
+            log.info("%s: the provider accepts the channel's requests again", what)
+            self.rejected = None
+
 
 def check(resp: httpx.Response, what: str, credentials: Credentials | None = None) -> None:
     """Raise the careloop error a non-2xx response stands for; with ``credentials``, record
-    a success there and raise ``ChannelUnavailable`` for an answer that rejects them."""
+    a success there and raise ``ChannelUnavailable`` for an answer that rejects them or the
+    channel's account."""
     if resp.is_success:
-        if credentials is not None and credentials.rejected is not None:
-            log.info("%s: the provider accepts the channel's credentials again", what)
-            credentials.rejected = None
+        if credentials is not None:
+            credentials.accepted(what)
         return
     code = provider_code(resp)
     unavailable = credentials.reject(resp, code, what) if credentials is not None else None

@@ -52,7 +52,7 @@ from fhir.resources.R4B.task import Task
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 
 from careloop.clock import Clock, SystemClock, utc
-from careloop.errors import ChannelUnavailable, PermanentError
+from careloop.errors import PermanentError
 from careloop.plugins import Health
 from careloop.smart_auth import SmartAuthConfig, SmartBackendAuth
 from careloop.tables import Escalation, OutboxItem
@@ -299,20 +299,23 @@ class FhirWritebackChannel:
             if config.auth is not None
             else None
         )
-        self._rejected: str | None = None  # why the credentials are down, until a success
+        # 401 (what remains after a SMART refresh) rejects the credentials; a 403 does not:
+        # see the module docstring. The authorization server's refusal is recorded there too.
+        self._credentials = _http.Credentials(frozenset({401}))
 
     def __repr__(self) -> str:
         return f"FhirWritebackChannel(id={self.id!r}, base_url={self.config.base_url!r})"
 
     def health(self) -> Health:
-        if self._rejected is not None:
-            return Health(True, self._rejected, degraded=True)
-        return Health(True)
+        """Degraded, with the reason, while the EHR or its authorization server rejects the
+        channel's credentials."""
+        return self._credentials.health()
 
     async def _request(self, what: str, method: str, url: str, **kw: Any) -> httpx.Response:
         """One FHIR interaction with this channel's credentials (a SMART token is refreshed
-        once on a 401). A 401 that remains, or an authorization server that refuses the
-        client, is ``ChannelUnavailable``: the channel's credentials, not the item, are at fault."""
+        once on a 401). An authorization server that refuses the client is
+        ``ChannelUnavailable``: the channel's credentials, not the item, are at fault; so is a
+        401 that remains, which the caller's ``_http.check(..., self._credentials)`` raises."""
         headers: dict[str, str] = {"Accept": FHIR_JSON, "Content-Type": FHIR_JSON, **kw.pop("headers", {})}
 
         async def send(authorization: str | None) -> httpx.Response:
@@ -323,27 +326,12 @@ class FhirWritebackChannel:
 
         if self._smart is not None:
             try:
-                resp = await self._smart.authorized(send)
+                return await self._smart.authorized(send)
             except PermanentError as exc:  # the token endpoint refused us, or the key is unusable
-                raise self._credentials_rejected(str(exc)) from None
-        elif self.config.bearer_token is not None:
-            resp = await send(f"Bearer {self.config.bearer_token.get_secret_value()}")
-        else:
-            resp = await send(None)
-        if resp.status_code == 401:
-            raise self._credentials_rejected(
-                f"channel {self.id}: the FHIR server rejected the channel's credentials "
-                f"(HTTP {resp.status_code}); items wait until valid credentials are configured"
-            )
-        if resp.is_success:
-            self._rejected = None
-        return resp
-
-    def _credentials_rejected(self, message: str) -> ChannelUnavailable:
-        if self._rejected is None:
-            log.warning("%s", message)
-        self._rejected = message
-        return ChannelUnavailable(message)
+                raise self._credentials.refused(str(exc)) from None
+        if self.config.bearer_token is not None:
+            return await send(f"Bearer {self.config.bearer_token.get_secret_value()}")
+        return await send(None)
 
     def resource(self, item: OutboxItem) -> dict[str, Any]:
         if not REFERENCE.match(item.recipient) or not item.recipient.startswith("Patient/"):
@@ -369,7 +357,7 @@ class FhirWritebackChannel:
         )
         if resp.status_code == 412:
             raise PermanentError(f"{what}: several {rtype} resources carry this outbox identifier (412)")
-        _http.check(resp, what)
+        _http.check(resp, what, self._credentials)
         rid = _created_id(resp, rtype)
         receipt = Receipt(
             "delivered",
@@ -394,7 +382,7 @@ class FhirWritebackChannel:
             f"{self.config.base_url}/{rtype}",
             params={"identifier": f"{OUTBOX_SYSTEM}|{_token_value(item.key)}"},
         )
-        _http.check(resp, what)
+        _http.check(resp, what, self._credentials)
         bundle = _http.json_body(resp, what)
         # Only a resource of ours counts: a searchset may also carry OperationOutcome entries
         # (search mode "outcome", e.g. a warning), and a server that ignores the identifier

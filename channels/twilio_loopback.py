@@ -17,6 +17,11 @@ the account) and Twilio's error bodies (``{"code", "message", "more_info", "stat
 Every accepted message is kept in memory, including its StatusCallback, so a test can
 count deliveries per outbox key. Nothing is sent anywhere and nothing is logged but sids.
 
+An account the API refuses: ``account_refusal`` set to one of ``ACCOUNT_ERRORS``' codes
+(20403 for a suspended or closed account, 20005 or 10001 for one not active) answers every
+request that authenticates with that error, as Twilio answers an account that may not use the
+API, until it is set back to None (the account reactivated).
+
 Test controls: ``fail_with`` (status codes answered to the next POSTs), ``delay``
 (seconds to wait after recording, before answering), ``hang_at`` (the Nth POST is
 recorded and then never answered until ``release()``), ``garble_next`` (the next N accepted
@@ -43,6 +48,20 @@ from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 ACCOUNT_SID = "AC" + "0" * 31 + "1"
 AUTH_TOKEN = "fake-auth-token-0001"
 
+# Twilio's REST API errors for an account that may not use the API at all, with the HTTP
+# status and message the loopback answers them with (Twilio's error body: code, message,
+# more_info, status). 20403 is "403 Forbidden" (the account suspended or closed); the pages of
+# 20005 and 10001 (the account not active) name no HTTP status, so the loopback answers them
+# with 403 as well, the status of the same refusal: the channel matches the code alone.
+# https://www.twilio.com/docs/api/errors/20403
+# https://www.twilio.com/docs/api/errors/20005
+# https://www.twilio.com/docs/api/errors/10001
+ACCOUNT_ERRORS: dict[int, tuple[int, str]] = {
+    20403: (403, "403 Forbidden"),
+    20005: (403, "Account not active"),
+    10001: (403, "Account is not active"),
+}
+
 
 class FakeTwilio:
     """The server; ``start()`` runs it on a daemon thread and returns its base URL."""
@@ -57,6 +76,7 @@ class FakeTwilio:
         self.delay = 0.0
         self.hang_at: int | None = None
         self.garble_next = 0
+        self.account_refusal: int | None = None  # a code of ACCOUNT_ERRORS: the account refused
         self.hung = threading.Event()  # set once the hanging request was recorded
         self._release = threading.Event()
         self.now: Callable[[], datetime] = lambda: datetime.now(UTC)
@@ -239,10 +259,15 @@ class _Handler(BaseHTTPRequestHandler):
             user, _, token = base64.b64decode(got.removeprefix("Basic ")).decode().partition(":")
         except ValueError:
             user, token = "", ""
-        if user == self.owner.account_sid and (self.owner.auth_token in (None, token)):
-            return True
-        self._send(401, _error(20003, "Authenticate", 401))
-        return False
+        if user != self.owner.account_sid or self.owner.auth_token not in (None, token):
+            self._send(401, _error(20003, "Authenticate", 401))
+            return False
+        refusal = self.owner.account_refusal
+        if refusal is not None:
+            status, message = ACCOUNT_ERRORS[refusal]
+            self._send(status, _error(refusal, message, status))
+            return False
+        return True
 
     def _route(self) -> tuple[str, str] | None:
         path = urlsplit(self.path).path

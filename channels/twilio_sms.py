@@ -12,13 +12,15 @@ Errors: as ``channels/_http.py`` (429, 5xx, timeouts transient; other 4xx perman
 the Twilio codes in ``TRANSIENT_CODES`` (21611, the sender's queue is full), which are
 transient whatever the HTTP status, and a rejection of the account SID and auth token (HTTP
 401, or Twilio error 20003 "Authenticate" under any status: a rotated or deleted auth token,
-a suspended account), which is ``ChannelUnavailable``: every pending message waits, uncounted,
+a suspended account) and a refusal of the account itself (``ACCOUNT_REFUSED``, under any
+status: 20403 "403 Forbidden", the account suspended or closed; 20005 and 10001, the account
+not active), which are ``ChannelUnavailable``: every pending message waits, uncounted,
 instead of each being dead-lettered, and ``health()`` reports the channel degraded until a
 request succeeds. A 403 with any other code stays permanent: Twilio answers 403 for things
 that concern one message (a destination region not enabled, 21408), which must not hold
-every other message back. Once Twilio has answered 2xx the message exists: an
-answer that cannot be read (not JSON, no sid) is ``DeliveryUncertain``, settled by the
-lookup below, never retried blindly.
+every other message back; so do the other per-message errors (21211, an invalid 'To').
+Once Twilio has answered 2xx the message exists: an answer that cannot be read (not JSON, no
+sid) is ``DeliveryUncertain``, settled by the lookup below, never retried blindly.
 
 Idempotency and crash recovery, honestly: Twilio's Messages API has no idempotency key,
 and the message SID is only known once Twilio answers, so it cannot be committed before
@@ -96,6 +98,17 @@ UNSUBSCRIBED_RECIPIENT = "21610"
 # "Authenticate" / "Permission Denied": the account SID and auth token were not accepted
 # (https://www.twilio.com/docs/api/errors/20003); Twilio sends it with HTTP 401.
 AUTHENTICATE = "20003"
+# Twilio REST API errors that refuse the account itself, whatever the message: the account
+# may not use the API at all, so every message would get the same answer. Matched by code
+# under any HTTP status: Twilio's pages name the status of 20403 only ("403 Forbidden").
+# https://www.twilio.com/docs/api/errors/20403
+# https://www.twilio.com/docs/api/errors/20005
+# https://www.twilio.com/docs/api/errors/10001
+ACCOUNT_REFUSED = {
+    "20403": "account suspended or closed",  # "403 Forbidden": lacks permission to use the API
+    "20005": "account not active",  # out of funds, or a free trial not activated
+    "10001": "account not active",  # suspended: balance at or below 0, policy, parent account
+}
 
 
 def check_url(v: str, *, loopback_http: bool = True) -> str:
@@ -176,7 +189,7 @@ class TwilioSmsChannel:
         self._auth = httpx.BasicAuth(config.account_sid, config.auth_token.get_secret_value())
         self._sent = SentMemory()
         self._messages = f"{config.base_url}/2010-04-01/Accounts/{config.account_sid}/Messages"
-        self._credentials = _http.Credentials(frozenset({401}), frozenset({AUTHENTICATE}))
+        self._credentials = _http.Credentials(frozenset({401}), frozenset({AUTHENTICATE}), ACCOUNT_REFUSED)
 
     def __repr__(self) -> str:
         return f"TwilioSmsChannel(id={self.id!r}, account_sid={self.config.account_sid!r})"
@@ -201,7 +214,8 @@ class TwilioSmsChannel:
         return problems
 
     def health(self) -> Health:
-        """Degraded, with the reason, while Twilio rejects the account's credentials."""
+        """Degraded, with the reason, while Twilio rejects the account's credentials or
+        refuses the account (suspended, closed, not active)."""
         return self._credentials.health()
 
     def _what(self, op: str) -> str:

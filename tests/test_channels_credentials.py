@@ -22,11 +22,17 @@ from careloop.clock import VirtualClock, utc
 from careloop.errors import ChannelUnavailable, PermanentError
 from careloop.store import Store
 from careloop.tables import DeadLetter
+from channels.base import ABSENT
+from channels.fhir_writeback import FhirWritebackChannel, FhirWritebackConfig
 from channels.outbox import DeliverStage
 from channels.twilio_loopback import AUTH_TOKEN, FakeTwilio
 from channels.twilio_loopback import _Handler as _TwilioHandler
 from channels.twilio_sms import TwilioSmsChannel, TwilioSmsConfig
 from channels.webhook import WebhookChannel, WebhookConfig
+from tests.fake_fhir import FakeFhir
+from tests.test_channels_fhir_writeback import TOKEN as FHIR_TOKEN
+from tests.test_channels_fhir_writeback import config as fhir_config
+from tests.test_channels_fhir_writeback import item as fhir_item
 from tests.test_channels_outbox import PHONE, add_items, person, rows
 from tests.test_channels_retry_after import WebhookReceiver, receiver
 from tests.test_channels_twilio_sms import config, sms_item
@@ -298,3 +304,39 @@ def test_one_item_refused_401_does_not_hold_the_channel_and_is_dead_lettered(
     assert got[bad].status == "dead"
     assert [(d.stage, d.item_id) for d in dead_letters(store)] == [("deliver", bad)]
     assert {r.status for i, r in got.items() if i != bad} == {"delivered"}
+
+
+# ---------------------------------------------------------------- FHIR write-back
+
+
+def test_fhir_writeback_401_on_the_recovery_search_is_the_channels_and_names_it() -> None:
+    """The write-back channel keeps its credentials' state in the shared ``Credentials``: a
+    401 to the search recovery makes (``status()``) is the channel's outage, its message
+    names the operation and the FHIR server's code as every HTTP channel's does, and the
+    next success clears it."""
+    fhir = FakeFhir(token="rotated-on-the-ehr")  # our static token is no longer accepted
+    fhir.start()
+
+    async def go() -> None:
+        cfg = FhirWritebackConfig.model_validate(fhir_config(fhir.base_url))
+        ch = FhirWritebackChannel("ehr-writeback", cfg)
+        try:
+            with pytest.raises(ChannelUnavailable) as err:
+                await ch.status(fhir_item("wb-search"))
+            message = str(err.value)
+            assert message.startswith("channel ehr-writeback: fhir search: ")
+            assert "rejected the channel's credentials (HTTP 401, provider code login)" in message
+            assert FHIR_TOKEN not in message and "Patient/" not in message
+            health = ch.health()
+            assert health.degraded and health.detail == message
+            fhir.token = FHIR_TOKEN  # the EHR accepts our token again
+            answer = await ch.status(fhir_item("wb-search"))
+            assert answer is not None and answer.status == ABSENT
+            assert ch.health().degraded is False and ch.health().detail == ""
+        finally:
+            await ch.aclose()
+
+    try:
+        asyncio.run(go())
+    finally:
+        fhir.stop()
