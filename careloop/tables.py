@@ -212,6 +212,20 @@ class OutboxItem(SQLModel, table=True):
     released_at: datetime | None = _ts(nullable=True)
 
 
+class ChannelPause(SQLModel, table=True):
+    """A channel its provider asked us to wait for (an HTTP ``Retry-After`` on a 429 or 503,
+    or credentials refused: ``reason``): no deliver worker claims the channel's items before
+    ``until`` (channels/outbox.py). One row per channel, written by the worker that got the
+    answer (the later ``until`` wins), read by every worker's due read; a row whose ``until``
+    has passed pauses nothing and is overwritten by the next pause."""
+
+    __tablename__ = "channel_pause"
+    channel: str = Field(primary_key=True, max_length=32)
+    until: datetime = _ts(nullable=False)
+    reason: str = Field(max_length=64)  # provider-retry-after|channel-unavailable
+    updated_at: datetime = _ts(nullable=False)
+
+
 class DeliveryReceipt(SQLModel, table=True):
     __tablename__ = "delivery_receipt"
     id: int | None = Field(default=None, primary_key=True)

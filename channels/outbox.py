@@ -47,12 +47,18 @@ so a fleet of workers does not retry in lock-step) up to ``max_attempts``, then 
 lettered; permanent errors dead-letter at once. A provider that says when to come back (an
 HTTP ``Retry-After`` on a 429 or 503: ``TransientError.retry_after``, at most
 ``channels._http.MAX_RETRY_AFTER``) is obeyed: the retry is due no sooner than that (the
-later of our backoff and its wait), and this process sends nothing more through that
-channel until the wait is over: its items that come up meanwhile, claimed or in the same
-group, go back to pending for the end of the wait without a request, the claim not counted
-as an attempt (audited ``outbox.defer``, reason ``provider-retry-after``). The pause is
-per process: another worker learns of it from its own first 429. Each channel may be rate
-limited (``ChannelConfig.rate_per_second``), a token bucket per channel. Items past
+later of our backoff and its wait), and the channel is paused until the wait is over, for
+every worker: the pause is written to ``channel_pause`` with the answer's settle (the later
+end kept if another worker's answer paused it too; audited once, ``channel.pause``: channel,
+until when, why), and every worker's due read and claim leave a paused channel's items
+pending, untouched: no request, no write, no audit record per item. When the pause ends they
+come up in their usual order (a rate-limited channel spaces them); one whose ``not_after``
+passed meanwhile then expires as any other. The rest of a group already claimed when the
+answer came (this process remembers the pause at once, ``_paused``) goes back to pending for
+the end of the wait without a request, the claim not counted as an attempt (audited
+``outbox.defer``, reason ``provider-retry-after``). A send another worker claimed before
+the pause was committed still goes out. Each channel may be rate limited
+(``ChannelConfig.rate_per_second``), a token bucket per channel. Items past
 ``not_after`` are cancelled with reason ``expired`` instead of being sent late (also a
 retry that a provider's wait pushed past ``not_after``, when it comes up).
 
@@ -81,6 +87,7 @@ from sqlalchemy import case as sa_case
 from sqlalchemy import exists as sa_exists
 from sqlalchemy import literal as sa_literal
 from sqlalchemy import select as select_core
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.instrumentation import manager_of_class
 from sqlmodel import Session, col, or_, select
@@ -91,13 +98,14 @@ from careloop.errors import ChannelUnavailable, PermanentError, RecipientOptedOu
 from careloop.model import Hold
 from careloop.pipeline import dead_letter, describe_error
 from careloop.store import Store
-from careloop.tables import DeliveryReceipt, JourneyEvent, OutboxItem
+from careloop.tables import ChannelPause, DeliveryReceipt, JourneyEvent, OutboxItem
 from channels.base import ABSENT, Channel, DeliveryUncertain, Receipt
 
 log = logging.getLogger("careloop.outbox")
 _OUTBOX = OutboxItem.__table__  # type: ignore[attr-defined]
 _RECEIPT = DeliveryReceipt.__table__  # type: ignore[attr-defined]
 _EVENT = JourneyEvent.__table__  # type: ignore[attr-defined]
+_PAUSE = ChannelPause.__table__  # type: ignore[attr-defined]
 
 
 class _DisclosedRow(NamedTuple):
@@ -141,8 +149,17 @@ def _settled_status(status: str) -> Any:
     return sa_case(*whens, else_=sa_literal(status)) if whens else status
 
 
+# The time of a due read or a claim (one parameter, however often a statement uses it).
+_NOW = bindparam("now", type_=_OUTBOX.c.next_attempt_at.type)
+
+# The channels paused at ``now`` (``channel_pause``: a provider's Retry-After, recorded by
+# whichever worker got it): their items are neither read as due nor claimed, by any worker;
+# they stay pending, untouched, until the pause is over. A small table, read per statement.
+_PAUSED = select_core(_PAUSE.c.channel).where(_PAUSE.c.until > _NOW)
+
 # Claim a group: every item still pending goes to ``sending``, its attempt counted and
 # the lease started; the rows come back whole, to build the items that go to the channel.
+# An item of a channel paused meanwhile (another worker's 429 since the due read) is not.
 # (``status || ''``: a plain ``status = 'pending'`` has SQLite find the group through
 # ``ix_outbox_due``, reading every pending row; this way it looks each id up by its key.)
 # On PostgreSQL a row another worker holds is skipped, not waited for: that worker may in
@@ -150,7 +167,11 @@ def _settled_status(status: str) -> Any:
 # settling its previous group (a deadlock that rolled back a settle; SQLite has one writer).
 _CLAIMABLE = (
     select_core(_OUTBOX.c.id)
-    .where(_OUTBOX.c.id.in_(bindparam("ids", expanding=True)), _OUTBOX.c.status.concat("") == "pending")
+    .where(
+        _OUTBOX.c.id.in_(bindparam("ids", expanding=True)),
+        _OUTBOX.c.status.concat("") == "pending",
+        _OUTBOX.c.channel.not_in(_PAUSED),
+    )
     .with_for_update(skip_locked=True)
 )
 _CLAIM = (
@@ -159,7 +180,7 @@ _CLAIM = (
     .values(
         status="sending",
         attempts=_OUTBOX.c.attempts + 1,
-        next_attempt_at=bindparam("now", type_=_OUTBOX.c.next_attempt_at.type),
+        next_attempt_at=_NOW,
     )
     .returning(*_OUTBOX.c)
 )
@@ -184,18 +205,26 @@ _STILL_SENDING = (
 # One ordered read (``ORDER BY next_attempt_at NULLS FIRST, id``) served on SQLite, but
 # PostgreSQL's index keeps NULLs last: it read and sorted every pending row for each batch.
 # The outer ORDER BY (of at most ``2n`` rows) gives the order; UNION ALL alone promises none.
-_DUE_NOW = bindparam("now", type_=_OUTBOX.c.next_attempt_at.type)
+# Items of a paused channel (``_PAUSED``) are left out of both halves: read past, not claimed.
 _DUE_COLS = (_OUTBOX.c.id, _OUTBOX.c.channel, _OUTBOX.c.next_attempt_at)
 _DUE_UNTIMED = (
     select_core(*_DUE_COLS)
-    .where(_OUTBOX.c.status == "pending", _OUTBOX.c.next_attempt_at.is_(None))
+    .where(
+        _OUTBOX.c.status == "pending",
+        _OUTBOX.c.next_attempt_at.is_(None),
+        _OUTBOX.c.channel.not_in(_PAUSED),
+    )
     .order_by(_OUTBOX.c.id)
     .limit(bindparam("n"))
     .subquery()
 )
 _DUE_TIMED = (
     select_core(*_DUE_COLS)
-    .where(_OUTBOX.c.status == "pending", _OUTBOX.c.next_attempt_at <= _DUE_NOW)
+    .where(
+        _OUTBOX.c.status == "pending",
+        _OUTBOX.c.next_attempt_at <= _NOW,
+        _OUTBOX.c.channel.not_in(_PAUSED),
+    )
     .order_by(_OUTBOX.c.next_attempt_at, _OUTBOX.c.id)
     .limit(bindparam("n"))
     .subquery()
@@ -206,6 +235,29 @@ _DUE = (
     .order_by(_DUE_BOTH.c.next_attempt_at.asc().nulls_first(), _DUE_BOTH.c.id)
     .limit(bindparam("n"))
 )
+
+
+@functools.cache
+def _pause_statement(dialect: str) -> Any:
+    """Record a channel's pause (``channel``, ``until``, ``reason``, ``updated_at``): one
+    statement, an insert or, for a channel paused before, an update that keeps the later
+    ``until`` (and its reason), so two workers' answers never shorten a pause."""
+    stmt: postgresql.Insert | sqlite.Insert
+    if dialect == "postgresql":
+        stmt = postgresql.insert(_PAUSE)
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(_PAUSE)
+    else:
+        raise RuntimeError(f"channel pause: careloop runs on SQLite and PostgreSQL, not {dialect}")
+    later = stmt.excluded.until > _PAUSE.c.until
+    return stmt.on_conflict_do_update(
+        index_elements=[_PAUSE.c.channel],
+        set_={
+            "until": sa_case((later, stmt.excluded.until), else_=_PAUSE.c.until),
+            "reason": sa_case((later, stmt.excluded.reason), else_=_PAUSE.c.reason),
+            "updated_at": stmt.excluded.updated_at,
+        },
+    )
 
 
 def _row_status(receipt: Receipt) -> str:
@@ -282,6 +334,7 @@ class _Sent:
     receipt: Receipt | None = None
     error: Exception | None = None
     until: datetime | None = None  # not sent: its channel is paused until then (Retry-After)
+    pause: datetime | None = None  # its answer (Retry-After) pauses its channel until then
 
 
 _CHECK_FAILED = "send-check-failed"
@@ -401,7 +454,9 @@ class DeliverStage:
         self.rng = rng or random.Random()
         self.check = check
         self._buckets: dict[str, TokenBucket] = {}
-        # channel id -> store time until which its provider asked us to wait (Retry-After)
+        # channel id -> store time until which its provider asked us to wait (Retry-After):
+        # known here at once, for the rest of a group already claimed; ``channel_pause`` (written
+        # with the answer's settle) is what keeps every worker's due reads and claims off it
         self._paused: dict[str, datetime] = {}
         # channel id -> whether it sent anything since it was last unavailable (ChannelUnavailable)
         self._worked: dict[str, bool] = {}
@@ -472,6 +527,7 @@ class DeliverStage:
         try:
             with self.store.session() as s:
                 now = self.store.clock.now()
+                self._pauses_in(s, now, sent)
                 self._settle_in(s, now, sent)
                 return self._claim_in(s, claim, now) if claim else []
         except IntegrityError as exc:
@@ -483,6 +539,7 @@ class DeliverStage:
         # (its message may be the other row's); rare, so the usual path takes no savepoint.
         with self.store.session() as s:
             now = self.store.clock.now()
+            self._pauses_in(s, now, sent)
             for o in sent:
                 try:
                     with s.begin_nested():
@@ -523,10 +580,13 @@ class DeliverStage:
             if isinstance(exc, TransientError) and exc.retry_after is not None and channel is not None:
                 until = self.store.clock.now() + exc.retry_after
                 self._paused[channel.id] = max(until, self._paused.get(channel.id, until))
+                return _Sent(item, error=exc, pause=until)
             return _Sent(item, error=exc)
 
     def _paused_until(self, channel_id: str) -> datetime | None:
-        """The end of the wait ``channel_id``'s provider asked for, if it is still ahead."""
+        """The end of the wait ``channel_id``'s provider asked this process for, if it is
+        still ahead: for the rest of a group claimed before the answer came (the store's
+        pause, written with the answer's settle, keeps every worker's claims off after)."""
         until = self._paused.get(channel_id)
         if until is None:
             return None
@@ -575,6 +635,39 @@ class DeliverStage:
                     detail={"channel": channel, "reason": "expired-while-held"},
                 )
         return len(gone)
+
+    def _pauses_in(self, s: Session, now: datetime, sent: list[_Sent]) -> None:
+        """Record in ``s`` the pauses the answers ``sent`` asked for (``_Sent.pause``): each
+        channel's row in ``channel_pause`` (the later ``until`` kept), and one audit record
+        per answer (``channel.pause``: the channel, until when, why; no item, no person).
+        The rows first, in the order of their channels, and before any audit record takes
+        the chain's head: on PostgreSQL two workers each holding what the other waits for
+        (a pause row, the head) would deadlock, and the settle would be lost."""
+        asked = [
+            (
+                o.item.channel,
+                o.pause,
+                "channel-unavailable" if isinstance(o.error, ChannelUnavailable) else "provider-retry-after",
+            )
+            for o in sent
+            if o.pause is not None
+        ]
+        if not asked:
+            return
+        upsert = _pause_statement(s.get_bind().dialect.name)
+        for channel, until, reason in sorted(asked):
+            s.connection().execute(
+                upsert, {"channel": channel, "until": until, "reason": reason, "updated_at": now}
+            )
+        for channel, until, reason in asked:
+            audit_log.append(
+                s,
+                at=now,
+                actor="deliver",
+                action="channel.pause",
+                entity=f"channel/{channel}",
+                detail={"channel": channel, "reason": reason, "until": utc(until).isoformat()},
+            )
 
     def _due_in(self, s: Session, now: datetime) -> list[tuple[int, str]]:
         """The ids and channels of the first ``batch`` items due at ``now`` (``_DUE``)."""

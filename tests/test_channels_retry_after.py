@@ -431,7 +431,8 @@ def test_the_retry_limit_still_applies(store: Store, person: int, twilio: RetryA
 
 def test_the_channel_pauses_for_the_wait(store: Store, person: int, twilio: RetryAfterTwilio) -> None:
     """After a 429 with Retry-After, the channel's next items do not reach the provider
-    before the wait is over: put back for its end, no attempt counted, then sent once."""
+    before the wait is over: left pending, untouched (not claimed, no attempt, no record of
+    their own; one ``channel.pause`` record for the channel), then sent once."""
     first, *rest = add_items(store, person, n=3)
     twilio.fail_with, twilio.retry_after = [429], lambda: "120"
     ch = channel(twilio)
@@ -445,10 +446,15 @@ def test_the_channel_pauses_for_the_wait(store: Store, person: int, twilio: Retr
         by_id = {r.id: r for r in rows(store)}
         for oid in rest:
             assert by_id[oid].status == "pending" and by_id[oid].attempts == 0
-            assert seconds_until_next(store, t0, oid) == pytest.approx(120, abs=1)
-        deferred = audits(store, "outbox.defer")
-        assert sorted(str(a.entity) for a in deferred) == sorted(f"outbox/{i}" for i in rest)
-        assert {a.detail["reason"] for a in deferred} == {"provider-retry-after"}
+            assert by_id[oid].next_attempt_at is None  # as queued
+        assert audits(store, "outbox.defer") == []
+        [pause] = audits(store, "channel.pause")
+        assert pause.entity == "channel/sms" and pause.person_id is None
+        assert pause.detail == {
+            "channel": "sms",
+            "reason": "provider-retry-after",
+            "until": (t0 + timedelta(seconds=120)).isoformat(),
+        }
         clock.set(t0 + timedelta(seconds=121))
         await drain(stage)
         await ch.aclose()
