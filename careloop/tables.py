@@ -214,7 +214,7 @@ class OutboxItem(SQLModel, table=True):
 
 class ChannelPause(SQLModel, table=True):
     """A channel its provider asked us to wait for (an HTTP ``Retry-After`` on a 429 or 503,
-    or credentials refused: ``reason``): no deliver worker claims the channel's items before
+    ``reason`` provider-retry-after): no deliver worker claims the channel's items before
     ``until`` (channels/outbox.py). One row per channel, written by the worker that got the
     answer (the later ``until`` wins), read by every worker's due read; a row whose ``until``
     has passed pauses nothing and is overwritten by the next pause."""
@@ -222,7 +222,7 @@ class ChannelPause(SQLModel, table=True):
     __tablename__ = "channel_pause"
     channel: str = Field(primary_key=True, max_length=32)
     until: datetime = _ts(nullable=False)
-    reason: str = Field(max_length=64)  # provider-retry-after|channel-unavailable
+    reason: str = Field(max_length=64)  # provider-retry-after
     updated_at: datetime = _ts(nullable=False)
 
 

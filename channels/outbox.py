@@ -53,7 +53,12 @@ end kept if another worker's answer paused it too; audited once, ``channel.pause
 until when, why), and every worker's due read and claim leave a paused channel's items
 pending, untouched: no request, no write, no audit record per item. When the pause ends they
 come up in their usual order (a rate-limited channel spaces them); one whose ``not_after``
-passed meanwhile then expires as any other. The rest of a group already claimed when the
+passes meanwhile is cancelled as expired by the recovery pass, and crash recovery leaves the
+channel's stale ``sending`` items for after the pause. A pause ending later than any wait a
+provider may ask for from now is a fast clock's and is not obeyed (``PAUSE_SKEW``). A
+credentials refusal (``ChannelUnavailable``) holds the channel in this process only: whether
+it is the channel's or one item's is judged per process (``_worked``), and one item's must
+not stop every worker. The rest of a group already claimed when the
 answer came (this process remembers the pause at once, ``_paused``) goes back to pending for
 the end of the wait without a request, the claim not counted as an attempt (audited
 ``outbox.defer``, reason ``provider-retry-after``). A send another worker claimed before
@@ -99,6 +104,7 @@ from careloop.model import Hold
 from careloop.pipeline import dead_letter, describe_error
 from careloop.store import Store
 from careloop.tables import ChannelPause, DeliveryReceipt, JourneyEvent, OutboxItem
+from channels._http import MAX_RETRY_AFTER
 from channels.base import ABSENT, Channel, DeliveryUncertain, Receipt
 
 log = logging.getLogger("careloop.outbox")
@@ -155,7 +161,18 @@ _NOW = bindparam("now", type_=_OUTBOX.c.next_attempt_at.type)
 # The channels paused at ``now`` (``channel_pause``: a provider's Retry-After, recorded by
 # whichever worker got it): their items are neither read as due nor claimed, by any worker;
 # they stay pending, untouched, until the pause is over. A small table, read per statement.
-_PAUSED = select_core(_PAUSE.c.channel).where(_PAUSE.c.until > _NOW)
+# A pause that ends later than any wait a provider may ask for from now (``latest``: now +
+# ``_http.MAX_RETRY_AFTER`` + ``PAUSE_SKEW``) is not obeyed: it came from a worker whose
+# clock runs ahead, and must not stop every worker for hours.
+PAUSE_SKEW = timedelta(minutes=5)
+_LATEST = bindparam("latest", type_=_OUTBOX.c.next_attempt_at.type)
+_PAUSED = select_core(_PAUSE.c.channel).where(_PAUSE.c.until > _NOW, _PAUSE.c.until <= _LATEST)
+
+
+def _pause_params(now: datetime) -> dict[str, datetime]:
+    """``now`` and ``latest`` for a statement that reads ``_PAUSED``."""
+    return {"now": now, "latest": now + MAX_RETRY_AFTER + PAUSE_SKEW}
+
 
 # Claim a group: every item still pending goes to ``sending``, its attempt counted and
 # the lease started; the rows come back whole, to build the items that go to the channel.
@@ -580,7 +597,11 @@ class DeliverStage:
             if isinstance(exc, TransientError) and exc.retry_after is not None and channel is not None:
                 until = self.store.clock.now() + exc.retry_after
                 self._paused[channel.id] = max(until, self._paused.get(channel.id, until))
-                return _Sent(item, error=exc, pause=until)
+                if not isinstance(exc, ChannelUnavailable):
+                    # The provider's own wait is every worker's. A credentials refusal is
+                    # judged per process (``_worked``: it may be one item's own), so its
+                    # hold stays here: a shared one would let one tenant's 401 stop the fleet.
+                    return _Sent(item, error=exc, pause=until)
             return _Sent(item, error=exc)
 
     def _paused_until(self, channel_id: str) -> datetime | None:
@@ -609,32 +630,45 @@ class DeliverStage:
     # ------------------------------------------------------------------ transactions
 
     def _expire_held(self) -> int:
-        """Cancel ``held`` items past their useful life (``not_after``): staff never released
-        them, and a reminder for a visit that is over must not wait in their list for ever."""
+        """Cancel items past their useful life (``not_after``) that no claim will reach soon:
+        ``held`` ones, which staff never released (a reminder for a visit that is over must
+        not wait in their list for ever), and ``pending`` ones of a paused channel, which the
+        due read passes over until the pause ends (a provider that keeps throttling could
+        keep them there well past their end)."""
         now = self.store.clock.now()
+        expired = (
+            ("held", "expired: not_after has passed while held", "expired-while-held", None),
+            ("pending", "expired: not_after has passed", "expired", _OUTBOX.c.channel.in_(_PAUSED)),
+        )
+        n = 0
         with self.store.session() as s:
-            gone = (
-                s.connection()
-                .execute(
-                    _OUTBOX.update()
-                    .where(_OUTBOX.c.status == "held", _OUTBOX.c.not_after < now)
-                    .values(status="cancelled", last_error="expired: not_after has passed while held")
-                    .returning(_OUTBOX.c.id, _OUTBOX.c.person_id, _OUTBOX.c.purpose, _OUTBOX.c.channel)
+            for status, error, reason, where in expired:
+                q = _OUTBOX.update().where(_OUTBOX.c.status == status, _OUTBOX.c.not_after < now)
+                if where is not None:
+                    q = q.where(where)
+                gone = (
+                    s.connection()
+                    .execute(
+                        q.values(status="cancelled", last_error=error).returning(
+                            _OUTBOX.c.id, _OUTBOX.c.person_id, _OUTBOX.c.purpose, _OUTBOX.c.channel
+                        ),
+                        _pause_params(now),
+                    )
+                    .all()
                 )
-                .all()
-            )
-            for oid, pid, purpose, channel in gone:
-                audit_log.append(
-                    s,
-                    at=now,
-                    actor="deliver",
-                    action="outbox.expire",
-                    person_id=pid,
-                    entity=f"outbox/{oid}",
-                    purpose=purpose,
-                    detail={"channel": channel, "reason": "expired-while-held"},
-                )
-        return len(gone)
+                for oid, pid, purpose, channel in gone:
+                    audit_log.append(
+                        s,
+                        at=now,
+                        actor="deliver",
+                        action="outbox.expire",
+                        person_id=pid,
+                        entity=f"outbox/{oid}",
+                        purpose=purpose,
+                        detail={"channel": channel, "reason": reason},
+                    )
+                n += len(gone)
+        return n
 
     def _pauses_in(self, s: Session, now: datetime, sent: list[_Sent]) -> None:
         """Record in ``s`` the pauses the answers ``sent`` asked for (``_Sent.pause``): each
@@ -643,15 +677,7 @@ class DeliverStage:
         The rows first, in the order of their channels, and before any audit record takes
         the chain's head: on PostgreSQL two workers each holding what the other waits for
         (a pause row, the head) would deadlock, and the settle would be lost."""
-        asked = [
-            (
-                o.item.channel,
-                o.pause,
-                "channel-unavailable" if isinstance(o.error, ChannelUnavailable) else "provider-retry-after",
-            )
-            for o in sent
-            if o.pause is not None
-        ]
+        asked = [(o.item.channel, o.pause, "provider-retry-after") for o in sent if o.pause is not None]
         if not asked:
             return
         upsert = _pause_statement(s.get_bind().dialect.name)
@@ -671,7 +697,7 @@ class DeliverStage:
 
     def _due_in(self, s: Session, now: datetime) -> list[tuple[int, str]]:
         """The ids and channels of the first ``batch`` items due at ``now`` (``_DUE``)."""
-        rows = s.connection().execute(_DUE, {"now": now, "n": self.batch})
+        rows = s.connection().execute(_DUE, {**_pause_params(now), "n": self.batch})
         return [(i, c) for i, c in rows]
 
     def _claim_in(self, s: Session, ids: list[int], now: datetime) -> list[OutboxItem]:
@@ -687,7 +713,7 @@ class DeliverStage:
         savepoint rolled back and the group checked again item by item, each check in its
         own savepoint (``_checked``): the failing check holds back its own item alone, and
         what the others' checks did is kept, as if each had had its savepoint throughout."""
-        got = s.connection().execute(_CLAIM, {"ids": ids, "now": now})
+        got = s.connection().execute(_CLAIM, {"ids": ids, **_pause_params(now)})
         names = tuple(got.keys())
         at = names.index("id")
         by_id = {r[at]: r for r in got.all()}
@@ -975,7 +1001,10 @@ class DeliverStage:
     async def recover(self, stale_after: timedelta | None = None) -> Recovery:
         """Settle items left in ``sending`` for longer than ``stale_after`` (default: the
         lease): adopt the provider's receipt, resend what the provider never got, or mark
-        ``unknown`` for staff review."""
+        ``unknown`` for staff review. The items of a channel paused now (``channel_pause``:
+        its provider asked every worker to wait) are left alone: no lookup, no write, no
+        audit record; they stay ``sending``, reported ``deferred``, and the first pass after
+        the pause settles them."""
         self._last_recover = time.monotonic()
         lease = self.sending_lease if stale_after is None else stale_after
         report = Recovery()
@@ -983,7 +1012,11 @@ class DeliverStage:
         # message (twins: the same text to the same phone) are both seen before either is
         # settled: neither is guessed to be its owner.
         answers: list[tuple[OutboxItem, Channel | None, Receipt | None]] = []
-        for item in await asyncio.to_thread(self._stale, lease):
+        stale, paused = await asyncio.to_thread(self._stale, lease)
+        for item in stale:
+            if item.channel in paused:
+                report.note("deferred", item.key)
+                continue
             channel = self.channels.get(item.channel)
             answer: Receipt | None = None
             if channel is not None and channel.capabilities.can_query_status:
@@ -1043,9 +1076,12 @@ class DeliverStage:
             )
         return report
 
-    def _stale(self, lease: timedelta) -> list[OutboxItem]:
-        cutoff = self.store.clock.now() - lease
+    def _stale(self, lease: timedelta) -> tuple[list[OutboxItem], set[str]]:
+        """The items ``sending`` for longer than ``lease``, and the channels paused now."""
+        now = self.store.clock.now()
+        cutoff = now - lease
         with self.store.session() as s:
+            paused = set(s.connection().execute(_PAUSED, _pause_params(now)).scalars())
             rows = list(
                 s.exec(
                     select(OutboxItem)
@@ -1061,7 +1097,7 @@ class DeliverStage:
             )
             for r in rows:
                 s.expunge(r)
-        return rows
+        return rows, paused
 
     def _absent(self, item: OutboxItem, why: str, reason: str | None = None) -> None:
         """Put ``item`` back to pending, to be sent again; ``reason``: why a receipt the
