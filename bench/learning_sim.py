@@ -56,7 +56,8 @@ it has learned; "first N" and "all requests" are the cumulative figures includin
 start. Regret = the oracle's expected engagements minus the policy's. Violations = executed
 sends that break a rule, checked independently of the gate (quiet hours in local time,
 opt-outs, addresses, SMS caps, deceased, a channel the gate did not allow).
-Run: ``.venv/bin/python bench/learning_sim.py [--seeds 11 22 33] [--informed 300]``.
+Run: ``.venv/bin/python bench/learning_sim.py [--seeds 11 22 33] [--informed 300] [--set KEY=VALUE]``
+(``--set``: any LearningConfig field for the learner, e.g. ``--set segment_strength=2``).
 """
 
 from __future__ import annotations
@@ -74,12 +75,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from datetime import time as dtime
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from careloop.config import LearningConfig
-from orchestrator import gate, learning
+from orchestrator import belief, gate, learning
 
 TZ = "America/New_York"
 ZONE = ZoneInfo(TZ)
@@ -321,6 +323,36 @@ class MostEngaged(Policy):
             self.engaged_n[(p.id, opt[0])] = self.engaged_n.get((p.id, opt[0]), 0) + 1
 
 
+@dataclass
+class _Sent:
+    """One learned send as ``outreach_outcome`` keeps it, for ``learning.model: belief``."""
+
+    at: datetime
+    channel: str
+    window: str  # the window whose hours held the send time
+    variant: str  # template/variant
+    q: float  # what the model predicted (P(reply)) when it chose
+    p_active: float
+    response: str | None = None  # reply | read; None until one comes
+    late: bool = False
+    seen: str | None = None
+
+    def observed(self, now: datetime, cfg: LearningConfig) -> belief.Observed | None:
+        """As the orchestrator reads it: a response, or none once the reply window has passed."""
+        response = self.response
+        if response is None:
+            if now - self.at < timedelta(hours=cfg.reply_window_hours):
+                return None  # not settled yet
+            response = "none"
+        return belief.Observed(
+            self.at, self.channel, self.window, self.variant, response, self.late, self.seen
+        )
+
+    def settled(self, now: datetime, cfg: LearningConfig) -> belief.Settled | None:
+        o = self.observed(now, cfg)
+        return None if o is None else belief.Settled(self.q, self.p_active, o.response, o.late)
+
+
 class Learner(Policy):
     """orchestrator.learning, as the orchestrator calls it, over in-memory evidence."""
 
@@ -330,6 +362,12 @@ class Learner(Policy):
         self.cfg = cfg
         self.stats = learning.MemoryStats(cfg)
         self.segments: dict[int, str] = {}
+        # learning.model belief: each person's sends as the store keeps them (outreach_outcome),
+        # what the model predicted for each (for the link's refit), and the fitted link
+        self.sends: dict[int, list[_Sent]] = {}
+        self.predicted: dict[tuple[int, Option], list[dict[str, Any]]] = {}
+        self.link = belief.Link()
+        self.n_sent = 0
 
     def _segment(self, p: SimPerson, now: datetime) -> str:
         if p.id not in self.segments:
@@ -349,6 +387,10 @@ class Learner(Policy):
         rng: random.Random,
     ) -> Option:
         self.stats.now = now
+        model = None
+        if self.cfg.model == "belief":
+            settled = [o for x in self.sends.get(p.id, []) if (o := x.observed(now, self.cfg)) is not None]
+            model = learning.Model(settled[-self.cfg.belief_history :], self.link, self.cfg.rewards["read"])
         c = learning.choose(
             self.stats,
             person_key=str(p.id),
@@ -360,8 +402,12 @@ class Learner(Policy):
             rng=rng,
             cfg=self.cfg,
             tz=TZ,
+            model=model,
         )
-        return c.channel, c.window, c.variant
+        opt = (c.channel, c.window, c.variant)
+        if c.model is not None:
+            self.predicted.setdefault((p.id, opt), []).append(c.model)
+        return opt
 
     def _record(
         self, p: SimPerson, opt: Option, at: datetime, *, trial: bool, delta: float, engaged: int
@@ -378,10 +424,28 @@ class Learner(Policy):
 
     def sent(self, p: SimPerson, opt: Option, at: datetime) -> None:
         self._record(p, opt, at, trial=True, delta=0.0, engaged=0)
+        waiting = self.predicted.get((p.id, opt))
+        if waiting:
+            said = waiting.pop(0)
+            window = learning.engaged_window(at, TZ, self.cfg)
+            assert window is not None
+            self.sends.setdefault(p.id, []).append(
+                _Sent(at, opt[0], window, f"{TEMPLATE}/{opt[2]}", float(said["q"]), float(said["p_active"]))
+            )
+            self.n_sent += 1
+            if self.n_sent % self.cfg.refit_every == 0:
+                done = [st for x in self.sends.values() for y in x if (st := y.settled(at, self.cfg))]
+                self.link = belief.fit_link(done, self.link)
 
     def outcome(self, p: SimPerson, opt: Option, sent: datetime, at: datetime, reward: float) -> None:
         if reward <= 0:
             return
+        for x in reversed(self.sends.get(p.id, [])):
+            if x.at == sent and x.response is None:
+                x.response = "reply" if reward >= 1.0 else "read"
+                x.late = at - sent > timedelta(hours=self.cfg.prompt_hours)
+                x.seen = learning.engaged_window(at, TZ, self.cfg)
+                break
         prompt = at - sent <= timedelta(hours=self.cfg.prompt_hours)
         seen = None if prompt else learning.engaged_window(at, TZ, self.cfg)
         if seen is None or seen == opt[1]:

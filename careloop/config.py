@@ -224,6 +224,18 @@ class LearningConfig(Strict):
     segment_by: list[SegmentBy] = Field(default_factory=lambda: list(SEGMENT_BY))
     grid: int = Field(128, ge=32, le=4096, description="quadrature points for P(best) per option")
     seed: int = 0
+    model: Literal["beta", "belief"] = Field(
+        "beta",
+        description="beta: a pooled posterior per option of each dimension; belief: a joint model "
+        "of each person (orchestrator/belief.py) rebuilt from their outcomes, its read and timing "
+        "link fitted",
+    )
+    belief_pool: int = Field(400, ge=50, le=5000, description="belief: candidate people in the pool")
+    belief_history: int = Field(60, ge=1, le=500, description="belief: a person's latest sends it reads")
+    belief_change_days: float = Field(
+        365.0, gt=0, description="belief: a person's preferences are redrawn about this often"
+    )
+    refit_every: int = Field(1000, ge=50, description="belief: refit the read and timing link every N sends")
 
 
 class AppConfig(Strict):

@@ -42,7 +42,7 @@ from careloop.tables import (
     Resource,
     Timer,
 )
-from orchestrator import escalation, facts, gate, playbooks, templates, timezones, triage
+from orchestrator import escalation, facts, gate, learning, playbooks, templates, timezones, triage
 from orchestrator.outcomes import Queued
 from orchestrator.playbooks import (
     Action,
@@ -146,6 +146,8 @@ class EngineCore:
         self.caps = {k: gate.Cap(v.per_day, v.per_week) for k, v in config.compliance.frequency_caps.items()}
         self.opt_in = _opt_in_rules(config)  # the gate's rule 8, for every GateInput
         self.kind_of = {cid: ch.template_kind for cid, ch in channels.items()}  # the gate's rule 9
+        # learning.model belief: the read and timing link, fitted in this process (learning.LinkCache)
+        self._belief_links = learning.LinkCache()
         # Event types some playbook step waits for: only those need a look at pending waits.
         self._wait_types = {st.wait_for for pb in playbooks.values() for st in pb.steps if st.wait_for}
         # Event attributes a run's later steps (timers) still need: see ``Origin``.

@@ -47,13 +47,14 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import and_, or_
+from sqlalchemy import and_, func, or_
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from careloop.clock import utc
 from careloop.config import AppConfig, LearningConfig
-from careloop.tables import LearningStat
+from careloop.tables import Decision, LearningStat, OutreachOutcome
+from orchestrator import belief
 
 DIMENSIONS = ("channel", "window", "variant")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -288,6 +289,7 @@ class Choice:
     segment: str
     dims: dict[str, DimensionChoice] = field(default_factory=dict)
     tz: str = "UTC"
+    model: dict[str, Any] | None = None  # learning.model belief: what it predicted, for the link's refit
 
     @property
     def propensity(self) -> float:
@@ -331,6 +333,7 @@ class Choice:
             "propensity": self.propensity,  # exact: OPE divides by it
             "explain": self.explain(),
             "dims": {k: d.to_json() for k, d in self.dims.items()},
+            **({"belief": self.model} if self.model is not None else {}),
         }
 
 
@@ -351,8 +354,10 @@ def choose(
     rng: random.Random,
     cfg: LearningConfig,
     tz: str = "UTC",
+    model: Model | None = None,
 ) -> Choice:
-    """Pick channel (among ``channels``, the gate's allowed list), window and variant."""
+    """Pick channel (among ``channels``, the gate's allowed list), window and variant; with
+    ``model`` (``learning.model: belief``), from the person's joint belief."""
     if not channels:
         raise ValueError("the gate allowed no channel")
     if not windows:
@@ -361,6 +366,10 @@ def choose(
     # max_exploration bounds the whole decision: split it over the dimensions that have a choice
     n_variants = max(len(variants_for(c) or ["default"]) for c in channels)
     cap = dimension_cap(cfg.max_exploration, sum(n > 1 for n in (len(channels), len(windows), n_variants)))
+    if model is not None:
+        return _choose_joint(
+            model, view, person_key, segment, channels, windows, variants_for, template, rng, cfg, tz, cap
+        )
 
     def dim(name: str, opts: list[str], key: Callable[[str], str] = str) -> DimensionChoice:
         posts = {o: posterior(view, person_key, segment, name, key(o), cfg) for o in opts}
@@ -378,6 +387,152 @@ def choose(
         segment,
         {"channel": ch, "window": win, "variant": var},
         tz,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    """What ``choose`` needs for the joint belief (orchestrator/belief.py): the person's
+    settled sends, the fitted link, and the reward a read alone earns."""
+
+    history: list[belief.Observed]
+    link: belief.Link
+    read_reward: float
+
+
+def model_counts(history: Iterable[belief.Observed]) -> dict[tuple[str, str], tuple[int, int]]:
+    """(dimension, option) -> (engaged, sends) from a person's settled sends, for explanations;
+    a window counts the responses that came in its hours."""
+    out: dict[tuple[str, str], list[int]] = {}
+    for o in history:
+        engaged = o.response != "none"
+        moved = o.late and o.seen not in (None, o.window)  # it came in another window's hours
+        keys: list[tuple[str, str]] = [("channel", o.channel), ("window", o.window), ("variant", o.variant)]
+        for key in keys:
+            c = out.setdefault(key, [0, 0])
+            c[1] += 1
+            if engaged and not (key[0] == "window" and moved):
+                c[0] += 1
+        if engaged and moved:
+            out.setdefault(("window", str(o.seen)), [0, 0])[0] += 1
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def _choose_joint(
+    model: Model,
+    view: StatsView,
+    person_key: str,
+    segment: str,
+    channels: list[str],
+    windows: Mapping[str, datetime],
+    variants_for: Callable[[str], list[str]],
+    template: str,
+    rng: random.Random,
+    cfg: LearningConfig,
+    tz: str,
+    cap: float,
+) -> Choice:
+    """Thompson sampling over the joint belief: P(best) of each (channel, window, variant)
+    is exact (belief.assess); the choice is drawn dimension by dimension from its marginal,
+    then the conditionals given what was drawn, each bounded as ``choose_dimension`` bounds
+    it, so the logged propensity (their product) is exact for the option sent."""
+    names = tuple(cfg.windows)
+    pool = belief.pool(cfg.seed, cfg.belief_pool, names)
+
+    def window_of(at: datetime) -> str:
+        w = engaged_window(at, tz, cfg)
+        assert w is not None  # windows are configured whenever learning chooses one
+        return w
+
+    variants = {c: [f"{template}/{v}" for v in (variants_for(c) or ["default"])] for c in channels}
+    options = {(c, wn, v): window_of(at) for c in channels for wn, at in windows.items() for v in variants[c]}
+    # the segment's pooled means, combined as the model assumes (channel x window x wording),
+    # lent to the prior as segment_strength pseudo-trials per dimension
+    seg = {
+        (d, o): posterior(view, person_key, segment, d, o, cfg).segment_mean
+        for d, opts in (
+            ("channel", channels),
+            ("window", list(windows)),
+            ("variant", sorted({v for vs in variants.values() for v in vs})),
+        )
+        for o in opts
+    }
+    w_avg = math.fsum(seg[("window", wn)] for wn in windows) / len(windows)
+
+    def lent_mean(c: str, wn: str, v: str) -> float:
+        base = seg.get(("variant", f"{template}/default"), 0.0) or seg[("variant", v)]
+        return (
+            seg[("channel", c)]
+            * seg[("window", wn)]
+            / max(w_avg, 1e-6)
+            * seg[("variant", v)]
+            / max(base, 1e-6)
+        )
+
+    lent = {(c, options[(c, wn, v)], v): lent_mean(c, wn, v) for c, wn, v in options}
+    strength = cfg.segment_strength * 3 / len(lent)
+    base = belief.prior(pool, lent, strength, model.link, model.read_reward)
+    hazard = 1.0 / cfg.belief_change_days
+    now = min(windows.values())
+    w = belief.belief(pool, base, model.history, model.link, hazard, now)
+    a = belief.assess(pool, w, options, model.link, model.read_reward)
+    counts = model_counts(model.history)
+
+    def person(dim: str, opts: Iterable[str]) -> dict[str, tuple[int, int]]:
+        return {o: counts.get((dim, o), (0, 0)) for o in opts}
+
+    drawn: dict[int, str] = {}  # dimension index -> the option drawn
+
+    def pick(d: int, opts: list[str], shown: Callable[[str], str] = str) -> DimensionChoice:
+        """Dimension ``d`` (0 channel, 1 window, 2 variant): P(best) of each option given the
+        ones drawn before it (the rest marginalised), and its best mean reward over the rest."""
+        dim = DIMENSIONS[d]
+        mass = dict.fromkeys(opts, 0.0)
+        best_mean = dict.fromkeys(opts, 0.0)
+        for opt, pb in a.p_best.items():
+            if opt[d] in mass and all(opt[k] == v for k, v in drawn.items()):
+                mass[opt[d]] += pb
+                best_mean[opt[d]] = max(best_mean[opt[d]], a.mean[opt])
+        greedy = max(opts, key=lambda o: best_mean[o])  # first in preference order on ties
+        total = math.fsum(mass.values())
+        p_best = (
+            {o: m / total for o, m in mass.items()} if total > 0 else {o: float(o == greedy) for o in opts}
+        )
+        probs = bounded_probs(p_best, greedy, cfg, cap) if len(opts) > 1 else {greedy: 1.0}
+        chosen = _sample(rng, probs)
+        drawn[d] = chosen
+        return DimensionChoice(
+            dim,
+            tuple(shown(o) for o in opts),
+            {shown(o): v for o, v in p_best.items()},
+            {shown(o): v for o, v in probs.items()},
+            {shown(o): v for o, v in best_mean.items()},
+            shown(greedy),
+            shown(chosen),
+            {shown(o): counts.get((dim, o), (0, 0)) for o in opts},
+        )
+
+    ch = pick(0, list(channels))
+    win = pick(1, list(windows))
+    var = pick(2, variants[ch.chosen], lambda v: v.split("/", 1)[1])
+    chosen: belief.Option = (ch.chosen, win.chosen, f"{template}/{var.chosen}")
+    q = pool.q(chosen[0], options[chosen], chosen[2])
+    detail = {
+        "q": round(math.fsum(x * y for x, y in zip(w, q, strict=True)), 6),
+        "p_active": round(belief.active_share(pool, w, options[chosen]), 6),
+        "link_n": model.link.n,
+        "history": len(model.history),
+    }
+    return Choice(
+        ch.chosen,
+        win.chosen,
+        windows[win.chosen],
+        var.chosen,
+        template,
+        segment,
+        {"channel": ch, "window": win, "variant": var},
+        tz,
+        detail,
     )
 
 
@@ -611,3 +766,82 @@ def record(
         for dimension, option in arms:
             row = _stat_row(s, scope, key, dimension, option, now)
             bump(row, now, cfg, trial=trial, delta=delta, engaged=engaged, credit=credit)
+
+
+# ---------------------------------------------------------------------- the belief model's store
+
+
+def observed(row: OutreachOutcome, now: datetime, cfg: LearningConfig, tz: str) -> belief.Observed | None:
+    """One learned send as the belief model sees it (orchestrator/belief.py): a reply
+    (replied or confirmed), a read (read or clicked), or none once ``reply_window_hours``
+    have passed with neither; None while it may still get one, or if it never arrived.
+    Late: the first response came more than ``prompt_hours`` after the message reached them."""
+    if row.failed_at is not None:
+        return None
+    firsts = [
+        utc(t) for t in (row.read_at, row.clicked_at, row.replied_at, row.confirmed_at) if t is not None
+    ]
+    sent = utc(row.sent_at)
+    window = engaged_window(sent, tz, cfg)
+    if window is None:
+        return None
+    variant = f"{row.template}/{row.variant or 'default'}"
+    if not firsts:
+        if now - sent < timedelta(hours=cfg.reply_window_hours):
+            return None
+        return belief.Observed(sent, row.channel, window, variant, "none")
+    first = min(firsts)
+    came = max(t for t in (sent, utc(row.delivered_at) if row.delivered_at else None) if t is not None)
+    late = first - came > timedelta(hours=cfg.prompt_hours)
+    response = "reply" if row.replied_at is not None or row.confirmed_at is not None else "read"
+    return belief.Observed(sent, row.channel, window, variant, response, late, engaged_window(first, tz, cfg))
+
+
+def history(s: Session, person_id: int, now: datetime, cfg: LearningConfig, tz: str) -> list[belief.Observed]:
+    """The person's latest ``belief_history`` settled learned sends, oldest first."""
+    rows = s.exec(
+        select(OutreachOutcome)
+        .where(OutreachOutcome.person_id == person_id, col(OutreachOutcome.learned).is_(True))
+        .order_by(col(OutreachOutcome.sent_at).desc(), col(OutreachOutcome.id).desc())
+        .limit(cfg.belief_history)
+    ).all()
+    out = [o for r in rows if (o := observed(r, now, cfg, tz)) is not None]
+    return out[::-1]
+
+
+FIT_ROWS = 5000  # the latest settled sends a refit reads
+
+
+class LinkCache:
+    """The fitted link (belief.fit_link) of one process, refitted each time ``refit_every``
+    more learned sends have been logged: every worker fits the same rows (those up to the
+    last multiple of ``refit_every`` by id), from the predictions their decisions logged."""
+
+    def __init__(self) -> None:
+        self.boundary = -1
+        self.link = belief.Link()
+
+    def get(self, s: Session, now: datetime, cfg: LearningConfig, tz: str) -> belief.Link:
+        top = s.exec(select(func.max(OutreachOutcome.id))).one() or 0
+        boundary = top // cfg.refit_every * cfg.refit_every
+        if boundary == self.boundary:
+            return self.link
+        rows = s.exec(
+            select(OutreachOutcome, Decision.detail)
+            .join(Decision, col(OutreachOutcome.decision_id) == col(Decision.id))
+            .where(
+                col(OutreachOutcome.learned).is_(True),
+                col(OutreachOutcome.id) <= boundary,
+                col(OutreachOutcome.sent_at) < now - timedelta(hours=cfg.reply_window_hours),
+            )
+            .order_by(col(OutreachOutcome.id).desc())
+            .limit(FIT_ROWS)
+        ).all()
+        settled: list[belief.Settled] = []
+        for row, detail in rows:
+            said = (detail or {}).get("learning", {}).get("belief")
+            o = observed(row, now, cfg, tz)
+            if isinstance(said, dict) and o is not None:
+                settled.append(belief.Settled(float(said["q"]), float(said["p_active"]), o.response, o.late))
+        self.boundary, self.link = boundary, belief.fit_link(settled[::-1])
+        return self.link

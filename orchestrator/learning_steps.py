@@ -86,6 +86,14 @@ class LearningSteps(EngineCore):
         assert earliest is not None
         windows = learning.window_options(earliest, now, pfacts.timezone, cfg, self._learn_latest(state, a))
         view = learning.DbStats(s, person_key=str(person.id), segment=segment, now=now, cfg=cfg)
+        model = None
+        if cfg.model == "belief":
+            tz = pfacts.timezone
+            model = learning.Model(
+                learning.history(s, person.id, now, cfg, tz),
+                self._belief_links.get(s, now, cfg, tz),
+                cfg.rewards.get("read", 0.0),
+            )
         rng = learning.rng_for(
             cfg, person.id, a.playbook, a.version, a.subject_ref, a.step, a.template, origin.tag()
         )
@@ -100,6 +108,7 @@ class LearningSteps(EngineCore):
             rng=rng,
             cfg=cfg,
             tz=pfacts.timezone,
+            model=model,
         )
         detail["learning"] = choice.to_json()
         self._learn_execute(

@@ -31,9 +31,11 @@ def _line(at: datetime, **body: Any) -> FeedLine:
     return FeedLine(utc(at), "feed", json.dumps(doc).encode(), {})
 
 
-def _rounds(engine: Engine, n: int, replies_on: str | None) -> tuple[Replayer, list[OutboxItem]]:
+def _rounds(
+    engine: Engine, n: int, replies_on: str | None, config: cfgmod.AppConfig | None = None
+) -> tuple[Replayer, list[OutboxItem]]:
     """``n`` offers a day apart; the person answers only messages on ``replies_on``."""
-    rp = Replayer(cfgmod.load(CONFIG), start=START, engine=engine)
+    rp = Replayer(config or cfgmod.load(CONFIG), start=START, engine=engine)
     sent: list[OutboxItem] = []
 
     async def go() -> None:

@@ -1,0 +1,280 @@
+"""The learner's joint model of one person (issue 10; ``learning.model: belief``).
+
+What it assumes, and nothing more (every number below is either fitted from the logged
+outcomes or a generic default, never a fact about a population):
+
+* a person engages with a message with probability q = rate[channel] x when[window] x
+  wording[variant]: one rate per channel, a part of the day they are active in (when = 1
+  there, less elsewhere) and a multiplier per wording (1 for the default);
+* a read or open is likelier the likelier a reply: P(read or reply) = min(cap, floor +
+  slope x q), the link (``Link``) fitted from the logged sends (``fit_link``);
+* people act when they are active: a response to a send in their active window comes
+  promptly; one to a send elsewhere comes late with probability ``late`` (fitted), in their
+  active window;
+* preferences can change: at a generic hazard a person is redrawn from their prior.
+
+The belief is a weight per candidate of one shared pool of candidate people drawn, from a
+broad generic proposal, deterministically from the config's seed: nothing per person is
+stored but their outcomes (``outreach_outcome``), so the belief is rebuilt from them at each
+decision and survives restarts. The prior is the pool tilted toward the person's segment:
+the segment's pooled mean reward for each option (orchestrator/learning.py) is lent as
+``segment_strength`` pseudo-trials, as the per-option posteriors do. Choices are Thompson
+sampling over the belief: P(best) of an option is the weight of the candidates for whom it
+is best, exact, so the logged propensity is exact.
+
+Pure: no I/O. orchestrator/learning_steps.py reads the history and the fit from the store;
+bench/learning_sim.py feeds the same functions from memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+PROMPT_SLACK = 0.02  # P(a prompt-looking response to a send outside the active window, or late in it)
+WHERE_SLACK = 0.05  # P(a late response outside the active window): nothing is ever ruled out
+MIN_P = 1e-3
+
+Option = tuple[str, str, str]  # channel, window option name, variant key (template/variant)
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """How reads and late responses relate to engagement (fitted by ``fit_link``)."""
+
+    floor: float = 0.3
+    slope: float = 1.0
+    cap: float = 0.99
+    late: float = 0.3
+    n: int = 0  # sends the fit used (0: the generic defaults)
+
+    def p_any(self, q: float) -> float:
+        """P(read or reply) for engagement probability ``q``."""
+        return max(q, min(self.cap, self.floor + self.slope * q))
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """One settled send, as the model sees it."""
+
+    at: datetime  # when it was sent
+    channel: str
+    window: str  # the window whose hours held the send time (learning.engaged_window)
+    variant: str  # template/variant
+    response: str  # "reply" | "read" | "none"
+    late: bool = False
+    seen: str | None = None  # the window a late response came in
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """One settled send for ``fit_link``: what the model predicted when it chose, and what came."""
+
+    q: float  # predicted P(reply) of the option sent
+    p_active: float  # predicted P(the send's window is the person's active one)
+    response: str
+    late: bool
+
+
+def _expit(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+class Pool:
+    """Candidate people, drawn from a broad generic proposal, the same for every person and
+    every process with the same ``seed``: rates per channel and wording multipliers are drawn
+    per name when first needed."""
+
+    def __init__(self, seed: int, n: int, windows: Sequence[str]) -> None:
+        self.seed, self.n, self.windows = seed, n, tuple(windows)
+        rng = random.Random(f"{seed}|pool|{'|'.join(self.windows)}")
+        self.active = [rng.randrange(len(self.windows)) for _ in range(n)]
+        self.when = {
+            w: [1.0 if self.active[i] == j else rng.uniform(0.2, 1.0) for i in range(n)]
+            for j, w in enumerate(self.windows)
+        }
+        self._rate: dict[str, list[float]] = {}
+        self._wording: dict[str, list[float]] = {}
+        self._q: dict[tuple[str, str, str], list[float]] = {}
+
+    def rate(self, channel: str) -> list[float]:
+        got = self._rate.get(channel)
+        if got is None:
+            rng = random.Random(f"{self.seed}|rate|{channel}")
+            got = self._rate[channel] = [_expit(-1.7 + rng.gauss(0.0, 1.3)) for _ in range(self.n)]
+        return got
+
+    def wording(self, variant: str) -> list[float]:
+        got = self._wording.get(variant)
+        if got is None:
+            if variant.endswith("/default"):
+                got = [1.0] * self.n
+            else:
+                rng = random.Random(f"{self.seed}|wording|{variant}")
+                got = [max(0.5, min(1.5, rng.gauss(1.0, 0.15))) for _ in range(self.n)]
+            self._wording[variant] = got
+        return got
+
+    def q(self, channel: str, window: str, variant: str) -> list[float]:
+        """Each candidate's engagement probability for a send on ``channel`` in ``window``."""
+        key = (channel, window, variant)
+        got = self._q.get(key)
+        if got is None:
+            got = self._q[key] = [
+                min(0.99, r * w * v)
+                for r, w, v in zip(self.rate(channel), self.when[window], self.wording(variant), strict=True)
+            ]
+        return got
+
+
+@functools.lru_cache(maxsize=8)
+def pool(seed: int, n: int, windows: tuple[str, ...]) -> Pool:
+    return Pool(seed, n, windows)
+
+
+def reward_of(q: float, link: Link, read_reward: float) -> float:
+    """Expected reward of a send with engagement probability ``q``: a reply earns 1, a read
+    alone ``read_reward``."""
+    return q + read_reward * (link.p_any(q) - q)
+
+
+def likelihood(p: Pool, o: Observed, link: Link) -> list[float]:
+    """P(what came of ``o``) for each candidate."""
+    q = p.q(o.channel, o.window, o.variant)
+    if o.response == "none":
+        return [max(MIN_P, 1.0 - link.p_any(x)) for x in q]
+    j = p.windows.index(o.window)
+    k = p.windows.index(o.seen) if o.late and o.seen in p.windows else j
+    others = max(1, len(p.windows) - 1)
+    if o.late:
+        here = PROMPT_SLACK * ((1 - WHERE_SLACK) if k == j else WHERE_SLACK / others)
+        there, elsewhere = link.late * (1 - WHERE_SLACK), link.late * WHERE_SLACK / others
+        timing = [here if a == j else (there if a == k else elsewhere) for a in p.active]
+    else:
+        timing = [(1 - PROMPT_SLACK) if a == j else (1 - link.late) for a in p.active]
+    if o.response == "reply":
+        return [max(MIN_P, x) * t for x, t in zip(q, timing, strict=True)]
+    return [max(MIN_P, link.p_any(x) - x) * t for x, t in zip(q, timing, strict=True)]
+
+
+def _normalized(w: list[float], fallback: list[float]) -> list[float]:
+    total = math.fsum(w)
+    return [x / total for x in w] if total > 0 else list(fallback)
+
+
+def prior(
+    p: Pool,
+    lent: Mapping[Option, float],
+    strength: float,
+    link: Link,
+    read_reward: float,
+) -> list[float]:
+    """The pool tilted toward a segment: each entry of ``lent`` (an option and the segment's
+    mean reward for it) counts as ``strength`` pseudo-trials with that mean."""
+    logw = [0.0] * p.n
+    for (channel, window, variant), mean in lent.items():
+        mean = min(0.999, max(0.001, mean))
+        for i, x in enumerate(p.q(channel, window, variant)):
+            v = min(0.999, max(0.001, reward_of(x, link, read_reward)))
+            logw[i] += strength * (mean * math.log(v) + (1 - mean) * math.log(1 - v))
+    top = max(logw)
+    return _normalized([math.exp(x - top) for x in logw], [1.0 / p.n] * p.n)
+
+
+def belief(
+    p: Pool, base: list[float], history: Iterable[Observed], link: Link, hazard_per_day: float, now: datetime
+) -> list[float]:
+    """The person's belief at ``now``: ``base`` (their prior) times the likelihood of their
+    settled sends in time order, relaxed toward ``base`` at ``hazard_per_day`` between them."""
+    w = list(base)
+    last: datetime | None = None
+    for o in sorted(history, key=lambda o: o.at):
+        if last is not None:
+            w = _relaxed(w, base, hazard_per_day, (o.at - last).total_seconds() / 86400.0)
+        w = _normalized([x * lk for x, lk in zip(w, likelihood(p, o, link), strict=True)], base)
+        last = o.at
+    if last is not None:
+        w = _relaxed(w, base, hazard_per_day, (now - last).total_seconds() / 86400.0)
+    return w
+
+
+def _relaxed(w: list[float], base: list[float], hazard: float, days: float) -> list[float]:
+    rho = 1.0 - math.exp(-hazard * max(0.0, days))
+    if rho <= 1e-9:
+        return w
+    return [(1 - rho) * x + rho * b for x, b in zip(w, base, strict=True)]
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    """Posterior mean reward and P(best) of each option, over the belief."""
+
+    mean: dict[Option, float]
+    p_best: dict[Option, float]
+
+
+def assess(
+    p: Pool, w: list[float], options: Mapping[Option, str], link: Link, read_reward: float
+) -> Assessment:
+    """``options``: each option and the window whose hours hold its send time."""
+    values = {
+        o: [reward_of(x, link, read_reward) for x in p.q(o[0], at_window, o[2])]
+        for o, at_window in options.items()
+    }
+    keys = list(values)
+    mean = {o: math.fsum(a * b for a, b in zip(w, values[o], strict=True)) for o in keys}
+    p_best = dict.fromkeys(keys, 0.0)
+    columns = [values[o] for o in keys]
+    for i, wi in enumerate(w):
+        if wi <= 0.0:
+            continue
+        best = max(range(len(keys)), key=lambda k: columns[k][i])  # first on ties
+        p_best[keys[best]] += wi
+    return Assessment(mean, p_best)
+
+
+def active_share(p: Pool, w: list[float], window: str) -> float:
+    """P(``window`` is the person's active one), under the belief."""
+    j = p.windows.index(window)
+    return math.fsum(x for x, a in zip(w, p.active, strict=True) if a == j)
+
+
+def fit_link(settled: Sequence[Settled], start: Link = Link()) -> Link:
+    """The read link and the lateness that best explain ``settled`` (binned maximum
+    likelihood over a grid; lateness: late responses over the responses expected outside the
+    active window). Fewer than 200 settled sends: ``start`` unchanged."""
+    if len(settled) < 200:
+        return start
+    bins: dict[int, list[float]] = {}
+    for st in settled:
+        b = bins.setdefault(min(39, int(st.q * 80)), [0.0, 0.0, 0.0, 0.0])
+        b[0] += 1
+        b[1] += st.response == "read"
+        b[2] += st.response == "reply"
+        b[3] += st.q
+    best = (-math.inf, start.floor, start.slope, start.cap)
+    for cap in (0.85, 0.9, 0.95, 0.99):
+        for fi in range(1, 31):
+            floor = fi * 0.025
+            for si in range(25):
+                slope = si * 0.25
+                ll = 0.0
+                for n, reads, replies, qs in bins.values():
+                    q = qs / n
+                    p_any = min(cap, floor + slope * q)
+                    p_read = max(1e-4, (p_any - q) / (1 - q)) if p_any > q else 1e-4
+                    rest = n - replies
+                    ll += reads * math.log(p_read) + (rest - reads) * math.log(max(1e-4, 1 - p_read))
+                if ll > best[0]:
+                    best = (ll, floor, slope, cap)
+    _, floor, slope, cap = best
+    responded = [st for st in settled if st.response != "none"]
+    off = math.fsum(1.0 - st.p_active for st in responded)
+    late = start.late
+    if off > 20:
+        late = min(0.99, max(0.05, sum(st.late for st in responded) / off))
+    return Link(floor, slope, cap, late, len(settled))

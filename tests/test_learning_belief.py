@@ -1,0 +1,165 @@
+"""The learner's joint model (``learning.model: belief``, orchestrator/belief.py): what one
+person's outcomes do to the belief, the link fitted from logged sends, and the model end to
+end through the orchestrator on both engines (the choices stay among the gate's allowed
+options, the belief is rebuilt from the store after a restart). Synthetic people only."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from careloop import config as cfgmod
+from careloop.config import LearningConfig
+from careloop.tables import Decision
+from orchestrator import belief, learning
+from tests.test_learning_replay import CONFIG, _rounds
+from tests.test_learning_restart import _reopen
+
+WINDOWS = ("morning", "midday", "evening")
+T0 = datetime(2026, 3, 2, 14, 0, tzinfo=UTC)
+KEY = "offer/default"
+
+
+def _pool() -> belief.Pool:
+    return belief.Pool(7, 400, WINDOWS)
+
+
+def _uniform(p: belief.Pool) -> list[float]:
+    return [1.0 / p.n] * p.n
+
+
+def _sends(n: int, channel: str, window: str, response: str, **kw: object) -> list[belief.Observed]:
+    return [
+        belief.Observed(T0 + timedelta(days=7 * i), channel, window, KEY, response, **kw)  # type: ignore[arg-type]
+        for i in range(n)
+    ]
+
+
+def _mean(p: belief.Pool, w: list[float], channel: str, window: str) -> float:
+    return sum(x * q for x, q in zip(w, p.q(channel, window, KEY), strict=True))
+
+
+def test_the_pool_is_the_same_for_every_process_with_the_same_seed() -> None:
+    a, b = belief.Pool(7, 50, WINDOWS), belief.Pool(7, 50, WINDOWS)
+    assert a.q("sms", "evening", "offer/short") == b.q("sms", "evening", "offer/short")
+    assert a.active == b.active
+    assert belief.Pool(8, 50, WINDOWS).rate("sms") != a.rate("sms")
+
+
+def test_replies_on_one_channel_and_silence_on_the_other_move_the_belief() -> None:
+    p, link = _pool(), belief.Link()
+    history = _sends(6, "email", "morning", "reply") + _sends(6, "sms", "morning", "none")
+    w = belief.belief(p, _uniform(p), history, link, 1 / 365, T0 + timedelta(days=60))
+    before = _uniform(p)
+    assert _mean(p, w, "email", "morning") > 2 * _mean(p, before, "email", "morning")
+    assert _mean(p, w, "sms", "morning") < _mean(p, before, "sms", "morning")
+    options = {(c, "morning", KEY): "morning" for c in ("sms", "email")}
+    a = belief.assess(p, w, options, link, 0.3)
+    assert a.p_best[("email", "morning", KEY)] > 0.95
+
+
+def test_late_responses_place_the_person_in_the_window_they_came_in() -> None:
+    p, link = _pool(), belief.Link()
+    late = _sends(4, "sms", "morning", "read", late=True, seen="evening")
+    prompt = _sends(4, "sms", "morning", "read")
+    w_late = belief.belief(p, _uniform(p), late, link, 1 / 365, T0 + timedelta(days=30))
+    w_prompt = belief.belief(p, _uniform(p), prompt, link, 1 / 365, T0 + timedelta(days=30))
+    assert belief.active_share(p, w_late, "evening") > 0.9
+    assert belief.active_share(p, w_prompt, "morning") > belief.active_share(p, _uniform(p), "morning")
+    assert belief.active_share(p, w_prompt, "evening") < 0.2
+
+
+def test_the_belief_relaxes_toward_the_prior_as_time_passes() -> None:
+    p, link = _pool(), belief.Link()
+    history = _sends(5, "email", "midday", "reply")
+    soon = belief.belief(p, _uniform(p), history, link, 1 / 365, T0 + timedelta(days=30))
+    later = belief.belief(p, _uniform(p), history, link, 1 / 365, T0 + timedelta(days=2000))
+    prior = _mean(p, _uniform(p), "email", "midday")
+    assert _mean(p, soon, "email", "midday") > _mean(p, later, "email", "midday") > prior
+
+
+def test_the_segments_means_tilt_a_new_persons_prior() -> None:
+    p, link = _pool(), belief.Link()
+    lent = {("sms", "morning", KEY): 0.05, ("email", "morning", KEY): 0.5}
+    w = belief.prior(p, lent, 4.0, link, 0.3)
+    assert _mean(p, w, "email", "morning") > _mean(p, _uniform(p), "email", "morning")
+    assert _mean(p, w, "email", "morning") > _mean(p, w, "sms", "morning")
+
+
+@pytest.mark.parametrize("true", [belief.Link(0.2, 2.0, 0.95, 0.6), belief.Link(0.4, 0.5, 0.9, 0.2)])
+def test_the_link_is_fitted_from_logged_predictions_and_what_came(true: belief.Link) -> None:
+    rng = random.Random(3)
+    settled = []
+    for _ in range(6000):
+        q, p_active = rng.uniform(0.02, 0.4), rng.random()
+        u = rng.random()
+        response = "reply" if u < q else ("read" if u < true.p_any(q) else "none")
+        active = rng.random() < p_active
+        late = response != "none" and not active and rng.random() < true.late
+        settled.append(belief.Settled(q, p_active, response, late))
+    fit = belief.fit_link(settled)
+    assert fit.n == 6000
+    assert fit.floor == pytest.approx(true.floor, abs=0.05)
+    assert fit.slope == pytest.approx(true.slope, abs=0.5)
+    assert fit.late == pytest.approx(true.late, abs=0.08)
+    assert belief.fit_link(settled[:100]) == belief.Link()  # too few: the generic link
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _config() -> cfgmod.AppConfig:
+    base = cfgmod.load(CONFIG)
+    return base.model_copy(update={"learning": base.learning.model_copy(update={"model": "belief"})})
+
+
+def _learned(engine: Engine) -> list[dict[str, object]]:
+    with Session(engine) as s:
+        decs = s.exec(
+            select(Decision).where(Decision.playbook == "discount-offer").order_by(col(Decision.id))
+        ).all()
+        return [dict(d.detail["learning"]) for d in decs if d.detail and "learning" in d.detail]
+
+
+def test_the_belief_learns_the_persons_channel_within_the_gate(engine: Engine) -> None:
+    rp, sent = _rounds(engine, 10, replies_on="email", config=_config())
+    rp.close()
+    infos = _learned(engine)
+    assert infos and all("belief" in i for i in infos)
+    for info in infos:  # every choice among the options the gate allowed, with an exact propensity
+        dims = info["dims"]
+        assert isinstance(dims, dict)
+        assert info["channel"] in dims["channel"]["options"]
+        assert 0 < float(str(info["propensity"])) <= 1
+    last = infos[-1]
+    assert isinstance(last["belief"], dict) and last["belief"]["history"] >= 5
+    assert last["dims"]["channel"]["greedy"] == "email"  # type: ignore[index]
+    assert sum(1 for i in sent[-4:] if i.channel == "email") >= 3
+
+
+def test_the_belief_is_rebuilt_from_the_store_after_a_restart(engine: Engine) -> None:
+    rp, _ = _rounds(engine, 8, replies_on="email", config=_config())
+    rp.close()
+    before = _learned(engine)[-1]
+    engine.dispose()
+    again = _reopen(engine)
+    try:
+        cfg = _config().learning
+        with Session(again) as s:
+            [pid] = {d.person_id for d in s.exec(select(Decision)).all() if d.person_id is not None}
+            now = datetime.fromisoformat(str(before["at"]))
+            hist = learning.history(s, pid, now, cfg, "America/New_York")
+        assert hist and {o.channel for o in hist} <= {"sms", "email"}
+        assert any(o.response == "reply" and o.channel == "email" for o in hist)
+        assert all(o.response == "none" for o in hist if o.channel == "sms")
+    finally:
+        again.dispose()
+
+
+def test_belief_config_is_validated() -> None:
+    with pytest.raises(ValueError, match="model"):
+        LearningConfig.model_validate({"model": "crystal-ball"})
