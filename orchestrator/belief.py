@@ -34,6 +34,7 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 PROMPT_SLACK = 0.02  # P(a prompt-looking response to a send outside the active window, or late in it)
 WHERE_SLACK = 0.05  # P(a late response outside the active window): nothing is ever ruled out
@@ -100,6 +101,8 @@ class Pool:
         self._rate: dict[str, list[float]] = {}
         self._wording: dict[str, list[float]] = {}
         self._q: dict[tuple[str, str, str], list[float]] = {}
+        # vectors derived from the pool and a link (rewards, likelihoods), kept until the link changes
+        self.memo: dict[tuple[object, ...], Any] = {}
 
     def rate(self, channel: str) -> list[float]:
         got = self._rate.get(channel)
@@ -130,6 +133,25 @@ class Pool:
             ]
         return got
 
+    def reward(
+        self, channel: str, window: str, variant: str, link: Link, read_reward: float
+    ) -> tuple[list[float], list[float], list[float]]:
+        """Each candidate's expected reward for the send (``reward_of``), and its logs and
+        those of its complement (for ``prior``), kept until the link changes."""
+        key = ("reward", channel, window, variant, link, read_reward)
+        got: tuple[list[float], list[float], list[float]] | None = self.memo.get(key)
+        if got is None:
+            v = [reward_of(x, link, read_reward) for x in self.q(channel, window, variant)]
+            clipped = [min(0.999, max(0.001, x)) for x in v]
+            got = (v, [math.log(x) for x in clipped], [math.log1p(-x) for x in clipped])
+            self.remember(key, got)
+        return got
+
+    def remember(self, key: tuple[object, ...], value: Any) -> None:
+        if len(self.memo) > 20000:
+            self.memo.clear()  # a refit changed the link: the old entries are dead
+        self.memo[key] = value
+
 
 @functools.lru_cache(maxsize=8)
 def pool(seed: int, n: int, windows: tuple[str, ...]) -> Pool:
@@ -144,21 +166,30 @@ def reward_of(q: float, link: Link, read_reward: float) -> float:
 
 def likelihood(p: Pool, o: Observed, link: Link) -> list[float]:
     """P(what came of ``o``) for each candidate."""
+    key = ("lik", o.channel, o.window, o.variant, o.response, o.late, o.seen, link)
+    memo: list[float] | None = p.memo.get(key)
+    if memo is not None:
+        return memo
+    got: list[float]
     q = p.q(o.channel, o.window, o.variant)
     if o.response == "none":
-        return [max(MIN_P, 1.0 - link.p_any(x)) for x in q]
-    j = p.windows.index(o.window)
-    k = p.windows.index(o.seen) if o.late and o.seen in p.windows else j
-    others = max(1, len(p.windows) - 1)
-    if o.late:
-        here = PROMPT_SLACK * ((1 - WHERE_SLACK) if k == j else WHERE_SLACK / others)
-        there, elsewhere = link.late * (1 - WHERE_SLACK), link.late * WHERE_SLACK / others
-        timing = [here if a == j else (there if a == k else elsewhere) for a in p.active]
+        got = [max(MIN_P, 1.0 - link.p_any(x)) for x in q]
     else:
-        timing = [(1 - PROMPT_SLACK) if a == j else (1 - link.late) for a in p.active]
-    if o.response == "reply":
-        return [max(MIN_P, x) * t for x, t in zip(q, timing, strict=True)]
-    return [max(MIN_P, link.p_any(x) - x) * t for x, t in zip(q, timing, strict=True)]
+        j = p.windows.index(o.window)
+        k = p.windows.index(o.seen) if o.late and o.seen in p.windows else j
+        others = max(1, len(p.windows) - 1)
+        if o.late:
+            here = PROMPT_SLACK * ((1 - WHERE_SLACK) if k == j else WHERE_SLACK / others)
+            there, elsewhere = link.late * (1 - WHERE_SLACK), link.late * WHERE_SLACK / others
+            timing = [here if a == j else (there if a == k else elsewhere) for a in p.active]
+        else:
+            timing = [(1 - PROMPT_SLACK) if a == j else (1 - link.late) for a in p.active]
+        if o.response == "reply":
+            got = [max(MIN_P, x) * t for x, t in zip(q, timing, strict=True)]
+        else:
+            got = [max(MIN_P, link.p_any(x) - x) * t for x, t in zip(q, timing, strict=True)]
+    p.remember(key, got)
+    return got
 
 
 def _normalized(w: list[float], fallback: list[float]) -> list[float]:
@@ -178,9 +209,9 @@ def prior(
     logw = [0.0] * p.n
     for (channel, window, variant), mean in lent.items():
         mean = min(0.999, max(0.001, mean))
-        for i, x in enumerate(p.q(channel, window, variant)):
-            v = min(0.999, max(0.001, reward_of(x, link, read_reward)))
-            logw[i] += strength * (mean * math.log(v) + (1 - mean) * math.log(1 - v))
+        a, b = strength * mean, strength * (1 - mean)
+        _, logv, log1v = p.reward(channel, window, variant, link, read_reward)
+        logw = [acc + a * x + b * y for acc, x, y in zip(logw, logv, log1v, strict=True)]
     top = max(logw)
     return _normalized([math.exp(x - top) for x in logw], [1.0 / p.n] * p.n)
 
@@ -221,10 +252,7 @@ def assess(
     p: Pool, w: list[float], options: Mapping[Option, str], link: Link, read_reward: float
 ) -> Assessment:
     """``options``: each option and the window whose hours hold its send time."""
-    values = {
-        o: [reward_of(x, link, read_reward) for x in p.q(o[0], at_window, o[2])]
-        for o, at_window in options.items()
-    }
+    values = {o: p.reward(o[0], at_window, o[2], link, read_reward)[0] for o, at_window in options.items()}
     keys = list(values)
     mean = {o: math.fsum(a * b for a, b in zip(w, values[o], strict=True)) for o in keys}
     p_best = dict.fromkeys(keys, 0.0)
