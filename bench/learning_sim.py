@@ -358,8 +358,8 @@ class Learner(Policy):
 
     name = "learner"
 
-    def __init__(self, cfg: LearningConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: LearningConfig, name: str = "learner") -> None:
+        self.cfg, self.name = cfg, name
         self.stats = learning.MemoryStats(cfg)
         self.segments: dict[int, str] = {}
         # learning.model belief: each person's sends as the store keeps them (outreach_outcome),
@@ -882,6 +882,11 @@ def main() -> int:
         help="a LearningConfig field for the learner (JSON value), e.g. --set half_life_days=90",
     )
     ap.add_argument(
+        "--no-belief",
+        action="store_true",
+        help="leave out 'belief', the learner with learning.model belief (the default config's is beta)",
+    )
+    ap.add_argument(
         "--informed",
         type=int,
         default=0,
@@ -910,6 +915,8 @@ def main() -> int:
         lambda c, s: TimeOracle(),
         lambda c, s: Oracle(),
     ]
+    if not args.no_belief:
+        policies.insert(3, lambda c, s: Learner(c.model_copy(update={"model": "belief"}), "belief"))
     if args.informed:
         policies.insert(3, lambda c, s: InformedBayes(c, s, args.informed))
     t0 = time.perf_counter()
@@ -950,6 +957,15 @@ def main() -> int:
         "learner/fixed engagement, all requests": ratio("learner", "fixed", "engagement"),
         f"learner/fixed engagement, first {n}": ratio("learner", "fixed", "pre"),
         f"learner/fixed engagement, after {n}": ratio("learner", "fixed", "post"),
+        **(
+            {
+                f"belief/oracle engagement, after {n} sends": ratio("belief", "oracle", "post"),
+                f"belief/oracle expected engagement, after {n}": ratio("belief", "oracle", "expected_post"),
+                "belief/fixed engagement, all requests": ratio("belief", "fixed", "engagement"),
+            }
+            if not args.no_belief
+            else {}
+        ),
         "heuristic/fixed engagement, all requests": ratio("heuristic", "fixed", "engagement"),
         "oracle-seg/oracle expected, all requests": ratio("oracle-seg", "oracle", "expected"),
         "oracle-ch/oracle expected, all requests": ratio("oracle-ch", "oracle", "expected"),
@@ -983,6 +999,14 @@ def main() -> int:
         f"{'MET' if vs_oracle >= 0.9 else 'MISSED'}"
     )
     print(f"target learner >= 1.30 x fixed: {vs_fixed:.3f} {'MET' if vs_fixed >= 1.3 else 'MISSED'}")
+    if not args.no_belief:
+        b_oracle = stats[f"belief/oracle engagement, after {n} sends"][0]
+        b_fixed = stats["belief/fixed engagement, all requests"][0]
+        print(
+            f"the same targets for learning.model belief: {b_oracle:.3f} of the oracle "
+            f"{'MET' if b_oracle >= 0.9 else 'MISSED'}, "
+            f"{b_fixed:.3f} x fixed {'MET' if b_fixed >= 1.3 else 'MISSED'}"
+        )
     print(
         f"compliance-gate violations, all policies and seeds: {violations} "
         f"{'OK' if violations == 0 else 'FAIL'}"

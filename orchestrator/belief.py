@@ -34,6 +34,7 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from statistics import NormalDist
 from typing import Any
 
 PROMPT_SLACK = 0.02  # P(a prompt-looking response to a send outside the active window, or late in it)
@@ -85,19 +86,32 @@ def _expit(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
 
+def _strata(rng: random.Random, n: int) -> list[float]:
+    """``n`` points of (0, 1), one in each of ``n`` equal strata, in random order (a Latin
+    hypercube, one dimension at a time): a pool covers its proposal evenly, not by luck."""
+    u = [(k + rng.random()) / n for k in range(n)]
+    rng.shuffle(u)
+    return u
+
+
+_NORMAL = NormalDist()
+
+
 class Pool:
-    """Candidate people, drawn from a broad generic proposal, the same for every person and
-    every process with the same ``seed``: rates per channel and wording multipliers are drawn
-    per name when first needed."""
+    """Candidate people, drawn from a broad generic proposal by Latin hypercube sampling, the
+    same for every person and every process with the same ``seed``: an equal share active in
+    each window; rates per channel (logit normal, mean logit 0.15, sd 1.3) and wording
+    multipliers (normal, 1 +- 0.15) drawn per name when first needed."""
 
     def __init__(self, seed: int, n: int, windows: Sequence[str]) -> None:
         self.seed, self.n, self.windows = seed, n, tuple(windows)
         rng = random.Random(f"{seed}|pool|{'|'.join(self.windows)}")
-        self.active = [rng.randrange(len(self.windows)) for _ in range(n)]
-        self.when = {
-            w: [1.0 if self.active[i] == j else rng.uniform(0.2, 1.0) for i in range(n)]
-            for j, w in enumerate(self.windows)
-        }
+        self.active = [k % len(self.windows) for k in range(n)]
+        rng.shuffle(self.active)
+        self.when = {}
+        for j, w in enumerate(self.windows):
+            u = _strata(rng, n)
+            self.when[w] = [1.0 if self.active[i] == j else 0.2 + 0.8 * u[i] for i in range(n)]
         self._rate: dict[str, list[float]] = {}
         self._wording: dict[str, list[float]] = {}
         self._q: dict[tuple[str, str, str], list[float]] = {}
@@ -107,8 +121,8 @@ class Pool:
     def rate(self, channel: str) -> list[float]:
         got = self._rate.get(channel)
         if got is None:
-            rng = random.Random(f"{self.seed}|rate|{channel}")
-            got = self._rate[channel] = [_expit(-1.7 + rng.gauss(0.0, 1.3)) for _ in range(self.n)]
+            u = _strata(random.Random(f"{self.seed}|rate|{channel}"), self.n)
+            got = self._rate[channel] = [_expit(-1.7 + 1.3 * _NORMAL.inv_cdf(x)) for x in u]
         return got
 
     def wording(self, variant: str) -> list[float]:
@@ -117,8 +131,8 @@ class Pool:
             if variant.endswith("/default"):
                 got = [1.0] * self.n
             else:
-                rng = random.Random(f"{self.seed}|wording|{variant}")
-                got = [max(0.5, min(1.5, rng.gauss(1.0, 0.15))) for _ in range(self.n)]
+                u = _strata(random.Random(f"{self.seed}|wording|{variant}"), self.n)
+                got = [max(0.5, min(1.5, 1.0 + 0.15 * _NORMAL.inv_cdf(x))) for x in u]
             self._wording[variant] = got
         return got
 
