@@ -27,6 +27,17 @@ option in any dimension (each of the k dimensions that has a choice gets the cap
 (inverse-propensity evaluation needs support everywhere; the floor wins over the cap). The
 joint propensity is the product of the three dimensions'.
 
+Two models (``learning.model``). ``beta``, the default, is the above. ``belief``
+(orchestrator/belief.py) models each person jointly: engagement = channel rate x active
+window x wording, reads linked to replies and late responses to the active window (the link
+fitted from the logged predictions), a belief over a shared candidate pool rebuilt at each
+decision from the person's settled sends (``history``), its prior tilted by the segment's
+pooled means above (``segment_strength`` pseudo-trials). Its P(best) is exact over the
+belief; the choice is drawn channel first, then window and variant given those, each bounded
+as above, so the logged propensity (their product) is exact for the option sent; offline
+evaluation reads the window's and variant's probabilities as if they held for every channel,
+an approximation for the options not sent. bench/learning_sim.py measures both.
+
 Why not MABWiser: its Thompson sampling keeps one flat posterior per arm (no pooled priors
 from population to segment to person), has no per-decision arm set (the gate changes it),
 persists by pickling, and pulls numpy/pandas/scikit-learn in for what is 200 lines here.
