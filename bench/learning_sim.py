@@ -427,7 +427,8 @@ class Learner(Policy):
         waiting = self.predicted.get((p.id, opt))
         if waiting:
             said = waiting.pop(0)
-            window = learning.engaged_window(at, TZ, self.cfg)
+            # as the store keeps it: the window chosen, else the one whose hours held the send
+            window = opt[1] if opt[1] in self.cfg.windows else learning.engaged_window(at, TZ, self.cfg)
             assert window is not None
             self.sends.setdefault(p.id, []).append(
                 _Sent(at, opt[0], window, f"{TEMPLATE}/{opt[2]}", float(said["q"]), float(said["p_active"]))

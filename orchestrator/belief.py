@@ -40,6 +40,7 @@ from typing import Any
 PROMPT_SLACK = 0.02  # P(a prompt-looking response to a send outside the active window, or late in it)
 WHERE_SLACK = 0.05  # P(a late response outside the active window): nothing is ever ruled out
 MIN_P = 1e-3
+MEMO_FLOATS = 2_000_000  # a pool's remembered vectors, at most (about 50 MB as Python floats)
 
 Option = tuple[str, str, str]  # channel, window option name, variant key (template/variant)
 
@@ -115,8 +116,11 @@ class Pool:
         self._rate: dict[str, list[float]] = {}
         self._wording: dict[str, list[float]] = {}
         self._q: dict[tuple[str, str, str], list[float]] = {}
-        # vectors derived from the pool and a link (rewards, likelihoods), kept until the link changes
-        self.memo: dict[tuple[object, ...], Any] = {}
+        # vectors derived from the pool and the current link (rewards, likelihoods): dropped
+        # when the link changes (a refit), and when they would hold more than MEMO_FLOATS
+        self._memo: dict[tuple[object, ...], Any] = {}
+        self._memo_link: Link | None = None
+        self._memo_floats = 0
 
     def rate(self, channel: str) -> list[float]:
         got = self._rate.get(channel)
@@ -152,22 +156,33 @@ class Pool:
     ) -> tuple[list[float], list[float], list[float]]:
         """Each candidate's expected reward for the send (``reward_of``), and its logs and
         those of its complement (for ``prior``), kept until the link changes."""
-        key = ("reward", channel, window, variant, link, read_reward)
-        got: tuple[list[float], list[float], list[float]] | None = self.memo.get(key)
+        key = ("reward", channel, window, variant, read_reward)
+        got: tuple[list[float], list[float], list[float]] | None = self.recall(link, key)
         if got is None:
             v = [reward_of(x, link, read_reward) for x in self.q(channel, window, variant)]
             clipped = [min(0.999, max(0.001, x)) for x in v]
             got = (v, [math.log(x) for x in clipped], [math.log1p(-x) for x in clipped])
-            self.remember(key, got)
+            self.remember(key, got, 3)
         return got
 
-    def remember(self, key: tuple[object, ...], value: Any) -> None:
-        if len(self.memo) > 20000:
-            self.memo.clear()  # a refit changed the link: the old entries are dead
-        self.memo[key] = value
+    def recall(self, link: Link, key: tuple[object, ...]) -> Any:
+        """What was remembered under ``key`` for ``link``; None if nothing (a new link
+        forgets everything remembered for the old one)."""
+        if link != self._memo_link:
+            self._memo.clear()
+            self._memo_link, self._memo_floats = link, 0
+        return self._memo.get(key)
+
+    def remember(self, key: tuple[object, ...], value: Any, vectors: int) -> None:
+        """Keep ``value`` (``vectors`` lists of ``n`` floats) for the current link."""
+        if self._memo_floats + vectors * self.n > MEMO_FLOATS:
+            self._memo.clear()
+            self._memo_floats = 0
+        self._memo[key] = value
+        self._memo_floats += vectors * self.n
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=2)
 def pool(seed: int, n: int, windows: tuple[str, ...]) -> Pool:
     return Pool(seed, n, windows)
 
@@ -180,8 +195,8 @@ def reward_of(q: float, link: Link, read_reward: float) -> float:
 
 def likelihood(p: Pool, o: Observed, link: Link) -> list[float]:
     """P(what came of ``o``) for each candidate."""
-    key = ("lik", o.channel, o.window, o.variant, o.response, o.late, o.seen, link)
-    memo: list[float] | None = p.memo.get(key)
+    key = ("lik", o.channel, o.window, o.variant, o.response, o.late, o.seen)
+    memo: list[float] | None = p.recall(link, key)
     if memo is not None:
         return memo
     got: list[float]
@@ -202,7 +217,7 @@ def likelihood(p: Pool, o: Observed, link: Link) -> list[float]:
             got = [max(MIN_P, x) * t for x, t in zip(q, timing, strict=True)]
         else:
             got = [max(MIN_P, link.p_any(x) - x) * t for x, t in zip(q, timing, strict=True)]
-    p.remember(key, got)
+    p.remember(key, got, 1)
     return got
 
 

@@ -456,7 +456,14 @@ def _choose_joint(
         return w
 
     variants = {c: [f"{template}/{v}" for v in (variants_for(c) or ["default"])] for c in channels}
-    options = {(c, wn, v): window_of(at) for c in channels for wn, at in windows.items() for v in variants[c]}
+    # each option's window: its own when it is a configured one (two may overlap), else
+    # the one whose hours hold its send time (ASAP)
+    options = {
+        (c, wn, v): wn if wn in cfg.windows else window_of(at)
+        for c in channels
+        for wn, at in windows.items()
+        for v in variants[c]
+    }
     # the segment's pooled means, combined as the model assumes (channel x window x wording),
     # lent to the prior as segment_strength pseudo-trials per dimension
     seg = {
@@ -783,17 +790,18 @@ def record(
 
 
 def observed(row: OutreachOutcome, now: datetime, cfg: LearningConfig, tz: str) -> belief.Observed | None:
-    """One learned send as the belief model sees it (orchestrator/belief.py): a reply
-    (replied or confirmed), a read (read or clicked), or none once ``reply_window_hours``
+    """One learned send as the belief model sees it at ``now`` (orchestrator/belief.py): a
+    reply (replied or confirmed), a read (read or clicked), or none once ``reply_window_hours``
     have passed with neither; None while it may still get one, or if it never arrived.
-    Late: the first response came more than ``prompt_hours`` after the message reached them."""
+    Responses stamped after ``now`` are not seen yet. Late: the first response came more than
+    ``prompt_hours`` after the message reached them. Its window: the configured window it was
+    sent in (two windows may overlap), else the one whose hours held the send."""
     if row.failed_at is not None:
         return None
-    firsts = [
-        utc(t) for t in (row.read_at, row.clicked_at, row.replied_at, row.confirmed_at) if t is not None
-    ]
+    stamps = (row.read_at, row.clicked_at, row.replied_at, row.confirmed_at)
+    firsts = [utc(t) for t in stamps if t is not None and utc(t) <= now]
     sent = utc(row.sent_at)
-    window = engaged_window(sent, tz, cfg)
+    window = row.window if row.window in cfg.windows else engaged_window(sent, tz, cfg)
     if window is None:
         return None
     variant = f"{row.template}/{row.variant or 'default'}"
@@ -804,7 +812,8 @@ def observed(row: OutreachOutcome, now: datetime, cfg: LearningConfig, tz: str) 
     first = min(firsts)
     came = max(t for t in (sent, utc(row.delivered_at) if row.delivered_at else None) if t is not None)
     late = first - came > timedelta(hours=cfg.prompt_hours)
-    response = "reply" if row.replied_at is not None or row.confirmed_at is not None else "read"
+    replied = [t for t in (row.replied_at, row.confirmed_at) if t is not None and utc(t) <= now]
+    response = "reply" if replied else "read"
     return belief.Observed(sent, row.channel, window, variant, response, late, engaged_window(first, tz, cfg))
 
 
@@ -825,34 +834,46 @@ FIT_ROWS = 5000  # the latest settled sends a refit reads
 
 class LinkCache:
     """The fitted link (belief.fit_link) of one process, refitted each time ``refit_every``
-    more learned sends have been logged: every worker fits the same rows (those up to the
-    last multiple of ``refit_every`` by id), from the predictions their decisions logged."""
+    more learned sends have been logged, from the predictions their decisions logged. The
+    fit is a function of the boundary (the last multiple of ``refit_every`` by id) alone: the
+    sends up to it, seen as of the boundary sends' latest time (``observed``), so workers that
+    refit at different moments, or after a restart, fit the same link (unless an outcome
+    stamped before that time was recorded between their refits). Sends whose channel the gate
+    changed at send time (``fallback_from``) are left out: their prediction was for another."""
 
     def __init__(self) -> None:
         self.boundary = -1
         self.link = belief.Link()
 
-    def get(self, s: Session, now: datetime, cfg: LearningConfig, tz: str) -> belief.Link:
+    def get(self, s: Session, cfg: LearningConfig, tz: str) -> belief.Link:
         top = s.exec(select(func.max(OutreachOutcome.id))).one() or 0
         boundary = top // cfg.refit_every * cfg.refit_every
         if boundary == self.boundary:
             return self.link
-        rows = s.exec(
-            select(OutreachOutcome, Decision.detail)
-            .join(Decision, col(OutreachOutcome.decision_id) == col(Decision.id))
-            .where(
-                col(OutreachOutcome.learned).is_(True),
-                col(OutreachOutcome.id) <= boundary,
-                col(OutreachOutcome.sent_at) < now - timedelta(hours=cfg.reply_window_hours),
-            )
-            .order_by(col(OutreachOutcome.id).desc())
-            .limit(FIT_ROWS)
-        ).all()
+        latest = s.exec(
+            select(func.max(OutreachOutcome.sent_at)).where(col(OutreachOutcome.id) <= boundary)
+        ).one()
         settled: list[belief.Settled] = []
-        for row, detail in rows:
-            said = (detail or {}).get("learning", {}).get("belief")
-            o = observed(row, now, cfg, tz)
-            if isinstance(said, dict) and o is not None:
-                settled.append(belief.Settled(float(said["q"]), float(said["p_active"]), o.response, o.late))
+        if latest is not None:
+            as_of = utc(latest)
+            rows = s.exec(
+                select(OutreachOutcome, Decision.detail)
+                .join(Decision, col(OutreachOutcome.decision_id) == col(Decision.id))
+                .where(
+                    col(OutreachOutcome.learned).is_(True),
+                    col(OutreachOutcome.id) <= boundary,
+                    col(OutreachOutcome.sent_at) < as_of - timedelta(hours=cfg.reply_window_hours),
+                )
+                .order_by(col(OutreachOutcome.id).desc())
+                .limit(FIT_ROWS)
+            ).all()
+            for row, detail in rows:
+                info = (detail or {}).get("learning", {})
+                said = info.get("belief")
+                o = observed(row, as_of, cfg, tz)
+                if isinstance(said, dict) and o is not None and not info.get("fallback_from"):
+                    settled.append(
+                        belief.Settled(float(said["q"]), float(said["p_active"]), o.response, o.late)
+                    )
         self.boundary, self.link = boundary, belief.fit_link(settled[::-1])
         return self.link

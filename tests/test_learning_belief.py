@@ -14,7 +14,7 @@ from sqlmodel import Session, col, select
 
 from careloop import config as cfgmod
 from careloop.config import LearningConfig
-from careloop.tables import Decision
+from careloop.tables import Decision, OutreachOutcome, Person
 from orchestrator import belief, learning
 from tests.test_learning_replay import CONFIG, _rounds
 from tests.test_learning_restart import _reopen
@@ -163,3 +163,107 @@ def test_the_belief_is_rebuilt_from_the_store_after_a_restart(engine: Engine) ->
 def test_belief_config_is_validated() -> None:
     with pytest.raises(ValueError, match="model"):
         LearningConfig.model_validate({"model": "crystal-ball"})
+
+
+# --------------------------------------------------------------------------- from the review
+
+TZ = "America/New_York"
+
+
+def _fill(engine: Engine, n: int, read_from: int) -> datetime:
+    """``n`` learned sends an hour apart; those from ``read_from`` on read 10 minutes later."""
+    with Session(engine) as s:
+        p = Person(created_at=T0)
+        s.add(p)
+        s.flush()
+        assert p.id is not None
+        for i in range(n):
+            at = T0 + timedelta(hours=i)
+            d = Decision(
+                person_id=p.id,
+                decided_at=at,
+                playbook="x",
+                action="send",
+                reason="ok",
+                detail={"learning": {"belief": {"q": 0.1, "p_active": 0.5}}},
+            )
+            s.add(d)
+            s.flush()
+            s.add(
+                OutreachOutcome(
+                    decision_id=d.id,
+                    outbox_key=f"k{p.id}-{i}",
+                    person_id=p.id,
+                    channel="sms",
+                    template="offer",
+                    sent_at=at,
+                    updated_at=at,
+                    learned=True,
+                    read_at=at + timedelta(minutes=10) if i >= read_from else None,
+                )
+            )
+        s.commit()
+        return T0 + timedelta(hours=n)
+
+
+def test_workers_that_refit_at_different_moments_fit_the_same_link(engine: Engine) -> None:
+    cfg = LearningConfig.model_validate({"enabled": True, "model": "belief", "refit_every": 50})
+    end = _fill(engine, 400, read_from=352)
+    a, b = learning.LinkCache(), learning.LinkCache()
+    with Session(engine) as s:
+        la = a.get(s, cfg, TZ)  # worker A, right after the 400th send
+    with Session(engine) as s:  # days later, reads of the early sends come in (stamped then)
+        for row in s.exec(select(OutreachOutcome).where(col(OutreachOutcome.id) <= 60)).all():
+            row.read_at = end + timedelta(days=3)
+        s.commit()
+    with Session(engine) as s:
+        lb = b.get(s, cfg, TZ)  # worker B, or A after a restart
+    assert a.boundary == b.boundary == 400 and la.n > 0
+    assert la == lb
+
+
+def test_a_new_link_drops_the_old_links_vectors() -> None:
+    p = belief.Pool(0, 400, WINDOWS)
+    old, new = belief.Link(), belief.Link(floor=0.25, n=1000)
+    for ch in ("sms", "email"):
+        p.reward(ch, "morning", KEY, old, 0.3)
+        belief.likelihood(p, belief.Observed(T0, ch, "morning", KEY, "none"), old)
+    assert p.recall(old, ("reward", "sms", "morning", KEY, 0.3)) is not None
+    p.reward("sms", "morning", KEY, new, 0.3)  # the first decision after a refit
+    assert p.recall(new, ("reward", "email", "morning", KEY, 0.3)) is None  # the old link's are gone
+    assert p.recall(new, ("reward", "sms", "morning", KEY, 0.3)) is not None
+
+
+def test_the_later_of_two_overlapping_windows_can_win() -> None:
+    cfg = LearningConfig.model_validate(
+        {
+            "enabled": True,
+            "model": "belief",
+            "windows": {"early": "08:00", "late": "10:00"},
+            "window_hours": 3,
+        }
+    )
+    now = datetime(2026, 3, 2, 13, 30, tzinfo=UTC)  # 08:30 in New York
+    wins = learning.window_options(now, now, TZ, cfg)
+    assert set(wins) == {"early", "late"}
+    # replies only ever came to the sends at 10:00 local (window "late", inside "early"'s hours
+    # too), none to those at 08:00
+    hist = []
+    for i in range(12):
+        day = now - timedelta(days=40 - 3 * i)
+        hist.append(belief.Observed(day.replace(hour=15), "sms", "late", "offer/default", "reply"))
+        hist.append(belief.Observed(day.replace(hour=13), "sms", "early", "offer/default", "none"))
+    c = learning.choose(
+        learning.MemoryStats(cfg),
+        person_key="1",
+        segment="*",
+        channels=["sms"],
+        windows=wins,
+        variants_for=lambda c: [],
+        template="offer",
+        rng=random.Random(0),
+        cfg=cfg,
+        tz=TZ,
+        model=learning.Model(hist, belief.Link(), 0.3),
+    )
+    assert c.dims["window"].p_best["late"] > 0.9
