@@ -40,7 +40,7 @@ from typing import Any
 PROMPT_SLACK = 0.02  # P(a prompt-looking response to a send outside the active window, or late in it)
 WHERE_SLACK = 0.05  # P(a late response outside the active window): nothing is ever ruled out
 MIN_P = 1e-3
-MEMO_FLOATS = 2_000_000  # a pool's remembered vectors, at most (about 50 MB as Python floats)
+MEMO_FLOATS = 2_000_000  # a pool's remembered vectors, at most (about 64 MB as Python floats)
 
 Option = tuple[str, str, str]  # channel, window option name, variant key (template/variant)
 
@@ -66,7 +66,7 @@ class Observed:
 
     at: datetime  # when it was sent
     channel: str
-    window: str  # the window whose hours held the send time (learning.engaged_window)
+    window: str  # the window it was sent in: the one chosen, else the one whose hours held it
     variant: str  # template/variant
     response: str  # "reply" | "read" | "none"
     late: bool = False
