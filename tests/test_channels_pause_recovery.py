@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
 from collections.abc import Iterator
 from datetime import timedelta
-from http.server import ThreadingHTTPServer
 
 import pytest
 from sqlmodel import Session, select
@@ -39,30 +37,16 @@ class LookupCountingTwilio(RetryAfterTwilio):
         super().__init__()
         self.gets = 0
 
-    def start(self, port: int = 0) -> str:
+    def handler(self) -> type[_TwilioHandler]:
         fake = self
 
-        class Handler(_TwilioHandler):
-            owner = fake
-
-            def _send_raw(self, status: int, body: bytes, content_type: str) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                if status >= 400 and fake.retry_after is not None:
-                    self.send_header("Retry-After", fake.retry_after())
-                self.end_headers()
-                self.wfile.write(body)
-
+        class Handler(super().handler()):  # type: ignore[misc]
             def do_GET(self) -> None:
                 with fake.lock:
                     fake.gets += 1
                 super().do_GET()
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
-        return self.base_url
+        return Handler
 
 
 @pytest.fixture

@@ -51,7 +51,8 @@ class RetryAfterTwilio(FakeTwilio):
         super().__init__()
         self.retry_after: HeaderValue | None = None
 
-    def start(self, port: int = 0) -> str:
+    def handler(self) -> type[_TwilioHandler]:
+        """The request handler: Twilio's, with the ``Retry-After`` header on failures."""
         fake = self
 
         class Handler(_TwilioHandler):
@@ -66,7 +67,10 @@ class RetryAfterTwilio(FakeTwilio):
                 self.end_headers()
                 self.wfile.write(body)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        return Handler
+
+    def start(self, port: int = 0) -> str:
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), self.handler())
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
         return self.base_url
