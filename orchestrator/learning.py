@@ -535,11 +535,15 @@ def _choose_joint(
     var = pick(2, variants[ch.chosen], lambda v: v.split("/", 1)[1])
     chosen: belief.Option = (ch.chosen, win.chosen, f"{template}/{var.chosen}")
     q = pool.q(chosen[0], options[chosen], chosen[2])
+    top = max(a.mean, key=lambda o: a.mean[o])  # the joint best, whatever was drawn
     detail = {
         "q": round(math.fsum(x * y for x, y in zip(w, q, strict=True)), 6),
         "p_active": round(belief.active_share(pool, w, options[chosen]), 6),
         "link_n": model.link.n,
         "history": len(model.history),
+        # offline evaluation's "greedy": the dims' own greedy window and wording are those
+        # given the channel drawn, not the joint best when the channel was an exploration
+        "greedy": [top[0], top[1], top[2].split("/", 1)[1]],
     }
     return Choice(
         ch.chosen,

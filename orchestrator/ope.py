@@ -188,6 +188,9 @@ def unit_from(detail: Mapping[str, Any], propensity: float, reward: float, key: 
         options = {d: tuple(dims[d]["options"]) for d in DIMS}
         probs = {d: {str(k): float(v) for k, v in dims[d]["probs"].items()} for d in DIMS}
         greedy = {d: str(dims[d]["greedy"]) for d in DIMS}
+        joint = (info.get("belief") or {}).get("greedy")  # learning.model belief: the joint best
+        if isinstance(joint, list) and len(joint) == len(DIMS):
+            greedy = {d: str(v) for d, v in zip(DIMS, joint, strict=True)}
         action = (str(info["channel"]), str(info["window"]), str(info["variant"]))
     except (KeyError, TypeError, ValueError):
         return None

@@ -15,7 +15,7 @@ from sqlmodel import Session, col, select
 from careloop import config as cfgmod
 from careloop.config import LearningConfig
 from careloop.tables import Decision, OutreachOutcome, Person
-from orchestrator import belief, learning
+from orchestrator import belief, learning, ope
 from tests.test_learning_replay import CONFIG, _rounds
 from tests.test_learning_restart import _reopen
 
@@ -267,3 +267,39 @@ def test_the_later_of_two_overlapping_windows_can_win() -> None:
         model=learning.Model(hist, belief.Link(), 0.3),
     )
     assert c.dims["window"].p_best["late"] > 0.9
+
+
+def test_offline_evaluation_reads_the_belief_models_joint_best_as_its_greedy() -> None:
+    cfg = LearningConfig.model_validate({"enabled": True, "model": "belief", "max_exploration": 1.0})
+    now = datetime(2026, 3, 2, 13, 30, tzinfo=UTC)  # 08:30 in New York
+    wins = learning.window_options(now, now, TZ, cfg)
+    hist = [
+        belief.Observed(now - timedelta(days=7 * k), "email", "evening", "offer/default", "reply")
+        for k in range(1, 7)
+    ]
+    logged = set()
+    for seed in range(40):  # exploration on: the channel drawn varies, the joint best does not
+        c = learning.choose(
+            learning.MemoryStats(cfg),
+            person_key="1",
+            segment="*",
+            channels=["sms", "email"],
+            windows=wins,
+            variants_for=lambda c: ["default", "short"],
+            template="offer",
+            rng=random.Random(seed),
+            cfg=cfg,
+            tz=TZ,
+            model=learning.Model(hist, belief.Link(), 0.3),
+        )
+        info = c.to_json()
+        unit = ope.unit_from({"learning": info}, c.propensity, 0.0, seed)
+        assert unit is not None and info["belief"]["greedy"] == list(unit.greedy.values())
+        logged.add((c.channel, tuple(unit.greedy.values())))
+    assert {channel for channel, _ in logged} == {"sms", "email"}  # both were drawn
+    assert {greedy for _, greedy in logged} == {("email", "evening", "default")}
+    # the dims' window greedy is the best given the channel drawn; offline evaluation takes the
+    # joint best even where the two differ
+    info["dims"]["window"]["greedy"] = "morning"
+    unit = ope.unit_from({"learning": info}, c.propensity, 0.0, 0)
+    assert unit is not None and unit.greedy["window"] == "evening"
