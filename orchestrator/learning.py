@@ -849,7 +849,7 @@ class LinkCache:
         self.boundary = -1
         self.link = belief.Link()
 
-    def get(self, s: Session, cfg: LearningConfig, tz: str) -> belief.Link:
+    def get(self, s: Session, cfg: LearningConfig) -> belief.Link:
         top = s.exec(select(func.max(OutreachOutcome.id))).one() or 0
         boundary = top // cfg.refit_every * cfg.refit_every
         if boundary == self.boundary:
@@ -874,7 +874,9 @@ class LinkCache:
             for row, detail in rows:
                 info = (detail or {}).get("learning", {})
                 said = info.get("belief")
-                o = observed(row, as_of, cfg, tz)
+                o = observed(
+                    row, as_of, cfg, "UTC"
+                )  # the fit reads the response and lateness, not the window
                 if isinstance(said, dict) and o is not None and not info.get("fallback_from"):
                     settled.append(
                         belief.Settled(float(said["q"]), float(said["p_active"]), o.response, o.late)

@@ -211,13 +211,13 @@ def test_workers_that_refit_at_different_moments_fit_the_same_link(engine: Engin
     end = _fill(engine, 400, read_from=352)
     a, b = learning.LinkCache(), learning.LinkCache()
     with Session(engine) as s:
-        la = a.get(s, cfg, TZ)  # worker A, right after the 400th send
+        la = a.get(s, cfg)  # worker A, right after the 400th send
     with Session(engine) as s:  # days later, reads of the early sends come in (stamped then)
         for row in s.exec(select(OutreachOutcome).where(col(OutreachOutcome.id) <= 60)).all():
             row.read_at = end + timedelta(days=3)
         s.commit()
     with Session(engine) as s:
-        lb = b.get(s, cfg, TZ)  # worker B, or A after a restart
+        lb = b.get(s, cfg)  # worker B, or A after a restart
     assert a.boundary == b.boundary == 400 and la.n > 0
     assert la == lb
 
