@@ -843,6 +843,12 @@ def one_seed(
     return out
 
 
+def as_belief(cfg: LearningConfig) -> LearningConfig:
+    """``cfg`` with ``model: belief``, as a file saying so would load: the fields it set are
+    kept, the rest take belief's defaults (its exploration: careloop/config.py)."""
+    return LearningConfig.model_validate(cfg.model_dump(exclude_unset=True) | {"model": "belief"})
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[11, 22, 33])
@@ -917,7 +923,7 @@ def main() -> int:
         lambda c, s: Oracle(),
     ]
     if not args.no_belief:
-        policies.insert(3, lambda c, s: Learner(c.model_copy(update={"model": "belief"}), "belief"))
+        policies.insert(3, lambda c, s: Learner(as_belief(c), "belief"))
     if args.informed:
         policies.insert(3, lambda c, s: InformedBayes(c, s, args.informed))
     t0 = time.perf_counter()
