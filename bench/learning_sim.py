@@ -111,6 +111,7 @@ TIMING = True  # reads and replies come when the person is active (--no-timing: 
 READS, READ_FLOOR, READ_SLOPE = True, 0.25, 2.5  # P(read or opened) = 0.25 + 2.5 x P(engaged), at most 0.95
 PART_HOURS = {"morning": (8, 12), "midday": (12, 17), "evening": (17, 21)}  # local, inside 08:00-21:00
 LATE = 0.5  # P(a read or reply to a send outside the person's active part comes in that part)
+LATE_ANYWHERE = False  # --late-anywhere: a late read or reply comes in any part of the day
 
 
 # The short wording's multiplier: a trend by age band and a person's own taste around it
@@ -154,10 +155,14 @@ class SimPerson:
     def engaged_at(self, sent: datetime, late: float, spot: float) -> datetime:
         """When a read or reply to a message sent at ``sent`` arrives: an hour later, or, for
         a message sent outside the person's active part of the day, with probability LATE
-        at a moment (``spot``) of the next active part, when they look at their phone."""
+        at a moment (``spot``) of the next active part, when they look at their phone
+        (``--late-anywhere``: of a part drawn at random)."""
         if part_of_day(sent) == self.pref or late >= LATE:
             return sent + timedelta(hours=1)
-        lo, hi = PART_HOURS[self.pref]
+        part = self.pref
+        if LATE_ANYWHERE:  # the part from the spot's first digit, the moment from the rest
+            part, spot = PARTS[min(len(PARTS) - 1, int(spot * len(PARTS)))], spot * len(PARTS) % 1.0
+        lo, hi = PART_HOURS[part]
         local = sent.astimezone(ZONE)
         start = datetime.combine(local.date(), dtime(lo), tzinfo=ZONE)
         if start <= local:
@@ -333,6 +338,7 @@ class _Sent:
     variant: str  # template/variant
     q: float  # what the model predicted (P(reply)) when it chose
     p_active: float
+    active: dict[str, float]  # what it predicted of each window being the active one
     response: str | None = None  # reply | read; None until one comes
     late: bool = False
     seen: str | None = None
@@ -350,7 +356,10 @@ class _Sent:
 
     def settled(self, now: datetime, cfg: LearningConfig) -> belief.Settled | None:
         o = self.observed(now, cfg)
-        return None if o is None else belief.Settled(self.q, self.p_active, o.response, o.late)
+        if o is None:
+            return None
+        seen = self.active.get(o.seen) if o.late and o.seen else None
+        return belief.Settled(self.q, self.p_active, o.response, o.late, seen)
 
 
 class Learner(Policy):
@@ -431,12 +440,20 @@ class Learner(Policy):
             window = opt[1] if opt[1] in self.cfg.windows else learning.engaged_window(at, TZ, self.cfg)
             assert window is not None
             self.sends.setdefault(p.id, []).append(
-                _Sent(at, opt[0], window, f"{TEMPLATE}/{opt[2]}", float(said["q"]), float(said["p_active"]))
+                _Sent(
+                    at,
+                    opt[0],
+                    window,
+                    f"{TEMPLATE}/{opt[2]}",
+                    float(said["q"]),
+                    float(said["p_active"]),
+                    said["active"],
+                )
             )
             self.n_sent += 1
             if self.n_sent % self.cfg.refit_every == 0:
                 done = [st for x in self.sends.values() for y in x if (st := y.settled(at, self.cfg))]
-                self.link = belief.fit_link(done, self.link)
+                self.link = belief.fit_link(done, self.link, len(self.cfg.windows))
 
     def outcome(self, p: SimPerson, opt: Option, sent: datetime, at: datetime, reward: float) -> None:
         if reward <= 0:
@@ -880,6 +897,12 @@ def main() -> int:
         help="band: the short wording works better for younger people, +/-5%% personal taste; "
         "person: no trend, +/-15%% personal taste (the world before 2026-11-22)",
     )
+    ap.add_argument(
+        "--late-anywhere",
+        action="store_true",
+        help="a late read or reply comes in any part of the day, not the person's active one "
+        "(when a response came then says nothing of when they are active)",
+    )
     ap.add_argument("--max-exploration", type=float, default=None)
     ap.add_argument(
         "--set",
@@ -901,8 +924,9 @@ def main() -> int:
         help="add the informed-Bayes ceiling with this many particles per person (slow; 300 is plenty)",
     )
     args = ap.parse_args()
-    global READS, OVERRIDES, TIMING, LATE, SHORT_SD
+    global READS, OVERRIDES, TIMING, LATE, SHORT_SD, LATE_ANYWHERE
     READS = not args.replies_only
+    LATE_ANYWHERE = args.late_anywhere
     TIMING, LATE = not args.no_timing, args.late
     if args.variant_taste == "person":
         SHORT_TREND.update({b: 1.0 for b in SHORT_TREND})

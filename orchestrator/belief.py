@@ -10,7 +10,8 @@ outcomes or a generic default, never a fact about a population):
   slope x q), the link (``Link``) fitted from the logged sends (``fit_link``);
 * people act when they are active: a response to a send in their active window comes
   promptly; one to a send elsewhere comes late with probability ``late`` (fitted), in their
-  active window;
+  active window, or, with probability ``where`` (fitted: 1 when late responses say nothing
+  of when a person is active), in any window;
 * preferences can change: at a generic hazard a person is redrawn from their prior.
 
 The belief is a weight per candidate of one shared pool of candidate people drawn, from a
@@ -38,7 +39,6 @@ from statistics import NormalDist
 from typing import Any
 
 PROMPT_SLACK = 0.02  # P(a prompt-looking response to a send outside the active window, or late in it)
-WHERE_SLACK = 0.05  # P(a late response outside the active window): nothing is ever ruled out
 MIN_P = 1e-3
 MEMO_FLOATS = 2_000_000  # a pool's remembered vectors, at most (about 64 MB as Python floats)
 
@@ -53,7 +53,14 @@ class Link:
     slope: float = 1.0
     cap: float = 0.99
     late: float = 0.3
+    # P(a late response comes in a window drawn at random, not the active one); never 0:
+    # nothing is ruled out (the default puts 95% of late responses in the active window of 3)
+    where: float = 0.075
     n: int = 0  # sends the fit used (0: the generic defaults)
+
+    def lands(self, window: int, active: int, windows: int) -> float:
+        """P(a late response comes in ``window`` if the person is active in ``active``)."""
+        return (1.0 - self.where) * (window == active) + self.where / windows
 
     def p_any(self, q: float) -> float:
         """P(read or reply) for engagement probability ``q``."""
@@ -81,6 +88,8 @@ class Settled:
     p_active: float  # predicted P(the send's window is the person's active one)
     response: str
     late: bool
+    # a late response: the predicted P(the window it came in is the person's active one)
+    seen_active: float | None = None
 
 
 def _expit(x: float) -> float:
@@ -206,11 +215,10 @@ def likelihood(p: Pool, o: Observed, link: Link) -> list[float]:
     else:
         j = p.windows.index(o.window)
         k = p.windows.index(o.seen) if o.late and o.seen in p.windows else j
-        others = max(1, len(p.windows) - 1)
-        if o.late:
-            here = PROMPT_SLACK * ((1 - WHERE_SLACK) if k == j else WHERE_SLACK / others)
-            there, elsewhere = link.late * (1 - WHERE_SLACK), link.late * WHERE_SLACK / others
-            timing = [here if a == j else (there if a == k else elsewhere) for a in p.active]
+        n = len(p.windows)
+        if o.late:  # sent in the active window, it should have come promptly
+            timing = [(PROMPT_SLACK if a == j else link.late) * link.lands(k, a, n) for a in range(n)]
+            timing = [timing[a] for a in p.active]
         else:
             timing = [(1 - PROMPT_SLACK) if a == j else (1 - link.late) for a in p.active]
         if o.response == "reply":
@@ -300,10 +308,12 @@ def active_share(p: Pool, w: list[float], window: str) -> float:
     return math.fsum(x for x, a in zip(w, p.active, strict=True) if a == j)
 
 
-def fit_link(settled: Sequence[Settled], start: Link = Link()) -> Link:
+def fit_link(settled: Sequence[Settled], start: Link = Link(), windows: int = 3) -> Link:
     """The read link and the lateness that best explain ``settled`` (binned maximum
     likelihood over a grid; lateness: late responses over the responses expected outside the
-    active window). Fewer than 200 settled sends: ``start`` unchanged."""
+    active window; ``where``: the maximum likelihood over a grid of the windows late responses
+    came in, given what each decision predicted of them, once 20 have come; ``windows``: how
+    many are configured). Fewer than 200 settled sends: ``start`` unchanged."""
     if len(settled) < 200:
         return start
     bins: dict[int, list[float]] = {}
@@ -334,4 +344,11 @@ def fit_link(settled: Sequence[Settled], start: Link = Link()) -> Link:
     late = start.late
     if off > 20:
         late = min(0.99, max(0.05, sum(st.late for st in responded) / off))
-    return Link(floor, slope, cap, late, len(settled))
+    seen = [st.seen_active for st in responded if st.late and st.seen_active is not None]
+    where = start.where
+    if len(seen) >= 20 and windows > 1:
+        where = max(
+            (0.025 * k for k in range(1, 41)),
+            key=lambda e: math.fsum(math.log((1 - e) * a + e / windows) for a in seen),
+        )
+    return Link(floor, slope, cap, late, where, len(settled))

@@ -539,6 +539,8 @@ def _choose_joint(
     detail = {
         "q": round(math.fsum(x * y for x, y in zip(w, q, strict=True)), 6),
         "p_active": round(belief.active_share(pool, w, options[chosen]), 6),
+        # P(each window is the person's active one): the fit of where late responses land
+        "active": {wn: round(belief.active_share(pool, w, wn), 6) for wn in names},
         "link_n": model.link.n,
         "history": len(model.history),
         # offline evaluation's "greedy": the dims' own greedy window and wording are those
@@ -878,8 +880,16 @@ class LinkCache:
                     row, as_of, cfg, "UTC"
                 )  # the fit reads the response and lateness, not the window
                 if isinstance(said, dict) and o is not None and not info.get("fallback_from"):
+                    active = said.get("active")
+                    seen = active.get(o.seen) if o.late and isinstance(active, dict) else None
                     settled.append(
-                        belief.Settled(float(said["q"]), float(said["p_active"]), o.response, o.late)
+                        belief.Settled(
+                            float(said["q"]),
+                            float(said["p_active"]),
+                            o.response,
+                            o.late,
+                            None if seen is None else float(seen),
+                        )
                     )
-        self.boundary, self.link = boundary, belief.fit_link(settled[::-1])
+        self.boundary, self.link = boundary, belief.fit_link(settled[::-1], windows=len(cfg.windows))
         return self.link

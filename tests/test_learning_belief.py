@@ -5,6 +5,7 @@ options, the belief is rebuilt from the store after a restart). Synthetic people
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -109,6 +110,29 @@ def test_the_link_is_fitted_from_logged_predictions_and_what_came(true: belief.L
     assert belief.fit_link(settled[:100]) == belief.Link()  # too few: the generic link
 
 
+@pytest.mark.parametrize("where", [0.1, 1.0])
+def test_where_late_responses_land_is_fitted_and_when_it_says_nothing_they_move_nothing(where: float) -> None:
+    rng = random.Random(5)
+    settled = []
+    for _ in range(3000):
+        shares = [rng.random() ** 3 for _ in WINDOWS]  # what a decision predicted of each window
+        shares = [x / sum(shares) for x in shares]
+        active = rng.choices(range(len(WINDOWS)), weights=shares)[0]  # its predictions are calibrated
+        seen = active if rng.random() >= where else rng.randrange(len(WINDOWS))
+        p_active, late = rng.random(), rng.random() < 0.3
+        settled.append(belief.Settled(0.2, p_active, "read", late, shares[seen] if late else None))
+    fit = belief.fit_link(settled, windows=len(WINDOWS))
+    assert fit.where == pytest.approx(where, abs=0.08)
+    p = _pool()
+    late = _sends(4, "sms", "morning", "read", late=True, seen="evening")
+    link = dataclasses.replace(belief.Link(), where=fit.where)
+    w = belief.belief(p, _uniform(p), late, link, 1 / 365, T0 + timedelta(days=30))
+    if where == 1.0:  # late responses come anywhere: where they came says (almost) nothing
+        assert belief.active_share(p, w, "evening") < 0.6
+    else:
+        assert belief.active_share(p, w, "evening") > 0.8
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -204,6 +228,48 @@ def _fill(engine: Engine, n: int, read_from: int) -> datetime:
             )
         s.commit()
         return T0 + timedelta(hours=n)
+
+
+@pytest.mark.parametrize(("came_in", "expect"), [("morning", (0.0, 0.2)), ("evening", (0.8, 1.0))])
+def test_the_store_refit_learns_where_late_responses_land(
+    engine: Engine, came_in: str, expect: tuple[float, float]
+) -> None:
+    """Each decision predicted the person active in the morning (logged as ``active``); their
+    sends are read a day later, in the morning (as predicted) or in the evening (as if late
+    responses came anywhere): the refit's ``where`` says which."""
+    cfg = LearningConfig.model_validate({"enabled": True, "model": "belief", "refit_every": 50})
+    hour = {"morning": 10, "evening": 19}[came_in]
+    with Session(engine) as s:
+        p = Person(created_at=T0)
+        s.add(p)
+        s.flush()
+        assert p.id is not None
+        for i in range(300):
+            at = T0 + timedelta(days=i)
+            said = {"q": 0.1, "p_active": 0.1, "active": {"morning": 0.9, "midday": 0.05, "evening": 0.05}}
+            d = Decision(person_id=p.id, decided_at=at, playbook="x", action="send", reason="ok")
+            d.detail = {"learning": {"belief": said}}
+            s.add(d)
+            s.flush()
+            late = i % 3 == 0
+            read = (at + timedelta(days=1)).replace(hour=hour) if late else None
+            s.add(
+                OutreachOutcome(
+                    decision_id=d.id,
+                    outbox_key=f"w{p.id}-{i}",
+                    person_id=p.id,
+                    channel="sms",
+                    template="offer",
+                    sent_at=at,
+                    updated_at=at,
+                    learned=True,
+                    read_at=read,
+                )
+            )
+        s.commit()
+    with Session(engine) as s:
+        link = learning.LinkCache().get(s, cfg)
+    assert link.n > 200 and expect[0] <= link.where <= expect[1]
 
 
 def test_workers_that_refit_at_different_moments_fit_the_same_link(engine: Engine) -> None:
