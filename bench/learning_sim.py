@@ -6,7 +6,8 @@ at decision time and again at send time, as the orchestrator does.
 Policies: ``fixed`` (the site's channel order, send when the playbook says, default wording),
 ``heuristic`` (the person's most engaged channel so far, untried channels tried first, like
 Braze's Intelligent Channel), ``learner`` (orchestrator.learning with the default
-LearningConfig and the in-memory evidence store) and ``oracle`` (knows every person's current
+LearningConfig, ``model: belief``, and the in-memory evidence store), ``beta`` (the same with
+``model: beta``; ``--no-beta`` leaves it out) and ``oracle`` (knows every person's current
 true engagement probability for every allowed channel, window and variant). Reference
 points, not contenders: ``oracle-ch`` (knows the person's current best channel only),
 ``oracle-seg`` (that, plus the part of the day the person's age band most often prefers),
@@ -29,7 +30,8 @@ arrives one hour after the send, or, for a send outside the person's active part
 with probability 0.5 (``--late``) at a moment of their next active part, when they look at
 their phone or inbox (``--no-timing``: always an hour later). When people read and reply is
 what send-time optimisers learn from (Braze Intelligent Timing, Infobip and Mapp STO use
-open and click times); the learner credits the window the person engaged in
+open and click times); the belief learner reads late responses as the person's active
+window (orchestrator/belief.py), the beta learner credits the window the person engaged in
 (orchestrator/learning.py ``engaged_window``).
 
 Scale: 300 people (a care-management cohort, or a small practice's actively messaged
@@ -860,10 +862,10 @@ def one_seed(
     return out
 
 
-def as_belief(cfg: LearningConfig) -> LearningConfig:
-    """``cfg`` with ``model: belief``, as a file saying so would load: the fields it set are
-    kept, the rest take belief's defaults (its exploration: careloop/config.py)."""
-    return LearningConfig.model_validate(cfg.model_dump(exclude_unset=True) | {"model": "belief"})
+def as_model(cfg: LearningConfig, model: str) -> LearningConfig:
+    """``cfg`` with ``model``, as a file saying so would load: the fields it set are kept, the
+    rest take that model's defaults (belief's exploration: careloop/config.py)."""
+    return LearningConfig.model_validate(cfg.model_dump(exclude_unset=True) | {"model": model})
 
 
 def main() -> int:
@@ -912,9 +914,9 @@ def main() -> int:
         help="a LearningConfig field for the learner (JSON value), e.g. --set half_life_days=90",
     )
     ap.add_argument(
-        "--no-belief",
+        "--no-beta",
         action="store_true",
-        help="leave out 'belief', the learner with learning.model belief (the default config's is beta)",
+        help="leave out 'beta', the learner with learning.model beta (the default config's is belief)",
     )
     ap.add_argument(
         "--informed",
@@ -946,8 +948,8 @@ def main() -> int:
         lambda c, s: TimeOracle(),
         lambda c, s: Oracle(),
     ]
-    if not args.no_belief:
-        policies.insert(3, lambda c, s: Learner(as_belief(c), "belief"))
+    if not args.no_beta:
+        policies.insert(3, lambda c, s: Learner(as_model(c, "beta"), "beta"))
     if args.informed:
         policies.insert(3, lambda c, s: InformedBayes(c, s, args.informed))
     t0 = time.perf_counter()
@@ -990,11 +992,11 @@ def main() -> int:
         f"learner/fixed engagement, after {n}": ratio("learner", "fixed", "post"),
         **(
             {
-                f"belief/oracle engagement, after {n} sends": ratio("belief", "oracle", "post"),
-                f"belief/oracle expected engagement, after {n}": ratio("belief", "oracle", "expected_post"),
-                "belief/fixed engagement, all requests": ratio("belief", "fixed", "engagement"),
+                f"beta/oracle engagement, after {n} sends": ratio("beta", "oracle", "post"),
+                f"beta/oracle expected engagement, after {n}": ratio("beta", "oracle", "expected_post"),
+                "beta/fixed engagement, all requests": ratio("beta", "fixed", "engagement"),
             }
-            if not args.no_belief
+            if not args.no_beta
             else {}
         ),
         "heuristic/fixed engagement, all requests": ratio("heuristic", "fixed", "engagement"),
@@ -1030,11 +1032,11 @@ def main() -> int:
         f"{'MET' if vs_oracle >= 0.9 else 'MISSED'}"
     )
     print(f"target learner >= 1.30 x fixed: {vs_fixed:.3f} {'MET' if vs_fixed >= 1.3 else 'MISSED'}")
-    if not args.no_belief:
-        b_oracle = stats[f"belief/oracle engagement, after {n} sends"][0]
-        b_fixed = stats["belief/fixed engagement, all requests"][0]
+    if not args.no_beta:
+        b_oracle = stats[f"beta/oracle engagement, after {n} sends"][0]
+        b_fixed = stats["beta/fixed engagement, all requests"][0]
         print(
-            f"the same targets for learning.model belief: {b_oracle:.3f} of the oracle "
+            f"the same targets for learning.model beta: {b_oracle:.3f} of the oracle "
             f"{'MET' if b_oracle >= 0.9 else 'MISSED'}, "
             f"{b_fixed:.3f} x fixed {'MET' if b_fixed >= 1.3 else 'MISSED'}"
         )

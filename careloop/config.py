@@ -232,10 +232,10 @@ class LearningConfig(Strict):
     grid: int = Field(128, ge=32, le=4096, description="quadrature points for P(best) per option")
     seed: int = 0
     model: Literal["beta", "belief"] = Field(
-        "beta",
-        description="beta: a pooled posterior per option of each dimension; belief: a joint model "
-        "of each person (orchestrator/belief.py) rebuilt from their outcomes, its read and timing "
-        "link fitted",
+        "belief",
+        description="belief (default): a joint model of each person (orchestrator/belief.py) rebuilt "
+        "from their outcomes, its read and timing link fitted; beta: a pooled posterior per option "
+        "of each dimension",
     )
     belief_pool: int = Field(400, ge=50, le=5000, description="belief: candidate people in the pool")
     belief_history: int = Field(60, ge=1, le=500, description="belief: a person's latest sends it reads")
@@ -251,7 +251,7 @@ class LearningConfig(Strict):
         tries, so exploring beyond the propensity floor costs more than it teaches (measured
         by bench/learning_sim.py: about 3 points of the oracle's engagement): its defaults are
         no exploration beyond a 0.005 floor. A value the file gives is kept."""
-        if isinstance(data, dict) and data.get("model") == "belief":
+        if isinstance(data, dict) and data.get("model", "belief") == "belief":
             data = {**BELIEF_EXPLORATION, **data}
         return data
 

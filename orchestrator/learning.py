@@ -27,16 +27,20 @@ option in any dimension (each of the k dimensions that has a choice gets the cap
 (inverse-propensity evaluation needs support everywhere; the floor wins over the cap). The
 joint propensity is the product of the three dimensions'.
 
-Two models (``learning.model``). ``beta``, the default, is the above. ``belief``
-(orchestrator/belief.py) models each person jointly: engagement = channel rate x active
-window x wording, reads linked to replies and late responses to the active window (the link
-fitted from the logged predictions), a belief over a shared candidate pool rebuilt at each
+Two models (``learning.model``). ``beta`` is the above. ``belief``, the default
+(orchestrator/belief.py), models each person jointly: engagement = channel rate x active
+window x wording, reads linked to replies and late responses to the active window (the link,
+and how often late responses come in a window at random, fitted from the logged
+predictions, so a site whose receipts say nothing of either gets a model that reads
+nothing into them), a belief over a shared candidate pool rebuilt at each
 decision from the person's settled sends (``history``), its prior tilted by the segment's
 pooled means above (``segment_strength`` pseudo-trials). Its P(best) is exact over the
 belief; the choice is drawn channel first, then window and variant given those, each bounded
 as above, so the logged propensity (their product) is exact for the option sent; offline
 evaluation reads the window's and variant's probabilities as if they held for every channel,
-an approximation for the options not sent. bench/learning_sim.py measures both.
+an approximation for the options not sent. Its exploration defaults to the propensity floor
+alone (careloop/config.py): it learns from every send's reads and timing, not only from what
+it tries. bench/learning_sim.py measures both.
 
 Why not MABWiser: its Thompson sampling keeps one flat posterior per arm (no pooled priors
 from population to segment to person), has no per-decision arm set (the gate changes it),

@@ -88,10 +88,10 @@ def test_a_variant_renders_its_own_body_and_falls_back_for_other_kinds() -> None
 
 
 def test_the_belief_model_explores_only_to_its_floor_unless_the_file_says_otherwise() -> None:
-    beta = AppConfig.model_validate({"learning": {"enabled": True}}).learning
+    beta = AppConfig.model_validate({"learning": {"enabled": True, "model": "beta"}}).learning
     assert (beta.max_exploration, beta.min_propensity) == (0.1, 0.02)
-    belief = AppConfig.model_validate({"learning": {"enabled": True, "model": "belief"}}).learning
-    assert (belief.max_exploration, belief.min_propensity) == (0.0, 0.005)
+    belief = AppConfig.model_validate({"learning": {"enabled": True}}).learning  # the default model
+    assert belief.model == "belief" and (belief.max_exploration, belief.min_propensity) == (0.0, 0.005)
     told = {"enabled": True, "model": "belief", "max_exploration": 0.05, "min_propensity": 0.01}
     kept = AppConfig.model_validate({"learning": told}).learning
     assert (kept.max_exploration, kept.min_propensity) == (0.05, 0.01)

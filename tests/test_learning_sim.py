@@ -44,8 +44,8 @@ def test_policies_break_no_rule_and_the_checker_sees_a_send_the_gate_would_refus
     cfg = LearningConfig(enabled=True)
     people, reqs = _world(sim)
     assert any(p.deceased or p.opted_out for p in people)  # the world has people to protect
-    belief = sim.Learner(sim.as_belief(cfg), "belief")
-    for policy in (sim.Fixed(), sim.Learner(cfg), belief, sim.Oracle()):
+    beta = sim.Learner(sim.as_model(cfg, "beta"), "beta")
+    for policy in (sim.Fixed(), sim.Learner(cfg), beta, sim.Oracle()):
         r = sim.run(policy, people, reqs, cfg, 5)
         assert r.violations == 0 and r.sends > 0, policy.name
 

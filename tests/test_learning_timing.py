@@ -160,11 +160,13 @@ def test_a_read_in_another_windows_hours_credits_that_window_and_stays_there(eng
 # ---------------------------------------------------------------------- (b) the learner follows
 
 
-def _timed_rounds(engine: Engine, n: int, evening: bool) -> tuple[list[str], dict[str, Any]]:
+def _timed_rounds(
+    engine: Engine, n: int, evening: bool, config: AppConfig | None = None
+) -> tuple[list[str], dict[str, Any]]:
     """``n`` offers two days apart, each read and then replied to: at 19:00 and 19:20 local
     (``evening``), or an hour and 80 minutes after the send. Returns the window of every send
     and the learner's window dimension at one more offer."""
-    rp = Replayer(_config(), start=START, engine=engine)
+    rp = Replayer(config or _config(), start=START, engine=engine)
     windows: list[str] = []
     last: dict[str, Any] = {}
 
@@ -214,6 +216,15 @@ def test_replies_an_hour_after_each_send_do_not_single_out_the_evening(engine: E
     soon, dim = _timed_rounds(engine, n, evening=False)
     assert soon[1:].count("evening") <= 2, soon
     assert dim["greedy"] != "evening" and dim["p_best"]["evening"] < 0.5, dim
+
+
+def test_the_belief_model_places_an_evening_person_in_the_evening(engine: Engine) -> None:
+    """The evening rounds under ``learning.model: belief`` (the fixture pins beta): its timing
+    likelihood reads the late evening responses as the person's active window."""
+    n = 6
+    windows, dim = _timed_rounds(engine, n, evening=True, config=_config(model="belief"))
+    assert windows[1:].count("evening") >= n - 2, windows
+    assert dim["greedy"] == "evening" and dim["p_best"]["evening"] > 0.9, dim
 
 
 # ---------------------------------------------------------------------- (c) the EHR's time says nothing
