@@ -433,7 +433,22 @@ def model_counts(history: Iterable[belief.Observed]) -> dict[tuple[str, str], tu
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
-def _choose_joint(
+@dataclass(frozen=True, slots=True)
+class Joint:
+    """The joint belief about one person at one moment (orchestrator/belief.py), as a
+    decision builds it: the shared pool, each option with the window whose hours hold its
+    send time, the channels' variant keys, the prior tilted toward the segment and the
+    belief (weights over the pool) after the person's settled sends."""
+
+    pool: belief.Pool
+    options: dict[belief.Option, str]
+    variants: dict[str, list[str]]  # channel -> its variant keys (template/variant)
+    prior: list[float]
+    weights: list[float]
+    link: belief.Link
+
+
+def joint_belief(
     model: Model,
     view: StatsView,
     person_key: str,
@@ -442,15 +457,15 @@ def _choose_joint(
     windows: Mapping[str, datetime],
     variants_for: Callable[[str], list[str]],
     template: str,
-    rng: random.Random,
     cfg: LearningConfig,
     tz: str,
-    cap: float,
-) -> Choice:
-    """Thompson sampling over the joint belief: P(best) of each (channel, window, variant)
-    is exact (belief.assess); the choice is drawn dimension by dimension from its marginal,
-    then the conditionals given what was drawn, each bounded as ``choose_dimension`` bounds
-    it, so the logged propensity (their product) is exact for the option sent."""
+    now: datetime | None = None,
+) -> Joint:
+    """The person's joint belief over ``channels`` x ``windows`` x their variants at ``now``
+    (by default the earliest window's send time, as a decision reads it): the prior is the
+    pool tilted toward the segment's pooled means, the belief that prior after ``model``'s
+    history (``belief.belief``). ``_choose_joint`` decides from it; ``careloop learning
+    show`` prints it."""
     names = tuple(cfg.windows)
     pool = belief.pool(cfg.seed, cfg.belief_pool, names)
 
@@ -495,13 +510,35 @@ def _choose_joint(
     strength = cfg.segment_strength * 3 / len(lent)
     base = belief.prior(pool, lent, strength, model.link, model.read_reward)
     hazard = 1.0 / cfg.belief_change_days
-    now = min(windows.values())
-    w = belief.belief(pool, base, model.history, model.link, hazard, now)
+    at = min(windows.values()) if now is None else now
+    w = belief.belief(pool, base, model.history, model.link, hazard, at)
+    return Joint(pool, options, variants, base, w, model.link)
+
+
+def _choose_joint(
+    model: Model,
+    view: StatsView,
+    person_key: str,
+    segment: str,
+    channels: list[str],
+    windows: Mapping[str, datetime],
+    variants_for: Callable[[str], list[str]],
+    template: str,
+    rng: random.Random,
+    cfg: LearningConfig,
+    tz: str,
+    cap: float,
+) -> Choice:
+    """Thompson sampling over the joint belief (``joint_belief``): P(best) of each (channel,
+    window, variant) is exact (belief.assess); the choice is drawn dimension by dimension
+    from its marginal, then the conditionals given what was drawn, each bounded as
+    ``choose_dimension`` bounds it, so the logged propensity (their product) is exact for the
+    option sent."""
+    joint = joint_belief(model, view, person_key, segment, channels, windows, variants_for, template, cfg, tz)
+    pool, options, variants, w = joint.pool, joint.options, joint.variants, joint.weights
+    names = pool.windows
     a = belief.assess(pool, w, options, model.link, model.read_reward)
     counts = model_counts(model.history)
-
-    def person(dim: str, opts: Iterable[str]) -> dict[str, tuple[int, int]]:
-        return {o: counts.get((dim, o), (0, 0)) for o in opts}
 
     drawn: dict[int, str] = {}  # dimension index -> the option drawn
 

@@ -3,14 +3,18 @@
 'evaluate' estimates, from the logged learned sends and their outcomes, what other
 policies would have earned (IPS, SNIPS, doubly robust; orchestrator/ope.py). 'show PERSON'
 prints what the learner believes about one person: the pooled posterior of every option it
-has evidence for, with the person's own counts. Neither changes the learned state or prints
+has evidence for, with the person's own counts (``learning.model: beta``), or, with the belief
+model (the default), the settled sends it reads, its belief about them now and the fitted link,
+built by the functions a decision uses. Neither changes the learned state or prints
 identifiers; 'show' is an access to the person's record and is audited (person.view).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+import math
+from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -26,7 +30,7 @@ from careloop.db import database_url, existing_engine
 from careloop.errors import ConfigError
 from careloop.explain import audit_view
 from careloop.tables import OutreachOutcome, Person
-from orchestrator import learning, ope
+from orchestrator import belief, learning, ope
 
 app = typer.Typer(help="The learner: offline policy evaluation and learned state.", no_args_is_help=True)
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="careloop config file")]
@@ -101,16 +105,119 @@ def evaluate_cmd(
     out.print(table)
 
 
+ENGAGED_CAPTION = (
+    "engaged: the person's reads, clicks and replies counted for the option; for a window, those "
+    "that came in its hours, whichever window the message went in"
+)
+DIM_ORDER = {d: i for i, d in enumerate(learning.DIMENSIONS)}
+
+
+@dataclass(frozen=True, slots=True)
+class BeliefState:
+    """What the belief model holds about one person at ``now``, built as a decision builds it."""
+
+    now: datetime
+    sends: int  # the settled sends it reads (learning.history)
+    counts: dict[tuple[str, str], tuple[int, int]]  # (dimension, option) -> (engaged, sends)
+    active: dict[str, tuple[float, float]]  # window -> P(it is the person's active one): belief, prior
+    top: str  # the most likely active window
+    reply: dict[str, tuple[float, float]]  # channel -> P(reply) in ``top``, default wording: belief, prior
+    link: belief.Link
+
+
+def _mean(w: list[float], q: list[float]) -> float:
+    return math.fsum(x * y for x, y in zip(w, q, strict=True))
+
+
+def belief_state(
+    s: Session, cfg: AppConfig, person: int, segment: str, template: str, tz: str, now: datetime
+) -> BeliefState:
+    """The person's belief at ``now`` over every configured window and the site's channels
+    (and any other their history holds), with the default wording: a decision's options are
+    those the gate allows at that moment, so its prior may lend over a different set."""
+    lc = cfg.learning
+    hist = learning.history(s, person, now, lc, tz)
+    model = learning.Model(hist, learning.LinkCache().get(s, lc), lc.rewards.get("read", 0.0))
+    view = learning.DbStats(s, person_key=str(person), segment=segment, now=now, cfg=lc)
+    channels = list(dict.fromkeys([*cfg.site.channels, *(o.channel for o in hist)]))
+    joint = learning.joint_belief(
+        model,
+        view,
+        str(person),
+        segment,
+        channels,
+        dict.fromkeys(lc.windows, now),
+        lambda c: [],
+        template,
+        lc,
+        tz,
+        now=now,
+    )
+    p, w = joint.pool, joint.weights
+    active = {
+        wn: (belief.active_share(p, w, wn), belief.active_share(p, joint.prior, wn)) for wn in p.windows
+    }
+    top = max(p.windows, key=lambda wn: active[wn][0])  # first in configured order on ties
+    reply = {}
+    for c in channels:
+        q = p.q(c, top, f"{template}/default")
+        reply[c] = (_mean(w, q), _mean(joint.prior, q))
+    return BeliefState(now, len(hist), learning.model_counts(hist), active, top, reply, joint.link)
+
+
+def _print_belief(person: int, segment: str, st: BeliefState) -> None:
+    table = Table(
+        title=f"person {person}: the belief model's history ({st.sends} settled sends, segment {segment})",
+        caption=ENGAGED_CAPTION,
+    )
+    for c in ("dimension", "option", "sends", "engaged"):
+        table.add_column(c, justify="left" if c in ("dimension", "option") else "right")
+    for (dim, opt), (engaged, sends) in sorted(
+        st.counts.items(), key=lambda kv: (DIM_ORDER[kv[0][0]], kv[0][1])
+    ):
+        table.add_row(dim, opt, str(sends), str(engaged))
+    out.print(table)
+    at = st.now.strftime("%Y-%m-%d %H:%M UTC")
+    active = Table(
+        title=f"person {person}: P(active window) at {at}",
+        caption="prior: the pool tilted toward the segment, before the person's own sends",
+    )
+    for c in ("window", "P(active)", "prior"):
+        active.add_column(c, justify="left" if c == "window" else "right")
+    for wn, (now_p, prior_p) in st.active.items():
+        active.add_row(wn, f"{now_p:.3f}", f"{prior_p:.3f}")
+    out.print(active)
+    reply = Table(title=f"person {person}: P(reply) in the {st.top} window, default wording, at {at}")
+    for c in ("channel", "P(reply)", "prior"):
+        reply.add_column(c, justify="left" if c == "channel" else "right")
+    for ch, (now_p, prior_p) in st.reply.items():
+        reply.add_row(ch, f"{now_p:.3f}", f"{prior_p:.3f}")
+    out.print(reply)
+    k = st.link
+    fitted = f"fitted from {k.n} settled sends" if k.n else "not fitted yet: the generic defaults"
+    out.print(
+        f"link: floor {k.floor:.3f}, slope {k.slope:.3f}, cap {k.cap:.3f}, late {k.late:.3f}, "
+        f"where {k.where:.3f}, n {k.n} ({fitted})"
+    )
+
+
 @app.command("show")
 def show_cmd(person: int, config: ConfigOpt = None) -> None:
-    """What the learner believes about PERSON: pooled posterior means and the person's counts."""
+    """What the learner believes about PERSON: with the belief model, the settled sends it
+    reads, its belief now and the fitted link; with beta, pooled posterior means and counts."""
     cfg = _config(config)
+    joint = cfg.learning.model == "belief"
+    if joint and not cfg.learning.windows:
+        _die("learning.windows: the belief model needs at least one send window")
     engine = existing_engine(database_url(cfg.database.url))
     now = SystemClock().now()
+    state: BeliefState | None = None
     try:
         with Session(engine) as s:
-            if s.get(Person, person) is None:
+            who = s.get(Person, person)
+            if who is None:
                 _die(f"no person {person}", 1)
+            tz = who.timezone or cfg.site.timezone  # as the gate's PersonFacts
         # what the learner knows of a person is part of their record: the access is audited
         # (as 'careloop explain' is), committed before anything is shown
         audit_view(engine, person, audit_log.cli_actor(), view="learned-state")
@@ -121,15 +228,18 @@ def show_cmd(person: int, config: ConfigOpt = None) -> None:
                 .order_by(col(OutreachOutcome.sent_at).desc())
             ).first()
             segment = last.segment if last is not None and last.segment else "*"
-            view = learning.DbStats(s, person_key=str(person), segment=segment, now=now, cfg=cfg.learning)
-            options = sorted({(r.dimension, r.option) for r in view.rows.values()})
+            if joint:
+                template = last.template if last is not None else "default"
+                state = belief_state(s, cfg, person, segment, template, tz, now)
+            else:
+                view = learning.DbStats(s, person_key=str(person), segment=segment, now=now, cfg=cfg.learning)
+                options = sorted({(r.dimension, r.option) for r in view.rows.values()})
     finally:
         engine.dispose()
-    table = Table(
-        title=f"person {person}: learned state (segment {segment})",
-        caption="engaged: the person's reads, clicks and replies counted for the option; for a "
-        "window, those that came in its hours, whichever window the message went in",
-    )
+    if state is not None:
+        _print_belief(person, segment, state)
+        return
+    table = Table(title=f"person {person}: learned state (segment {segment})", caption=ENGAGED_CAPTION)
     heads = ("dimension", "option", "posterior mean", "segment mean", "sends", "engaged")
     for c in heads:
         table.add_column(c, justify="left" if c in ("dimension", "option") else "right")

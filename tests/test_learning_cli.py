@@ -5,6 +5,7 @@ Neither prints the person's identifiers. Synthetic people only."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,9 +14,10 @@ from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from careloop import cli as careloop_cli
-from careloop.tables import AuditRecord, Person
+from careloop import config as cfgmod
+from careloop.tables import AuditRecord, OutreachOutcome, Person
 from tests.test_channels_outbox_cli import cli_db  # noqa: F401  (fixture)
-from tests.test_learning_replay import CONFIG, WHO, _rounds
+from tests.test_learning_replay import CONFIG, START, WHO, _rounds
 
 runner = CliRunner()
 
@@ -50,6 +52,7 @@ def test_show_prints_each_options_posterior_and_the_persons_counts(cli_db: Engin
     windows = [v for (dim, _), v in rows.items() if dim == "window"]
     assert windows and sum(int(v[3]) for v in windows) == emails
     assert "engaged:" in got.output  # the caption says what the column counts
+    assert "P(active)" not in got.output and "link:" not in got.output  # model: beta, no belief
     for value in WHO.values():
         assert value not in got.output
     with Session(cli_db) as s:  # showing it was an access to the person's record, audited
@@ -79,3 +82,103 @@ def test_evaluate_estimates_the_logged_policy_at_its_logged_mean(cli_db: Engine)
 def test_evaluate_refuses_an_unknown_policy_naming_it(cli_db: Engine) -> None:  # noqa: F811
     got = runner.invoke(careloop_cli.app, ["learning", "evaluate", "-p", "telepathy", "-c", str(CONFIG)])
     assert got.exit_code == 2 and "telepathy" in got.output
+
+
+# --------------------------------------------------------------------------- learning.model: belief
+
+
+def _belief_config(tmp_path: Path) -> Path:
+    """The replay fixture's config with the belief model (its file pins beta)."""
+    text = CONFIG.read_text()
+    assert "model: beta" in text
+    path = tmp_path / "learning-belief.yaml"
+    path.write_text(text.replace("model: beta", "model: belief"))
+    return path
+
+
+def _cells(output: str, n: int) -> list[list[str]]:
+    """The body rows of every table printed with ``n`` columns, cells as printed."""
+    rows = []
+    for line in output.splitlines():
+        if "│" not in line:
+            continue
+        cells = [c.strip() for c in line.strip("│┃ ").split("│")]
+        if len(cells) == n:
+            rows.append(cells)
+    return rows
+
+
+def _belief_tables(output: str) -> tuple[dict[tuple[str, str], list[str]], dict[str, list[str]]]:
+    """The history table ((dimension, option) -> [sends, engaged]) and the 3-column rows
+    (window or channel -> [belief, prior])."""
+    history = {(c[0], c[1]): c[2:] for c in _cells(output, 4) if c[0] in ("channel", "window", "variant")}
+    three = {c[0]: c[1:] for c in _cells(output, 3) if c[0] not in ("window", "channel")}
+    return history, three
+
+
+def test_show_with_the_belief_model_prints_its_history_belief_and_link(
+    cli_db: Engine,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    path = _belief_config(tmp_path)
+    cfg = cfgmod.load(path)
+    rp, sent = _rounds(cli_db, 8, replies_on="email", config=cfg)
+    rp.close()
+    with Session(cli_db) as s:
+        [person] = s.exec(select(Person)).all()
+        stored = s.exec(select(OutreachOutcome).where(OutreachOutcome.learned == True)).all()  # noqa: E712
+    assert person.id is not None and len(stored) == len(sent)
+    got = runner.invoke(careloop_cli.app, ["learning", "show", str(person.id), "-c", str(path)])
+    assert got.exit_code == 0, got.output
+    history, three = _belief_tables(got.output)
+    # the history it reads: every settled learned send, counted as stored
+    assert f"({len(stored)} settled sends" in got.output
+    for channel in ("sms", "email"):
+        rows = [r for r in stored if r.channel == channel]
+        engaged = [r for r in rows if r.read_at or r.clicked_at or r.replied_at or r.confirmed_at]
+        assert rows, channel  # the learner tried both
+        assert history[("channel", channel)] == [str(len(rows)), str(len(engaged))]
+    emails = sum(1 for i in sent if i.channel == "email")
+    assert history[("channel", "email")] == [str(emails), str(emails)]
+    assert history[("channel", "sms")][1] == "0"
+    windows = {opt: v for (dim, opt), v in history.items() if dim == "window"}
+    assert sum(int(v[0]) for v in windows.values()) == len(stored)
+    assert sum(int(v[1]) for v in windows.values()) == emails  # responses by the window they came in
+    assert "engaged:" in got.output
+    # the belief now: P(each configured window is the active one), summing to 1
+    shares = {wn: three[wn] for wn in cfg.learning.windows}
+    assert abs(sum(float(v[0]) for v in shares.values()) - 1.0) < 0.002
+    assert abs(sum(float(v[1]) for v in shares.values()) - 1.0) < 0.002
+    top = max(shares, key=lambda wn: float(shares[wn][0]))
+    assert f"P(reply) in the {top} window" in got.output
+    # P(reply) per channel: email, where every reply came, above sms and above its own prior
+    assert float(three["email"][0]) > float(three["sms"][0])
+    assert float(three["email"][0]) > float(three["email"][1])
+    assert "link: floor 0.300, slope 1.000, cap 0.990, late 0.300, where 0.075, n 0" in got.output
+    assert "posterior mean" not in got.output  # not the beta table
+    for value in WHO.values():
+        assert value not in got.output
+    with Session(cli_db) as s:
+        views = s.exec(select(AuditRecord).where(AuditRecord.action == "person.view")).all()
+    assert [(v.person_id, v.detail) for v in views] == [(person.id, {"view": "learned-state"})]
+
+
+def test_show_with_the_belief_model_and_no_sends_prints_the_prior(
+    cli_db: Engine,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    path = _belief_config(tmp_path)
+    with Session(cli_db) as s:
+        p = Person(created_at=START)
+        s.add(p)
+        s.commit()
+        pid = p.id
+    got = runner.invoke(careloop_cli.app, ["learning", "show", str(pid), "-c", str(path)])
+    assert got.exit_code == 0, got.output
+    history, three = _belief_tables(got.output)
+    assert "(0 settled sends" in got.output and history == {}
+    shares = [three[wn] for wn in cfgmod.load(path).learning.windows]
+    assert len(shares) == 3
+    assert abs(sum(float(v[0]) for v in shares) - 1.0) < 0.002
+    assert all(v[0] == v[1] for v in shares)  # nothing of theirs: the belief is the prior
+    assert three["sms"][0] == three["sms"][1] and three["email"][0] == three["email"][1]
