@@ -35,7 +35,8 @@ effect by segment, ``fit_prior=wording``), refitted every ``refit_every`` outcom
 by a uniform draw with probability floor x k, so every allowed option keeps propensity >= floor.
 
 Figures (300 people, 10,000 requests, after the learner's 5,000th decision, ratio to the
-oracle's engagement, mean ± sd over seeds 11 22 33; the product learner: 0.833 ± 0.013):
+oracle's engagement, mean ± sd over seeds 11 22 33; the product learner, then beta, 0.833 ± 0.013;
+since 2026-11-23 its default is the belief model, 0.882 ± 0.015):
   .venv/bin/python bench/learning_research.py ablate --variants exact prior=pooled prior=generic \
       tod=generic prior=generic,tod=generic reads=frac reads=ignore timing=ignore \
       reads=frac,timing=ignore drift=none drift=redraw drift=swap2x wording=generic explore=learner \
@@ -44,7 +45,9 @@ oracle's engagement, mean ± sd over seeds 11 22 33; the product learner: 0.833 
     (the prior is worth nothing once outcomes arrive); reads=frac 0.883, reads=ignore 0.873,
     timing=ignore 0.862, reads=frac,timing=ignore 0.814 (the read and timing likelihoods are
     worth 3-5 points each, 10 together); drift=none 0.880, drift=redraw 0.903, drift=swap2x
-    0.910; wording=generic 0.891; explore=learner 0.886; all generic 0.779 ± 0.001 (15 min).
+    0.910; wording=generic 0.891; explore=learner 0.886 (at beta's exploration, cap 0.1 and
+    floor 0.02; the belief model's defaults are now 0 and 0.005); all generic 0.779 ± 0.001
+    (15 min).
   .venv/bin/python bench/learning_research.py model                   0.894 ± 0.009 (1 min)
   .venv/bin/python bench/learning_research.py model --set floor=0.02  0.882 ± 0.011
 (``--jobs 2``, the default, runs seeds in parallel; the ablation at 300 particles takes several
