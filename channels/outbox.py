@@ -54,7 +54,10 @@ until when, why), and every worker's due read and claim leave a paused channel's
 pending, untouched: no request, no write, no audit record per item. When the pause ends they
 come up in their usual order (a rate-limited channel spaces them); one whose ``not_after``
 passes meanwhile is cancelled as expired by the recovery pass, and crash recovery leaves the
-channel's stale ``sending`` items for after the pause. A pause ending later than any wait a
+channel's stale ``sending`` items for after the pause. Recovery's own status lookups are
+answers too: a lookup answered so pauses the channel the same way (the same record, caps and
+audit), its item and the channel's others left ``sending`` for a pass after the pause, and no
+further lookup made on the channel in that pass. A pause ending later than any wait a
 provider may ask for from now is a fast clock's and is not obeyed (``PAUSE_SKEW``). A
 credentials refusal (``ChannelUnavailable``) holds the channel in this process only: whether
 it is the channel's or one item's is judged per process (``_worked``), and one item's must
@@ -594,15 +597,27 @@ class DeliverStage:
                 # as an ordinary attempt and holds nothing; one bad item never stops a channel.
                 # A second refusal with nothing sent between is the channel's outage.
                 exc = TransientError(str(exc))
-            if isinstance(exc, TransientError) and exc.retry_after is not None and channel is not None:
-                until = self.store.clock.now() + exc.retry_after
-                self._paused[channel.id] = max(until, self._paused.get(channel.id, until))
-                if not isinstance(exc, ChannelUnavailable):
-                    # The provider's own wait is every worker's. A credentials refusal is
-                    # judged per process (``_worked``: it may be one item's own), so its
-                    # hold stays here: a shared one would let one tenant's 401 stop the fleet.
-                    return _Sent(item, error=exc, pause=until)
+            if isinstance(exc, TransientError) and channel is not None:
+                pause = self._asked_to_wait(channel.id, exc)
+                if pause is not None:
+                    return _Sent(item, error=exc, pause=pause)
             return _Sent(item, error=exc)
+
+    def _asked_to_wait(self, channel_id: str, exc: TransientError) -> datetime | None:
+        """The provider's answer ``exc`` (to a send, or to recovery's status lookup) asked
+        ``channel_id``'s requests to wait (``retry_after``, capped where it was read): this
+        process holds the channel until then at once (``_paused``, the later end kept); the
+        end is returned when the wait is every worker's, for ``_pauses_in`` to record."""
+        if exc.retry_after is None:
+            return None
+        until = self.store.clock.now() + exc.retry_after
+        self._paused[channel_id] = max(until, self._paused.get(channel_id, until))
+        if isinstance(exc, ChannelUnavailable):
+            # The provider's own wait is every worker's. A credentials refusal is judged
+            # per process (``_worked``: it may be one item's own), so its hold stays here:
+            # a shared one would let one tenant's 401 stop the fleet.
+            return None
+        return until
 
     def _paused_until(self, channel_id: str) -> datetime | None:
         """The end of the wait ``channel_id``'s provider asked this process for, if it is
@@ -669,6 +684,11 @@ class DeliverStage:
                     )
                 n += len(gone)
         return n
+
+    def _pauses(self, sent: list[_Sent]) -> None:
+        """``_pauses_in`` in a transaction of its own (recovery's lookups: nothing to settle)."""
+        with self.store.session() as s:
+            self._pauses_in(s, self.store.clock.now(), sent)
 
     def _pauses_in(self, s: Session, now: datetime, sent: list[_Sent]) -> None:
         """Record in ``s`` the pauses the answers ``sent`` asked for (``_Sent.pause``): each
@@ -1004,7 +1024,12 @@ class DeliverStage:
         ``unknown`` for staff review. The items of a channel paused now (``channel_pause``:
         its provider asked every worker to wait) are left alone: no lookup, no write, no
         audit record; they stay ``sending``, reported ``deferred``, and the first pass after
-        the pause settles them."""
+        the pause settles them. A lookup answered with the provider's wait (a 429 or 503 with
+        ``Retry-After``) pauses the channel as a send's answer does (``_pauses_in``: the
+        ``channel_pause`` row, one ``channel.pause`` record), committed at once; its item and
+        the channel's items not yet asked about stay ``sending``, deferred, untouched, and
+        no further lookup goes to that provider in this pass (answers it gave before still
+        settle their items: settling asks it nothing)."""
         self._last_recover = time.monotonic()
         lease = self.sending_lease if stale_after is None else stale_after
         report = Recovery()
@@ -1027,6 +1052,12 @@ class DeliverStage:
                         "outbox %s: status lookup failed, retrying later: %s", item.id, describe_error(exc)
                     )
                     report.note("deferred", item.key)
+                    # A credentials refusal holds nothing here, as before: sends judge it.
+                    unavailable = isinstance(exc, ChannelUnavailable)
+                    pause = None if unavailable else self._asked_to_wait(channel.id, exc)
+                    if pause is not None:  # the provider asked every worker to wait
+                        paused.add(item.channel)
+                        await asyncio.to_thread(self._pauses, [_Sent(item, error=exc, pause=pause)])
                     continue
                 except Exception as exc:
                     log.warning("outbox %s: status lookup failed: %s", item.id, describe_error(exc))
