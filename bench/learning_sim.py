@@ -360,8 +360,7 @@ class _Sent:
         o = self.observed(now, cfg)
         if o is None:
             return None
-        seen = self.active.get(o.seen) if o.late and o.seen else None
-        return belief.Settled(self.q, self.p_active, o.response, o.late, seen)
+        return belief.Settled(self.q, self.p_active, o.response, o.late, belief.seen_share(self.active, o))
 
 
 class Learner(Policy):

@@ -14,7 +14,15 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    model_validator,
+)
 
 from careloop.errors import ConfigError
 
@@ -244,16 +252,24 @@ class LearningConfig(Strict):
     )
     refit_every: int = Field(1000, ge=50, description="belief: refit the read and timing link every N sends")
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _exploration_by_model(cls, data: Any) -> Any:
+    def _exploration_by_model(
+        cls, data: Any, handler: ModelWrapValidatorHandler[LearningConfig]
+    ) -> LearningConfig:
         """The belief model learns from every send's reads and timing, not only from what it
         tries, so exploring beyond the propensity floor costs more than it teaches (measured
         by bench/learning_sim.py: about 3 points of the oracle's engagement): its defaults are
-        no exploration beyond a 0.005 floor. A value the file gives is kept."""
+        no exploration beyond a 0.005 floor. A value the file gives is kept; a default put in
+        here is not counted as given (``model_fields_set``), so a copy for another model
+        rebuilt from the fields given takes that model's defaults."""
+        filled: list[str] = []
         if isinstance(data, dict) and data.get("model", "belief") == "belief":
+            filled = [k for k in BELIEF_EXPLORATION if k not in data]
             data = {**BELIEF_EXPLORATION, **data}
-        return data
+        got = handler(data)
+        got.model_fields_set.difference_update(filled)
+        return got
 
 
 class AppConfig(Strict):

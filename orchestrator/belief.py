@@ -88,8 +88,25 @@ class Settled:
     p_active: float  # predicted P(the send's window is the person's active one)
     response: str
     late: bool
-    # a late response: the predicted P(the window it came in is the person's active one)
+    # a late response: the predicted P(the window it came in is the person's active one),
+    # given that it came late (``seen_share``)
     seen_active: float | None = None
+
+
+def seen_share(active: Mapping[str, object], o: Observed) -> float | None:
+    """For a late response ``o``: what its decision predicted (``active``: P(each window is
+    the person's active one)) of the window it came in being the active one, given that it
+    came late, so that the person is not active in the window it was sent in (a late
+    response to a send in the active window is PROMPT_SLACK's, rare). None when ``o`` is not
+    late, or the prediction does not cover its windows (logged before, or windows renamed)."""
+    if not o.late or o.seen is None:
+        return None
+    seen, sent = active.get(o.seen), active.get(o.window)
+    if not isinstance(seen, int | float) or not isinstance(sent, int | float):
+        return None
+    if o.seen == o.window:
+        return 0.0
+    return min(1.0, float(seen) / max(1e-9, 1.0 - float(sent)))
 
 
 def _expit(x: float) -> float:
@@ -312,8 +329,8 @@ def fit_link(settled: Sequence[Settled], start: Link = Link(), windows: int = 3)
     """The read link and the lateness that best explain ``settled`` (binned maximum
     likelihood over a grid; lateness: late responses over the responses expected outside the
     active window; ``where``: the maximum likelihood over a grid of the windows late responses
-    came in, given what each decision predicted of them, once 20 have come; ``windows``: how
-    many are configured). Fewer than 200 settled sends: ``start`` unchanged."""
+    came in, given what each decision predicted of them (``seen_share``), once 20 have come;
+    ``windows``: how many are configured). Fewer than 200 settled sends: ``start`` unchanged."""
     if len(settled) < 200:
         return start
     bins: dict[int, list[float]] = {}

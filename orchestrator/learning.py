@@ -68,7 +68,7 @@ from sqlmodel import Session, col, select
 
 from careloop.clock import utc
 from careloop.config import AppConfig, LearningConfig
-from careloop.tables import Decision, LearningStat, OutreachOutcome
+from careloop.tables import Decision, LearningStat, OutreachOutcome, Person
 from orchestrator import belief
 
 DIMENSIONS = ("channel", "window", "variant")
@@ -507,7 +507,7 @@ def joint_belief(
         )
 
     lent = {(c, options[(c, wn, v)], v): lent_mean(c, wn, v) for c, wn, v in options}
-    strength = cfg.segment_strength * 3 / len(lent)
+    strength = cfg.segment_strength * 3 / max(1, len(lent))
     base = belief.prior(pool, lent, strength, model.link, model.read_reward)
     hazard = 1.0 / cfg.belief_change_days
     at = min(windows.values()) if now is None else now
@@ -886,13 +886,15 @@ class LinkCache:
     sends up to it, seen as of the boundary sends' latest time (``observed``), so workers that
     refit at different moments, or after a restart, fit the same link (unless an outcome
     stamped before that time was recorded between their refits). Sends whose channel the gate
-    changed at send time (``fallback_from``) are left out: their prediction was for another."""
+    changed at send time (``fallback_from``) are left out: their prediction was for another.
+    The window a late response came in is read on the person's clock (their timezone, else
+    ``site_tz``), as their decisions read it."""
 
     def __init__(self) -> None:
         self.boundary = -1
         self.link = belief.Link()
 
-    def get(self, s: Session, cfg: LearningConfig) -> belief.Link:
+    def get(self, s: Session, cfg: LearningConfig, site_tz: str) -> belief.Link:
         top = s.exec(select(func.max(OutreachOutcome.id))).one() or 0
         boundary = top // cfg.refit_every * cfg.refit_every
         if boundary == self.boundary:
@@ -904,8 +906,9 @@ class LinkCache:
         if latest is not None:
             as_of = utc(latest)
             rows = s.exec(
-                select(OutreachOutcome, Decision.detail)
+                select(OutreachOutcome, Decision.detail, Person.timezone)
                 .join(Decision, col(OutreachOutcome.decision_id) == col(Decision.id))
+                .join(Person, col(OutreachOutcome.person_id) == col(Person.id))
                 .where(
                     col(OutreachOutcome.learned).is_(True),
                     col(OutreachOutcome.id) <= boundary,
@@ -914,23 +917,15 @@ class LinkCache:
                 .order_by(col(OutreachOutcome.id).desc())
                 .limit(FIT_ROWS)
             ).all()
-            for row, detail in rows:
+            for row, detail, tz in rows:
                 info = (detail or {}).get("learning", {})
                 said = info.get("belief")
-                o = observed(
-                    row, as_of, cfg, "UTC"
-                )  # the fit reads the response and lateness, not the window
+                o = observed(row, as_of, cfg, tz or site_tz)
                 if isinstance(said, dict) and o is not None and not info.get("fallback_from"):
                     active = said.get("active")
-                    seen = active.get(o.seen) if o.late and isinstance(active, dict) else None
+                    seen = belief.seen_share(active, o) if isinstance(active, dict) else None
                     settled.append(
-                        belief.Settled(
-                            float(said["q"]),
-                            float(said["p_active"]),
-                            o.response,
-                            o.late,
-                            None if seen is None else float(seen),
-                        )
+                        belief.Settled(float(said["q"]), float(said["p_active"]), o.response, o.late, seen)
                     )
         self.boundary, self.link = boundary, belief.fit_link(settled[::-1], windows=len(cfg.windows))
         return self.link

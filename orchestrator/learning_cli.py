@@ -137,7 +137,9 @@ def belief_state(
     those the gate allows at that moment, so its prior may lend over a different set."""
     lc = cfg.learning
     hist = learning.history(s, person, now, lc, tz)
-    model = learning.Model(hist, learning.LinkCache().get(s, lc), lc.rewards.get("read", 0.0))
+    model = learning.Model(
+        hist, learning.LinkCache().get(s, lc, cfg.site.timezone), lc.rewards.get("read", 0.0)
+    )
     view = learning.DbStats(s, person_key=str(person), segment=segment, now=now, cfg=lc)
     channels = list(dict.fromkeys([*cfg.site.channels, *(o.channel for o in hist)]))
     joint = learning.joint_belief(

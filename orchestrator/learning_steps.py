@@ -91,7 +91,7 @@ class LearningSteps(EngineCore):
             tz = pfacts.timezone
             model = learning.Model(
                 learning.history(s, person.id, now, cfg, tz),
-                self._belief_links.get(s, cfg),
+                self._belief_links.get(s, cfg, self.config.site.timezone),
                 cfg.rewards.get("read", 0.0),
             )
         rng = learning.rng_for(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy.engine import Engine
@@ -124,9 +125,9 @@ def test_where_late_responses_land_is_fitted_and_when_it_says_nothing_they_move_
     fit = belief.fit_link(settled, windows=len(WINDOWS))
     assert fit.where == pytest.approx(where, abs=0.08)
     p = _pool()
-    late = _sends(4, "sms", "morning", "read", late=True, seen="evening")
+    history = _sends(4, "sms", "morning", "read", late=True, seen="evening")
     link = dataclasses.replace(belief.Link(), where=fit.where)
-    w = belief.belief(p, _uniform(p), late, link, 1 / 365, T0 + timedelta(days=30))
+    w = belief.belief(p, _uniform(p), history, link, 1 / 365, T0 + timedelta(days=30))
     if where == 1.0:  # late responses come anywhere: where they came says (almost) nothing
         assert belief.active_share(p, w, "evening") < 0.6
     else:
@@ -230,29 +231,39 @@ def _fill(engine: Engine, n: int, read_from: int) -> datetime:
         return T0 + timedelta(hours=n)
 
 
-@pytest.mark.parametrize(("came_in", "expect"), [("morning", (0.0, 0.2)), ("evening", (0.8, 1.0))])
+@pytest.mark.parametrize(
+    ("came_in", "tz", "expect"),
+    [
+        ("morning", "UTC", (0.0, 0.2)),
+        ("evening", "UTC", (0.8, 1.0)),
+        ("morning", "America/New_York", (0.0, 0.2)),  # read on the person's clock, not UTC's
+        ("evening", "America/New_York", (0.8, 1.0)),
+    ],
+)
 def test_the_store_refit_learns_where_late_responses_land(
-    engine: Engine, came_in: str, expect: tuple[float, float]
+    engine: Engine, came_in: str, tz: str, expect: tuple[float, float]
 ) -> None:
     """Each decision predicted the person active in the morning (logged as ``active``); their
-    sends are read a day later, in the morning (as predicted) or in the evening (as if late
+    sends are read a day later, in their morning (as predicted) or their evening (as if late
     responses came anywhere): the refit's ``where`` says which."""
     cfg = LearningConfig.model_validate({"enabled": True, "model": "belief", "refit_every": 50})
     hour = {"morning": 10, "evening": 19}[came_in]
+    zone = ZoneInfo(tz)
     with Session(engine) as s:
-        p = Person(created_at=T0)
+        p = Person(created_at=T0, timezone=tz)
         s.add(p)
         s.flush()
         assert p.id is not None
         for i in range(300):
-            at = T0 + timedelta(days=i)
-            said = {"q": 0.1, "p_active": 0.1, "active": {"morning": 0.9, "midday": 0.05, "evening": 0.05}}
+            at = (T0 + timedelta(days=i)).astimezone(zone).replace(hour=13).astimezone(UTC)  # their midday
+            said = {"q": 0.1, "p_active": 0.05, "active": {"morning": 0.9, "midday": 0.05, "evening": 0.05}}
             d = Decision(person_id=p.id, decided_at=at, playbook="x", action="send", reason="ok")
             d.detail = {"learning": {"belief": said}}
             s.add(d)
             s.flush()
             late = i % 3 == 0
-            read = (at + timedelta(days=1)).replace(hour=hour) if late else None
+            next_day = (at + timedelta(days=1)).astimezone(zone)
+            read = next_day.replace(hour=hour, minute=30).astimezone(UTC) if late else None
             s.add(
                 OutreachOutcome(
                     decision_id=d.id,
@@ -268,8 +279,26 @@ def test_the_store_refit_learns_where_late_responses_land(
             )
         s.commit()
     with Session(engine) as s:
-        link = learning.LinkCache().get(s, cfg)
+        link = learning.LinkCache().get(s, cfg, "UTC")  # the site's; the person's own wins
     assert link.n > 200 and expect[0] <= link.where <= expect[1]
+
+
+def test_where_counts_a_late_response_as_news_of_a_window_other_than_the_one_sent_in() -> None:
+    """Sends follow the belief (its most likely window, as with no exploration) and every late
+    response comes in the person's active window (true where 0): a late response means the
+    send's window was not the active one, so what its decision predicted of the window it
+    came in is read given that (``seen_share``), and the fit finds where small, not 1."""
+    rng, settled = random.Random(5), []
+    for _ in range(3000):
+        shares = [rng.random() ** 3 for _ in WINDOWS]
+        shares = [x / sum(shares) for x in shares]
+        active = rng.choices(range(len(WINDOWS)), weights=shares)[0]  # calibrated predictions
+        sent = max(range(len(WINDOWS)), key=lambda i: shares[i])
+        late = active != sent and rng.random() < 0.3
+        o = belief.Observed(T0, "sms", WINDOWS[sent], KEY, "read", late, WINDOWS[active] if late else None)
+        seen = belief.seen_share(dict(zip(WINDOWS, shares, strict=True)), o)
+        settled.append(belief.Settled(0.2, shares[sent], "read", late, seen))
+    assert belief.fit_link(settled, windows=len(WINDOWS)).where <= 0.1
 
 
 def test_workers_that_refit_at_different_moments_fit_the_same_link(engine: Engine) -> None:
@@ -277,13 +306,13 @@ def test_workers_that_refit_at_different_moments_fit_the_same_link(engine: Engin
     end = _fill(engine, 400, read_from=352)
     a, b = learning.LinkCache(), learning.LinkCache()
     with Session(engine) as s:
-        la = a.get(s, cfg)  # worker A, right after the 400th send
+        la = a.get(s, cfg, "UTC")  # worker A, right after the 400th send
     with Session(engine) as s:  # days later, reads of the early sends come in (stamped then)
         for row in s.exec(select(OutreachOutcome).where(col(OutreachOutcome.id) <= 60)).all():
             row.read_at = end + timedelta(days=3)
         s.commit()
     with Session(engine) as s:
-        lb = b.get(s, cfg)  # worker B, or A after a restart
+        lb = b.get(s, cfg, "UTC")  # worker B, or A after a restart
     assert a.boundary == b.boundary == 400 and la.n > 0
     assert la == lb
 

@@ -163,11 +163,17 @@ def test_show_with_the_belief_model_prints_its_history_belief_and_link(
     assert [(v.person_id, v.detail) for v in views] == [(person.id, {"view": "learned-state"})]
 
 
+@pytest.mark.parametrize("no_channels", [False, True], ids=["site-channels", "no-site-channels"])
 def test_show_with_the_belief_model_and_no_sends_prints_the_prior(
     cli_db: Engine,  # noqa: F811
     tmp_path: Path,
+    no_channels: bool,
 ) -> None:
     path = _belief_config(tmp_path)
+    if no_channels:  # nothing to show per channel, and nothing to divide by
+        text = path.read_text().replace("channels: [sms, email]}", "channels: []}")
+        assert "channels: []" in text
+        path.write_text(text)
     with Session(cli_db) as s:
         p = Person(created_at=START)
         s.add(p)
@@ -181,4 +187,7 @@ def test_show_with_the_belief_model_and_no_sends_prints_the_prior(
     assert len(shares) == 3
     assert abs(sum(float(v[0]) for v in shares) - 1.0) < 0.002
     assert all(v[0] == v[1] for v in shares)  # nothing of theirs: the belief is the prior
+    if no_channels:
+        assert "sms" not in three and "email" not in three
+        return
     assert three["sms"][0] == three["sms"][1] and three["email"][0] == three["email"][1]

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from careloop.config import AppConfig
+from bench import learning_sim as sim
+from careloop.config import AppConfig, LearningConfig
 from careloop.errors import ConfigError
 from careloop.wiring import check
 from orchestrator.templates import TemplateConfig, render
@@ -95,3 +96,10 @@ def test_the_belief_model_explores_only_to_its_floor_unless_the_file_says_otherw
     told = {"enabled": True, "model": "belief", "max_exploration": 0.05, "min_propensity": 0.01}
     kept = AppConfig.model_validate({"learning": told}).learning
     assert (kept.max_exploration, kept.min_propensity) == (0.05, 0.01)
+    # belief's defaults are not "given": rebuilt from what was given, another model takes its own
+    again = LearningConfig.model_validate(belief.model_dump(exclude_unset=True) | {"model": "beta"})
+    assert (again.max_exploration, again.min_propensity) == (0.1, 0.02)
+    assert (sim.as_model(belief, "beta").max_exploration, sim.as_model(kept, "beta").max_exploration) == (
+        0.1,
+        0.05,
+    )
