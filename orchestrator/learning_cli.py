@@ -34,6 +34,7 @@ from orchestrator import belief, learning, ope
 
 app = typer.Typer(help="The learner: offline policy evaluation and learned state.", no_args_is_help=True)
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="careloop config file")]
+MIN_ESS = 30  # fewer effective logged sends than this: an estimate is flagged, not trusted
 out = Console(soft_wrap=True)
 
 
@@ -88,21 +89,31 @@ def evaluate_cmd(
         _die("no learned sends with propensities to evaluate yet (is learning.enabled on?)", 1)
     table = Table(
         title=f"offline policy evaluation over {len(units)} learned sends "
-        f"(logged mean reward {ests[0].logged_mean:.4f})"
+        f"(logged mean reward {ests[0].logged_mean:.4f})",
+        caption=f"ESS: how many logged sends an estimate rests on, in effect. Below {MIN_ESS} (!) the "
+        "policy chose as the log did too rarely to trust IPS and SNIPS, and DR is mostly its "
+        "reward model; none (-): no logged send matches it",
     )
     for c in ("policy", "IPS", "± se", "SNIPS", "DR", "± se", "ESS"):
         table.add_column(c, justify="right" if c != "policy" else "left")
     for e in ests:
-        table.add_row(
-            e.policy,
-            f"{e.ips:.4f}",
-            f"{e.ips_se:.4f}",
-            f"{e.snips:.4f}",
-            f"{e.dr:.4f}",
-            f"{e.dr_se:.4f}",
-            f"{e.ess:.0f}",
-        )
+        table.add_row(*estimate_row(e))
     out.print(table)
+
+
+def estimate_row(e: ope.Estimate) -> list[str]:
+    """One policy's cells: flagged (!) below MIN_ESS; IPS and SNIPS shown as "-" when no
+    logged send matches the policy (they would print a confident 0)."""
+    none = e.ess == 0
+    return [
+        e.policy + (" (!)" if e.ess < MIN_ESS else ""),
+        "-" if none else f"{e.ips:.4f}",
+        "-" if none else f"{e.ips_se:.4f}",
+        "-" if none else f"{e.snips:.4f}",
+        f"{e.dr:.4f}",
+        f"{e.dr_se:.4f}",
+        f"{e.ess:.0f}",
+    ]
 
 
 ENGAGED_CAPTION = (

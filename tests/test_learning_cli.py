@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from careloop import cli as careloop_cli
 from careloop import config as cfgmod
 from careloop.tables import AuditRecord, OutreachOutcome, Person
+from orchestrator import learning_cli, ope
 from tests.test_channels_outbox_cli import cli_db  # noqa: F401  (fixture)
 from tests.test_learning_replay import CONFIG, START, WHO, _rounds
 
@@ -77,6 +78,19 @@ def test_evaluate_estimates_the_logged_policy_at_its_logged_mean(cli_db: Engine)
     assert all(e["n"] == len(sent) for e in ests)
     table = runner.invoke(careloop_cli.app, ["learning", "evaluate", "-c", str(CONFIG)])
     assert table.exit_code == 0 and f"over {len(sent)} learned sends" in table.output
+
+
+def test_evaluate_flags_estimates_resting_on_too_few_matching_sends(cli_db: Engine) -> None:  # noqa: F811
+    rp, sent = _rounds(cli_db, 4, replies_on="email")
+    rp.close()
+    got = runner.invoke(careloop_cli.app, ["learning", "evaluate", "-p", "logged", "-c", str(CONFIG)])
+    assert got.exit_code == 0, got.output
+    row = next(line for line in got.output.splitlines() if "logged (!)" in line)
+    assert row.rstrip(" │").endswith(str(len(sent)))  # 4 sends: an ESS of 4, below MIN_ESS
+    none = ope.Estimate("channel:fax", 4, 0.0, 0.0, 0.0, 0.21, 0.05, 0.0, 0.3)  # nothing matched
+    assert learning_cli.estimate_row(none)[:4] == ["channel:fax (!)", "-", "-", "-"]
+    many = ope.Estimate("greedy", 400, 0.2, 0.01, 0.2, 0.21, 0.01, 250.0, 0.3)
+    assert learning_cli.estimate_row(many)[:2] == ["greedy", "0.2000"]
 
 
 def test_evaluate_refuses_an_unknown_policy_naming_it(cli_db: Engine) -> None:  # noqa: F811
