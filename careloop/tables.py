@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, LargeBinary, UniqueConstraint, text
+from sqlalchemy import JSON, Column, DateTime, Double, Index, LargeBinary, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 
@@ -224,6 +224,22 @@ class ChannelPause(SQLModel, table=True):
     until: datetime = _ts(nullable=False)
     reason: str = Field(max_length=64)  # provider-retry-after
     updated_at: datetime = _ts(nullable=False)
+
+
+class ChannelRate(SQLModel, table=True):
+    """The shared send schedule of a rate-limited channel (``ChannelConfig.rate_per_second``),
+    so that the rate holds across every deliver worker on the database, not per process
+    (channels/outbox.py). One row per channel: ``next_at`` is the channel's theoretical next
+    send time, in seconds since the Unix epoch on the database's clock (the one clock every
+    worker shares; a float, so that one statement on either engine does the arithmetic).
+    Each send first reserves its slot by moving ``next_at`` on by ``1 / rate`` in one
+    atomic upsert, then waits for the slot. A slot reserved and never used (a worker that
+    died waiting) only delays the next sends by ``1 / rate``; a row far ahead of the clock
+    (more than a lease: the clock stepped back) is restarted from now."""
+
+    __tablename__ = "channel_rate"
+    channel: str = Field(primary_key=True, max_length=32)
+    next_at: float = Field(sa_column=Column(Double, nullable=False))
 
 
 class DeliveryReceipt(SQLModel, table=True):

@@ -65,8 +65,19 @@ not stop every worker. The rest of a group already claimed when the
 answer came (this process remembers the pause at once, ``_paused``) goes back to pending for
 the end of the wait without a request, the claim not counted as an attempt (audited
 ``outbox.defer``, reason ``provider-retry-after``). A send another worker claimed before
-the pause was committed still goes out. Each channel may be rate limited
-(``ChannelConfig.rate_per_second``), a token bucket per channel. Items past
+the pause was committed still goes out.
+
+Each channel may be rate limited (``ChannelConfig.rate_per_second``), and the rate holds for
+every worker on the database together, not per process: the channel's schedule is one row
+of ``channel_rate`` (its next free send slot, on the database's clock, the one clock every
+worker shares). Each send reserves its slot with one atomic upsert just before the request
+(``_reserve``: ``next_at = max(next_at, now) + 1/rate``) and sleeps until the slot. Bursts
+are what the per-process token bucket it replaced allowed: up to ``max(1, rate)`` at once
+after a quiet spell, then ``rate`` per second (a generic cell rate algorithm: that bucket
+kept in one number), now for all workers together. A worker that dies holding a reserved
+slot leaves it unused: the next sends are delayed by one interval, never blocked. A channel
+without a rate, and the capture channel (it stands in for the real ones in replay, with
+their config), never touch the table. Items past
 ``not_after`` are cancelled with reason ``expired`` instead of being sent late (also a
 retry that a provider's wait pushed past ``not_after``, when it comes up).
 
@@ -90,13 +101,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol
 
-from sqlalchemy import bindparam, union_all
+from sqlalchemy import BindParameter, Double, and_, bindparam, cast, func, union_all
 from sqlalchemy import case as sa_case
 from sqlalchemy import exists as sa_exists
 from sqlalchemy import literal as sa_literal
 from sqlalchemy import select as select_core
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm.instrumentation import manager_of_class
 from sqlmodel import Session, col, or_, select
 
@@ -106,7 +117,7 @@ from careloop.errors import ChannelUnavailable, PermanentError, RecipientOptedOu
 from careloop.model import Hold
 from careloop.pipeline import dead_letter, describe_error
 from careloop.store import Store
-from careloop.tables import ChannelPause, DeliveryReceipt, JourneyEvent, OutboxItem
+from careloop.tables import ChannelPause, ChannelRate, DeliveryReceipt, JourneyEvent, OutboxItem
 from channels._http import MAX_RETRY_AFTER
 from channels.base import ABSENT, Channel, DeliveryUncertain, Receipt
 
@@ -115,6 +126,7 @@ _OUTBOX = OutboxItem.__table__  # type: ignore[attr-defined]
 _RECEIPT = DeliveryReceipt.__table__  # type: ignore[attr-defined]
 _EVENT = JourneyEvent.__table__  # type: ignore[attr-defined]
 _PAUSE = ChannelPause.__table__  # type: ignore[attr-defined]
+_RATE = ChannelRate.__table__  # type: ignore[attr-defined]
 
 
 class _DisclosedRow(NamedTuple):
@@ -280,6 +292,55 @@ def _pause_statement(dialect: str) -> Any:
     )
 
 
+# A rate-limited channel's shared schedule (``channel_rate``): ``gap`` is ``1 / rate``, the
+# seconds between two sends; ``span`` is ``max(1, 1 / rate)``, how far ahead of the clock the
+# schedule may run before a send waits (a burst of ``max(1, rate)`` sends, as the token bucket
+# had); ``horizon`` (the sending lease, in seconds): a schedule further ahead of the clock than
+# that is no backlog of live reservations (each worker holds one at a time, and cannot use one
+# beyond its lease) but a clock that stepped back, and restarts from now.
+_GAP: BindParameter[float] = bindparam("gap", type_=Double())
+_SPAN: BindParameter[float] = bindparam("span", type_=Double())
+_HORIZON: BindParameter[float] = bindparam("horizon", type_=Double())
+
+
+@functools.cache
+def _reserve_statement(dialect: str) -> Any:
+    """Reserve the next send slot of a channel (``channel``): one upsert on its primary key,
+    atomic on both engines (PostgreSQL locks the row; SQLite has one writer), that moves the
+    schedule on by ``gap`` from the later of its old value and now, and returns how long to
+    wait for the slot (at most 0: send now). Now is the database's clock, read once per
+    statement: workers on several machines share it, and their own clocks may be apart."""
+    stmt: postgresql.Insert | sqlite.Insert
+    now: Any
+    if dialect == "postgresql":
+        stmt = postgresql.insert(_RATE)
+        now = cast(func.extract("epoch", func.statement_timestamp()), Double())
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(_RATE)
+        now = (func.julianday("now") - 2440587.5) * 86400.0  # the Unix epoch, in seconds
+    else:
+        raise RuntimeError(f"channel rate: careloop runs on SQLite and PostgreSQL, not {dialect}")
+    ahead = and_(_RATE.c.next_at > now, _RATE.c.next_at <= now + _HORIZON)
+    return (
+        stmt.values(channel=bindparam("channel"), next_at=now + _GAP)
+        .on_conflict_do_update(
+            index_elements=[_RATE.c.channel],
+            set_={"next_at": sa_case((ahead, _RATE.c.next_at), else_=now) + _GAP},
+        )
+        .returning(_RATE.c.next_at - _SPAN - now)
+    )
+
+
+def _rate_of(channel: Channel) -> float | None:
+    """``channel``'s configured sends per second, or None: not limited. In replay a capture
+    channel stands in with the real one's config: a provider's rate limit must not slow a
+    replay down to wall-clock speed (nor touch the shared schedule)."""
+    rate = getattr(getattr(channel, "config", None), "rate_per_second", None)
+    if not rate or rate <= 0 or getattr(channel, "name", None) == "capture":
+        return None
+    return float(rate)
+
+
 def _row_status(receipt: Receipt) -> str:
     return ROW_STATUS.get(receipt.status, "sent")
 
@@ -420,26 +481,6 @@ class Recovery:
         self.keys.setdefault(outcome, []).append(key)
 
 
-class TokenBucket:
-    """``rate`` messages per second, bursts of up to ``max(1, rate)``; wall-clock time."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.capacity = max(1.0, rate)
-        self.tokens = self.capacity
-        self.at = time.monotonic()
-
-    async def acquire(self) -> None:
-        while True:
-            now = time.monotonic()
-            self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
-            self.at = now
-            if self.tokens >= 1:
-                self.tokens -= 1
-                return
-            await asyncio.sleep((1 - self.tokens) / self.rate)
-
-
 def backoff(attempt: int, base: float, cap: float, rng: random.Random) -> timedelta:
     """Delay before retry number ``attempt`` (1-based): exponential, capped, with jitter
     drawn from the upper half (never zero, never more than the cap)."""
@@ -473,7 +514,6 @@ class DeliverStage:
         self.sending_lease, self.recover_every = sending_lease, recover_every
         self.rng = rng or random.Random()
         self.check = check
-        self._buckets: dict[str, TokenBucket] = {}
         # channel id -> store time until which its provider asked us to wait (Retry-After):
         # known here at once, for the rest of a group already claimed; ``channel_pause`` (written
         # with the answer's settle) is what keeps every worker's due reads and claims off it
@@ -531,8 +571,8 @@ class DeliverStage:
     def _group_size(self, channel: Channel) -> int:
         """At most ``group``, and few enough that a rate-limited channel sends the whole
         group well within the lease (else recovery would resend what is still queued here)."""
-        rate = getattr(getattr(channel, "config", None), "rate_per_second", None)
-        if not rate or getattr(channel, "name", None) == "capture":
+        rate = _rate_of(channel)
+        if rate is None:
             return self.group
         return max(1, min(self.group, int(rate * self.sending_lease.total_seconds() / 2)))
 
@@ -580,9 +620,11 @@ class DeliverStage:
             until = self._paused_until(channel.id)
             if until is not None:
                 return _Sent(item, until=until)
-            bucket = self._bucket(channel)
-            if bucket is not _NO_LIMIT:
-                await bucket.acquire()
+            rate = _rate_of(channel)
+            if rate is not None:
+                wait = await asyncio.to_thread(self._reserve, channel.id, rate)
+                if wait > 0:
+                    await asyncio.sleep(wait)
             receipt = await channel.send(item)
             self._worked[channel.id] = True
             return _Sent(item, receipt=receipt)
@@ -631,16 +673,39 @@ class DeliverStage:
             return None
         return until
 
-    def _bucket(self, channel: Channel) -> TokenBucket | _NoLimit:
-        rate = getattr(getattr(channel, "config", None), "rate_per_second", None)
-        # In replay a capture channel stands in with the real one's config: a provider's
-        # rate limit must not slow a replay down to wall-clock speed.
-        if not rate or getattr(channel, "name", None) == "capture":
-            return _NO_LIMIT
-        bucket = self._buckets.get(channel.id)
-        if bucket is None or bucket.rate != rate:
-            bucket = self._buckets[channel.id] = TokenBucket(float(rate))
-        return bucket
+    def _reserve(self, channel_id: str, rate: float) -> float:
+        """Reserve ``channel_id``'s next send slot in the schedule every worker shares
+        (``channel_rate``) and return the seconds to wait for it (0 or less: send now).
+
+        One statement in a transaction of its own, committed before the wait, so no lock is
+        held while waiting and the reservation is the only write. The row keeps the channel's
+        theoretical next send time ``next_at``; a send at ``now`` takes the slot
+        ``max(now, next_at - (span - gap))`` and moves ``next_at`` to ``max(next_at, now) +
+        gap``: the token bucket of capacity ``max(1, rate)`` filling at ``rate``, kept in one
+        number (a generic cell rate algorithm), so bursts are what the bucket allowed. A slot
+        reserved by a worker that then died is simply never used: it delays the next send by
+        one ``gap``. A schedule more than the lease ahead of now (no live reservations put it
+        there: each worker holds one at a time, and one it could not use within its lease
+        would lose its item to recovery anyway) is a clock that stepped back and restarts
+        from now, so it cannot hold the channel for longer.
+
+        The store cannot be reached: nothing was sent, and the item is retried as after a
+        transient error of the channel (``TransientError``: no PHI, the engine's error type)."""
+        gap = 1.0 / rate
+        params = {
+            "channel": channel_id,
+            "gap": gap,
+            "span": max(1.0, gap),
+            "horizon": self.sending_lease.total_seconds(),
+        }
+        try:
+            with self.store.engine.begin() as conn:
+                wait = conn.execute(_reserve_statement(conn.dialect.name), params).scalar_one()
+        except DBAPIError as exc:
+            raise TransientError(
+                f"channel rate: the store could not reserve a send slot ({type(exc).__name__})"
+            ) from exc
+        return float(wait)
 
     # ------------------------------------------------------------------ transactions
 
@@ -1189,14 +1254,6 @@ class DeliverStage:
         )
         # It may have been disclosed: record the disclosure as of uncertain outcome.
         disclose(s, row, "unknown", now, ok=False)
-
-
-class _NoLimit:
-    async def acquire(self) -> None:
-        return None
-
-
-_NO_LIMIT = _NoLimit()
 
 
 def _audit(
