@@ -15,6 +15,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
+from pydantic import Field
+
 from careloop.errors import TransientError
 from careloop.plugins import PluginConfig
 from careloop.tables import OutboxItem
@@ -93,7 +95,7 @@ class SentMemory:
 
 class ChannelConfig(PluginConfig):
     phi_class: PhiClass | None = None  # the most this deployment lets the channel carry
-    rate_per_second: float | None = None
+    rate_per_second: float | None = Field(None, gt=0)  # sends per second, every worker together
 
 
 class Channel(Protocol):

@@ -21,9 +21,12 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from careloop.config import AppConfig
 from careloop.db import alembic_config, upgrade
+from careloop.errors import ConfigError
 from careloop.store import Store
 from careloop.tables import ChannelRate, OutboxItem
+from careloop.wiring import check
 from channels.base import ChannelConfig
 from channels.capture import CaptureChannel
 from channels.outbox import DeliverStage
@@ -211,3 +214,22 @@ def test_the_migration_adds_the_schedule_and_its_downgrade_drops_it(engine: Engi
     assert Counter(c["name"] for c in sa.inspect(engine).get_columns("channel_rate")) == Counter(
         ["channel", "next_at"]
     )
+
+
+@pytest.mark.parametrize("rate", [0, -1])
+def test_a_rate_that_is_not_positive_is_refused_naming_the_field(rate: float) -> None:
+    raw = {
+        "site": {"channels": ["sms"]},
+        "channels": {
+            "sms": {
+                "plugin": "twilio_sms",
+                "account_sid": "AC" + "0" * 32,
+                "auth_token": "x",
+                "from_number": "+15550000000",
+                "rate_per_second": rate,
+            }
+        },
+    }
+    with pytest.raises(ConfigError) as got:
+        check(AppConfig.model_validate(raw))
+    assert got.value.problems == ["channels.sms.rate_per_second: Input should be greater than 0"]
