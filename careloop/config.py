@@ -250,6 +250,12 @@ class LearningConfig(Strict):
     belief_change_days: float = Field(
         365.0, gt=0, description="belief: a person's preferences are redrawn about this often"
     )
+    belief_exchange_days: float | None = Field(
+        365.0,
+        gt=0,
+        description="belief: a person's attention moves from one of their channels to another "
+        "(the two rates exchanged) about this often; null: never",
+    )
     refit_every: int = Field(1000, ge=50, description="belief: refit the read and timing link every N sends")
 
     @model_validator(mode="wrap")

@@ -12,7 +12,9 @@ outcomes or a generic default, never a fact about a population):
   promptly; one to a send elsewhere comes late with probability ``late`` (fitted), in their
   active window, or, with probability ``where`` (fitted: 1 when late responses say nothing
   of when a person is active), in any window;
-* preferences can change: at a generic hazard a person is redrawn from their prior.
+* preferences can change: at a generic hazard a person is redrawn from their prior, and at
+  another a person's attention moves between two of their channels (their rates on the two
+  exchanged: a new phone number, email read more than texts), their responsiveness kept.
 
 The belief is a weight per candidate of one shared pool of candidate people drawn, from a
 broad generic proposal, deterministically from the config's seed: nothing per person is
@@ -140,6 +142,7 @@ class Pool:
             u = _strata(rng, n)
             self.when[w] = [1.0 if self.active[i] == j else 0.2 + 0.8 * u[i] for i in range(n)]
         self._rate: dict[str, list[float]] = {}
+        self._partners: dict[tuple[str, str], list[int]] = {}
         self._wording: dict[str, list[float]] = {}
         self._q: dict[tuple[str, str, str], list[float]] = {}
         # vectors derived from the pool and the current link (rewards, likelihoods): dropped
@@ -189,6 +192,25 @@ class Pool:
             clipped = [min(0.999, max(0.001, x)) for x in v]
             got = (v, [math.log(x) for x in clipped], [math.log1p(-x) for x in clipped])
             self.remember(key, got, 3)
+        return got
+
+    def partners(self, a: str, b: str) -> list[int]:
+        """For each candidate, the candidate most like it with its rates on channels ``a``
+        and ``b`` exchanged (the same active window, the nearest rates in logit): where an
+        exchange of attention between the two moves its weight."""
+        key = (a, b) if a < b else (b, a)
+        got = self._partners.get(key)
+        if got is None:
+            la = [math.log(x / (1.0 - x)) for x in self.rate(key[0])]
+            lb = [math.log(x / (1.0 - x)) for x in self.rate(key[1])]
+            by_window: dict[int, list[int]] = {}
+            for j, act in enumerate(self.active):
+                by_window.setdefault(act, []).append(j)
+            got = [
+                min(by_window[self.active[i]], key=lambda j: (la[j] - lb[i]) ** 2 + (lb[j] - la[i]) ** 2)
+                for i in range(self.n)
+            ]
+            self._partners[key] = got
         return got
 
     def recall(self, link: Link, key: tuple[object, ...]) -> Any:
@@ -271,20 +293,48 @@ def prior(
 
 
 def belief(
-    p: Pool, base: list[float], history: Iterable[Observed], link: Link, hazard_per_day: float, now: datetime
+    p: Pool,
+    base: list[float],
+    history: Iterable[Observed],
+    link: Link,
+    hazard_per_day: float,
+    now: datetime,
+    exchange_per_day: float = 0.0,
+    channels: Sequence[str] = (),
 ) -> list[float]:
     """The person's belief at ``now``: ``base`` (their prior) times the likelihood of their
-    settled sends in time order, relaxed toward ``base`` at ``hazard_per_day`` between them."""
+    settled sends in time order, relaxed toward ``base`` at ``hazard_per_day`` between them,
+    and their attention moved between two of ``channels`` at ``exchange_per_day``."""
+    pairs = [p.partners(a, b) for k, a in enumerate(channels) for b in channels[k + 1 :]]
     w = list(base)
     last: datetime | None = None
+
+    def drifted(w: list[float], days: float) -> list[float]:
+        w = _exchanged(w, pairs, exchange_per_day, days)
+        return _relaxed(w, base, hazard_per_day, days)
+
     for o in sorted(history, key=lambda o: o.at):
         if last is not None:
-            w = _relaxed(w, base, hazard_per_day, (o.at - last).total_seconds() / 86400.0)
+            w = drifted(w, (o.at - last).total_seconds() / 86400.0)
         w = _normalized([x * lk for x, lk in zip(w, likelihood(p, o, link), strict=True)], base)
         last = o.at
     if last is not None:
-        w = _relaxed(w, base, hazard_per_day, (now - last).total_seconds() / 86400.0)
+        w = drifted(w, (now - last).total_seconds() / 86400.0)
     return w
+
+
+def _exchanged(w: list[float], pairs: list[list[int]], hazard: float, days: float) -> list[float]:
+    """``w`` after ``days`` in which, at ``hazard``, a person's rates on one pair of their
+    channels (each pair alike) were exchanged: each candidate's share moves to its partner."""
+    rho = 1.0 - math.exp(-hazard * max(0.0, days)) if pairs else 0.0
+    if rho <= 1e-9:
+        return w
+    out = [(1.0 - rho) * x for x in w]
+    share = rho / len(pairs)
+    for partner in pairs:
+        for i, x in enumerate(w):
+            out[partner[i]] += share * x
+    return out
 
 
 def _relaxed(w: list[float], base: list[float], hazard: float, days: float) -> list[float]:

@@ -510,8 +510,10 @@ def joint_belief(
     strength = cfg.segment_strength * 3 / max(1, len(lent))
     base = belief.prior(pool, lent, strength, model.link, model.read_reward)
     hazard = 1.0 / cfg.belief_change_days
+    exchange = 0.0 if cfg.belief_exchange_days is None else 1.0 / cfg.belief_exchange_days
     at = min(windows.values()) if now is None else now
-    w = belief.belief(pool, base, model.history, model.link, hazard, at)
+    theirs = sorted({*channels, *(o.channel for o in model.history)})  # the pairs attention moves between
+    w = belief.belief(pool, base, model.history, model.link, hazard, at, exchange, theirs)
     return Joint(pool, options, variants, base, w, model.link)
 
 

@@ -64,6 +64,30 @@ def test_replies_on_one_channel_and_silence_on_the_other_move_the_belief() -> No
     assert a.p_best[("email", "morning", KEY)] > 0.95
 
 
+def test_when_the_channel_they_answered_on_goes_quiet_their_attention_may_have_moved() -> None:
+    """Months of SMS replies with email untried, then SMS silence: a model in which attention
+    moves between channels (``exchange_per_day``) expects their email to have taken SMS's
+    place, and turns to it sooner than one that only forgets toward the prior."""
+    p, link = _pool(), belief.Link()
+    replied = _sends(10, "sms", "morning", "reply")
+    quiet = [
+        dataclasses.replace(o, at=o.at + timedelta(days=200)) for o in _sends(3, "sms", "morning", "none")
+    ]
+    now = quiet[-1].at + timedelta(days=1)
+    options = {(c, "morning", KEY): "morning" for c in ("sms", "email")}
+
+    def p_email(exchange: float) -> float:
+        w = belief.belief(p, _uniform(p), replied + quiet, link, 1 / 365, now, exchange, ["email", "sms"])
+        return belief.assess(p, w, options, link, 0.3).p_best[("email", "morning", KEY)]
+
+    still = belief.belief(
+        p, _uniform(p), replied, link, 1 / 365, T0 + timedelta(days=70), 1 / 365, ["email", "sms"]
+    )
+    assert belief.assess(p, still, options, link, 0.3).p_best[("sms", "morning", KEY)] > 0.9  # before
+    assert p_email(1 / 365) > p_email(0.0) + 0.05  # 0.74 against 0.63
+    assert p_email(1 / 365) > 0.7
+
+
 def test_late_responses_place_the_person_in_the_window_they_came_in() -> None:
     p, link = _pool(), belief.Link()
     late = _sends(4, "sms", "morning", "read", late=True, seen="evening")
