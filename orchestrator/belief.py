@@ -255,7 +255,7 @@ def likelihood(p: Pool, o: Observed, link: Link) -> list[float]:
         j = p.windows.index(o.window)
         k = p.windows.index(o.seen) if o.late and o.seen in p.windows else j
         n = len(p.windows)
-        if o.late:  # sent in the active window, it should have come promptly
+        if o.late:  # had they been active in the window it went in (a == j), it would be prompt
             timing = [(PROMPT_SLACK if a == j else link.late) * link.lands(k, a, n) for a in range(n)]
             timing = [timing[a] for a in p.active]
         else:
