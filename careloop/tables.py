@@ -233,9 +233,10 @@ class ChannelRate(SQLModel, table=True):
     send time, in seconds since the Unix epoch on the database's clock (the one clock every
     worker shares; a float, so that one statement on either engine does the arithmetic).
     Each send first reserves its slot by moving ``next_at`` on by ``1 / rate`` in one
-    atomic upsert, then waits for the slot. A slot reserved and never used (a worker that
+    atomic upsert, then waits for the slot (a slot further off than its claim covers is not
+    reserved: the item is deferred to it). A slot reserved and never used (a worker that
     died waiting) only delays the next sends by ``1 / rate``; a row far ahead of the clock
-    (more than a lease: the clock stepped back) is restarted from now."""
+    (more than a lease and a burst's span: the clock stepped back) is restarted from now."""
 
     __tablename__ = "channel_rate"
     channel: str = Field(primary_key=True, max_length=32)

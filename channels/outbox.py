@@ -75,9 +75,16 @@ worker shares). Each send reserves its slot with one atomic upsert just before t
 are what the per-process token bucket it replaced allowed: up to ``max(1, rate)`` at once
 after a quiet spell, then ``rate`` per second (a generic cell rate algorithm: that bucket
 kept in one number), now for all workers together. A worker that dies holding a reserved
-slot leaves it unused: the next sends are delayed by one interval, never blocked. A channel
-without a rate, and the capture channel (it stands in for the real ones in replay, with
-their config), never touch the table. Items past
+slot leaves it unused: the next sends are delayed by one interval, never blocked. A claim
+waits for its slot only as long as half the lease allows, counted from the claim on the
+store's clock (the other half is for the send itself and for clocks apart: recovery takes a
+claim older than the lease for a dead worker's and may resend it, so a worker still waiting
+then would send it twice). With many workers sharing a low rate the next slot may be further
+off: then it is not reserved at all (the schedule is left as it was, so no later send is
+delayed by it) and the item goes back to pending for that slot, the claim not counted as an
+attempt (audited ``outbox.defer``, reason ``rate-limit``). A channel without a rate, and
+the capture channel (it stands in for the real ones in replay, with their config), never
+touch the table. Items past
 ``not_after`` are cancelled with reason ``expired`` instead of being sent late (also a
 retry that a provider's wait pushed past ``not_after``, when it comes up).
 
@@ -295,40 +302,71 @@ def _pause_statement(dialect: str) -> Any:
 # A rate-limited channel's shared schedule (``channel_rate``): ``gap`` is ``1 / rate``, the
 # seconds between two sends; ``span`` is ``max(1, 1 / rate)``, how far ahead of the clock the
 # schedule may run before a send waits (a burst of ``max(1, rate)`` sends, as the token bucket
-# had); ``horizon`` (the sending lease, in seconds): a schedule further ahead of the clock than
-# that is no backlog of live reservations (each worker holds one at a time, and cannot use one
-# beyond its lease) but a clock that stepped back, and restarts from now.
+# had); ``within``: the longest wait the claim can cover (``DeliverStage._claim_left``): a slot
+# further off is not reserved; ``horizon`` (``_schedule_params``: a lease and a span): a schedule
+# further ahead of the clock than that is no backlog of live reservations (none waits longer
+# than half a lease, then the schedule is a span ahead) but a clock that stepped back, and
+# restarts from now.
 _GAP: BindParameter[float] = bindparam("gap", type_=Double())
 _SPAN: BindParameter[float] = bindparam("span", type_=Double())
+_WITHIN: BindParameter[float] = bindparam("within", type_=Double())
 _HORIZON: BindParameter[float] = bindparam("horizon", type_=Double())
+
+
+def _db_now(dialect: str) -> Any:
+    """The database's clock in seconds since the Unix epoch, read once per statement: the
+    one clock every worker shares (their own may be apart)."""
+    if dialect == "postgresql":
+        return cast(func.extract("epoch", func.statement_timestamp()), Double())
+    if dialect == "sqlite":
+        return (func.julianday("now") - 2440587.5) * 86400.0
+    raise RuntimeError(f"channel rate: careloop runs on SQLite and PostgreSQL, not {dialect}")
 
 
 @functools.cache
 def _reserve_statement(dialect: str) -> Any:
-    """Reserve the next send slot of a channel (``channel``): one upsert on its primary key,
-    atomic on both engines (PostgreSQL locks the row; SQLite has one writer), that moves the
-    schedule on by ``gap`` from the later of its old value and now, and returns how long to
-    wait for the slot (at most 0: send now). Now is the database's clock, read once per
-    statement: workers on several machines share it, and their own clocks may be apart."""
+    """Reserve the next send slot of a channel (``channel``) if the wait for it is at most
+    ``within``: one upsert on its primary key, atomic on both engines (PostgreSQL locks the
+    row; SQLite has one writer), that moves the schedule on by ``gap`` from the later of its
+    old value and now, and returns how long to wait for the slot (at most 0: send now). A
+    slot further off is not taken: the row is left as it was and no row comes back. (A new
+    row is a slot at once.) Now is the database's clock (``_db_now``)."""
     stmt: postgresql.Insert | sqlite.Insert
-    now: Any
     if dialect == "postgresql":
         stmt = postgresql.insert(_RATE)
-        now = cast(func.extract("epoch", func.statement_timestamp()), Double())
     elif dialect == "sqlite":
         stmt = sqlite.insert(_RATE)
-        now = (func.julianday("now") - 2440587.5) * 86400.0  # the Unix epoch, in seconds
     else:
         raise RuntimeError(f"channel rate: careloop runs on SQLite and PostgreSQL, not {dialect}")
+    now = _db_now(dialect)
     ahead = and_(_RATE.c.next_at > now, _RATE.c.next_at <= now + _HORIZON)
+    moved = sa_case((ahead, _RATE.c.next_at), else_=now) + _GAP
     return (
         stmt.values(channel=bindparam("channel"), next_at=now + _GAP)
         .on_conflict_do_update(
             index_elements=[_RATE.c.channel],
-            set_={"next_at": sa_case((ahead, _RATE.c.next_at), else_=now) + _GAP},
+            set_={"next_at": moved},
+            where=moved - _SPAN - now <= _WITHIN,
         )
         .returning(_RATE.c.next_at - _SPAN - now)
     )
+
+
+@functools.cache
+def _lead_statement(dialect: str) -> Any:
+    """How far (seconds) the schedules of the channels ``channels`` run ahead of the
+    database's clock, by channel (no row: none reserved yet)."""
+    return select_core(_RATE.c.channel, _RATE.c.next_at - _db_now(dialect)).where(
+        _RATE.c.channel.in_(bindparam("channels", expanding=True))
+    )
+
+
+class _Slot(NamedTuple):
+    """A reservation's answer: the seconds until the channel's next slot (0 or less: now),
+    and whether this send took it (``_reserve``)."""
+
+    wait: float
+    reserved: bool
 
 
 def _rate_of(channel: Channel) -> float | None:
@@ -414,8 +452,9 @@ class _Sent:
     item: OutboxItem
     receipt: Receipt | None = None
     error: Exception | None = None
-    until: datetime | None = None  # not sent: its channel is paused until then (Retry-After)
+    until: datetime | None = None  # not sent: due again then (its channel paused, or no slot)
     pause: datetime | None = None  # its answer (Retry-After) pauses its channel until then
+    reason: str = "provider-retry-after"  # why not sent (``until``): audited by ``_defer_in``
 
 
 _CHECK_FAILED = "send-check-failed"
@@ -549,14 +588,17 @@ class DeliverStage:
             items = await asyncio.to_thread(self._step, sent, group)
         return handled
 
-    def _groups(self, due: list[tuple[int, str]]) -> list[list[int]]:
+    def _groups(self, due: list[tuple[int, str]], backlog: dict[str, float] | None = None) -> list[list[int]]:
+        """The claims of a batch ``due``: single items, and runs of ``idempotent_key`` items
+        (``_group_size``, given each channel's ``backlog``, ``_backlog_in``)."""
+        backlog = backlog or {}
         groups: list[list[int]] = []
         run: list[int] = []
         for item_id, channel_id in due:
             channel = self.channels.get(channel_id)
             if channel is not None and channel.capabilities.idempotent_key:
                 run.append(item_id)
-                if len(run) >= self._group_size(channel):
+                if len(run) >= self._group_size(channel, backlog.get(channel_id, 0.0)):
                     groups.append(run)
                     run = []
                 continue
@@ -568,20 +610,44 @@ class DeliverStage:
             groups.append(run)
         return groups
 
-    def _group_size(self, channel: Channel) -> int:
+    def _group_size(self, channel: Channel, backlog: float = 0.0) -> int:
         """At most ``group``, and few enough that a rate-limited channel sends the whole
-        group well within the lease (else recovery would resend what is still queued here)."""
+        group within half the lease (what ``_deliver`` lets a claim wait; else the rest is
+        deferred), after the ``backlog`` (seconds) its shared schedule already holds. Other
+        workers' reservations meanwhile are not foreseen: those items are deferred."""
         rate = _rate_of(channel)
         if rate is None:
             return self.group
-        return max(1, min(self.group, int(rate * self.sending_lease.total_seconds() / 2)))
+        room = self.sending_lease.total_seconds() / 2 - backlog
+        return max(1, min(self.group, int(rate * room)))
 
     def _first_step(self) -> tuple[list[list[int]], list[OutboxItem]]:
         """The batch's groups of due items, and the first group claimed, in one transaction."""
         with self.store.session() as s:
             now = self.store.clock.now()
-            groups = self._groups(self._due_in(s, now))
+            due = self._due_in(s, now)
+            groups = self._groups(due, self._backlog_in(s, due))
             return groups, self._claim_in(s, groups[0], now) if groups else []
+
+    def _backlog_in(self, s: Session, due: list[tuple[int, str]]) -> dict[str, float]:
+        """How long (seconds) a send would wait now for a slot of each rate-limited channel
+        whose items are claimed in groups (``idempotent_key``) among ``due``: one read of
+        their schedules per batch, none when there is no such channel."""
+        rates: dict[str, float] = {}
+        for _, channel_id in due:
+            channel = self.channels.get(channel_id)
+            if channel is not None and channel.capabilities.idempotent_key:
+                rate = _rate_of(channel)
+                if rate is not None:
+                    rates[channel_id] = rate
+        if not rates:
+            return {}
+        conn = s.connection()
+        leads = conn.execute(_lead_statement(conn.dialect.name), {"channels": sorted(rates)}).all()
+        return {
+            channel_id: max(0.0, self._wait_after(float(lead), rates[channel_id]))
+            for channel_id, lead in leads
+        }
 
     def _step(self, sent: list[_Sent], claim: list[int]) -> list[OutboxItem]:
         try:
@@ -622,9 +688,18 @@ class DeliverStage:
                 return _Sent(item, until=until)
             rate = _rate_of(channel)
             if rate is not None:
-                wait = await asyncio.to_thread(self._reserve, channel.id, rate)
-                if wait > 0:
-                    await asyncio.sleep(wait)
+                left = self._claim_left(item)
+                slot = _Slot(0.0, False)  # no time left on the claim: nothing reserved
+                if left >= 0:
+                    slot = await asyncio.to_thread(self._reserve, channel.id, rate, left)
+                if not slot.reserved:
+                    # The slot is further off than the claim covers: back to pending for
+                    # it, not an attempt (recovery would take a claim waited on for longer
+                    # for a dead worker's and resend it while this one still waits).
+                    until = self.store.clock.now() + timedelta(seconds=max(0.0, slot.wait))
+                    return _Sent(item, until=until, reason="rate-limit")
+                if slot.wait > 0:
+                    await asyncio.sleep(slot.wait)
             receipt = await channel.send(item)
             self._worked[channel.id] = True
             return _Sent(item, receipt=receipt)
@@ -673,9 +748,35 @@ class DeliverStage:
             return None
         return until
 
-    def _reserve(self, channel_id: str, rate: float) -> float:
+    def _claim_left(self, item: OutboxItem) -> float:
+        """The seconds ``item``'s claim can still wait for a slot: half the lease (the other
+        half covers the send itself and workers' clocks apart, as ``_group_size`` plans),
+        less what has passed since the claim, on the store's clock that timed the claim
+        (``next_attempt_at``) and that recovery's stale read uses."""
+        half = self.sending_lease.total_seconds() / 2
+        if item.next_attempt_at is None:
+            return half
+        passed = (self.store.clock.now() - utc(item.next_attempt_at)).total_seconds()
+        return min(half, half - passed)
+
+    def _schedule_params(self, rate: float) -> dict[str, float]:
+        """``gap``, ``span`` and ``horizon`` of a channel's schedule at ``rate``."""
+        gap = 1.0 / rate
+        span = max(1.0, gap)
+        return {"gap": gap, "span": span, "horizon": self.sending_lease.total_seconds() + span}
+
+    def _wait_after(self, lead: float, rate: float) -> float:
+        """The wait ``_reserve_statement`` would give a send now, the schedule ``lead``
+        seconds ahead of the database's clock."""
+        p = self._schedule_params(rate)
+        if not 0 < lead <= p["horizon"]:
+            lead = 0.0
+        return lead + p["gap"] - p["span"]
+
+    def _reserve(self, channel_id: str, rate: float, within: float | None = None) -> _Slot:
         """Reserve ``channel_id``'s next send slot in the schedule every worker shares
-        (``channel_rate``) and return the seconds to wait for it (0 or less: send now).
+        (``channel_rate``) if it comes within ``within`` seconds (default: half the lease),
+        and return the seconds to wait for it (0 or less: send now) and whether it was.
 
         One statement in a transaction of its own, committed before the wait, so no lock is
         held while waiting and the reservation is the only write. The row keeps the channel's
@@ -684,28 +785,29 @@ class DeliverStage:
         gap``: the token bucket of capacity ``max(1, rate)`` filling at ``rate``, kept in one
         number (a generic cell rate algorithm), so bursts are what the bucket allowed. A slot
         reserved by a worker that then died is simply never used: it delays the next send by
-        one ``gap``. A schedule more than the lease ahead of now (no live reservations put it
-        there: each worker holds one at a time, and one it could not use within its lease
-        would lose its item to recovery anyway) is a clock that stepped back and restarts
-        from now, so it cannot hold the channel for longer.
+        one ``gap``. A slot further off than ``within`` is not reserved at all (the caller
+        does not wait for it, and a slot taken and left would push every later send back by
+        a ``gap``); then a second read says how far off it was. A schedule more than a lease
+        and a span ahead of now (``_schedule_params``: no reservation puts it there) is a
+        clock that stepped back and restarts from now, so it cannot hold the channel longer.
 
         The store cannot be reached: nothing was sent, and the item is retried as after a
         transient error of the channel (``TransientError``: no PHI, the engine's error type)."""
-        gap = 1.0 / rate
-        params = {
-            "channel": channel_id,
-            "gap": gap,
-            "span": max(1.0, gap),
-            "horizon": self.sending_lease.total_seconds(),
-        }
+        limit = self.sending_lease.total_seconds() / 2 if within is None else within
+        params: dict[str, Any] = {"channel": channel_id, "within": limit, **self._schedule_params(rate)}
         try:
             with self.store.engine.begin() as conn:
-                wait = conn.execute(_reserve_statement(conn.dialect.name), params).scalar_one()
+                dialect = conn.dialect.name
+                wait = conn.execute(_reserve_statement(dialect), params).scalar()
+                if wait is not None:
+                    return _Slot(float(wait), True)
+                lead = conn.execute(_lead_statement(dialect), {"channels": [channel_id]}).all()
         except DBAPIError as exc:
             raise TransientError(
                 f"channel rate: the store could not reserve a send slot ({type(exc).__name__})"
             ) from exc
-        return float(wait)
+        wait = self._wait_after(float(lead[0][1]), rate) if lead else 0.0
+        return _Slot(max(wait, limit), False)
 
     # ------------------------------------------------------------------ transactions
 
@@ -909,7 +1011,7 @@ class DeliverStage:
         for oid, o in zip(ids, sent, strict=True):
             if o.receipt is None:
                 if o.until is not None:
-                    self._defer_in(s, now, o.item, o.until)
+                    self._defer_in(s, now, o.item, o.until, o.reason)
                 elif isinstance(o.error, DeliveryUncertain):
                     self._uncertain_in(s, now, o.item, o.error)
                 elif isinstance(o.error, TransientError):
@@ -977,18 +1079,17 @@ class DeliverStage:
                 now + wait + backoff(row.attempts, self.backoff_base, self.backoff_cap, self.rng)
             )
 
-    def _defer_in(self, s: Session, now: datetime, item: OutboxItem, until: datetime) -> None:
-        """Put ``item``, claimed but not sent because its provider asked this process to
-        wait, back to pending for ``until``: nothing was sent, so no disclosure, and the
-        claim is not an attempt (as a quiet-hours deferral)."""
+    def _defer_in(self, s: Session, now: datetime, item: OutboxItem, until: datetime, reason: str) -> None:
+        """Put ``item``, claimed but not sent, back to pending for ``until``: its provider
+        asked this process to wait (``provider-retry-after``), or its channel's next slot
+        was further off than its claim could cover (``rate-limit``). Nothing was sent, so
+        no disclosure, and the claim is not an attempt (as a quiet-hours deferral)."""
         row = self._sending(s, item)
         if row is None:
             return
         row.status, row.next_attempt_at = "pending", until
         row.attempts -= 1
-        _audit(
-            s, now, row, "outbox.defer", {"reason": "provider-retry-after", "until": utc(until).isoformat()}
-        )
+        _audit(s, now, row, "outbox.defer", {"reason": reason, "until": utc(until).isoformat()})
 
     def _uncertain_in(self, s: Session, now: datetime, item: OutboxItem, exc: BaseException) -> None:
         # Stay in ``sending``: recovery settles it once the lease has passed.
