@@ -219,23 +219,22 @@ def test_belief_config_is_validated() -> None:
 TZ = "America/New_York"
 
 
-def _fill(engine: Engine, n: int, read_from: int) -> datetime:
-    """``n`` learned sends an hour apart; those from ``read_from`` on read 10 minutes later."""
+def _logged_sends(
+    engine: Engine,
+    sends: list[tuple[datetime, datetime | None]],
+    said: dict[str, object],
+    tz: str | None = None,
+) -> None:
+    """One person's learned SMS sends (each: sent at, read at or None), every decision
+    having predicted ``said`` (``learning.belief`` in its detail)."""
     with Session(engine) as s:
-        p = Person(created_at=T0)
+        p = Person(created_at=T0, timezone=tz)
         s.add(p)
         s.flush()
         assert p.id is not None
-        for i in range(n):
-            at = T0 + timedelta(hours=i)
-            d = Decision(
-                person_id=p.id,
-                decided_at=at,
-                playbook="x",
-                action="send",
-                reason="ok",
-                detail={"learning": {"belief": {"q": 0.1, "p_active": 0.5}}},
-            )
+        for i, (at, read) in enumerate(sends):
+            d = Decision(person_id=p.id, decided_at=at, playbook="x", action="send", reason="ok")
+            d.detail = {"learning": {"belief": said}}
             s.add(d)
             s.flush()
             s.add(
@@ -248,11 +247,18 @@ def _fill(engine: Engine, n: int, read_from: int) -> datetime:
                     sent_at=at,
                     updated_at=at,
                     learned=True,
-                    read_at=at + timedelta(minutes=10) if i >= read_from else None,
+                    read_at=read,
                 )
             )
         s.commit()
-        return T0 + timedelta(hours=n)
+
+
+def _fill(engine: Engine, n: int, read_from: int) -> datetime:
+    """``n`` learned sends an hour apart; those from ``read_from`` on read 10 minutes later."""
+    at = [T0 + timedelta(hours=i) for i in range(n)]
+    reads = [t + timedelta(minutes=10) if i >= read_from else None for i, t in enumerate(at)]
+    _logged_sends(engine, list(zip(at, reads, strict=True)), {"q": 0.1, "p_active": 0.5})
+    return T0 + timedelta(hours=n)
 
 
 @pytest.mark.parametrize(
@@ -273,35 +279,13 @@ def test_the_store_refit_learns_where_late_responses_land(
     cfg = LearningConfig.model_validate({"enabled": True, "model": "belief", "refit_every": 50})
     hour = {"morning": 10, "evening": 19}[came_in]
     zone = ZoneInfo(tz)
-    with Session(engine) as s:
-        p = Person(created_at=T0, timezone=tz)
-        s.add(p)
-        s.flush()
-        assert p.id is not None
-        for i in range(300):
-            at = (T0 + timedelta(days=i)).astimezone(zone).replace(hour=13).astimezone(UTC)  # their midday
-            said = {"q": 0.1, "p_active": 0.05, "active": {"morning": 0.9, "midday": 0.05, "evening": 0.05}}
-            d = Decision(person_id=p.id, decided_at=at, playbook="x", action="send", reason="ok")
-            d.detail = {"learning": {"belief": said}}
-            s.add(d)
-            s.flush()
-            late = i % 3 == 0
-            next_day = (at + timedelta(days=1)).astimezone(zone)
-            read = next_day.replace(hour=hour, minute=30).astimezone(UTC) if late else None
-            s.add(
-                OutreachOutcome(
-                    decision_id=d.id,
-                    outbox_key=f"w{p.id}-{i}",
-                    person_id=p.id,
-                    channel="sms",
-                    template="offer",
-                    sent_at=at,
-                    updated_at=at,
-                    learned=True,
-                    read_at=read,
-                )
-            )
-        s.commit()
+    sends: list[tuple[datetime, datetime | None]] = []
+    for i in range(300):
+        at = (T0 + timedelta(days=i)).astimezone(zone).replace(hour=13).astimezone(UTC)  # their midday
+        next_day = (at + timedelta(days=1)).astimezone(zone)
+        sends.append((at, next_day.replace(hour=hour, minute=30).astimezone(UTC) if i % 3 == 0 else None))
+    said = {"q": 0.1, "p_active": 0.05, "active": {"morning": 0.9, "midday": 0.05, "evening": 0.05}}
+    _logged_sends(engine, sends, said, tz)
     with Session(engine) as s:
         link = learning.LinkCache().get(s, cfg, "UTC")  # the site's; the person's own wins
     assert link.n > 200 and expect[0] <= link.where <= expect[1]
