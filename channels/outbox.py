@@ -276,18 +276,22 @@ _DUE = (
 )
 
 
+def _upsert(table: Any, dialect: str) -> postgresql.Insert | sqlite.Insert:
+    """An insert into ``table`` that can say what to do on a conflict (both engines have
+    ``ON CONFLICT``, each through its own dialect's insert)."""
+    if dialect == "postgresql":
+        return postgresql.insert(table)
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    raise RuntimeError(f"{table.name}: careloop runs on SQLite and PostgreSQL, not {dialect}")
+
+
 @functools.cache
 def _pause_statement(dialect: str) -> Any:
     """Record a channel's pause (``channel``, ``until``, ``reason``, ``updated_at``): one
     statement, an insert or, for a channel paused before, an update that keeps the later
     ``until`` (and its reason), so two workers' answers never shorten a pause."""
-    stmt: postgresql.Insert | sqlite.Insert
-    if dialect == "postgresql":
-        stmt = postgresql.insert(_PAUSE)
-    elif dialect == "sqlite":
-        stmt = sqlite.insert(_PAUSE)
-    else:
-        raise RuntimeError(f"channel pause: careloop runs on SQLite and PostgreSQL, not {dialect}")
+    stmt = _upsert(_PAUSE, dialect)
     later = stmt.excluded.until > _PAUSE.c.until
     return stmt.on_conflict_do_update(
         index_elements=[_PAUSE.c.channel],
@@ -331,13 +335,7 @@ def _reserve_statement(dialect: str) -> Any:
     old value and now, and returns how long to wait for the slot (at most 0: send now). A
     slot further off is not taken: the row is left as it was and no row comes back. (A new
     row is a slot at once.) Now is the database's clock (``_db_now``)."""
-    stmt: postgresql.Insert | sqlite.Insert
-    if dialect == "postgresql":
-        stmt = postgresql.insert(_RATE)
-    elif dialect == "sqlite":
-        stmt = sqlite.insert(_RATE)
-    else:
-        raise RuntimeError(f"channel rate: careloop runs on SQLite and PostgreSQL, not {dialect}")
+    stmt = _upsert(_RATE, dialect)
     now = _db_now(dialect)
     ahead = and_(_RATE.c.next_at > now, _RATE.c.next_at <= now + _HORIZON)
     moved = sa_case((ahead, _RATE.c.next_at), else_=now) + _GAP
