@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/careloop demo
 
 test: $(STAMP)
-	$(BIN)/pytest -n auto  # every core (pytest-xdist): each test has its own database schema
+	$(BIN)/pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check careloop connectors mapping orchestrator channels audit tests bench
